@@ -132,20 +132,30 @@ class FeatureStore:
 
 
 def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, progress=None):
-    """Features of several samples as an (n, D) fp32 CPU array plus per-sample metrics."""
+    """Features of several samples as an (n, D) fp32 CPU array plus per-sample metrics.
+
+    Featurizers with ``features_batch`` take ``batch_size`` samples per forward/backward; a sample's
+    seconds are then its batch's time split evenly.
+    """
     d = featurizer.layout.total
     out = np.empty((len(encs), d), dtype=np.float32)
     metrics = []
-    for i, enc in enumerate(encs):
+    step = getattr(featurizer, "batch_size", 1) if hasattr(featurizer, "features_batch") else 1
+    for b0 in range(0, len(encs), step):
+        batch = encs[b0:b0 + step]
         t0 = time.perf_counter()
-        f = featurizer.features(enc)
-        out[i] = f.detach().float().cpu().numpy()
+        if step > 1:
+            out[b0:b0 + len(batch)] = featurizer.features_batch(batch).detach().float().cpu().numpy()
+        else:
+            out[b0] = featurizer.features(batch[0]).detach().float().cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        metrics.append(sample_metric(enc, time.perf_counter() - t0, device, dtype, role))
-        if progress is not None:
-            progress.update(1)
-            if device.type == "cuda":
-                m = metrics[-1]
-                progress.write(f"[GPU] device={device} allocMB={m['vram_alloc_mb']} reservedMB={m['vram_reserved_mb']}")
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for enc in batch:
+            metrics.append(sample_metric(enc, seconds, device, dtype, role))
+            if progress is not None:
+                progress.update(1)
+        if progress is not None and device.type == "cuda":
+            m = metrics[-1]
+            progress.write(f"[GPU] device={device} allocMB={m['vram_alloc_mb']} reservedMB={m['vram_reserved_mb']}")
     return out, metrics

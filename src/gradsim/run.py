@@ -104,7 +104,7 @@ def make_featurizer(cfg: Config, lm: LoadedModel):
         return ExactFeaturizer(lm.model, lm.device, cfg.dtype)
     from .projection import make_projected_featurizer
 
-    return make_projected_featurizer(cfg, lm)
+    return make_projected_featurizer(cfg, lm, memory_budget_bytes() // 4)
 
 
 def prepare(cfg: Config) -> tuple[Dataset, int, int]:
@@ -142,6 +142,7 @@ def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
     needed = sorted({j for c in cands for j in c})
 
     # Resume: keep finished queries and sample metrics from an earlier attempt of this same partition.
+    paths.results.parent.mkdir(parents=True, exist_ok=True)
     progress = read_jsonl_tolerant(paths.progress)
     if progress and progress[0].get("compat") != cfg.compat():
         log.warning("progress file %s is from another configuration; starting this partition afresh", paths.progress)
@@ -205,7 +206,7 @@ def open_original_store(cfg, paths: RunPaths, featurizer, data: Dataset, needed:
     d = featurizer.layout.total
     shard = max(1, min(256, memory_budget_bytes() // (d * 4)))
     manifest = {k: v for k, v in cfg.compat().items() if k not in ("setting", "computation_type", "candidates", "top_k", "variant_data")}
-    manifest["featurizer"] = getattr(featurizer, "kind", "exact")
+    manifest["featurizer"] = getattr(featurizer, "spec", None) or getattr(featurizer, "kind", "exact")
     if cfg.use_random_projection:
         # Projected features are small and shared by every partition and both settings.
         ids = [s.id for s in data.originals]

@@ -1,0 +1,311 @@
+"""Projected per-sample gradients: deterministic random sketches, per parameter matrix.
+
+Every parameter matrix keeps its own slice of the feature vector (so per-matrix, per-component and
+per-layer scores work as for exact gradients), and every random matrix is seeded from
+sha256(f"{seed}:{name}"), never Python's salted hash(): partitions, processes and machines build
+bit-identical sketches (generated on the CPU, whose generator does not depend on the device).
+
+factorized (LoGra): a linear layer y = x W^T has the per-sample gradient grad W = G^T X (G = dL/dy,
+T x d_out; X: T x d_in). With Gaussian sketches R_rows (d_out x k_rows) and R_cols (d_in x k_cols),
+each scaled by 1/sqrt(k) so norms are preserved in expectation,
+    R_rows^T grad W R_cols = (G R_rows)^T (X R_cols) = reshape((R_rows kron R_cols)^T vec(grad W)),
+formed from two thin products inside forward/backward hooks; grad W is never materialised and the
+backward skips every weight-gradient matmul (about a third of its FLOPs). G comes from the loss as
+it is (a mean over the sample's trained tokens), so the features have the exact gradient's scale.
+The other parameters:
+  - the input embedding (E, V x d) gets sum_t onehot(id_t) g_t^T, i.e. R_rows[id_t]^T (g_t R_cols)
+    projected, skipping the padding_idx token as nn.Embedding does (SmolLM2: padding_idx 2 is
+    <|im_end|>, a real token). A tied lm_head is the same Parameter: both uses add into one slice,
+    with the vocabulary as rows, exactly as the exact gradient sums them;
+  - RMSNorm / LayerNorm weights (and biases, and Linear biases) are vectors: their per-sample
+    gradient sum_t g_t * norm(x_t) is formed in the hook and kept exact when it has at most
+    proj_dim entries, else JL-projected with a dense Gaussian sketch;
+  - a side whose dimension is at most its sketch size is kept exact (identity), so small matrices
+    are not blown up by a projection.
+trak: the exact per-sample gradient (one backward per sample), then the traker package's projector
+per parameter matrix (CudaProjector on CUDA when fast_jl is installed, else BasicProjector); matrices
+with at most proj_dim entries are kept exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encode import IGNORE_INDEX, Encoded
+from .errors import GradsimError
+from .gradients import GradientComputer, ParamLayout, autocast_context, param_layout
+
+SEED_RULE = "int.from_bytes(sha256(f'{seed}:{name}').digest()[:8], 'big') >> 1"
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, name) that is the same in every process and on every machine."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
+
+
+def gaussian_sketch(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
+    """(rows, cols) N(0, 1/cols) on the CPU: E ||v @ R||^2 = ||v||^2."""
+    gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, name))
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float32) / math.sqrt(cols)
+
+
+def split_dim(k: int) -> tuple[int, int]:
+    """(k_rows, k_cols) with k_rows * k_cols = k, as square as k allows (4096 -> 64 x 64)."""
+    k_cols = next(d for d in range(math.isqrt(k), k + 1) if k % d == 0 and d * d >= k)
+    return k // k_cols, k_cols
+
+
+def layout_from_sizes(names: list[str], shapes: list[tuple[int, ...]], sizes: list[int]) -> ParamLayout:
+    return ParamLayout(list(names), list(shapes), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+
+
+def pad_batch(encs: list[Encoded], device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Right-padded ids, labels (-100 on padding) and an attention mask (None for a batch of one)."""
+    t = max(e.num_tokens for e in encs)
+    ids = torch.zeros(len(encs), t, dtype=torch.long)
+    labels = torch.full((len(encs), t), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(encs), t, dtype=torch.long)
+    for b, e in enumerate(encs):
+        ids[b, : e.num_tokens], labels[b, : e.num_tokens], mask[b, : e.num_tokens] = e.input_ids, e.labels, 1
+    return ids.to(device), labels.to(device), (mask.to(device) if len(encs) > 1 else None)
+
+
+def batch_loss(model, ids, labels, mask, device, dtype: str) -> torch.Tensor:
+    """Sum over the batch of each sample's mean loss over its trained tokens: each sample's gradient
+    is then exactly its own (right padding never reaches a real token through causal attention)."""
+    with autocast_context(device, dtype):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    tok = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(ids.shape[0], -1)
+    trained = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    return (tok.sum(1) / trained).sum()
+
+
+class _Slot:
+    """One parameter's slice of the feature vector and its sketches (None: that side kept exact)."""
+
+    def __init__(self, name, shape, lo, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]):
+        self.name, self.shape, self.lo = name, shape, lo
+        self.rows, self.cols = rows, cols
+        if len(shape) == 2:
+            self.size = (shape[0] if rows is None else rows.shape[1]) * (shape[1] if cols is None else cols.shape[1])
+        else:
+            self.size = shape[0] if cols is None else cols.shape[1]
+
+    def add_outer(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        """out[:, slice] += vec(left^T right) per sample; left is (B, T, rows or k_rows), right (B, T, cols or k_cols)."""
+        out[:, self.lo:self.lo + self.size] += torch.bmm(left.transpose(1, 2), right).flatten(1)
+
+    def add_vector(self, out: torch.Tensor, v: torch.Tensor) -> None:
+        out[:, self.lo:self.lo + self.size] += v if self.cols is None else v @ self.cols
+
+    def project_rows(self, g: torch.Tensor) -> torch.Tensor:
+        return g.float() if self.rows is None else g.float() @ self.rows
+
+    def project_cols(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() if self.cols is None else x.float() @ self.cols
+
+
+def _is_rmsnorm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (isinstance(w, nn.Parameter) and w.dim() == 1 and "rmsnorm" in type(m).__name__.lower()
+            and (hasattr(m, "variance_epsilon") or hasattr(m, "eps")))
+
+
+class FactorizedFeaturizer:
+    """LoGra-style projected per-sample gradients from forward/backward hooks (see the module docstring)."""
+
+    kind = "factorized"
+
+    def __init__(self, model: nn.Module, device, dtype: str = "float32", proj_dim: int = 4096, seed: int = 42,
+                 batch_size: int = 1):
+        self.model, self.device, self.dtype, self.batch_size = model, device, dtype, batch_size
+        self.backward_passes = 0
+        full = param_layout(model)
+        k_rows, k_cols = split_dim(proj_dim)
+        by_id = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self.params = [p for _, p in model.named_parameters() if p.requires_grad]
+        self.slots: dict[str, _Slot] = {}
+        lo = 0
+        for name, shape in zip(full.names, full.shapes):
+            if len(shape) == 2:
+                rows = gaussian_sketch(shape[0], k_rows, seed, f"{name}:rows").to(device) if shape[0] > k_rows else None
+                cols = gaussian_sketch(shape[1], k_cols, seed, f"{name}:cols").to(device) if shape[1] > k_cols else None
+            elif len(shape) == 1:
+                rows = None
+                cols = gaussian_sketch(shape[0], proj_dim, seed, name).to(device) if shape[0] > proj_dim else None
+            else:
+                raise GradsimError(f"parameter {name} has shape {shape}: the factorized projection handles matrices "
+                                   "and vectors only; use --projection trak")
+            self.slots[name] = _Slot(name, shape, lo, rows, cols)
+            lo += self.slots[name].size
+        self.layout = layout_from_sizes(full.names, full.shapes, [s.size for s in self.slots.values()])
+        self.spec = {"kind": self.kind, "proj_dim": proj_dim, "k_rows": k_rows, "k_cols": k_cols, "seed": seed,
+                     "seed_rule": SEED_RULE, "sketch": "gaussian N(0, 1/k), rows and cols sketched separately",
+                     "dims": int(self.layout.total)}
+        self.modules = []
+        covered = set()
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) or _is_rmsnorm(m):
+                for attr in ("weight", "bias"):
+                    p = getattr(m, attr, None)
+                    if isinstance(p, nn.Parameter) and id(p) in by_id:
+                        covered.add(id(p))
+                self.modules.append(m)
+        missing = [n for i, n in by_id.items() if i not in covered]
+        if missing:
+            raise GradsimError(f"the factorized projection has no rule for {', '.join(missing[:5])}: use --projection trak")
+        self.slot_of = {id(p): self.slots[n] for n, p in model.named_parameters() if id(p) in by_id}
+
+    def features(self, enc: Encoded) -> torch.Tensor:
+        return self.features_batch([enc])[0]
+
+    def features_batch(self, encs: list[Encoded]) -> torch.Tensor:
+        """(B, D) fp32 features of a batch: one forward and one backward for the whole batch."""
+        out = torch.zeros(len(encs), self.layout.total, dtype=torch.float32, device=self.device)
+        ids, labels, mask = pad_batch(encs, self.device)
+        with self._hooks(out, ids), torch.enable_grad():
+            batch_loss(self.model, ids, labels, mask, self.device, self.dtype).backward()
+        self.backward_passes += 1
+        return out
+
+    @contextmanager
+    def _hooks(self, out: torch.Tensor, ids: torch.Tensor):
+        handles, flags = [], [p.requires_grad for p in self.params]
+        for p in self.params:  # no weight gradients: the hooks form their projections instead
+            p.requires_grad_(False)
+        try:
+            for m in self.modules:
+                handles.append(m.register_forward_hook(self._forward_hook(out, ids)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p, f in zip(self.params, flags):
+                p.requires_grad_(f)
+
+    def _forward_hook(self, out: torch.Tensor, ids: torch.Tensor):
+        def weight(m):
+            p = getattr(m, "weight", None)
+            return self.slot_of.get(id(p)) if p is not None else None
+
+        def bias(m):
+            p = getattr(m, "bias", None)
+            return self.slot_of.get(id(p)) if p is not None else None
+
+        def hook(m, inputs, y):
+            w, b = weight(m), bias(m)
+            if isinstance(m, nn.Embedding):
+                # The embedding output is where gradients start: make it a leaf that asks for one.
+                y = y.detach().requires_grad_(True)
+                if w is not None:
+                    tok = inputs[0]
+                    left = w.rows[tok] if w.rows is not None else F.one_hot(tok, m.num_embeddings).float()
+                    if m.padding_idx is not None:
+                        left = left * (tok != m.padding_idx).unsqueeze(-1)
+                    y.register_hook(lambda g: w.add_outer(out, left, w.project_cols(g)))
+                return y
+            if not y.requires_grad:
+                return None
+            if isinstance(m, nn.Linear):
+                xs = w.project_cols(inputs[0]) if w is not None else None
+
+                def backward(g):
+                    if w is not None:
+                        w.add_outer(out, w.project_rows(g), xs)
+                    if b is not None:
+                        b.add_vector(out, g.float().sum(1))
+            else:  # RMSNorm / LayerNorm: d y / d weight = the normalised input
+                x = inputs[0].float()
+                if isinstance(m, nn.LayerNorm):
+                    normed = F.layer_norm(x, m.normalized_shape, eps=m.eps)
+                else:
+                    eps = getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6))
+                    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+                normed = normed.to(inputs[0].dtype).float()
+
+                def backward(g):
+                    if w is not None:
+                        w.add_vector(out, (g.float() * normed).sum(1))
+                    if b is not None:
+                        b.add_vector(out, g.float().sum(1))
+            y.register_hook(backward)
+            return None
+
+        return hook
+
+
+def trak_projector(grad_dim: int, proj_dim: int, seed: int, device, memory_bytes: int):
+    """The traker projector for one matrix: CudaProjector with fast_jl on CUDA, else BasicProjector.
+
+    BasicProjector regenerates its Gaussian matrix block by block on every call unless one block
+    holds it all; the block is as large as memory_bytes allows, so small matrices are generated once.
+    """
+    from trak.projectors import BasicProjector, CudaProjector, ProjectionType
+
+    trak_seed = seed % 2**31  # fast_jl takes a C int; BasicProjector adds block offsets to it
+    if device.type == "cuda" and proj_dim % 512 == 0:
+        try:
+            import fast_jl  # noqa: F401  (optional extra on GPU clusters)
+
+            return CudaProjector(grad_dim, proj_dim, trak_seed, ProjectionType.rademacher, device, max_batch_size=8)
+        except ImportError:
+            pass
+    block = int(max(1, min(proj_dim, memory_bytes // (4 * grad_dim))))
+    return BasicProjector(grad_dim, proj_dim, trak_seed, ProjectionType.normal, device, block_size=block,
+                          dtype=torch.float32)
+
+
+class TrakFeaturizer:
+    """Exact per-sample gradients, each matrix projected by the traker package's projector."""
+
+    kind = "trak"
+
+    def __init__(self, model: nn.Module, device, dtype: str = "float32", proj_dim: int = 4096, seed: int = 42,
+                 batch_size: int = 1, memory_bytes: int = 2**30):
+        self.computer = GradientComputer(model, device, dtype)
+        self.device, self.batch_size, self.proj_dim = device, batch_size, proj_dim
+        full = self.computer.layout
+        self.full = full
+        self.projectors = [trak_projector(hi - lo, proj_dim, stable_seed(seed, name), device, memory_bytes)
+                           if hi - lo > proj_dim else None for name, lo, hi in full.slices()]
+        sizes = [proj_dim if pr is not None else hi - lo for pr, (_, lo, hi) in zip(self.projectors, full.slices())]
+        self.layout = layout_from_sizes(full.names, full.shapes, sizes)
+        backend = {type(p).__name__ for p in self.projectors if p is not None}
+        self.spec = {"kind": self.kind, "proj_dim": proj_dim, "seed": seed, "seed_rule": SEED_RULE + " % 2**31",
+                     "projector": sorted(backend), "dims": int(self.layout.total),
+                     "scale": "1/sqrt(proj_dim) (traker's projectors are unscaled)"}
+
+    @property
+    def backward_passes(self) -> int:
+        return self.computer.backward_passes
+
+    def features(self, enc: Encoded) -> torch.Tensor:
+        return self.features_batch([enc])[0]
+
+    def features_batch(self, encs: list[Encoded]) -> torch.Tensor:
+        # Projecting a batch at once amortises BasicProjector's regeneration of its matrix over the batch.
+        grads = torch.empty(len(encs), self.full.total, dtype=torch.float32, device=self.device)
+        for i, e in enumerate(encs):
+            grads[i] = self.computer.gradient(e)
+        out = torch.empty(len(encs), self.layout.total, dtype=torch.float32, device=self.device)
+        for pr, (_, lo, hi), (_, olo, ohi) in zip(self.projectors, self.full.slices(), self.layout.slices()):
+            if pr is None:
+                out[:, olo:ohi] = grads[:, lo:hi]
+            else:
+                out[:, olo:ohi] = pr.project(grads[:, lo:hi].contiguous(), model_id=0).float() / math.sqrt(self.proj_dim)
+        return out
+
+
+def make_projected_featurizer(cfg, lm, memory_bytes: int = 2**30):
+    if cfg.projection == "trak":
+        return TrakFeaturizer(lm.model, lm.device, cfg.dtype, cfg.proj_dim, cfg.seed, cfg.batch_size, memory_bytes)
+    return FactorizedFeaturizer(lm.model, lm.device, cfg.dtype, cfg.proj_dim, cfg.seed, cfg.batch_size)

@@ -1,0 +1,123 @@
+"""Projections against independent references: the Kronecker projection of the autograd gradient
+(factorized) and the traker library's own BasicProjector (trak); determinism across processes."""
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gradsim.encode import encode
+from gradsim.gradients import GradientComputer
+from gradsim.projection import FactorizedFeaturizer, TrakFeaturizer, split_dim, stable_seed
+
+from test_gradients import reference_gradients
+
+
+def expected_projection(slot, grad: torch.Tensor) -> torch.Tensor:
+    """R_rows^T grad R_cols (or grad @ R for a vector), in float64, from the full gradient."""
+    g = grad.double()
+    if g.dim() == 1:
+        return g if slot.cols is None else g @ slot.cols.double()
+    if slot.rows is not None:
+        g = slot.rows.double().T @ g
+    if slot.cols is not None:
+        g = g @ slot.cols.double()
+    return g.reshape(-1)
+
+
+@pytest.mark.parametrize("proj_dim", [64, 16])
+def test_factorized_equals_projection_of_the_exact_gradient(tiny, samples, proj_dim):
+    f = FactorizedFeaturizer(tiny.model, tiny.device, proj_dim=proj_dim, seed=3)
+    assert f.layout.names == GradientComputer(tiny.model, tiny.device).layout.names
+    for s in samples[:3]:
+        enc = encode(tiny.tokenizer, s, 256)
+        assert (enc.input_ids == tiny.model.model.embed_tokens.padding_idx).any()  # the padding_idx rule is exercised
+        feats = f.features(enc).double()
+        ref = reference_gradients(tiny.model, enc)
+        for name, lo, hi in f.layout.slices():
+            want = expected_projection(f.slots[name], ref[name])
+            err = (feats[lo:hi] - want).abs().max().item()
+            assert err <= 1e-4 * want.abs().max().item() + 1e-9, f"{s.id} {name}: max abs error {err}"
+
+
+def test_factorized_is_the_kronecker_sketch_of_vec_grad(tiny, samples):
+    """The vec ordering: features of W equal (R_rows kron R_cols)^T vec(grad W), row-major vec."""
+    f = FactorizedFeaturizer(tiny.model, tiny.device, proj_dim=64, seed=3)
+    enc = encode(tiny.tokenizer, samples[0], 256)
+    feats = f.features(enc).double()
+    ref = reference_gradients(tiny.model, enc)
+    name = "model.layers.1.mlp.down_proj.weight"
+    slot = f.slots[name]
+    kron = torch.kron(slot.rows.double(), slot.cols.double())
+    want = kron.T @ ref[name].double().reshape(-1)
+    lo = dict((n, (a, b)) for n, a, b in f.layout.slices())[name][0]
+    assert torch.allclose(feats[lo:lo + want.numel()], want, rtol=1e-4, atol=1e-7 * want.abs().max().item())
+
+
+def test_batched_featurization_equals_one_at_a_time(tiny, samples):
+    f = FactorizedFeaturizer(tiny.model, tiny.device, proj_dim=64, seed=1)
+    encs = [encode(tiny.tokenizer, s, n) for s, n in zip(samples[:3], (256, 200, 150))]
+    assert len({e.num_tokens for e in encs}) == 3  # padding is exercised
+    batched = f.features_batch(encs)
+    for i, e in enumerate(encs):
+        single = f.features(e)
+        assert torch.allclose(batched[i], single, rtol=1e-4, atol=1e-5 * single.abs().max().item())
+
+
+def test_sketch_sizes_and_seeds():
+    assert split_dim(4096) == (64, 64) and split_dim(512) == (16, 32) and split_dim(7) == (1, 7)
+    assert stable_seed(42, "a") == stable_seed(42, "a") != stable_seed(43, "a") != stable_seed(42, "b")
+    assert stable_seed(42, "a") == int.from_bytes(hashlib.sha256(b"42:a").digest()[:8], "big") >> 1
+
+
+_DIGEST = """
+import hashlib, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from gradsim.projection import FactorizedFeaturizer
+cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=2)
+f = FactorizedFeaturizer(LlamaForCausalLM(cfg), torch.device("cpu"), proj_dim=int(sys.argv[1]), seed=int(sys.argv[2]))
+h = hashlib.sha256()
+for s in f.slots.values():
+    for m in (s.rows, s.cols):
+        h.update(b"-" if m is None else m.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_two_processes_build_bit_identical_projections():
+    def digest(hashseed, proj_dim=16, seed=7):
+        env = dict(os.environ, PYTHONHASHSEED=str(hashseed))
+        return subprocess.run([sys.executable, "-c", _DIGEST, str(proj_dim), str(seed)], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    a, b = digest(1), digest(2)  # different salts for Python's hash(): must not matter
+    assert a == b and len(a) == 64
+    assert digest(1, seed=8) != a
+
+
+def test_trak_features_equal_the_basic_projector(tiny, samples):
+    from trak.projectors import BasicProjector, ProjectionType
+
+    k = 64
+    f = TrakFeaturizer(tiny.model, tiny.device, proj_dim=k, seed=5)
+    enc = encode(tiny.tokenizer, samples[0], 256)
+    feats = f.features(enc)
+    exact = GradientComputer(tiny.model, tiny.device).gradient(enc).clone()
+    out = dict((n, (lo, hi)) for n, lo, hi in f.layout.slices())
+    checked = 0
+    for (name, lo, hi), pr in zip(f.full.slices(), f.projectors):
+        olo, ohi = out[name]
+        if pr is None:  # no larger than its projection: kept exact
+            assert torch.equal(feats[olo:ohi], exact[lo:hi])
+            continue
+        ref = BasicProjector(hi - lo, k, stable_seed(5, name) % 2**31, ProjectionType.normal, tiny.device,
+                             block_size=pr.block_size, dtype=torch.float32)
+        want = ref.project(exact[lo:hi][None].contiguous(), model_id=0)[0] / math.sqrt(k)
+        assert torch.allclose(feats[olo:ohi], want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+        checked += 1
+    assert checked >= 10
