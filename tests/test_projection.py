@@ -78,26 +78,31 @@ _DIGEST = """
 import hashlib, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from gradsim.projection import FactorizedFeaturizer
-cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=2)
-f = FactorizedFeaturizer(LlamaForCausalLM(cfg), torch.device("cpu"), proj_dim=int(sys.argv[1]), seed=int(sys.argv[2]))
-h = hashlib.sha256()
-for s in f.slots.values():
-    for m in (s.rows, s.cols):
-        h.update(b"-" if m is None else m.numpy().tobytes())
-print(h.hexdigest())
+
+def digest(proj_dim, seed):
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=2)
+    f = FactorizedFeaturizer(LlamaForCausalLM(cfg), torch.device("cpu"), proj_dim=proj_dim, seed=seed)
+    h = hashlib.sha256()
+    for s in f.slots.values():
+        for m in (s.rows, s.cols):
+            h.update(b"-" if m is None else m.numpy().tobytes())
+    return h.hexdigest()
+
+if __name__ == "__main__":
+    print(digest(int(sys.argv[1]), int(sys.argv[2])))
 """
 
 
 def test_two_processes_build_bit_identical_projections():
-    def digest(hashseed, proj_dim=16, seed=7):
-        env = dict(os.environ, PYTHONHASHSEED=str(hashseed))
-        return subprocess.run([sys.executable, "-c", _DIGEST, str(proj_dim), str(seed)], env=env, check=True,
-                              capture_output=True, text=True).stdout.strip()
-
-    a, b = digest(1), digest(2)  # different salts for Python's hash(): must not matter
-    assert a == b and len(a) == 64
-    assert digest(1, seed=8) != a
+    here = {"__name__": "in_process"}
+    exec(_DIGEST, here)
+    env = dict(os.environ, PYTHONHASHSEED=str(hash("salt") % 1000 + 1))  # another salt for Python's hash()
+    other = subprocess.run([sys.executable, "-c", _DIGEST, "16", "7"], env=env, check=True, capture_output=True,
+                           text=True).stdout.strip()
+    mine = here["digest"](16, 7)
+    assert other == mine and len(mine) == 64
+    assert here["digest"](16, 8) != mine
 
 
 def test_trak_features_equal_the_basic_projector(tiny, samples):

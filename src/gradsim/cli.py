@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=int, help="use only the first N originals (default: MT_SAMPLE_SIZE or all)")
     p.add_argument("--max-length", type=int, help="truncate longer samples (flagged in the output); default: model context")
     p.add_argument("--batch-size", type=int, default=1, help="samples per forward/backward where the method batches")
+    p.add_argument("--no-baselines", dest="baselines", action="store_const", const=False,
+                   help="skip the BM25 and representation-similarity baselines")
     p.add_argument("--output-dir", help="where results go (default: data/)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     return p

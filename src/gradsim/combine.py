@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import GradsimError
 from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
-from .score import summarize_scores
+from .score import summarize_arrays
 
 _PART = re.compile(r"results_(\d+)-(\d+)\.json$")
 
@@ -61,9 +61,7 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
         raise GradsimError(f"queries {listed} of {total} have no finished partition: rerun those partitions, then combine")
 
     arrays = [np.load(p.with_name(p.name.replace("results", "scores").replace(".json", ".npz"))) for _, _, p in parts]
-    dots = np.concatenate([a["dots"] for a in arrays])
-    qself = np.concatenate([a["qself"] for a in arrays])
-    cself = np.concatenate([a["cself"] for a in arrays])
+    scores = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0].files if k != "query_index"}
     metrics = [row for _, _, p in parts
                for row in read_jsonl_tolerant(p.with_name(p.name.replace("results", "metrics").replace(".json", ".jsonl")))]
 
@@ -71,8 +69,8 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     merged["config"] = dict(first["config"], partition_start=None, partition_end=None)
     merged["partition"] = {"start": 0, "end": total, "num_queries": total, "merged_from": [[s, e] for s, e in ranges]}
     merged["queries"] = [q for r in results for q in r["queries"]]
-    merged["summary"] = summarize_scores(first["parameter_names"], dots, qself, cself, first["config"]["computation_type"])
-    atomic_save_npz(run_dir / "scores.npz", dots=dots, qself=qself, cself=cself, query_index=np.arange(total))
+    merged.update(summarize_arrays(first["parameter_names"], scores, first["config"]["computation_type"]))
+    atomic_save_npz(run_dir / "scores.npz", **scores, query_index=np.arange(total))
     atomic_write_jsonl(run_dir / "metrics.jsonl", metrics)
     atomic_write_json(run_dir / "config.json", {"config": merged["config"], "compat": merged["compat"]})
     atomic_write_json(run_dir / "results.json", merged)

@@ -69,6 +69,7 @@ class Config:
     projection: str = "factorized"
     proj_dim: int = 4096
     batch_size: int = 1
+    baselines: bool = True  # BM25 and representation similarity on the same queries (forward passes only)
     # Filled in once the model and data are loaded (they are part of what makes results comparable).
     model_revision: Optional[str] = None
     chat_template_sha256: Optional[str] = None

@@ -20,7 +20,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Config
@@ -28,10 +27,11 @@ from .data import Dataset, load_dataset, partition_range
 from .encode import encode
 from .errors import GradsimError
 from .features import ExactFeaturizer, FeatureStore, featurize, manifest_key, per_matrix_self_dots
+from .features import progress_bar
 from .io import append_jsonl, atomic_save_npz, atomic_write_json, atomic_write_jsonl, ensure_writable_dir, read_json, read_jsonl_tolerant
 from .model import LoadedModel, load_model, resolve_device
 from .retrieval import candidate_lists
-from .score import dense_dots, summarize_scores, whole_and_per_matrix
+from .score import cosine, dense_dots, subset_scores, summarize_arrays, whole_and_per_matrix
 from .metrics import true_rank
 
 log = logging.getLogger("gradsim")
@@ -151,6 +151,9 @@ def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
         paths.progress.unlink(missing_ok=True)
         append_jsonl(paths.progress, {"kind": "header", "compat": cfg.compat()})
     done_queries = {r["index"]: r for r in progress if r.get("kind") == "query"}
+    for r in progress:
+        if r.get("kind") == "block":
+            done_queries.update(load_block(paths, r))
     metrics = [r["metric"] for r in progress if r.get("kind") == "metric"]
     if done_queries:
         log.info("resuming: %d of %d queries already scored", len(done_queries), end - start)
@@ -158,9 +161,9 @@ def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
     todo = [qi for qi in range(start, end) if qi not in done_queries]
     need_originals = sorted({j for qi in todo for j in cands[qi - start]})
     enc_orig = {j: encode(lm.tokenizer, data.originals[j], max_length)
-                for j in tqdm(need_originals, desc="encoding originals", unit="sample", disable=None)}
+                for j in progress_bar(need_originals, desc="encoding originals", unit="sample")}
     enc_query = {qi: encode(lm.tokenizer, data.queries[qi], max_length)
-                 for qi in tqdm(todo, desc="encoding queries", unit="sample", disable=None)}
+                 for qi in progress_bar(todo, desc="encoding queries", unit="sample")}
 
     store = open_original_store(cfg, paths, featurizer, data, needed)
     row_of = {j: r for r, j in enumerate(store_index(store, data))}
@@ -168,28 +171,35 @@ def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
                         paths, metrics)
 
     per_sample_bytes = layout.total * 4
-    block = max(1, min(64, memory_budget_bytes() // per_sample_bytes))
-    bar = tqdm(total=len(todo), desc="gradients (queries)", unit="sample", disable=None)
+    corpus = cfg.candidates == "all"
+    block = max(1, min(256 if corpus else 64, memory_budget_bytes() // per_sample_bytes))
+    bar = progress_bar(total=len(todo), desc="gradients (queries)", unit="sample")
     for b0 in range(0, len(todo), block):
         block_q = todo[b0:b0 + block]
         feats, m = featurize(featurizer, [enc_query[qi] for qi in block_q], device, cfg.dtype, "query", bar)
-        qself = per_matrix_self_dots(layout, torch.from_numpy(feats))
         q = torch.from_numpy(feats)
-        for i, qi in enumerate(block_q):
-            cand = cands[qi - start]
-            rows = [row_of[j] for j in cand]
-            ofeats, oself = gather_rows(store, rows)
-            dots = dense_dots(layout, q[i:i + 1], ofeats)[0]
-            rec = {"kind": "query", "index": qi, "dots": dots, "qself": qself[i], "cself": oself}
-            append_jsonl(paths.progress, rec)
-            append_jsonl(paths.progress, {"kind": "metric", "metric": m[i]})
-            done_queries[qi] = rec
-            metrics.append(m[i])
+        qself = per_matrix_self_dots(layout, q)
+        if corpus:
+            recs = score_against_corpus(store, layout, q, qself, block_q, [cands[qi - start] for qi in block_q], row_of,
+                                        paths)
+        else:
+            recs = []
+            for i, qi in enumerate(block_q):
+                ofeats, oself = gather_rows(store, [row_of[j] for j in cands[qi - start]])
+                dots = dense_dots(layout, q[i:i + 1], ofeats)[0]
+                recs.append({"kind": "query", "index": qi, "dots": dots, "qself": qself[i], "cself": oself})
+                append_jsonl(paths.progress, recs[-1])
+        for rec, row in zip(recs, m):
+            append_jsonl(paths.progress, {"kind": "metric", "metric": row})
+            done_queries[rec["index"]] = rec
+            metrics.append(row)
     bar.close()
+    baselines = baseline_scores(cfg, lm, data, cands, start, end, paths, metrics) if cfg.baselines else {}
 
-    result = assemble(cfg, lm, data, cands, start, end, layout.names, done_queries, featurizer)
+    result = assemble(cfg, lm, data, cands, start, end, layout.names, done_queries, featurizer, baselines)
     write_outputs(paths, cfg, result, done_queries, start, end, metrics)
     paths.progress.unlink(missing_ok=True)
+    shutil.rmtree(block_dir(paths), ignore_errors=True)
     if not cfg.use_random_projection:
         shutil.rmtree(store.root, ignore_errors=True)  # exact gradients are 0.5 GB a sample: scratch only
         with contextlib.suppress(OSError):
@@ -217,17 +227,18 @@ def open_original_store(cfg, paths: RunPaths, featurizer, data: Dataset, needed:
     return FeatureStore.open(root, manifest, ids, d, shard)
 
 
-def featurize_originals(store, featurizer, tokenizer, rows, encs, data, cfg, device, paths, metrics) -> None:
+def featurize_originals(store, featurizer, tokenizer, rows, encs, data, cfg, device, paths, metrics,
+                        role: str = "original") -> None:
     index = data.original_index()
     wanted = {store.shard_of(r) for r in rows}
     todo = [(s, e) for (s, e) in store.shard_ranges() if (s, e) in wanted and not store.has_shard(s, e)]
-    bar = tqdm(total=sum(e - s for s, e in todo), desc="gradients (originals)", unit="sample", disable=None)
+    bar = progress_bar(total=sum(e - s for s, e in todo), desc="gradients (originals)", unit="sample")
     for s, e in todo:
         shard_encs = []
         for r in range(s, e):
             j = index[store.ids[r]]
             shard_encs.append(encs[j] if j in encs else encode(tokenizer, data.originals[j], cfg.max_length))
-        feats, m = featurize(featurizer, shard_encs, device, cfg.dtype, "original", bar)
+        feats, m = featurize(featurizer, shard_encs, device, cfg.dtype, role, bar)
         store.write_shard(s, e, feats, per_matrix_self_dots(featurizer.layout, torch.from_numpy(feats)))
         for row in m:
             append_jsonl(paths.progress, {"kind": "metric", "metric": row})
@@ -245,41 +256,120 @@ def gather_rows(store: FeatureStore, rows: list[int]) -> tuple[torch.Tensor, np.
     return torch.from_numpy(feats), selfd
 
 
-def assemble(cfg, lm, data, cands, start, end, names, done, featurizer) -> dict:
+def block_dir(paths: RunPaths) -> Path:
+    return paths.progress.with_name(paths.progress.stem + "_blocks")
+
+
+def corpus_dots(store: FeatureStore, layout, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(b, N, M) fp32 per-matrix dots of a query block with every stored original, and the originals'
+    (N, M) self-dots, one shard at a time: memory is the block plus one shard, whatever N."""
+    dots = np.empty((q.shape[0], len(store.ids), len(layout.names)), dtype=np.float32)
+    selfd = np.empty((len(store.ids), len(layout.names)), dtype=np.float64)
+    for s, e in store.shard_ranges():
+        dots[:, s:e] = dense_dots(layout, q, torch.from_numpy(np.array(store.read_features(s, e))))
+        selfd[s:e] = store.read_selfdots(s, e)
+    return dots, selfd
+
+
+def score_against_corpus(store, layout, q, qself, block_q, block_cands, row_of, paths: RunPaths) -> list[dict]:
+    """Score a query block against the whole corpus; its scores go to one .npz beside the progress log
+    (a JSON line per query would be megabytes at LIMA scale)."""
+    dots, selfd = corpus_dots(store, layout, q)
+    rows = np.array([[row_of[j] for j in c] for c in block_cands], dtype=np.int64)
+    name = f"block_{block_q[0]:06d}.npz"
+    atomic_save_npz(block_dir(paths) / name, dots=np.take_along_axis(dots, rows[..., None], axis=1), qself=qself,
+                    rows=rows, oself=selfd, index=np.array(block_q))
+    rec = {"kind": "block", "file": name}
+    append_jsonl(paths.progress, rec)
+    return list(load_block(paths, rec).values())
+
+
+def load_block(paths: RunPaths, rec: dict) -> dict[int, dict]:
+    with np.load(block_dir(paths) / rec["file"]) as z:
+        return {int(qi): {"kind": "query", "index": int(qi), "dots": z["dots"][i], "qself": z["qself"][i],
+                          "cself": z["oself"][z["rows"][i]].astype(np.float32)} for i, qi in enumerate(z["index"])}
+
+
+def baseline_scores(cfg, lm, data: Dataset, cands, start, end, paths, metrics) -> dict[str, np.ndarray]:
+    """(Q, C) scores of the baselines for this partition's queries and candidates."""
+    from .baselines import RepresentationFeaturizer, candidate_scores
+    from .retrieval import bm25_scores
+
+    out = {"baseline_bm25": candidate_scores(bm25_scores(data), list(range(start, end)), cands)}
+    rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype)
+    manifest = dict(model=cfg.model_name, revision=cfg.model_revision, template=cfg.chat_template_sha256,
+                    max_length=cfg.max_length, dtype=cfg.dtype, original_data_sha256=cfg.original_data_sha256,
+                    sample_size=cfg.sample_size, featurizer=rep.spec)
+    ids = [s.id for s in data.originals]
+    store = FeatureStore.open(Path(cfg.output_dir) / "features" / manifest_key(manifest) / "representations", manifest,
+                              ids, rep.layout.total, 256)
+    needed = sorted({j for c in cands for j in c})
+    featurize_originals(store, rep, lm.tokenizer, needed, {}, data, cfg, lm.device, paths, metrics, "representation")
+    encs = [encode(lm.tokenizer, data.queries[qi], cfg.max_length) for qi in range(start, end)]
+    qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
+    metrics.extend(m)
+    orep, oself = gather_rows(store, needed)
+    qself = per_matrix_self_dots(rep.layout, torch.from_numpy(qrep))
+    dots = dense_dots(rep.layout, torch.from_numpy(qrep), orep)  # (Q, len(needed), 2)
+    for m_, name in enumerate(rep.layout.names):
+        full = np.full((end - start, len(data.originals)), np.nan)
+        full[:, needed] = cosine(dots[:, :, m_], qself[:, m_:m_ + 1], oself[None, :, m_])
+        out[f"baseline_{name}"] = np.stack([full[k, c] for k, c in enumerate(cands)]).astype(np.float32)
+    return out
+
+
+def bm25_columns(data: Dataset, cands, top_k: int, start: int, end: int) -> np.ndarray:
+    """(Q, 1 + top_k) positions, within each query's full-corpus candidate list, of its BM25 candidates."""
+    bm25 = candidate_lists(data, "bm25", top_k)[start:end]
+    return np.array([[c.index(j) for j in b] for c, b in zip(cands, bm25)], dtype=np.int64)
+
+
+def assemble(cfg, lm, data, cands, start, end, names, done, featurizer, baselines) -> dict:
     order = list(range(start, end))
-    dots = np.stack([np.asarray(done[qi]["dots"], dtype=np.float64) for qi in order])
-    qself = np.stack([np.asarray(done[qi]["qself"], dtype=np.float64) for qi in order])
-    cself = np.stack([np.asarray(done[qi]["cself"], dtype=np.float64) for qi in order])
-    whole, per_matrix = whole_and_per_matrix(dots, qself, cself, cfg.computation_type)
+    corpus = cfg.candidates == "all"
+    dtype = np.float32 if corpus else np.float64  # fp32 dots lose nothing: the matmuls are fp32
+    arrays = {"dots": np.stack([np.asarray(done[qi]["dots"], dtype=dtype) for qi in order]),
+              "qself": np.stack([np.asarray(done[qi]["qself"], dtype=np.float64) for qi in order]),
+              "cself": np.stack([np.asarray(done[qi]["cself"], dtype=dtype) for qi in order])}
+    arrays.update(baselines)
+    if corpus:
+        arrays["bm25_columns"] = bm25_columns(data, cands, cfg.top_k, start, end)
+    dots, qself, cself = arrays["dots"], arrays["qself"], arrays["cself"]
+    whole = subset_scores(dots, qself, cself, slice(None), cfg.computation_type)
     ranks = true_rank(whole)
     queries = []
     for k, qi in enumerate(order):
         cand_ids = [data.originals[j].id for j in cands[qi - start]]
-        rec = {"index": qi, "id": data.queries[qi].id, "candidates": cand_ids, "rank": int(ranks[k]),
-               "scores": whole[k]}
-        if cfg.candidates == "bm25":
-            rec["per_matrix"] = per_matrix[k]
+        rec = {"index": qi, "id": data.queries[qi].id, "rank": int(ranks[k])}
+        if corpus:  # the full (Q, N) scores are in scores.npz
+            top = np.argsort(-np.nan_to_num(whole[k], nan=-np.inf), kind="stable")[:10]
+            rec["top10"] = [cand_ids[t] for t in top]
+            rec["top10_scores"] = whole[k][top]
+        else:
+            rec["candidates"], rec["scores"] = cand_ids, whole[k]
+            per_matrix = whole_and_per_matrix(dots[k:k + 1], qself[k:k + 1], cself[k:k + 1], cfg.computation_type)[1]
+            rec["per_matrix"] = per_matrix[0]
             if cfg.computation_type == "dot-product":
                 rec["query_self"], rec["candidate_self"] = qself[k], cself[k]
         queries.append(rec)
-    return {
+    result = {
         "gradsim_version": cfg.code_version,
         "config": cfg.to_dict(),
         "compat": cfg.compat(),
         "model": {"id": lm.model_id, "revision": lm.revision, "chat_template_sha256": lm.chat_template_sha256},
         "partition": {"start": start, "end": end, "num_queries": len(data.queries)},
         "score": "whole-model dot product" if cfg.computation_type == "dot-product" else "cosine similarity",
+        "featurizer": getattr(featurizer, "spec", None) or {"kind": getattr(featurizer, "kind", "exact")},
         "parameter_names": names,
         "queries": queries,
-        "summary": summarize_scores(names, dots, qself, cself, cfg.computation_type),
-        "_arrays": (dots, qself, cself),
     }
+    result.update(summarize_arrays(names, arrays, cfg.computation_type))
+    result["_arrays"] = arrays
+    return result
 
 
 def write_outputs(paths: RunPaths, cfg: Config, result: dict, done, start, end, metrics) -> None:
-    dots, qself, cself = result.pop("_arrays")
-    atomic_save_npz(paths.scores, dots=dots.astype(np.float64), qself=qself, cself=cself,
-                    query_index=np.arange(start, end))
+    atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=np.arange(start, end))
     atomic_write_jsonl(paths.metrics, metrics)
     atomic_write_json(paths.config, {"config": cfg.to_dict(), "compat": cfg.compat(), "argv": sys.argv})
     atomic_write_json(paths.results, result)  # last: its existence marks the partition as finished

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .gradients import ParamLayout
-from .metrics import component_of, layer_of, summarize, true_rank
+from .metrics import RECALL_AT, component_of, layer_of, summarize, true_rank
 
 
 def dense_dots(layout: ParamLayout, q: torch.Tensor, o: torch.Tensor) -> np.ndarray:
@@ -38,26 +38,58 @@ def whole_and_per_matrix(dots, qself, cself, computation_type: str):
     return whole, cosine(dots, qself[:, None, :], cself)
 
 
+def subset_scores(dots, qself, cself, idx, computation_type: str) -> np.ndarray:
+    """(Q, C) scores over the concatenation of the matrices ``idx``: a cosine over any subset is exact."""
+    d = dots[..., idx].sum(-1)
+    if computation_type == "dot-product":
+        return d
+    return cosine(d, qself[:, None, idx].sum(-1), cself[..., idx].sum(-1))
+
+
 def group_scores(names, dots, qself, cself, key, computation_type):
-    """Scores over groups of matrices (a component type or a layer): cosine/dot of the concatenation."""
+    """(group, (Q, C) scores) over groups of matrices sharing ``key(name)``, one group at a time
+    (at full-corpus scale one (Q, C, M) temporary would not fit)."""
     groups: dict[str, list[int]] = {}
     for m, n in enumerate(names):
         k = key(n)
         if k is not None:
             groups.setdefault(str(k), []).append(m)
-    out = {}
     for k, idx in groups.items():
-        d = dots[..., idx].sum(-1)
-        out[k] = d if computation_type == "dot-product" else cosine(d, qself[:, None, idx].sum(-1), cself[..., idx].sum(-1))
-    return out
+        yield k, subset_scores(dots, qself, cself, idx, computation_type)
 
 
 def summarize_scores(names, dots, qself, cself, computation_type: str) -> dict:
     """Retrieval metrics for the whole model, each matrix, each component type and each layer."""
-    whole, per_matrix = whole_and_per_matrix(dots, qself, cself, computation_type)
-    out = {"whole_model": summarize(true_rank(whole))}
-    pm_ranks = true_rank(np.moveaxis(per_matrix, 2, 1))  # (Q, M)
-    out["per_matrix"] = {n: summarize(pm_ranks[:, m]) for m, n in enumerate(names)}
-    for label, key in (("per_component", component_of), ("per_layer", layer_of)):
-        out[label] = {k: summarize(true_rank(s)) for k, s in group_scores(names, dots, qself, cself, key, computation_type).items()}
+    out = {"whole_model": summarize(true_rank(subset_scores(dots, qself, cself, slice(None), computation_type)))}
+    for label, key in (("per_matrix", str), ("per_component", component_of), ("per_layer", layer_of)):
+        out[label] = {k: summarize(true_rank(s)) for k, s in group_scores(names, dots, qself, cself, key, computation_type)}
+    return out
+
+
+def random_expectation(num_candidates: int) -> dict[str, float]:
+    """The metrics of a ranking drawn uniformly at random, in expectation (no sampling noise)."""
+    c = num_candidates
+    out = {"n": None, "top1": 1.0 / c, "mrr": sum(1.0 / r for r in range(1, c + 1)) / c}
+    for k in RECALL_AT:
+        out[f"recall@{k}"] = min(k, c) / c
+    return out
+
+
+def summarize_arrays(names, arrays: dict, computation_type: str) -> dict:
+    """Every summary a result reports, from the arrays of its scores.npz (so a merge of partitions
+    recomputes them exactly): gradients, baselines (``baseline_<name>``: (Q, C) scores), and, when
+    ``bm25_columns`` (Q, 1 + k) is present, the same for the BM25 protocol picked out of the corpus."""
+    dots, qself, cself = arrays["dots"], arrays["qself"], arrays["cself"]
+    baselines = {k[len("baseline_"):]: v for k, v in arrays.items() if k.startswith("baseline_")}
+
+    def report(pick):
+        base = {"random": random_expectation(pick(dots).shape[1])}
+        base.update({k: summarize(true_rank(pick(v))) for k, v in baselines.items()})
+        return summarize_scores(names, pick(dots), qself, pick(cself), computation_type), base
+
+    out = dict(zip(("summary", "baselines"), report(lambda a: a)))
+    if "bm25_columns" in arrays:
+        cols = arrays["bm25_columns"]
+        pick = lambda a: np.take_along_axis(a, cols[..., None] if a.ndim == 3 else cols, axis=1)  # noqa: E731
+        out["bm25_protocol"] = dict(zip(("summary", "baselines"), report(pick)))
     return out

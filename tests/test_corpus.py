@@ -1,0 +1,44 @@
+"""--candidates all with projected features: partitions, the BM25 protocol from the same features, baselines."""
+
+import numpy as np
+import pytest
+
+from gradsim.combine import merge_partitions
+from gradsim.config import Config
+from gradsim.io import read_jsonl_tolerant
+from gradsim.run import run
+
+
+def cfg_for(tmp_path, **kw):
+    base = dict(device="cpu", sample_size=8, output_dir=str(tmp_path), top_k=3, use_random_projection=True,
+                projection="factorized", proj_dim=64, candidates="all")
+    base.update(kw)
+    return Config(**base)
+
+
+def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_path):
+    whole = run(cfg_for(tmp_path / "whole", batch_size=3), lm=tiny)
+    assert whole["summary"]["whole_model"]["n"] == 8
+    assert set(whole["baselines"]) == {"random", "bm25", "representation_response", "representation_all"}
+    assert whole["baselines"]["random"]["top1"] == pytest.approx(1 / 8)
+    assert whole["bm25_protocol"]["baselines"]["random"]["top1"] == pytest.approx(1 / 4)
+    scores = np.load(tmp_path / "whole" / "gradient-similarity" / "paraphrased-all-factorized64" / "scores.npz")
+    assert scores["dots"].shape == (8, 8, len(whole["parameter_names"]))
+
+    for s, e in [(0, 3), (3, 8)]:
+        run(cfg_for(tmp_path / "parts", partition_start=s, partition_end=e), lm=tiny)
+    merged = merge_partitions(tmp_path / "parts" / "gradient-similarity" / "paraphrased-all-factorized64")
+    for key in ("summary", "baselines", "bm25_protocol"):
+        assert merged[key] == whole[key], key
+
+    # The BM25 protocol as its own run, in the same output dir: the originals' features are reused.
+    bm25 = run(cfg_for(tmp_path / "whole", candidates="bm25"), lm=tiny)
+    rows = read_jsonl_tolerant(tmp_path / "whole" / "gradient-similarity" / "paraphrased-factorized64" / "metrics.jsonl")
+    assert not [r for r in rows if r["role"] == "original"]
+    cols = scores["bm25_columns"]
+    for k, q in enumerate(bm25["queries"]):
+        d = scores["dots"][k][cols[k]].sum(-1)
+        cos = d / np.sqrt(scores["qself"][k].sum() * scores["cself"][k][cols[k]].sum(-1))
+        assert np.allclose(q["scores"], cos, rtol=1e-4, atol=1e-5)  # batch of 3 vs one at a time
+    assert bm25["summary"] == whole["bm25_protocol"]["summary"]
+    assert bm25["baselines"] == whole["bm25_protocol"]["baselines"]
