@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,14 @@ def sample_metric(enc: Encoded, seconds: float, device: torch.device, dtype: str
         "vram_reserved_mb": round(torch.cuda.memory_reserved(device) / 2**20, 1) if cuda else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+
+
+def progress_bar(*args, **kwargs):
+    """tqdm that also reports in logs and CI (a non-terminal), but there only every 30 s."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("mininterval", 0.5 if sys.stderr.isatty() else 30.0)
+    return tqdm(*args, **kwargs)
 
 
 def manifest_key(manifest: dict) -> str:
