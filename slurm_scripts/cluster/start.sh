@@ -60,15 +60,26 @@ wait_for() {
     done
 }
 
-# alive PIDFILE NAME: the pid file names a live process called NAME (guards against recycled pids).
+# alive PIDFILE NAME: the pid file names a live process called NAME. The name guards against a
+# recycled pid; the state against a dead daemon that a slow container init has not reaped yet.
 alive() {
-    local pid
+    local pid stat
     [[ -r $1 ]] || return 1
     pid=$(tr -dc 0-9 <"$1")
-    [[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm") == "$2" ]]
+    [[ -n $pid && $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }   # the fields after "(comm) "; the first is the state
+    [[ ${stat:0:1} != Z ]]
 }
 pid_of() { tr -dc 0-9 <"$1"; }
 report() { printf '%-10s pid %-7s %s\n' "$1" "$2" "$3"; }
+
+install -d -m 0755 "$BASE" "$CONF_DIR" "$LOG_DIR" "$RUN_DIR" "$STATE_DIR/ctld" "$STATE_DIR/d"
+# Serialise concurrent callers (e.g. parallel CI steps) so only one installs and starts each
+# daemon. Every daemon is started with fd 9 closed (9>&-): one that inherited it would hold the
+# lock forever.
+exec 9>"$BASE/.start.lock"
+flock -w 300 9 || die "another start.sh has held $BASE/.start.lock for 5 minutes"
 
 # ---------------------------------------------------------------------------------------------
 # Packages
@@ -78,7 +89,6 @@ for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if ((${#missing[@]})); then
-    t=$(date +%s%N)
     export DEBIAN_FRONTEND=noninteractive
     # Package postinst scripts try to start their services; policy-rc.d exiting 101 forbids that
     # (we start everything ourselves, from our own config). Keep a policy-rc.d that was already there.
@@ -87,29 +97,30 @@ if ((${#missing[@]})); then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
         chmod 0755 /usr/sbin/policy-rc.d
         own_policy=1
-        trap '[[ $own_policy == 1 ]] && rm -f /usr/sbin/policy-rc.d' EXIT
+        trap 'if ((own_policy)); then rm -f /usr/sbin/policy-rc.d; fi' EXIT
     fi
-    apt_install() { apt-get install -y -q --no-install-recommends "${missing[@]}" >"$1" 2>&1; }
+    apt_log=$LOG_DIR/apt.log
+    apt_update() { t=$(date +%s%N); apt-get update -q >>"$apt_log" 2>&1 || true; update_s=$(elapsed "$t"); }
+    apt_install() { apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$apt_log" 2>&1; }
+    update_s=0
     # Fresh images have no package lists and old lists point at superseded .debs: refresh them
     # when they are missing or more than a day old, and once more if the install still fails.
     if [[ -z $(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null) ]]; then
-        apt-get update -q >/tmp/gradsim-slurm-apt.log 2>&1 || true
+        apt_update
     fi
-    if ! apt_install /tmp/gradsim-slurm-apt.log; then
-        apt-get update -q >/tmp/gradsim-slurm-apt.log 2>&1 || true
-        apt_install /tmp/gradsim-slurm-apt.log || { tail -n 30 /tmp/gradsim-slurm-apt.log >&2; die "apt-get install failed"; }
+    t_install=$(date +%s%N)
+    if ! apt_install; then
+        apt_update
+        t_install=$(date +%s%N)
+        apt_install || { tail -n 30 "$apt_log" >&2; die "apt-get install failed (log: $apt_log)"; }
     fi
     if ((own_policy)); then rm -f /usr/sbin/policy-rc.d; own_policy=0; fi
-    log "installed ${missing[*]} in $(elapsed "$t")s"
+    log "installed ${missing[*]} (apt-get update ${update_s}s, install $(elapsed "$t_install")s)"
 fi
 
 # ---------------------------------------------------------------------------------------------
 # Directories and config
 # ---------------------------------------------------------------------------------------------
-install -d -m 0755 "$BASE" "$CONF_DIR" "$LOG_DIR" "$RUN_DIR" "$STATE_DIR/ctld" "$STATE_DIR/d"
-# Serialise concurrent callers (e.g. parallel CI steps) so only one starts each daemon.
-exec 9>"$BASE/.start.lock"
-flock 9
 
 # write_if_changed FILE MODE: replace FILE with stdin only when the content differs (so a warm
 # re-run leaves mtimes alone); returns 0 when it changed.
@@ -219,7 +230,7 @@ else
     install -d -o munge -g munge -m 0755 /run/munge
     # munged writes its pid file as the munge user, so let it use its own directory and copy it.
     rm -f /run/munge/munged.pid
-    runuser -u munge -- /usr/sbin/munged --force --pid-file=/run/munge/munged.pid </dev/null
+    runuser -u munge -- /usr/sbin/munged --force --pid-file=/run/munge/munged.pid </dev/null 9>&-
     wait_for 10 "munged" /var/log/munge/munged.log test -s /run/munge/munged.pid
     cp /run/munge/munged.pid "$RUN_DIR/munged.pid"
     wait_for 10 "munge to answer" /var/log/munge/munged.log bash -c 'munge -n | unmunge'
@@ -229,7 +240,6 @@ fi
 # ---------------------------------------------------------------------------------------------
 # MariaDB: a private instance (own datadir, no system config) that only slurmdbd uses.
 # ---------------------------------------------------------------------------------------------
-db_sql() { mariadb --no-defaults --socket="$DB_SOCK" -u root "$@"; }
 if alive "$DB_PID" mariadbd; then
     report mariadbd "$(pid_of "$DB_PID")" "already running"
 else
@@ -247,44 +257,49 @@ else
     setsid -f mariadbd --no-defaults --user=mysql --datadir="$DB_DIR" --socket="$DB_SOCK" \
         --pid-file="$DB_PID" --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve \
         --innodb-buffer-pool-size=1G --innodb-lock-wait-timeout=900 \
-        --log-error="$LOG_DIR/mariadbd.err" </dev/null >>"$LOG_DIR/mariadbd.out" 2>&1
+        --log-error="$LOG_DIR/mariadbd.err" </dev/null >>"$LOG_DIR/mariadbd.out" 2>&1 9>&-
     wait_for 30 "mariadbd" "$LOG_DIR/mariadbd.err" mariadb-admin --no-defaults --socket="$DB_SOCK" -u root ping
     wait_for 5 "mariadbd pid file" "$LOG_DIR/mariadbd.err" test -s "$DB_PID"
     report mariadbd "$(pid_of "$DB_PID")" "started"
 fi
 # Idempotent, and re-asserts the password in case conf/ was wiped while the datadir was kept.
-db_sql <<EOF
+# OS root logs in as the database root over the socket (unix_socket authentication).
+mariadb --no-defaults --socket="$DB_SOCK" -u root <<EOF
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$db_pass';
 ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$db_pass';
 GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
 EOF
 
 # ---------------------------------------------------------------------------------------------
-# slurmdbd, then register the cluster, then slurmctld and slurmd (they daemonise themselves and
-# write the pid files named in the config).
+# slurmdbd, slurmctld, slurmd: they daemonise themselves and write the pid files named in the
+# config. No `sacctmgr add cluster` is needed: slurmctld (22.05) adds its cluster to the database
+# when it first registers with slurmdbd; the root account and user come with it.
 # ---------------------------------------------------------------------------------------------
 if alive "$RUN_DIR/slurmdbd.pid" slurmdbd; then
     report slurmdbd "$(pid_of "$RUN_DIR/slurmdbd.pid")" "already running"
 else
     rm -f "$RUN_DIR/slurmdbd.pid"
-    slurmdbd </dev/null
+    slurmdbd </dev/null 9>&-
     wait_for 30 "slurmdbd" "$LOG_DIR/slurmdbd.log" sacctmgr -n show cluster
     report slurmdbd "$(pid_of "$RUN_DIR/slurmdbd.pid")" "started"
 fi
 
-# Add the cluster before slurmctld first connects, so its first registration is accepted.
-if [[ -z $(sacctmgr -n -P show cluster "$CLUSTER" format=cluster) ]]; then
-    sacctmgr -i add cluster "$CLUSTER" >/dev/null
-    log "registered cluster $CLUSTER in accounting"
+# A changed slurm.conf (another GRADSIM_SLURM_CPUS, base or memory) reaches running daemons by a
+# reconfigure; node definition changes are refused that way and need slurmctld and slurmd restarted.
+if ((slurm_conf_changed)) && alive "$RUN_DIR/slurmctld.pid" slurmctld; then
+    if scontrol reconfigure >/dev/null 2>&1; then
+        log "slurm.conf changed: ran scontrol reconfigure"
+    else
+        log "slurm.conf changed: restarting slurmctld and slurmd"
+        bash "$(dirname "${BASH_SOURCE[0]}")/stop.sh" slurmd slurmctld
+    fi
 fi
 
 if alive "$RUN_DIR/slurmctld.pid" slurmctld; then
     report slurmctld "$(pid_of "$RUN_DIR/slurmctld.pid")" "already running"
-    # Pick up a changed slurm.conf (e.g. GRADSIM_SLURM_CPUS) without a restart.
-    ((slurm_conf_changed)) && scontrol reconfigure && log "slurm.conf changed: ran scontrol reconfigure"
 else
     rm -f "$RUN_DIR/slurmctld.pid"
-    slurmctld </dev/null
+    slurmctld </dev/null 9>&-
     wait_for 30 "slurmctld (scontrol ping UP)" "$LOG_DIR/slurmctld.log" \
         bash -c 'scontrol ping | grep -q "is UP"'
     report slurmctld "$(pid_of "$RUN_DIR/slurmctld.pid")" "started"
@@ -295,7 +310,7 @@ if alive "$RUN_DIR/slurmd.pid" slurmd; then
 else
     rm -f "$RUN_DIR/slurmd.pid"
     # -N: the node is called localhost whatever the machine's hostname is.
-    slurmd -N localhost </dev/null
+    slurmd -N localhost </dev/null 9>&-
     wait_for 10 "slurmd pid file" "$LOG_DIR/slurmd.log" test -s "$RUN_DIR/slurmd.pid"
     report slurmd "$(pid_of "$RUN_DIR/slurmd.pid")" "started"
 fi
@@ -305,6 +320,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 node_ready() { sinfo -h -N -n localhost -o %T | grep -qxE 'idle|mixed|allocated|completing'; }
 wait_for 30 "node localhost to be idle" "$LOG_DIR/slurmd.log" node_ready
+wait_for 15 "slurmctld to register $CLUSTER with slurmdbd" "$LOG_DIR/slurmctld.log" \
+    bash -c "sacctmgr -n -P show cluster $CLUSTER format=cluster | grep -qx $CLUSTER"
 wait_for 15 "sacct to answer" "$LOG_DIR/slurmdbd.log" sacct -n -X -S now-1minutes
 
 log "slurm cluster up: cluster=$CLUSTER node=localhost cpus=$CPUS mem=${mem_mb}M partition=debug" \

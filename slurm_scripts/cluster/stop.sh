@@ -2,9 +2,11 @@
 # Stop the single-node Slurm cluster that start.sh brought up: only the daemons it started, found
 # by the pid files under the base directory (never by process name), newest first.
 #
-# Usage:  slurm_scripts/cluster/stop.sh [--purge]
+# Usage:  slurm_scripts/cluster/stop.sh [--purge | DAEMON...]
 #   --purge   also delete the base directory (job state, accounting database, logs, config) and
 #             our /etc/slurm/slurm.conf; the next start.sh starts from nothing (job ids restart at 1).
+#   DAEMON    stop only these (slurmd slurmctld slurmdbd mariadbd munged); start.sh uses this to
+#             restart slurmctld and slurmd when the node definition changed.
 # Environment: GRADSIM_SLURM_BASE (default /tmp/gradsim-slurm), as for start.sh.
 #
 # Jobs that are still running keep running under their slurmstepd (that is how Slurm survives a
@@ -15,16 +17,33 @@ if [[ $EUID -ne 0 ]]; then
     exec sudo --preserve-env=GRADSIM_SLURM_BASE bash "$0" "$@"
 fi
 
+# Reverse of the start order: compute node, controller, accounting, database, auth.
+ALL=(slurmd slurmctld slurmdbd mariadbd munged)
 purge=0
-case "${1:-}" in
-    "") ;;
-    --purge) purge=1 ;;
-    *) echo "usage: $0 [--purge]" >&2; exit 2 ;;
-esac
+selected=()
+for arg in "$@"; do
+    case "$arg" in
+        --purge) purge=1 ;;
+        slurmd | slurmctld | slurmdbd | mariadbd | munged) selected+=("$arg") ;;
+        *) echo "usage: $0 [--purge | DAEMON...]  (DAEMON: ${ALL[*]})" >&2; exit 2 ;;
+    esac
+done
+if ((purge && ${#selected[@]})); then
+    echo "$0: --purge stops everything; it takes no daemon names" >&2; exit 2
+fi
 
 BASE=${GRADSIM_SLURM_BASE:-/tmp/gradsim-slurm}
 MARKER="# Written by gradsim slurm_scripts/cluster/start.sh"
 TERM_TIMEOUT=${GRADSIM_SLURM_STOP_TIMEOUT:-20}   # seconds between SIGTERM and SIGKILL
+
+# running PID: the process exists and is not a zombie. Daemons are children of init, and an init
+# that reaps slowly (a container's) would otherwise make every stop wait for it.
+running() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }                         # the fields after "(comm) "; the first is the state
+    [[ ${stat:0:1} != Z ]]
+}
 
 # stop_daemon NAME PIDFILE: SIGTERM the process named in PIDFILE if it is still NAME (a recycled
 # pid belongs to someone else), SIGKILL it if it outlives TERM_TIMEOUT, then drop the pid file.
@@ -39,10 +58,10 @@ stop_daemon() {
     fi
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < TERM_TIMEOUT * 10; i++)); do
-        [[ -d /proc/$pid ]] || break
+        running "$pid" || break
         sleep 0.1
     done
-    if [[ -d /proc/$pid ]]; then
+    if running "$pid"; then
         kill -KILL "$pid" 2>/dev/null || true
         printf '%-10s pid %-7s killed (ignored SIGTERM for %ss)\n' "$name" "$pid" "$TERM_TIMEOUT"
     else
@@ -52,13 +71,17 @@ stop_daemon() {
 }
 
 if [[ -d $BASE ]]; then
-    # Reverse of the start order: compute node, controller, accounting, database, auth.
-    stop_daemon slurmd "$BASE/run/slurmd.pid"
-    stop_daemon slurmctld "$BASE/run/slurmctld.pid"
-    stop_daemon slurmdbd "$BASE/run/slurmdbd.pid"
-    stop_daemon mariadbd "$BASE/mariadb/mariadbd.pid"
-    # Only present when start.sh started munged itself (not when a system munged was already up).
-    stop_daemon munged "$BASE/run/munged.pid"
+    for name in "${ALL[@]}"; do
+        if ((${#selected[@]})) && [[ " ${selected[*]} " != *" $name "* ]]; then continue; fi
+        case $name in
+            # mariadbd writes its pid file into its own (mysql-owned) datadir.
+            mariadbd) pidfile=$BASE/mariadb/mariadbd.pid ;;
+            # munged.pid exists only when start.sh started munged itself, not when it found a
+            # system munged already running.
+            *) pidfile=$BASE/run/$name.pid ;;
+        esac
+        stop_daemon "$name" "$pidfile"
+    done
 else
     echo "nothing to stop: $BASE does not exist"
 fi
