@@ -1,0 +1,313 @@
+"""Tables and figures from finished runs, for notebooks/analysis.ipynb (kept here so it is tested).
+
+A run directory is ``<output_dir>/<computation-type>/<run name>/`` holding ``results.json`` (summaries,
+parameter names, per-query ranks) and ``scores.npz`` (``dots`` (Q, C, M), ``qself`` (Q, M),
+``cself`` (Q, C, M); candidate 0 of each query is its true original). Layer x component numbers are
+recomputed from the arrays, so they hold for any model whose matrices follow the usual naming.
+Sections whose inputs a run lacks (baselines, a greedy matrix selection) are skipped, not failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import GradsimError
+from .io import read_json
+from .metrics import component_of, layer_of, summarize, true_rank
+
+SETTING_ORDER = ("paraphrased", "model-generated")
+METRICS = ("top1", "mrr")
+LABELS = {"top1": "top-1", "mrr": "MRR"}
+
+
+@dataclass
+class Run:
+    name: str  # the run directory's name: the setting, plus -all / -<projection><dim> suffixes
+    path: Path
+    result: dict
+    arrays: dict
+
+    @property
+    def setting(self) -> str:
+        return self.result.get("config", {}).get("setting", self.name)
+
+    @property
+    def names(self) -> list[str]:
+        return self.result["parameter_names"]
+
+    @property
+    def whole(self) -> dict:
+        return self.result["summary"]["whole_model"]
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.arrays["dots"].shape[1])
+
+    def scores(self, idx=slice(None)) -> np.ndarray:
+        """(Q, C) cosine (or dot product, for dot-product runs) over the matrices ``idx``."""
+        d = self.arrays["dots"][..., idx].sum(-1)
+        if self.result.get("config", {}).get("computation_type") == "dot-product":
+            return d
+        q = self.arrays["qself"][:, None, idx].sum(-1)
+        c = self.arrays["cself"][..., idx].sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return d / np.sqrt(q * c)
+
+
+def load_runs(results_dir, computation_type: str = "gradient-similarity") -> dict[str, Run]:
+    """Every finished run under ``results_dir`` (an --output-dir such as data/, or one
+    <computation-type> folder), paraphrased and model-generated first."""
+    root = Path(results_dir)
+    base = root / computation_type if (root / computation_type).is_dir() else root
+    runs = {}
+    for res in sorted(base.glob("*/results.json")):
+        npz = res.with_name("scores.npz")
+        if not npz.exists():
+            continue
+        with np.load(npz) as z:
+            arrays = {k: z[k] for k in z.files}
+        runs[res.parent.name] = Run(res.parent.name, res.parent, read_json(res), arrays)
+    if not runs:
+        raise GradsimError(f"no finished runs (results.json + scores.npz) under {base}: run main.py first, or set "
+                           "GRADSIM_RESULTS_DIR to the --output-dir of your runs")
+    order = {s: i for i, s in enumerate(SETTING_ORDER)}
+    return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def summary_table(runs: dict[str, Run]) -> list[dict]:
+    rows = []
+    for name, r in runs.items():
+        w = r.whole
+        rows.append({"run": name, "n": w["n"], "candidates": r.num_candidates, "chance top-1": 1 / r.num_candidates,
+                     "top-1": w["top1"], "MRR": w["mrr"], "recall@5": w.get("recall@5")})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table (no pandas needed)."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    width = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(width[c]) for c in cols), "  ".join("-" * width[c] for c in cols)]
+    lines += ["  ".join(cell(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def summarize_ranks(scores: np.ndarray) -> dict:
+    """top-1, MRR and recall@k of (Q, C) scores whose column 0 is the true original."""
+    return summarize(true_rank(scores))
+
+
+def group_metrics(run: Run, key) -> dict[str, dict]:
+    """Metrics of the concatenated gradient of each group of matrices (``key(name)`` -> group or None)."""
+    groups: dict = {}
+    for m, n in enumerate(run.names):
+        k = key(n)
+        if k is not None:
+            groups.setdefault(k, []).append(m)
+    return {k: summarize_ranks(run.scores(idx)) for k, idx in groups.items()}
+
+
+def layer_component_grid(run: Run, metric: str = "top1") -> tuple[list[int], list[str], np.ndarray]:
+    """(layers, components, grid[layer, component]) of ``metric`` for each layer's matrices of one type."""
+    cells = group_metrics(run, lambda n: (layer_of(n), component_of(n)) if layer_of(n) is not None else None)
+    layers = sorted({k[0] for k in cells})
+    comps = sorted({k[1] for k in cells}, key=_component_order)
+    grid = np.full((len(layers), len(comps)), np.nan)
+    for (layer, comp), m in cells.items():
+        grid[layers.index(layer), comps.index(comp)] = m[metric]
+    return layers, comps, grid
+
+
+_COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down", "norm", "embedding", "other")
+
+
+def _component_order(c: str) -> int:
+    return _COMPONENTS.index(c) if c in _COMPONENTS else len(_COMPONENTS)
+
+
+def true_vs_others(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-model similarity of each query to its true original, and to every other candidate."""
+    s = run.scores()
+    return s[:, 0], s[:, 1:].ravel()
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the notebook also runs in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: Path, name: str) -> Path:
+    path = Path(out_dir) / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_settings(runs: dict[str, Run], out_dir) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(runs), 3.6))
+    names = list(runs)
+    for ax, metric in zip(axes, METRICS):
+        vals = [runs[n].whole[metric] for n in names]
+        bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.2f")
+        chance = [_chance(runs[n].num_candidates)[metric] for n in names]
+        ax.hlines(chance, np.arange(len(names)) - 0.4, np.arange(len(names)) + 0.4, colors="k", linestyles="--",
+                  label="random ranking")
+        ax.set_ylim(0, 1.12)  # room for the bar labels
+        ax.set_title(f"whole-model {LABELS[metric]}")
+        ax.tick_params(axis="x", rotation=20)
+    axes[0].legend(loc="lower left", fontsize=8)
+    return _save(fig, out_dir, "settings_top1_mrr.png")
+
+
+def _chance(c: int) -> dict[str, float]:
+    return {"top1": 1 / c, "mrr": sum(1 / r for r in range(1, c + 1)) / c}
+
+
+def plot_components(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path:
+    plt = _plt()
+    per = {n: group_metrics(r, component_of) for n, r in runs.items()}
+    comps = sorted({c for v in per.values() for c in v}, key=_component_order)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(comps) * max(1, len(runs)) / 2, 3.6))
+    width = 0.8 / len(runs)
+    for i, (n, v) in enumerate(per.items()):
+        ax.bar(np.arange(len(comps)) + (i - (len(runs) - 1) / 2) * width, [v.get(c, {}).get(metric, np.nan) for c in comps],
+               width, label=n)
+    ax.set_xticks(np.arange(len(comps)), comps)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(LABELS[metric])
+    ax.set_title(f"{LABELS[metric]} per component type (all layers' matrices of that type together)")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"components_{metric}.png")
+
+
+def plot_layers(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for n, r in runs.items():
+        per = group_metrics(r, layer_of)
+        layers = sorted(per)
+        ax.plot(layers, [per[layer][metric] for layer in layers], marker="o", ms=3, label=n)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(LABELS[metric])
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{LABELS[metric]} per layer (all matrices of a layer together)")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"layers_{metric}.png")
+
+
+def plot_heatmap(run: Run, out_dir, metric: str = "top1") -> Path:
+    plt = _plt()
+    layers, comps, grid = layer_component_grid(run, metric)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(comps), 1.2 + 0.22 * len(layers)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+    ax.set_xticks(np.arange(len(comps)), comps)
+    ax.set_yticks(np.arange(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("component")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{run.name}: {LABELS[metric]} per matrix", fontsize=10)
+    fig.colorbar(im, ax=ax, label=LABELS[metric])
+    return _save(fig, out_dir, f"heatmap_{run.name}_{metric}.png")
+
+
+def plot_similarity(runs: dict[str, Run], out_dir) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
+    for ax, (n, r) in zip(axes[0], runs.items()):
+        true, others = true_vs_others(r)
+        true, others = true[np.isfinite(true)], others[np.isfinite(others)]
+        bins = np.linspace(min(true.min(initial=0), others.min(initial=0)), max(true.max(initial=1), others.max(initial=1)), 30)
+        ax.hist(others, bins=bins, alpha=0.6, density=True, label=f"other candidates ({others.size})")
+        ax.hist(true, bins=bins, alpha=0.6, density=True, label=f"true original ({true.size})")
+        ax.set_title(n)
+        ax.set_xlabel("whole-model gradient similarity")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("density")
+    return _save(fig, out_dir, "similarity_true_vs_others.png")
+
+
+def baseline_rows(runs: dict[str, Run]) -> list[dict]:
+    """Gradients against the baselines each run recorded (``result["baselines"]``), if any."""
+    rows = []
+    for n, r in runs.items():
+        base = r.result.get("baselines")
+        if not base:
+            continue
+        rows.append({"run": n, "method": "gradient", "top-1": r.whole["top1"], "MRR": r.whole["mrr"]})
+        for method, m in base.items():
+            m = m.get("whole_model", m) if isinstance(m, dict) else {}
+            if "top1" in m:
+                rows.append({"run": n, "method": method, "top-1": m["top1"], "MRR": m.get("mrr")})
+    return rows
+
+
+def plot_baselines(runs: dict[str, Run], out_dir) -> Optional[Path]:
+    rows = baseline_rows(runs)
+    if not rows:
+        return None
+    plt = _plt()
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    # "random" is an expectation, not a method: drawn as a level, not a bar.
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "random"]
+    fig, axes = plt.subplots(1, 2, figsize=(6 + 1.2 * len(names), 3.6))
+    width = 0.8 / len(methods)
+    x = np.arange(len(names))
+    for ax, metric in zip(axes, ("top-1", "MRR")):
+        for i, method in enumerate(methods):
+            vals = [next((r[metric] for r in rows if r["run"] == n and r["method"] == method), np.nan) for n in names]
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, label=method)
+        rnd = [next((r[metric] for r in rows if r["run"] == n and r["method"] == "random"), np.nan) for n in names]
+        ax.hlines(rnd, x - 0.45, x + 0.45, colors="k", linestyles="--", label="random ranking")
+        ax.set_xticks(x, names, rotation=20)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{metric}: gradients vs baselines")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _save(fig, out_dir, "baselines.png")
+
+
+def greedy_curve(run: Run) -> Optional[list[dict]]:
+    """The greedy matrix-selection steps of a run, where it has them: ``result["greedy"]`` (or
+    "greedy_selection", or a greedy*.json beside the result) as a list of steps, or {"steps": [...]}."""
+    found = run.result.get("greedy") or run.result.get("greedy_selection")
+    if found is None:
+        files = sorted(run.path.glob("greedy*.json"))
+        found = read_json(files[0]) if files else None
+    if isinstance(found, dict):
+        found = found.get("steps") or found.get("curve")
+    if not isinstance(found, list) or not found or not isinstance(found[0], dict):
+        return None
+    return found
+
+
+def plot_greedy(runs: dict[str, Run], out_dir) -> Optional[Path]:
+    curves = {n: c for n, r in runs.items() if (c := greedy_curve(r))}
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (n, steps) in enumerate(curves.items()):
+        for metric, style in (("top1", "-"), ("mrr", ":")):
+            ys = [s.get(metric) for s in steps]
+            if any(y is not None for y in ys):
+                xs = [s.get("k", s.get("num_matrices", j + 1)) for j, s in enumerate(steps)]
+                ax.plot(xs, ys, style, color=f"C{i}", marker="o", ms=3, label=f"{n} {LABELS[metric]}")
+        ax.axhline(runs[n].whole["top1"], color=f"C{i}", lw=0.8, ls="--")
+    ax.set_xlabel("matrices selected (greedy)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("greedy matrix selection (dashed: whole-model top-1)")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, "greedy_selection.png")

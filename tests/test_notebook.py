@@ -1,0 +1,69 @@
+"""notebooks/analysis.ipynb executes headless on real run results and writes its figures; the
+committed notebook carries no outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+from gradsim import analysis
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "analysis.ipynb"
+
+
+@pytest.fixture(scope="module")
+def results(tiny, tmp_path_factory):
+    """Both settings run end to end on the tiny model over the first 6 bundled originals."""
+    from gradsim.config import Config
+    from gradsim.run import run
+
+    out = tmp_path_factory.mktemp("results")
+    for setting in ("paraphrased", "model-generated"):
+        run(Config(setting=setting, device="cpu", output_dir=str(out), sample_size=6), lm=tiny)
+    return out
+
+
+def test_committed_notebook_has_no_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert any("parameters" in c.metadata.get("tags", []) for c in code)
+
+
+@pytest.mark.slow
+def test_analysis_matches_the_run_summaries(results):
+    runs = analysis.load_runs(results)
+    assert list(runs)[:2] == ["paraphrased", "model-generated"]
+    for r in runs.values():
+        # The numbers recomputed from scores.npz are the ones main.py reported.
+        assert analysis.summarize_ranks(r.scores()) == r.whole
+        per_layer = analysis.group_metrics(r, analysis.layer_of)
+        assert {str(k): v for k, v in per_layer.items()} == r.result["summary"]["per_layer"]
+        layers, comps, grid = analysis.layer_component_grid(r)
+        assert layers == [0, 1] and comps == ["q", "k", "v", "o", "gate", "up", "down", "norm"]
+        assert np.isfinite(grid).all()
+        true, others = analysis.true_vs_others(r)
+        assert true.shape == (r.whole["n"],) and others.shape == (r.whole["n"] * (r.num_candidates - 1),)
+
+
+@pytest.mark.slow
+def test_notebook_runs_headless_and_saves_figures(results, monkeypatch):
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("GRADSIM_RESULTS_DIR", str(results))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # A cell that raises fails here (nbclient raises CellExecutionError).
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    figures = results / "gradient-similarity"
+    for name in ("settings_top1_mrr.png", "components_top1.png", "layers_top1.png", "similarity_true_vs_others.png"):
+        assert (figures / name).stat().st_size > 1000, name
+    for setting in ("paraphrased", "model-generated"):
+        assert (figures / setting / f"heatmap_{setting}_top1.png").exists()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "2 runs under" in text and "model-generated" in text
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images >= 6
