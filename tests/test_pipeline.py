@@ -56,10 +56,14 @@ def test_scores_equal_direct_autograd_cosines(tiny, tmp_path, samples):
     assert q["rank"] == 1 + sum(s >= q["scores"][0] for s in q["scores"][1:])
 
 
-def test_each_original_featurized_once(tiny, tmp_path):
+def test_each_original_featurized_once(tiny, tmp_path, monkeypatch):
     from gradsim.io import read_jsonl_tolerant
 
+    monkeypatch.setenv("HF_TOKEN", "hf_NEVERWRITTEN987654")
     run(cfg_for(tmp_path), lm=tiny)
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert b"hf_NEVERWRITTEN987654" not in f.read_bytes(), f
     rows = read_jsonl_tolerant(tmp_path / "gradient-similarity" / "paraphrased" / "metrics.jsonl")
     orig = [r["id"] for r in rows if r["role"] == "original"]
     assert len(orig) == len(set(orig)) <= 8

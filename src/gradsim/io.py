@@ -17,14 +17,14 @@ JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2
 
 
 def ensure_writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
-        probe.close()
-    except OSError as e:
-        raise GradsimError(
-            f"output directory {path} cannot be written ({e.strerror or e}): pass a writable --output-dir"
-        ) from None
+    """Check that ``path`` can be created and written, without creating anything yet."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is not a directory" if not probe.is_dir() else "is not writable"
+        raise GradsimError(f"output directory {path} cannot be written ({probe} {why}): pass a writable --output-dir")
     return path
 
 

@@ -1,0 +1,99 @@
+"""Every bad input: a one-line error naming the problem, exit code 2, nothing written, no secret leaked."""
+
+import os
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from gradsim.cli import main
+from gradsim.config import BUNDLED_DATA
+
+from conftest import ROOT
+
+SECRET = "hf_SECRETtoken1234567890"
+ORIG = str(BUNDLED_DATA / "original.jsonl")
+
+
+def write_jsonl(path, rows):
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else orjson.dumps(r)) + b"\n" for r in rows))
+    return str(path)
+
+
+def run_cli(tmp_path, capsys, monkeypatch, *argv, env=None):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    code = main(["--output-dir", str(out), "--device", "cpu", *argv])
+    cap = capsys.readouterr()
+    return code, cap.err.strip(), cap.out, out
+
+
+def case_rows(tmp_path):
+    ok = {"id": "lima_0", "conversations": ["q", "a"]}
+    return {
+        "malformed": (write_jsonl(tmp_path / "bad.jsonl", [orjson.dumps(ok), b"{not json"]), "not valid JSON"),
+        "no conversations": (write_jsonl(tmp_path / "noconv.jsonl", [{"id": "x", "text": "hi"}]), "neither 'conversations' nor 'messages'"),
+        "roles": (write_jsonl(tmp_path / "roles.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]), "not alternating"),
+        "empty response": (write_jsonl(tmp_path / "empty.jsonl", [{"conversations": ["a question", "  "]}]), "empty response"),
+        "missing": (str(tmp_path / "nope.jsonl"), "does not exist"),
+    }
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--setting", "summarised"], "unknown --setting 'summarised'"),
+    (["--computation-type", "l2"], "unknown --computation-type 'l2'"),
+    (["--partition-start", "5", "--partition-end", "5"], "is empty"),
+    (["--partition-start", "0", "--partition-end", "4800"], "outside the data"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
+    (["--output-dir", "/dev/null/results"], "cannot be written"),
+])
+def test_bad_flags(tmp_path, capsys, monkeypatch, argv, needle):
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, err, out, outdir = run_cli(tmp_path, capsys, monkeypatch, *argv)
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("error: ") and needle in err, err
+    assert SECRET not in err + out
+    assert not outdir.exists()
+
+
+@pytest.mark.parametrize("which", ["malformed", "no conversations", "roles", "empty response", "missing"])
+@pytest.mark.parametrize("role", ["--original-data", "--variant-data"])
+def test_bad_data_files(tmp_path, capsys, monkeypatch, which, role):
+    path, needle = case_rows(tmp_path)[which]
+    code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, role, path)
+    assert code == 2 and err.count("\n") == 0 and needle in err, err
+    assert not outdir.exists()
+
+
+def test_variant_without_original(tmp_path, capsys, monkeypatch):
+    variants = write_jsonl(tmp_path / "v.jsonl", [{"id": "lima_999", "conversations": ["q", "a"]}])
+    code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--variant-data", variants)
+    assert code == 2 and "'lima_999' has no original" in err and not outdir.exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3"])
+def test_sample_size_must_be_positive(tmp_path, capsys, monkeypatch, value):
+    code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, env={"MT_SAMPLE_SIZE": value})
+    assert code == 2 and "MT_SAMPLE_SIZE" in err and not outdir.exists()
+
+
+def test_hub_dataset_unreachable_says_how_to_use_the_bundled_sample(tmp_path, capsys, monkeypatch):
+    code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--original-data", "GAIR/lima")
+    assert code == 2 and "bundled sample" in err and SECRET not in err and not outdir.exists()
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    env = dict(os.environ, HF_TOKEN=SECRET)
+    p = subprocess.run([sys.executable, str(ROOT / "main.py"), "--setting", "nope", "--output-dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["error: unknown --setting 'nope': choose one of paraphrased, model-generated"]
+    assert not (tmp_path / "o").exists()
