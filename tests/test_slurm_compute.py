@@ -1,0 +1,232 @@
+"""compute.py / status.py / combine.py against the real local Slurm cluster (slurm_scripts/cluster/start.sh).
+
+A tiny Llama saved as a local directory keeps each array task to seconds of work; the bundled data
+with --sample-size 6 gives 6 queries, 3 partitions of 2. Every combined run is compared with the
+same study run unpartitioned, in this process, through main.py's code path. Without a running
+cluster the module is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pytest
+
+from gradsim.io import read_json, read_jsonl_tolerant
+from gradsim.slurm import collect_status, format_status, queries_scored
+
+pytestmark = pytest.mark.slurm
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "slurm_scripts" / "batch_processing"
+# timeout > 10 min: submitit then treats USR2 as preemption, not as the time limit.
+RESOURCES = ["--partition", "debug", "--mem", "1G", "--cpus-per-task", "1", "--time", "20"]
+RANGES = [(0, 2), (2, 4), (4, 6)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    """Skip unless a Slurm controller answers; reach start.sh's cluster via its SLURM_CONF."""
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch is not on PATH; start the cluster with slurm_scripts/cluster/start.sh")
+    with pytest.MonkeyPatch.context() as mp:
+        base = Path(os.environ.get("GRADSIM_SLURM_BASE", "/tmp/gradsim-slurm"))
+        if "SLURM_CONF" not in os.environ and (base / "conf" / "slurm.conf").is_file():
+            mp.setenv("SLURM_CONF", str(base / "conf" / "slurm.conf"))
+        if not Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).is_file():
+            pytest.skip("no Slurm config; run slurm_scripts/cluster/start.sh")
+        try:
+            ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+            answer = (ping.stdout + ping.stderr).strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            answer = repr(exc)
+        if "is UP" not in answer:
+            pytest.skip(f"Slurm controller is not UP ({answer!r}); run slurm_scripts/cluster/start.sh")
+        # The code version in every result includes the git commit, and a commit landing in this
+        # checkout between two partitions would (rightly) make combine refuse them. Hide git from
+        # the tasks (they inherit this environment) so the version is the package's alone.
+        mp.setenv("GIT_DIR", "/nonexistent/gradsim-tests-no-git")
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny.model.save_pretrained(d)
+    tiny.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def study_args(model_dir) -> list[str]:
+    return ["--setting", "paraphrased", "--computation-type", "gradient-similarity", "--model", str(model_dir),
+            "--sample-size", "6", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference(study_args, tmp_path_factory) -> dict:
+    """The same study, unpartitioned, in this process (main.py's code path)."""
+    from gradsim.cli import config_from_args
+    from gradsim.run import run
+
+    return run(config_from_args([*study_args, "--output-dir", str(tmp_path_factory.mktemp("whole"))]))
+
+
+def wait_until(probe: Callable[[], T], timeout_s: float, what: str | Callable[[], str], every_s: float = 0.5) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what if isinstance(what, str) else what()}")
+        time.sleep(every_s)
+
+
+def script(name: str, *args: str, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["bash", str(SCRIPTS / name)] if name.endswith(".sh") else [sys.executable, str(SCRIPTS / name)]
+    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, **(env or {})})
+    if ok:
+        assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def submitted_jobs(stdout: str) -> dict[tuple[int, int], str]:
+    return {(int(s), int(e)): j for j, s, e in re.findall(r"job (\d+(?:_\d+)?)\s+queries \[(\d+), (\d+)\)", stdout)}
+
+
+def run_status(out: Path) -> dict[tuple[int, int], dict]:
+    (run,) = collect_status([out / "slurm"])
+    return {(r["start"], r["end"]): r for r in run["partitions"]}
+
+
+def wait_statuses(out: Path, want: dict[tuple[int, int], str], timeout_s: float = 400) -> dict:
+    def probe():
+        rows = run_status(out)
+        if any(r["status"] == "failed" for k, r in rows.items() if want.get(k) != "failed"):
+            pytest.fail(f"a partition failed:\n{format_status(collect_status([out / 'slurm']))}")
+        return rows if all(rows[k]["status"] == v for k, v in want.items()) else None
+
+    return wait_until(probe, timeout_s, lambda: f"{want}; now:\n{format_status(collect_status([out / 'slurm']))}")
+
+
+def digests(run_dir: Path) -> dict[str, str]:
+    return {n: hashlib.sha256((run_dir / n).read_bytes()).hexdigest()
+            for n in ("results.json", "scores.npz", "metrics.jsonl", "config.json")}
+
+
+def assert_same_study(run_dir: Path, reference: dict) -> None:
+    merged = read_json(run_dir / "results.json")
+    assert merged["partition"]["merged_from"] == [list(r) for r in RANGES]
+    assert merged["queries"] == reference["queries"]
+    assert merged["summary"] == reference["summary"]
+
+
+def test_submitit_preemption_resumes_and_a_cancelled_partition_is_named(study_args, reference, tmp_path):
+    out = tmp_path / "out"
+    run_dir = out / "gradient-similarity" / "paraphrased"
+    # One query per block (a tiny memory budget) and a pause before each, so that a task can be
+    # caught between its queries; the pause also logs which queries each attempt computed.
+    slow = {"GRADSIM_TEST_SLOWDOWN": "6", "GRADSIM_MEMORY_GB": "0.001"}
+    proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "submitit",
+                  *RESOURCES, env=slow)
+    jobs = submitted_jobs(proc.stdout)
+    assert sorted(jobs) == RANGES, proc.stdout
+    assert str(run_dir / "partitions") in proc.stdout
+
+    # Preempt [2, 4) once it has scored a query, and cancel [4, 6) while it runs.
+    wait_until(lambda: queries_scored(run_dir, 2, 4) >= 1, 400, "partition [2, 4) to score a query")
+    finished_before = queries_scored(run_dir, 2, 4)
+    subprocess.run(["scancel", "--signal=USR2", jobs[(2, 4)]], check=True)
+    wait_until(lambda: run_status(out)[(4, 6)]["status"] == "running", 60, "[4, 6) to show as running")
+    subprocess.run(["scancel", jobs[(4, 6)]], check=True)
+
+    rows = wait_statuses(out, {(0, 2): "done", (2, 4): "done", (4, 6): "failed"})
+    assert rows[(4, 6)]["slurm_state"] == "CANCELLED"
+    status = script("status.py", out / "slurm").stdout
+    assert re.search(r"\[4, 6\)\s+failed\s+job \S+\s+CANCELLED", status), status
+    assert "last lines of" in status and "| " in status, status  # the log tail
+
+    # The preempted task was requeued and continued from its progress log.
+    logs = sorted((out / "slurm").rglob(f"{jobs[(2, 4)]}_0_log.*"))
+    text = "\n".join(p.read_text() for p in logs)
+    assert "attempt 1" in text and "attempt 2" in text, text
+    m = re.search(r"resuming: (\d+) of 2 queries already scored", text)
+    assert m and int(m.group(1)) >= finished_before >= 1, text
+    computed = re.findall(r"test slowdown: featurized queries (\S+)", text)
+    assert sorted(computed) == sorted(set(computed)) and len(computed) == 2, computed  # none computed twice
+
+    # Combine refuses, naming the range nobody finished.
+    proc = script("combine.py", run_dir, ok=False)
+    assert proc.returncode == 2
+    assert "[4, 6)" in proc.stderr and "NOT combined" in proc.stderr, proc.stderr
+
+    # The same command again submits only the unfinished partition, which resumes too.
+    proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "submitit",
+                  *RESOURCES)
+    assert "already finished, not submitted: [0, 2), [2, 4)" in proc.stdout, proc.stdout
+    assert sorted(submitted_jobs(proc.stdout)) == [(4, 6)]
+    wait_statuses(out, {r: "done" for r in RANGES})
+
+    proc = script("combine.py", run_dir)
+    assert "merged 3 partitions" in proc.stdout and "top-1" in proc.stdout and "total" in proc.stdout
+    assert_same_study(run_dir, reference)
+    metrics = read_jsonl_tolerant(run_dir / "metrics.jsonl")
+    query_ids = [r["id"] for r in metrics if r["role"] == "query"]
+    assert sorted(query_ids) == sorted(q["id"] for q in reference["queries"])  # each query's row once
+
+    before = digests(run_dir)
+    proc = script("combine_all.sh", "--output-dir", out)
+    assert "already up to date" in proc.stdout
+    assert digests(run_dir) == before
+
+
+def test_sbatch_array_pending_then_done_combines_to_the_unpartitioned_run(study_args, reference, tmp_path):
+    out = tmp_path / "out"
+    run_dir = out / "gradient-similarity" / "paraphrased"
+    # Held at submission, so that status can be seen to report pending tasks.
+    proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "sbatch",
+                  *RESOURCES, "--sbatch-extra=--hold")
+    jobs = submitted_jobs(proc.stdout)
+    assert sorted(jobs) == RANGES, proc.stdout
+    (rendered,) = (out / "slurm").rglob("job.sbatch")
+    assert "#SBATCH --array=0-2" in rendered.read_text() and "#SBATCH --hold" in rendered.read_text()
+
+    wait_statuses(out, {r: "pending" for r in RANGES}, timeout_s=60)
+    assert "3 pending" in script("compute.py", *study_args, "--output-dir", out, "--status").stdout
+    array_id = next(iter(jobs.values())).split("_")[0]
+    subprocess.run(["scontrol", "release", array_id], check=True)
+    wait_statuses(out, {r: "done" for r in RANGES})
+
+    proc = script("combine_all.sh", "--output-dir", out)
+    assert "merged 3 partitions" in proc.stdout and "top-1" in proc.stdout
+    assert_same_study(run_dir, reference)
+    before = digests(run_dir)
+    script("combine_all.sh", "--output-dir", out)
+    assert digests(run_dir) == before
+
+
+@pytest.mark.parametrize("backend", ["submitit", "sbatch"])
+def test_dry_run_prints_the_script_and_submits_nothing(study_args, tmp_path, backend):
+    out = tmp_path / "out"
+    name = f"gradsim-dry-{backend}-{os.getpid()}"
+    before = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", backend,
+                  *RESOURCES, "--job-name", name, "--dry-run")
+    assert "nothing was submitted" in proc.stdout
+    assert "#!/bin/bash" in proc.stdout and "--array=0-2" in proc.stdout and f"--job-name={name}" in proc.stdout
+    assert "--partition=debug" in proc.stdout and "--mem=1G" in proc.stdout
+    after = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)  # finished jobs may age out; none may appear
+    assert subprocess.run(["squeue", "-h", "-t", "all", "-n", name], capture_output=True, text=True).stdout == ""
+    assert not out.exists()
