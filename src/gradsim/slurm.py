@@ -172,13 +172,13 @@ def add_resource_flags(p: argparse.ArgumentParser) -> None:
 
 def resources_from(args: argparse.Namespace) -> Resources:
     """Flags over GRADSIM_SLURM_* (environment over .env) over the defaults of Resources."""
-    from dotenv import load_dotenv
+    from dotenv import dotenv_values
 
-    load_dotenv(Path.cwd() / ".env", override=False)
+    dotenv = {k: v for k, v in dotenv_values(Path.cwd() / ".env").items() if v is not None}
     res = Resources()
     for name, env in RESOURCE_ENV.items():
         flag = getattr(args, f"slurm_{name}", None)
-        raw = os.environ.get(f"GRADSIM_SLURM_{env}", "").strip()
+        raw = os.environ.get(f"GRADSIM_SLURM_{env}", dotenv.get(f"GRADSIM_SLURM_{env}", "")).strip()
         if name in ("sbatch_extra", "setup"):
             value = flag if flag else _split_list(raw)
         elif flag is not None:

@@ -1,0 +1,80 @@
+"""compute.py's planning without a cluster: splitting, resources from flags and .env, the rendered scripts."""
+
+import pytest
+
+from gradsim.errors import GradsimError
+from gradsim.slurm import compute_main, split_ranges, time_minutes
+
+
+@pytest.mark.parametrize("n_queries,n", [(48, 10), (6, 3), (7, 3), (5, 5), (3, 10)])
+def test_split_ranges_are_contiguous_and_balanced(n_queries, n):
+    ranges = split_ranges(0, n_queries, n)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_queries
+    assert all(e1 == s2 for (_, e1), (s2, _) in zip(ranges, ranges[1:]))
+    sizes = [e - s for s, e in ranges]
+    assert len(ranges) == min(n, n_queries) and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_split_ranges_within_a_subrange():
+    assert split_ranges(10, 20, 3) == [(10, 14), (14, 17), (17, 20)]
+
+
+@pytest.mark.parametrize("spec,minutes", [("90", 90), ("1:30", 2), ("04:00:00", 240), ("1-00", 1440),
+                                          ("2-03:04", 2 * 1440 + 184), ("0:0:59", 1)])
+def test_slurm_time_formats(spec, minutes):
+    assert time_minutes(spec) == minutes
+
+
+@pytest.mark.parametrize("spec", ["", "1h", "0", "1:xx"])
+def test_bad_time_is_refused(spec):
+    with pytest.raises(GradsimError):
+        time_minutes(spec)
+
+
+def study(tmp_path):
+    return ["--setting", "paraphrased", "--computation-type", "gradient-similarity", "--sample-size", "6",
+            "--output-dir", str(tmp_path / "out"), "--num-partitions", "4", "--dry-run"]
+
+
+def test_sbatch_dry_run_takes_resources_from_env_and_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("GRADSIM_SLURM_ACCOUNT", "GRADSIM_SLURM_PARTITION"):
+        # main.py's .env loading copies .env into os.environ; this makes monkeypatch undo that too.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    (tmp_path / ".env").write_text("GRADSIM_SLURM_ACCOUNT=lab42\nGRADSIM_SLURM_PARTITION=from-dotenv\n")
+    monkeypatch.setenv("GRADSIM_SLURM_PARTITION", "gpu")  # the environment wins over .env
+    monkeypatch.setenv("GRADSIM_SLURM_EXTRA", "--constraint=a100;#SBATCH --exclusive")
+    monkeypatch.setenv("GRADSIM_SLURM_CONTAINER", "apptainer exec --nv img.sif")
+    monkeypatch.setenv("GRADSIM_SLURM_SETUP", "module load cuda/12")
+    monkeypatch.setenv("GRADSIM_SLURM_MEM", "4G")
+    assert compute_main([*study(tmp_path), "--backend", "sbatch", "--mem", "16G", "--gpus", "a100:1",
+                         "--qos", "high", "--time", "2:00:00", "--max-parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=lab42", "#SBATCH --mem=16G", "#SBATCH --gres=gpu:a100:1",
+                 "#SBATCH --qos=high", "#SBATCH --time=2:00:00", "#SBATCH --constraint=a100", "#SBATCH --exclusive",
+                 "#SBATCH --array=0-3%2", "module load cuda/12", "STARTS=(0 2 4 5)", "ENDS=(2 4 5 6)"):
+        assert line in out, line
+    assert "apptainer exec --nv img.sif " in out and "main.py --setting paraphrased" in out
+    assert "{{" not in out and "nothing was submitted" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_submitit_dry_run_prints_submitits_script(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert compute_main([*study(tmp_path), "--backend", "submitit", "--partition", "debug", "--time", "30",
+                         "--container", "apptainer exec img.sif"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --partition=debug" in out and "#SBATCH --time=30" in out and "#SBATCH --array=0-3" in out
+    assert "apptainer exec img.sif " in out and "submitit.core._submit" in out
+    assert "PartitionTask" in out and "starts=[0, 2, 4, 5]" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flags_are_refused_before_anything_is_submitted(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert compute_main([*study(tmp_path), "--backend", "pbs"]) == 2
+    assert "--backend" in capsys.readouterr().err
+    assert compute_main([*study(tmp_path), "--time", "soon"]) == 2
+    assert "--time" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
