@@ -21,9 +21,13 @@ def results(tiny, tmp_path_factory):
     from gradsim.config import Config
     from gradsim.run import run
 
+    from gradsim.selection import select_run
+
     out = tmp_path_factory.mktemp("results")
     for setting in ("paraphrased", "model-generated"):
         run(Config(setting=setting, device="cpu", output_dir=str(out), sample_size=6), lm=tiny)
+    for setting in ("paraphrased", "model-generated"):  # the greedy curves' input
+        select_run(out / "gradient-similarity" / setting, max_size=4)
     return out
 
 
@@ -59,11 +63,12 @@ def test_notebook_runs_headless_and_saves_figures(results, monkeypatch):
     # A cell that raises fails here (nbclient raises CellExecutionError).
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     figures = results / "gradient-similarity"
-    for name in ("settings_top1_mrr.png", "components_top1.png", "layers_top1.png", "similarity_true_vs_others.png"):
+    for name in ("settings_top1_mrr.png", "components_top1.png", "layers_top1.png", "similarity_true_vs_others.png",
+                 "baselines.png", "greedy_selection.png"):
         assert (figures / name).stat().st_size > 1000, name
     for setting in ("paraphrased", "model-generated"):
         assert (figures / setting / f"heatmap_{setting}_top1.png").exists()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "2 runs under" in text and "model-generated" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert images >= 6
+    assert images >= 8

@@ -4,7 +4,8 @@ A run directory is ``<output_dir>/<computation-type>/<run name>/`` holding ``res
 parameter names, per-query ranks) and ``scores.npz`` (``dots`` (Q, C, M), ``qself`` (Q, M),
 ``cself`` (Q, C, M); candidate 0 of each query is its true original). Layer x component numbers are
 recomputed from the arrays, so they hold for any model whose matrices follow the usual naming.
-Sections whose inputs a run lacks (baselines, a greedy matrix selection) are skipped, not failed.
+Sections whose inputs a run lacks (baselines in results.json, a greedy matrix selection in
+selection*.json from ``python -m gradsim.selection``) are skipped, not failed.
 """
 
 from __future__ import annotations
@@ -279,35 +280,50 @@ def plot_baselines(runs: dict[str, Run], out_dir) -> Optional[Path]:
     return _save(fig, out_dir, "baselines.png")
 
 
-def greedy_curve(run: Run) -> Optional[list[dict]]:
-    """The greedy matrix-selection steps of a run, where it has them: ``result["greedy"]`` (or
-    "greedy_selection", or a greedy*.json beside the result) as a list of steps, or {"steps": [...]}."""
-    found = run.result.get("greedy") or run.result.get("greedy_selection")
-    if found is None:
-        files = sorted(run.path.glob("greedy*.json"))
-        found = read_json(files[0]) if files else None
-    if isinstance(found, dict):
-        found = found.get("steps") or found.get("curve")
-    if not isinstance(found, list) or not found or not isinstance(found[0], dict):
-        return None
-    return found
+def greedy_selections(run: Run) -> dict[str, dict]:
+    """The greedy matrix selections made on a run (``python -m gradsim.selection``): selection.json and
+    selection_bm25.json beside its results, by protocol."""
+    out = {}
+    for f in sorted(run.path.glob("selection*.json")):
+        sel = read_json(f)
+        if isinstance(sel, dict) and sel.get("path"):
+            out[sel.get("protocol", f.stem)] = sel
+    return out
+
+
+def greedy_rows(runs: dict[str, Run]) -> list[dict]:
+    rows = []
+    for n, r in runs.items():
+        for protocol, sel in greedy_selections(r).items():
+            held, full = sel["held_out"], sel["full_gradient_held_out"]
+            rows.append({"run": n, "protocol": protocol, "matrices": len(sel["chosen"]),
+                         "selected top-1": held["top1"], "full top-1": full["top1"],
+                         "selected MRR": held["mrr"], "full MRR": full["mrr"], "held-out n": held["n"]})
+    return rows
 
 
 def plot_greedy(runs: dict[str, Run], out_dir) -> Optional[Path]:
-    curves = {n: c for n, r in runs.items() if (c := greedy_curve(r))}
+    """Held-out top-1 and MRR as matrices are added greedily (chosen on the other half of the queries),
+    against the full gradient on the same held-out queries."""
+    curves = [(n, p, sel) for n, r in runs.items() for p, sel in greedy_selections(r).items()]
     if not curves:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for i, (n, steps) in enumerate(curves.items()):
-        for metric, style in (("top1", "-"), ("mrr", ":")):
-            ys = [s.get(metric) for s in steps]
-            if any(y is not None for y in ys):
-                xs = [s.get("k", s.get("num_matrices", j + 1)) for j, s in enumerate(steps)]
-                ax.plot(xs, ys, style, color=f"C{i}", marker="o", ms=3, label=f"{n} {LABELS[metric]}")
-        ax.axhline(runs[n].whole["top1"], color=f"C{i}", lw=0.8, ls="--")
-    ax.set_xlabel("matrices selected (greedy)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("greedy matrix selection (dashed: whole-model top-1)")
-    ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, METRICS):
+        for i, (n, protocol, sel) in enumerate(curves):
+            label = n if protocol == "as-run" else f"{n} ({protocol})"
+            steps = np.arange(1, len(sel["path"]) + 1)
+            ax.plot(steps, [s["held_out"][metric] for s in sel["path"]], "-o", ms=3, color=f"C{i}", label=label)
+            ax.plot(steps, [s["choose"][metric] for s in sel["path"]], ":", color=f"C{i}", alpha=0.6)
+            ax.axhline(sel["full_gradient_held_out"][metric], color=f"C{i}", ls="--", lw=0.8)
+        ax.set_xlabel("matrices selected (greedy)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, max(len(sel["path"]) for *_, sel in curves) + 0.5)
+        ax.set_ylabel(LABELS[metric])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"held-out {LABELS[metric]} (dotted: selection half; dashed: full gradient)", fontsize=9)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, out_dir, "greedy_selection.png")
