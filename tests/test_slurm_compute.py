@@ -55,6 +55,10 @@ def slurm_cluster():
         # checkout between two partitions would (rightly) make combine refuse them. Hide git from
         # the tasks (they inherit this environment) so the version is the package's alone.
         mp.setenv("GIT_DIR", "/nonexistent/gradsim-tests-no-git")
+        # One query per block (a tiny memory budget), so that a task can be caught between two
+        # queries. Every run here, the reference included, uses it: the block and shard layout
+        # changes the order of float sums, and the comparisons are exact.
+        mp.setenv("GRADSIM_MEMORY_GB", "0.001")
         yield
 
 
@@ -135,9 +139,9 @@ def assert_same_study(run_dir: Path, reference: dict) -> None:
 def test_submitit_preemption_resumes_and_a_cancelled_partition_is_named(study_args, reference, tmp_path):
     out = tmp_path / "out"
     run_dir = out / "gradient-similarity" / "paraphrased"
-    # One query per block (a tiny memory budget) and a pause before each, so that a task can be
-    # caught between its queries; the pause also logs which queries each attempt computed.
-    slow = {"GRADSIM_TEST_SLOWDOWN": "6", "GRADSIM_MEMORY_GB": "0.001"}
+    # A pause before each query, so that a task can be caught between its queries; the pause also
+    # logs which queries each attempt computed.
+    slow = {"GRADSIM_TEST_SLOWDOWN": "6"}
     proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "submitit",
                   *RESOURCES, env=slow)
     jobs = submitted_jobs(proc.stdout)

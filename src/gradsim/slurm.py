@@ -480,6 +480,7 @@ def _slurm(cmd: list[str], check: bool = True) -> str:
 def build_compute_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compute.py",
+        allow_abbrev=False,  # an abbreviation must not swallow one of main.py's flags
         description="Split a run's queries into N contiguous partitions and submit them as one Slurm job array. "
         "Every flag of main.py (--setting, --computation-type, --use-random-projection, --model, ...) is passed "
         "through to the tasks.",
@@ -625,8 +626,8 @@ def collect_status(paths: list[Path], tail_lines: int = 15) -> list[dict]:
         run = runs.setdefault(rec["run_dir"], {"run_dir": rec["run_dir"], "ranges": {}, "submissions": []})
         run["submissions"].append(str(sub.parent))
         run["num_queries"] = rec["num_queries"]
-        for s, e in rec["ranges"]:
-            run["ranges"].setdefault((s, e), None)
+        # The newest submission's split is the run's; an older task still counts for a range it shares.
+        run["ranges"] = {(s, e): run["ranges"].get((s, e)) for s, e in rec["ranges"]}
         for t in rec["tasks"]:
             run["ranges"][(t["start"], t["end"])] = dict(t, backend=rec["backend"], sub_dir=rec["sub_dir"])
     all_ids = [t["job_id"].split("_")[0] for r in runs.values() for t in r["ranges"].values() if t]
