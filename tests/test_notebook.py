@@ -55,20 +55,25 @@ def test_analysis_matches_the_run_summaries(results):
 
 
 @pytest.mark.slow
-def test_notebook_runs_headless_and_saves_figures(results, monkeypatch):
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("GRADSIM_RESULTS_DIR", str(results))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    # A cell that raises fails here (nbclient raises CellExecutionError).
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+def test_notebook_runs_headless_and_saves_figures(results):
+    # The CI entry point: python -m gradsim.analysis --execute notebooks/analysis.ipynb (a cell that
+    # raises makes it fail).
+    assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(results)]) == 0
     figures = results / "gradient-similarity"
     for name in ("settings_top1_mrr.png", "components_top1.png", "layers_top1.png", "similarity_true_vs_others.png",
                  "baselines.png", "greedy_selection.png"):
         assert (figures / name).stat().st_size > 1000, name
     for setting in ("paraphrased", "model-generated"):
         assert (figures / setting / f"heatmap_{setting}_top1.png").exists()
+    nb = nbformat.read(figures / "analysis.executed.ipynb", as_version=4)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "2 runs under" in text and "model-generated" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert images >= 8
+    # The committed notebook is untouched.
+    test_committed_notebook_has_no_outputs()
+
+
+def test_execute_without_results_is_a_one_line_error(tmp_path, capsys):
+    assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err

@@ -327,3 +327,59 @@ def plot_greedy(runs: dict[str, Run], out_dir) -> Optional[Path]:
         ax.set_title(f"held-out {LABELS[metric]} (dotted: selection half; dashed: full gradient)", fontsize=9)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, out_dir, "greedy_selection.png")
+
+
+# --- headless execution (CI: python -m gradsim.analysis --execute notebooks/analysis.ipynb) -----
+
+def execute_notebook(notebook, results_dir=None, computation_type: str = "gradient-similarity",
+                     timeout: int = 1800) -> Path:
+    """Run the notebook with nbclient on ``results_dir`` (default: the repository's data/) and write the
+    executed copy beside the results, leaving the committed notebook without outputs. A cell that
+    raises makes this raise (nbclient's CellExecutionError)."""
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from .config import REPO_ROOT
+
+    results_dir = Path(results_dir or os.environ.get("GRADSIM_RESULTS_DIR") or REPO_ROOT / "data").resolve()
+    runs = load_runs(results_dir, computation_type)  # a clear error before a kernel starts
+    nb = nbformat.read(notebook, as_version=4)
+    old = {k: os.environ.get(k) for k in ("GRADSIM_RESULTS_DIR", "GRADSIM_COMPUTATION_TYPE")}
+    os.environ.update(GRADSIM_RESULTS_DIR=str(results_dir), GRADSIM_COMPUTATION_TYPE=computation_type)
+    try:  # the kernel inherits this process's environment
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(Path(notebook).resolve().parent)}}).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out = next(iter(runs.values())).path.parent / Path(notebook).name.replace(".ipynb", ".executed.ipynb")
+    nbformat.write(nb, out)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m gradsim.analysis",
+                                description="Execute the analysis notebook headless on finished runs.")
+    p.add_argument("--execute", required=True, metavar="NOTEBOOK", help="e.g. notebooks/analysis.ipynb")
+    p.add_argument("--results-dir", help="an --output-dir of main.py (default: GRADSIM_RESULTS_DIR or data/)")
+    p.add_argument("--computation-type", default="gradient-similarity")
+    args = p.parse_args(argv)
+    try:
+        out = execute_notebook(args.execute, args.results_dir, args.computation_type)
+    except GradsimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"executed {args.execute}: {out} (figures beside it)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
