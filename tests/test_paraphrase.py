@@ -349,3 +349,23 @@ def test_openai_backend_needs_a_key_or_a_base_url(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(GradsimError, match="needs OPENAI_API_KEY"):
         OpenAIBackend("gpt-4o-mini")
+
+
+def test_paraphrase_prompt_folds_the_system_turn_for_templates_without_one():
+    import torch
+    from transformers import AutoTokenizer
+
+    from gradsim.generate import LocalBackend
+    from gradsim.model import LoadedModel, embedded_model_dir
+    from gradsim.paraphrase import paraphrase_messages
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir()[0])
+    msgs = paraphrase_messages("Why is the sky blue?", "prompt")
+    lm = LoadedModel(None, tok, "embedded", "r", torch.device("cpu"), "", 0)
+    assert LocalBackend(lm)._render(msgs).startswith(f"<|im_start|>system\n{PARAPHRASE_SYSTEM}<|im_end|>")
+    # A template that, like Gemma's, raises on a system turn.
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    text = LocalBackend(lm)._render(msgs)
+    assert text.startswith(f"<user>{PARAPHRASE_SYSTEM}\n\nParaphrase the user request below.")
+    assert text.endswith("User request:\nWhy is the sky blue?<assistant>")

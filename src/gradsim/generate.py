@@ -68,12 +68,23 @@ class LocalBackend:
             out += self._batch(conversations[b:b + self.batch_size], params, seeds[b])
         return out
 
+    def _render(self, conversation: list[Message]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except Exception:
+            # Some templates (Gemma's, for one) reject a system turn: fold it into the user message.
+            if conversation[0]["role"] != "system":
+                raise
+            system, user = conversation[0]["content"], conversation[1]
+            merged = [{"role": "user", "content": f"{system}\n\n{user['content']}"}] + conversation[2:]
+            return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+
     @torch.no_grad()
     def _batch(self, conversations: list[list[Message]], params: GenParams, seed: int) -> list[Generation]:
         tok = self.tokenizer
         # Rendered exactly as gradsim.encode renders a prompt, so a generated answer is scored under the
         # same context it was produced in.
-        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = [self._render(c) for c in conversations]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.lm.device)
         sampled = params.temperature > 0
         kwargs = dict(do_sample=sampled, max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
