@@ -42,3 +42,29 @@ def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_pat
         assert np.allclose(q["scores"], cos, rtol=1e-4, atol=1e-5)  # batch of 3 vs one at a time
     assert bm25["summary"] == whole["bm25_protocol"]["summary"]
     assert bm25["baselines"] == whole["bm25_protocol"]["baselines"]
+
+    from gradsim.selection import select_run
+
+    run_dir = tmp_path / "whole" / "gradient-similarity" / "paraphrased-all-factorized64"
+    sel = select_run(run_dir, protocol="bm25")
+    assert sel["full_gradient_held_out"]["n"] == 4 and sel["num_candidates"] == 4
+    assert (run_dir / "selection_bm25.json").exists()
+
+
+@pytest.mark.slow
+def test_main_cli_corpus_with_projection_on_the_embedded_model(embedded, tmp_path, monkeypatch):
+    """main.py's path (flags -> run) with the real model: factorized features, the whole corpus, batched."""
+    import gradsim.run as runmod
+    from gradsim.cli import main
+
+    monkeypatch.setattr(runmod, "load_model", lambda cfg, device=None: embedded)
+    rc = main(["--use-random-projection", "--projection", "factorized", "--proj-dim", "256", "--candidates", "all",
+               "--sample-size", "4", "--batch-size", "2", "--device", "cpu", "--output-dir", str(tmp_path), "-q"])
+    assert rc == 0
+    res = (tmp_path / "gradient-similarity" / "paraphrased-all-factorized256" / "results.json")
+    from gradsim.io import read_json
+
+    out = read_json(res)
+    assert out["featurizer"]["kind"] == "factorized" and out["featurizer"]["k_rows"] * out["featurizer"]["k_cols"] == 256
+    assert out["summary"]["whole_model"]["n"] == 4
+    assert len(out["queries"][0]["top10"]) == 4

@@ -108,10 +108,18 @@ class _Slot:
         out[:, self.lo:self.lo + self.size] += v if self.cols is None else v @ self.cols
 
     def project_rows(self, g: torch.Tensor) -> torch.Tensor:
-        return g.float() if self.rows is None else g.float() @ self.rows
+        return _fp32_product(g, self.rows)
 
     def project_cols(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() if self.cols is None else x.float() @ self.cols
+        return _fp32_product(x, self.cols)
+
+
+def _fp32_product(a: torch.Tensor, sketch: Optional[torch.Tensor]) -> torch.Tensor:
+    # Sketches stay fp32 under bf16 autocast: the projection is cheap and its rounding would add to bf16's.
+    if sketch is None:
+        return a.float()
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        return a.float() @ sketch
 
 
 def _is_rmsnorm(m: nn.Module) -> bool:
