@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-backoff", type=float, default=1.0, help="openai: first retry delay in s (doubles each time)")
     p.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset instead of resuming it")
-    p.add_argument("--retry-failed", action="store_true", help="try the rows in the failures file again")
+    p.add_argument("--retry-failed", action="store_true", help="try the rows in the failures file again (useful where generation is not repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     return p
 
