@@ -68,3 +68,21 @@ def test_main_cli_corpus_with_projection_on_the_embedded_model(embedded, tmp_pat
     assert out["featurizer"]["kind"] == "factorized" and out["featurizer"]["k_rows"] * out["featurizer"]["k_cols"] == 256
     assert out["summary"]["whole_model"]["n"] == 4
     assert len(out["queries"][0]["top10"]) == 4
+
+
+def test_representation_baseline_is_the_mean_final_hidden_state(tiny, samples):
+    import torch
+
+    from gradsim.baselines import RepresentationFeaturizer
+    from gradsim.encode import IGNORE_INDEX, encode
+
+    enc = encode(tiny.tokenizer, samples[0], 256)
+    f = RepresentationFeaturizer(tiny.model, tiny.device)
+    v = f.features(enc)
+    with torch.no_grad():
+        h = tiny.model.model(input_ids=enc.input_ids[None]).last_hidden_state[0]  # after the final norm
+    d = h.shape[1]
+    response = enc.labels != IGNORE_INDEX
+    assert 0 < int(response.sum()) < enc.num_tokens
+    assert torch.allclose(v[:d], h[response].mean(0), atol=1e-5)
+    assert torch.allclose(v[d:], h.mean(0), atol=1e-5)
