@@ -75,3 +75,11 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     atomic_write_json(run_dir / "config.json", {"config": merged["config"], "compat": merged["compat"]})
     atomic_write_json(run_dir / "results.json", merged)
     return merged
+
+
+if __name__ == "__main__":  # python -m gradsim.combine [RUN_DIR ...] [--output-dir DIR]: see slurm.combine_main
+    import sys
+
+    from .slurm import combine_main
+
+    sys.exit(combine_main())

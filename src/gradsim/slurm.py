@@ -267,12 +267,19 @@ class Plan:
         return self.resources.job_name or f"gradsim-{self.run_dir.parent.name}-{self.run_dir.name}"
 
 
-def results_path(run_dir: Path, s: int, e: int) -> Path:
-    return run_dir / "partitions" / f"results_{s:05d}-{e:05d}.json"
+def _paths(run_dir: Path, s: int, e: int, num_queries: Optional[int]):
+    from .run import RunPaths
+
+    # A single partition covering every query is an ordinary run: its files are not under partitions/.
+    return RunPaths(Path(run_dir), s, e, partitioned=(s, e) != (0, num_queries))
 
 
-def progress_path(run_dir: Path, s: int, e: int) -> Path:
-    return run_dir / "partitions" / f"progress_{s:05d}-{e:05d}.jsonl"
+def results_path(run_dir: Path, s: int, e: int, num_queries: Optional[int] = None) -> Path:
+    return _paths(run_dir, s, e, num_queries).results
+
+
+def progress_path(run_dir: Path, s: int, e: int, num_queries: Optional[int] = None) -> Path:
+    return _paths(run_dir, s, e, num_queries).progress
 
 
 # Fields a finished partition must share with a new submission for it to be skipped; the rest of
@@ -327,7 +334,7 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
     ranges = split_ranges(start, end, num_partitions)
     todo = []
     for s, e in ranges:
-        done = results_path(run_dir, s, e)
+        done = results_path(run_dir, s, e, len(data.queries))
         if done.exists():
             old = read_json(done).get("compat", {})
             diff = [k for k in SUBMIT_COMPAT if old.get(k) != getattr(cfg, k)]
@@ -542,7 +549,8 @@ def print_submission(p: Plan, record: dict, dry_run: bool) -> None:
         print(f"  job {t['job_id']:<14} queries [{t['start']}, {t['end']})  log {t['logs'][0]}")
     print(f"results: {p.run_dir}/partitions/   logs and submission record: {p.sub_dir}/")
     print(f"status:  python slurm_scripts/batch_processing/status.py {p.sub_dir.parent}")
-    print(f"combine: python slurm_scripts/batch_processing/combine.py {p.run_dir}")
+    if p.ranges != [(0, p.num_queries)]:
+        print(f"combine: python slurm_scripts/batch_processing/combine.py {p.run_dir}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,10 +598,11 @@ def tail(path: Path, n: int = 15) -> list[str]:
         return []
 
 
-def queries_scored(run_dir: Path, s: int, e: int) -> int:
-    rows = read_jsonl_tolerant(progress_path(run_dir, s, e))
+def queries_scored(run_dir: Path, s: int, e: int, num_queries: Optional[int] = None) -> int:
+    progress = progress_path(run_dir, s, e, num_queries)
+    rows = read_jsonl_tolerant(progress)
     n = sum(1 for r in rows if r.get("kind") == "query")
-    blocks = progress_path(run_dir, s, e).with_name(progress_path(run_dir, s, e).stem + "_blocks")
+    blocks = progress.with_name(progress.stem + "_blocks")
     for r in rows:
         if r.get("kind") == "block":
             try:
@@ -640,7 +649,7 @@ def collect_status(paths: list[Path], tail_lines: int = 15) -> list[dict]:
             row: dict[str, Any] = {"start": s, "end": e, "job_id": t["job_id"] if t else None}
             slurm_state, why = states.get(t["job_id"], ("", "")) if t else ("", "")
             row["slurm_state"] = slurm_state
-            if results_path(run_dir, s, e).exists():
+            if results_path(run_dir, s, e, run.get("num_queries")).exists():
                 row["status"] = "done"
             elif t is None:
                 row["status"] = "not submitted"
@@ -657,7 +666,7 @@ def collect_status(paths: list[Path], tail_lines: int = 15) -> list[dict]:
                 row["status"] = "unknown"
                 row["reason"] = "not in squeue or sacct (accounting off, or purged)"
             if row["status"] != "done":
-                row["scored"] = queries_scored(run_dir, s, e)
+                row["scored"] = queries_scored(run_dir, s, e, run.get("num_queries"))
             if row["status"] in ("failed", "unknown") and t:
                 row["log_tail"] = {lp: tail(Path(lp), tail_lines) for lp in t["logs"]}
             rows.append(row)
@@ -686,7 +695,10 @@ def format_status(runs: list[dict]) -> str:
             for path, t in r.get("log_tail", {}).items():
                 lines.append(f"      --- last lines of {path}:" if t else f"      --- {path}: no log (never started?)")
                 lines += [f"      | {x}" for x in t]
-        if c["done"] == len(run["partitions"]):
+        whole = [(r["start"], r["end"]) for r in run["partitions"]] == [(0, run["num_queries"])]
+        if whole and c["done"]:
+            lines.append(f"  done (one partition, nothing to combine): {run['run_dir']}/results.json")
+        elif c["done"] == len(run["partitions"]):
             lines.append(f"  all done: python slurm_scripts/batch_processing/combine.py {run['run_dir']}")
         elif c["failed"]:
             lines.append("  rerun the same compute.py command to resubmit the unfinished partitions")
