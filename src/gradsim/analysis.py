@@ -183,7 +183,7 @@ def plot_components(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path
     plt = _plt()
     per = {n: group_metrics(r, component_of) for n, r in runs.items()}
     comps = sorted({c for v in per.values() for c in v}, key=_component_order)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(comps) * max(1, len(runs)) / 2, 3.6))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.5 * len(comps) * (len(runs) + 1)), 3.6))
     width = 0.8 / len(runs)
     for i, (n, v) in enumerate(per.items()):
         ax.bar(np.arange(len(comps)) + (i - (len(runs) - 1) / 2) * width, [v.get(c, {}).get(metric, np.nan) for c in comps],
@@ -191,8 +191,8 @@ def plot_components(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path
     ax.set_xticks(np.arange(len(comps)), comps)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(LABELS[metric])
-    ax.set_title(f"{LABELS[metric]} per component type (all layers' matrices of that type together)")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{LABELS[metric]} per component type (its matrices in all layers together)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, out_dir, f"components_{metric}.png")
 
 
@@ -206,8 +206,8 @@ def plot_layers(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel(LABELS[metric])
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"{LABELS[metric]} per layer (all matrices of a layer together)")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{LABELS[metric]} per layer (all matrices of a layer together)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, out_dir, f"layers_{metric}.png")
 
 
