@@ -63,7 +63,10 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny, tmp_path_factory) -> Path:
+def model_dir(request, tmp_path_factory) -> Path:
+    # Looked up here rather than requested: pytest sets up session fixtures before module ones, so a
+    # requested `tiny` would load the embedded model even when the module is about to be skipped.
+    tiny = request.getfixturevalue("tiny")
     d = tmp_path_factory.mktemp("tiny-llama")
     tiny.model.save_pretrained(d)
     tiny.tokenizer.save_pretrained(d)
