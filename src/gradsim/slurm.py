@@ -308,7 +308,7 @@ def _absolute_paths(argv: list[str]) -> list[str]:
 
 
 def _abs_if_path(v: str) -> str:
-    p = Path(v)
+    p = Path(v).expanduser()
     # A hub id (org/name) is not a path unless such a directory exists here.
     return str(p.resolve()) if p.exists() or v.startswith((".", "/", "~")) else v
 
