@@ -16,7 +16,11 @@ def cfg_for(tmp_path, **kw):
     return Config(**base)
 
 
-def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_path):
+def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_path, monkeypatch):
+    import gradsim.run as runmod
+
+    # Colleagues commit while this runs; a changed code version would (rightly) stop the merge.
+    monkeypatch.setattr(runmod, "code_version", lambda: "pinned-for-this-test")
     whole = run(cfg_for(tmp_path / "whole", batch_size=3), lm=tiny)
     assert whole["summary"]["whole_model"]["n"] == 8
     assert set(whole["baselines"]) == {"random", "bm25", "representation_response", "representation_all"}
@@ -86,3 +90,11 @@ def test_representation_baseline_is_the_mean_final_hidden_state(tiny, samples):
     assert 0 < int(response.sum()) < enc.num_tokens
     assert torch.allclose(v[:d], h[response].mean(0), atol=1e-5)
     assert torch.allclose(v[d:], h.mean(0), atol=1e-5)
+
+
+def test_exact_corpus_run_that_would_not_fit_is_refused(tiny, tmp_path, monkeypatch):
+    from gradsim.errors import GradsimError
+
+    monkeypatch.setenv("GRADSIM_SCRATCH_GB", "0.01")  # tiny's 8 exact gradients are ~0.05 GB
+    with pytest.raises(GradsimError, match="--use-random-projection"):
+        run(cfg_for(tmp_path, use_random_projection=False), lm=tiny)

@@ -282,15 +282,19 @@ class TrakFeaturizer:
         self.computer = GradientComputer(model, device, dtype)
         self.device, self.batch_size, self.proj_dim = device, batch_size, proj_dim
         full = self.computer.layout
-        self.full = full
-        self.projectors = [trak_projector(hi - lo, proj_dim, stable_seed(seed, name), device, memory_bytes)
-                           if hi - lo > proj_dim else None for name, lo, hi in full.slices()]
-        sizes = [proj_dim if pr is not None else hi - lo for pr, (_, lo, hi) in zip(self.projectors, full.slices())]
+        self.full, self.seed, self.memory_bytes = full, seed, memory_bytes
+        self.projected = [hi - lo > proj_dim for _, lo, hi in full.slices()]
+        sizes = [proj_dim if p else hi - lo for p, (_, lo, hi) in zip(self.projected, full.slices())]
         self.layout = layout_from_sizes(full.names, full.shapes, sizes)
-        backend = {type(p).__name__ for p in self.projectors if p is not None}
         self.spec = {"kind": self.kind, "proj_dim": proj_dim, "seed": seed, "seed_rule": SEED_RULE + " % 2**31",
-                     "projector": sorted(backend), "dims": int(self.layout.total),
-                     "scale": "1/sqrt(proj_dim) (traker's projectors are unscaled)"}
+                     "projector": "CudaProjector (CUDA + fast_jl) else BasicProjector, per parameter matrix",
+                     "dims": int(self.layout.total), "scale": "1/sqrt(proj_dim) (traker's projectors are unscaled)"}
+
+    def projector(self, m: int):
+        """Matrix m's projector, built when needed: BasicProjector holds (grad_dim x block) floats, and
+        holding one per matrix at once would need sum(grad_dim) x block (17 GB at block 32 for 135M)."""
+        name, lo, hi = self.full.names[m], int(self.full.offsets[m]), int(self.full.offsets[m + 1])
+        return trak_projector(hi - lo, self.proj_dim, stable_seed(self.seed, name), self.device, self.memory_bytes)
 
     @property
     def backward_passes(self) -> int:
@@ -305,11 +309,13 @@ class TrakFeaturizer:
         for i, e in enumerate(encs):
             grads[i] = self.computer.gradient(e)
         out = torch.empty(len(encs), self.layout.total, dtype=torch.float32, device=self.device)
-        for pr, (_, lo, hi), (_, olo, ohi) in zip(self.projectors, self.full.slices(), self.layout.slices()):
-            if pr is None:
+        for m, ((_, lo, hi), (_, olo, ohi)) in enumerate(zip(self.full.slices(), self.layout.slices())):
+            if not self.projected[m]:
                 out[:, olo:ohi] = grads[:, lo:hi]
             else:
+                pr = self.projector(m)
                 out[:, olo:ohi] = pr.project(grads[:, lo:hi].contiguous(), model_id=0).float() / math.sqrt(self.proj_dim)
+                del pr
         return out
 
 

@@ -140,6 +140,11 @@ def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
     layout = featurizer.layout
     cands = candidate_lists(data, cfg.candidates, cfg.top_k)[start:end]
     needed = sorted({j for c in cands for j in c})
+    scratch_gb = len(needed) * layout.total * 4 / 2**30
+    if not cfg.use_random_projection and scratch_gb > float(os.environ.get("GRADSIM_SCRATCH_GB", "100")):
+        raise GradsimError(
+            f"exact gradients of {len(needed)} originals need {scratch_gb:.0f} GB of scratch: add --use-random-projection "
+            "(or raise GRADSIM_SCRATCH_GB if the disk really has room)")
 
     # Resume: keep finished queries and sample metrics from an earlier attempt of this same partition.
     paths.results.parent.mkdir(parents=True, exist_ok=True)
