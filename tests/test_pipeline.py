@@ -109,3 +109,28 @@ def test_merge_refuses_gaps_overlaps_and_mixed_configs(tiny, tmp_path):
     with pytest.raises(GradsimError, match="max_length"):
         merge_partitions(run_dir)
     assert not (run_dir / "results.json").exists()
+
+
+def test_resume_with_another_memory_budget_rebuilds_the_scratch_store(tiny, tmp_path, monkeypatch):
+    import gradsim.run as runmod
+
+    whole = run(cfg_for(tmp_path / "ref"), lm=tiny)
+    real = runmod.dense_dots
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runmod, "dense_dots", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut"), lm=tiny)
+    monkeypatch.setattr(runmod, "dense_dots", real)
+    monkeypatch.setenv("GRADSIM_MEMORY_GB", "0.01")  # another shard size for the exact scratch store
+    resumed = run(cfg_for(tmp_path / "cut"), lm=tiny)
+    assert [q["rank"] for q in resumed["queries"]] == [q["rank"] for q in whole["queries"]]
+    for a, b in zip(resumed["queries"], whole["queries"]):
+        assert a["candidates"] == b["candidates"]
+        assert np.allclose(a["scores"], b["scores"], rtol=0, atol=1e-6)

@@ -9,6 +9,7 @@ partition) skips finished shards and never mixes incompatible features.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import resource
 import sys
 import time
@@ -97,8 +98,14 @@ class FeatureStore:
     shard_size: int
 
     @classmethod
-    def open(cls, root: Path, manifest: dict, ids: list[str], dim: int, shard_size: int) -> "FeatureStore":
+    def open(cls, root: Path, manifest: dict, ids: list[str], dim: int, shard_size: int,
+             scratch: bool = False) -> "FeatureStore":
+        """Open (or create) a store; a scratch store made with other settings is rebuilt, a shared one refused."""
         root = Path(root)
+        if scratch and (root / "manifest.json").exists():
+            old = read_json(root / "manifest.json")
+            if old.get("shard_size") != shard_size or old.get("dim") != dim:
+                shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
         full = dict(manifest, ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(), dim=dim,
                     shard_size=shard_size, num_samples=len(ids))

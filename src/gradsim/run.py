@@ -229,7 +229,7 @@ def open_original_store(cfg, paths: RunPaths, featurizer, data: Dataset, needed:
     else:
         ids = [data.originals[j].id for j in needed]
         root = paths.run_dir / ".scratch" / f"originals_{paths.stem}_{manifest_key(manifest)}"
-    return FeatureStore.open(root, manifest, ids, d, shard)
+    return FeatureStore.open(root, manifest, ids, d, shard, scratch=not cfg.use_random_projection)
 
 
 def featurize_originals(store, featurizer, tokenizer, rows, encs, data, cfg, device, paths, metrics,
