@@ -13,6 +13,8 @@ the first --samples rows of ../shared/data/lima/train.jsonl when present, else t
   exact-*        gradsim exact per-sample gradients (fp32 / bf16)
   factorized-*   gradsim LoGra-style projection (per-matrix k; fp32 / bf16; batch sizes)
   trak-*         gradsim exact gradients + traker's projector per parameter matrix
+  countsketch-*  gradsim exact gradients + a CountSketch per matrix, dims shared by norm (the default projection);
+                 calibrated on the 8 rows after the benchmark's; countsketch-sweep: other sizes' fidelity
 Fidelity is measured on the first --fidelity-samples samples: the Gram matrix of each method's features
 (per parameter matrix) against that of the exact fp32 gradients, as whole-model cosine errors and as
 top-1 agreement (for each sample, is its most similar other sample the same?).
@@ -48,8 +50,11 @@ def load(args):
     from gradsim.model import load_model
 
     lm = load_model(Config(device="cpu"))
-    samples = load_samples(str(args.data))[: args.samples]
-    encs = [encode(lm.tokenizer, s, args.max_length) for s in samples]
+    rows = load_samples(str(args.data))
+    encs = [encode(lm.tokenizer, s, args.max_length) for s in rows[: args.samples]]
+    # countsketch's calibration: the 8 rows after the benchmark's (held out from it) when there are any
+    cal = rows[args.samples: args.samples + 8] or rows[:8]
+    args.calibration = [encode(lm.tokenizer, s, args.max_length) for s in cal]
     return lm, encs
 
 
@@ -109,12 +114,13 @@ def worker(args) -> dict:
         f = ExactFeaturizer(lm.model, lm.device, dtype)
         mm = np.lib.format.open_memmap(scratch / f"exact-{dtype}.npy", mode="w+", dtype=np.float32,
                                        shape=(nfid, f.layout.total))
-        t0 = time.perf_counter()
+        rec["seconds"] = 0.0
         for i, e in enumerate(encs):
+            t0 = time.perf_counter()
             g = f.features(e)
+            rec["seconds"] += time.perf_counter() - t0  # not the copy of the kept gradients to disk
             if i < nfid:
                 mm[i] = g.numpy()
-        rec["seconds"] = time.perf_counter() - t0
         mm.flush()
         rec["backward_passes"] = f.backward_passes
         np.save(scratch / f"gram-{method}.npy", gram_by_matrix(mm, f.layout))
@@ -134,6 +140,41 @@ def worker(args) -> dict:
         rec["dims"] = int(f.layout.total)
         if n >= nfid:
             np.save(scratch / f"gram-{method}.npy", gram_by_matrix(np.stack(feats[:nfid]), f.layout))
+    elif method.startswith("countsketch-sweep"):
+        # Fidelity at other sizes, from the exact fp32 gradients the exact worker kept (sketching is linear).
+        from gradsim.projection import CountSketchFeaturizer
+
+        ref = np.load(scratch / "exact-float32.npy", mmap_mode="r")
+        rec["fidelity_by_dims"] = {}
+        for k in args.sketch_dims:
+            f = CountSketchFeaturizer(lm.model, lm.device, "float32", k, 42, calibration=args.calibration)
+            feats = np.stack([f.sketch(torch.from_numpy(np.array(ref[i])), torch.empty(f.layout.total)).numpy()
+                              for i in range(ref.shape[0])])
+            np.save(scratch / f"gram-countsketch-{k}-sweep.npy", gram_by_matrix(feats, f.layout))
+            rec["fidelity_by_dims"][k] = int(f.layout.total)
+        rec["samples"] = 0
+    elif method.startswith("countsketch"):
+        from gradsim.projection import CountSketchFeaturizer
+
+        _, k, dtype, batch = method.split("-")
+        t0 = time.perf_counter()
+        f = CountSketchFeaturizer(lm.model, lm.device, dtype, int(k), 42, calibration=args.calibration)
+        rec["seconds_calibration"] = time.perf_counter() - t0
+        rec["calibration_samples"] = len(args.calibration)
+        t_sketch = 0.0
+        feats = []
+        t0 = time.perf_counter()
+        for e in encs:
+            g = f.computer.gradient(e)
+            t1 = time.perf_counter()
+            feats.append(f.sketch(g, torch.empty(f.layout.total)).numpy().copy())
+            t_sketch += time.perf_counter() - t1
+        rec["seconds"] = time.perf_counter() - t0
+        rec["seconds_sketch"] = t_sketch
+        rec["backward_passes"] = f.backward_passes
+        rec["dims"] = int(f.layout.total)
+        rec["exact_matrices"] = int(sum(f.exact))
+        np.save(scratch / f"gram-{method}.npy", gram_by_matrix(np.stack(feats[:nfid]), f.layout))
     elif method == "a-original":
         from gradsim.gradients import GradientComputer
 
@@ -199,14 +240,16 @@ def run_all(args) -> dict:
 
     scratch = Path(tempfile.mkdtemp(prefix="gradsim-bench-", dir=args.scratch_dir))
     # Most important first: under a time limit the run can be stopped and what finished is kept.
-    methods = ["peak", "exact-float32", f"factorized-{args.proj_dim}-float32-b1", f"factorized-{args.proj_dim}-bfloat16-b1",
-               "a-original", "exact-bfloat16"]
+    cs = f"countsketch-{args.sketch_dim}-float32-b1"
+    methods = ["peak", "exact-float32", cs, f"factorized-{args.proj_dim}-float32-b1", "a-original",
+               f"factorized-{args.proj_dim}-bfloat16-b1", "exact-bfloat16"]
     methods += [f"factorized-{k}-float32-b1" for k in sorted(set(args.fidelity_dims) - {args.proj_dim})]
+    methods += ["countsketch-sweep"]
     methods += ["b-naive-trak", f"trak-{args.trak_dim}-float32-b{args.trak_batch}",
                 f"factorized-{args.proj_dim}-float32-b{args.batch}"]
     if args.only:
         methods = [m for m in methods if m in ("peak", "exact-float32") or m in args.only]
-    full = {"exact-float32", f"factorized-{args.proj_dim}-float32-b1", f"factorized-{args.proj_dim}-bfloat16-b1"}
+    full = {"exact-float32", cs, f"factorized-{args.proj_dim}-float32-b1"}
     out = {"machine": machine_info(), "argv": sys.argv, "data": str(args.data), "params": 134_515_008, "records": []}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_{out['machine']['utc'].replace(':', '')}.json"
@@ -226,7 +269,10 @@ def run_all(args) -> dict:
         rec["wall_s"] = time.perf_counter() - t0
         rec["loadavg_before"], rec["loadavg_after"] = load_before, os.getloadavg()
         if (scratch / "gram-exact-float32.npy").exists():
-            rec["fidelity"] = fidelity(scratch, m, np.load(scratch / "gram-exact-float32.npy"))
+            exact_gram = np.load(scratch / "gram-exact-float32.npy")
+            rec["fidelity"] = fidelity(scratch, m, exact_gram)
+            for k, dims in (rec.get("fidelity_by_dims") or {}).items():
+                rec["fidelity_by_dims"][k] = dict(fidelity(scratch, f"countsketch-{k}-sweep", exact_gram), dims=dims)
         out["records"].append(rec)
         path.write_text(json.dumps(out, indent=1))  # after every method: a stopped run keeps what finished
         print(f"{m}: {json.dumps({k: v for k, v in rec.items() if k not in ('layout', 'cosine_vs_fp32')})}", file=sys.stderr,
@@ -241,7 +287,8 @@ def run_all(args) -> dict:
 def passthrough(args) -> list[str]:
     return ["--samples", str(args.samples), "--fidelity-samples", str(args.fidelity_samples), "--data", str(args.data),
             "--max-length", str(args.max_length), "--a-queries", str(args.a_queries), "--b-samples", str(args.b_samples),
-            "--b-params", str(args.b_params), "--b-dim", str(args.b_dim), "--trak-samples", str(args.trak_samples)]
+            "--b-params", str(args.b_params), "--b-dim", str(args.b_dim), "--trak-samples", str(args.trak_samples),
+            "--sketch-dims", *map(str, args.sketch_dims)]
 
 
 def machine_info() -> dict:
@@ -265,6 +312,10 @@ def table(out: dict) -> str:
              "cos MAE | cos max err | top-1 agree | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in recs.items():
+        for k, fid in (r.get("fidelity_by_dims") or {}).items():
+            lines.append(f"| countsketch-{k} (from kept exact grads) | {fid['dims']} | {fid['pairs']} pairs | n/a | n/a | "
+                         f"n/a | n/a | {fid['cos_mae']:.4f} | {fid['cos_max_err']:.4f} | {fid['top1_agreement']:.4f} | "
+                         f"{r['loadavg_before'][0]:.1f} |")
         if name == "peak" or "seconds" not in r:
             continue
         sps = r["samples"] / r["seconds"]
@@ -287,13 +338,20 @@ def ratios(out: dict) -> str:
     for m, s in per.items():
         if m.startswith("factorized") and ex:
             lines.append(f"- {m}: {s / ex:.2f} x the time of an exact fp32 forward+backward per sample")
+        if m.startswith("countsketch") and ex:
+            x = r[m]
+            lines.append(f"- {m}: {s / ex:.2f} x the time of an exact fp32 forward+backward per sample; the sketch "
+                         f"itself {x['seconds_sketch'] / x['seconds']:.1%} of its time; calibration (once per run, "
+                         f"{x['calibration_samples']} exact backwards) {x['seconds_calibration']:.0f} s")
     if "a-original" in r and ex:
         a = r["a-original"]
         a_q = a["seconds"] / a["queries"]
         for m, s in per.items():
-            if m.startswith(("exact", "factorized")):
-                # gradsim's 1-of-5: each query and each original featurized once (N queries, N originals).
-                lines.append(f"- end-to-end 1-of-5 per query, (a) {a_q:.1f} s vs {m} {2 * s:.1f} s: {a_q / (2 * s):.1f}x")
+            if m.startswith(("exact", "factorized", "countsketch")):
+                # gradsim's 1-of-5: each query and each original featurized once (N queries, N originals);
+                # with both settings, each original serves two queries (1.5 featurizations per query).
+                lines.append(f"- end-to-end 1-of-5 per query, (a) {a_q:.1f} s vs {m} {2 * s:.1f} s: {a_q / (2 * s):.1f}x "
+                             f"(both settings: {a_q / (1.5 * s):.1f}x)")
     for fp32, bf16 in (("exact-float32", "exact-bfloat16"),):
         if fp32 in per and bf16 in per:
             lines.append(f"- {bf16} throughput / {fp32}: {per[fp32] / per[bf16]:.2f}x")
@@ -317,6 +375,9 @@ def main() -> int:
     p.add_argument("--proj-dim", type=int, default=4096, help="factorized: per-matrix dims timed in bf16 and batched")
     p.add_argument("--fidelity-dims", type=int, nargs="+", default=[240, 1024, 4096])
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--sketch-dim", type=int, default=65536, help="countsketch: total dims timed on every sample")
+    p.add_argument("--sketch-dims", type=int, nargs="+", default=[16384, 65536, 262144],
+                   help="countsketch: total dims whose fidelity is measured from the kept exact gradients")
     p.add_argument("--a-queries", type=int, default=2)
     p.add_argument("--b-samples", type=int, default=2)
     p.add_argument("--b-params", type=int, default=1_000_000)

@@ -16,28 +16,29 @@ def cfg_for(tmp_path, **kw):
     return Config(**base)
 
 
-def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("projection,dim", [("factorized", 64), ("countsketch", 20000)])
+def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_path, monkeypatch, projection, dim):
     import gradsim.run as runmod
 
     # Colleagues commit while this runs; a changed code version would (rightly) stop the merge.
     monkeypatch.setattr(runmod, "code_version", lambda: "pinned-for-this-test")
-    whole = run(cfg_for(tmp_path / "whole", batch_size=3), lm=tiny)
+    whole = run(cfg_for(tmp_path / "whole", batch_size=3, projection=projection, proj_dim=dim), lm=tiny)
     assert whole["summary"]["whole_model"]["n"] == 8
     assert set(whole["baselines"]) == {"random", "bm25", "representation_response", "representation_all"}
     assert whole["baselines"]["random"]["top1"] == pytest.approx(1 / 8)
     assert whole["bm25_protocol"]["baselines"]["random"]["top1"] == pytest.approx(1 / 4)
-    scores = np.load(tmp_path / "whole" / "gradient-similarity" / "paraphrased-all-factorized64" / "scores.npz")
+    scores = np.load(tmp_path / "whole" / "gradient-similarity" / f"paraphrased-all-{projection}{dim}" / "scores.npz")
     assert scores["dots"].shape == (8, 8, len(whole["parameter_names"]))
 
     for s, e in [(0, 3), (3, 8)]:
-        run(cfg_for(tmp_path / "parts", partition_start=s, partition_end=e), lm=tiny)
-    merged = merge_partitions(tmp_path / "parts" / "gradient-similarity" / "paraphrased-all-factorized64")
+        run(cfg_for(tmp_path / "parts", partition_start=s, partition_end=e, projection=projection, proj_dim=dim), lm=tiny)
+    merged = merge_partitions(tmp_path / "parts" / "gradient-similarity" / f"paraphrased-all-{projection}{dim}")
     for key in ("summary", "baselines", "bm25_protocol"):
         assert merged[key] == whole[key], key
 
     # The BM25 protocol as its own run, in the same output dir: the originals' features are reused.
-    bm25 = run(cfg_for(tmp_path / "whole", candidates="bm25"), lm=tiny)
-    rows = read_jsonl_tolerant(tmp_path / "whole" / "gradient-similarity" / "paraphrased-factorized64" / "metrics.jsonl")
+    bm25 = run(cfg_for(tmp_path / "whole", candidates="bm25", projection=projection, proj_dim=dim), lm=tiny)
+    rows = read_jsonl_tolerant(tmp_path / "whole" / "gradient-similarity" / f"paraphrased-{projection}{dim}" / "metrics.jsonl")
     assert not [r for r in rows if r["role"] == "original"]
     cols = scores["bm25_columns"]
     for k, q in enumerate(bm25["queries"]):
@@ -49,7 +50,7 @@ def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_pat
 
     from gradsim.selection import select_run
 
-    run_dir = tmp_path / "whole" / "gradient-similarity" / "paraphrased-all-factorized64"
+    run_dir = tmp_path / "whole" / "gradient-similarity" / f"paraphrased-all-{projection}{dim}"
     sel = select_run(run_dir, protocol="bm25")
     assert sel["full_gradient_held_out"]["n"] == 4 and sel["num_candidates"] == 4
     assert (run_dir / "selection_bm25.json").exists()
@@ -72,6 +73,33 @@ def test_main_cli_corpus_with_projection_on_the_embedded_model(embedded, tmp_pat
     assert out["featurizer"]["kind"] == "factorized" and out["featurizer"]["k_rows"] * out["featurizer"]["k_cols"] == 256
     assert out["summary"]["whole_model"]["n"] == 4
     assert len(out["queries"][0]["top10"]) == 4
+
+
+@pytest.mark.slow
+def test_main_cli_default_projection_is_countsketch_on_the_embedded_model(embedded, tmp_path, monkeypatch):
+    """--use-random-projection alone: countsketch, 65,536 dims shared by norm, calibrated once and reused."""
+    import gradsim.run as runmod
+    from gradsim.cli import main
+    from gradsim.io import read_json
+
+    monkeypatch.setattr(runmod, "load_model", lambda cfg, device=None: embedded)
+    argv = ["--use-random-projection", "--sample-size", "4", "--device", "cpu", "--output-dir", str(tmp_path), "-q"]
+    assert main(argv) == 0
+    out = read_json(tmp_path / "gradient-similarity" / "paraphrased-countsketch65536" / "results.json")
+    spec = out["featurizer"]
+    assert spec["kind"] == "countsketch" and spec["proj_dim"] == 65536 and spec["dims"] <= 65536
+    assert spec["calibration_ids"] == ["lima_0", "lima_1", "lima_2", "lima_3"]
+    allocs = list((tmp_path / "features" / "countsketch-allocations").glob("*.json"))
+    assert len(allocs) == 1
+    assert out["summary"]["whole_model"]["n"] == 4
+    # The model-generated setting shares the originals' features and the allocation.
+    assert main(argv + ["--setting", "model-generated"]) == 0
+    other = read_json(tmp_path / "gradient-similarity" / "model-generated-countsketch65536" / "results.json")
+    assert other["featurizer"] == spec
+    # allocations, the originals' gradient features, the representation baseline's features
+    assert len(list((tmp_path / "features").iterdir())) == 3
+    rows = read_jsonl_tolerant(tmp_path / "gradient-similarity" / "model-generated-countsketch65536" / "metrics.jsonl")
+    assert rows and not [r for r in rows if r["role"] == "original"]
 
 
 def test_representation_baseline_is_the_mean_final_hidden_state(tiny, samples):

@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from gradsim.encode import encode
 from gradsim.gradients import GradientComputer
-from gradsim.projection import FactorizedFeaturizer, TrakFeaturizer, split_dim, stable_seed
+from gradsim.projection import (CountSketchFeaturizer, FactorizedFeaturizer, TrakFeaturizer, allocate_dims,
+                                load_or_create_json, make_allocation, split_dim, stable_seed)
 
 from test_gradients import reference_gradients
 
@@ -127,3 +129,103 @@ def test_trak_features_equal_the_basic_projector(tiny, samples):
         assert torch.allclose(feats[olo:ohi], want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
         checked += 1
     assert checked >= 10
+
+
+# ---- countsketch -------------------------------------------------------------------------------
+
+
+def countsketch_reference(grad: torch.Tensor, k: int, signs: torch.Tensor) -> torch.Tensor:
+    """The definition, in float64: S[bucket(i), i] = sign(i) with bucket(i) = i mod k, as a sparse matrix."""
+    n = grad.numel()
+    idx = torch.stack([torch.arange(n) % k, torch.arange(n)])
+    S = torch.sparse_coo_tensor(idx, signs.double(), (k, n))
+    return torch.sparse.mm(S, grad.double().reshape(-1, 1))[:, 0]
+
+
+@pytest.fixture(scope="module")
+def tiny_calibration(tiny, samples):
+    return [encode(tiny.tokenizer, s, 256) for s in samples[:4]]
+
+
+def test_countsketch_equals_the_sparse_sketch_of_the_autograd_gradient(tiny, samples, tiny_calibration):
+    f = CountSketchFeaturizer(tiny.model, tiny.device, proj_dim=20_000, seed=3, calibration=tiny_calibration)
+    assert f.layout.names == GradientComputer(tiny.model, tiny.device).layout.names
+    assert f.layout.total <= 20_000 and any(f.exact) and not all(f.exact)
+    enc = encode(tiny.tokenizer, samples[5], 256)
+    feats = f.features(enc)
+    ref = reference_gradients(tiny.model, enc)
+    for (name, lo, hi), exact, shape in zip(f.layout.slices(), f.exact, f.layout.shapes):
+        g = ref[name].reshape(-1)
+        if exact:
+            want = g.double()
+        else:
+            assert all(math.gcd(hi - lo, d) == 1 for d in shape), name  # buckets coprime to the sides
+            gen = torch.Generator().manual_seed(stable_seed(3, f"{name}:signs"))  # the documented seed rule
+            signs = torch.randint(0, 2, (g.numel(),), generator=gen, dtype=torch.int8) * 2 - 1
+            want = countsketch_reference(g, hi - lo, signs)
+        err = (feats[lo:hi].double() - want).abs().max().item()
+        assert err <= 1e-4 * want.abs().max().item() + 1e-9, f"{name}: max abs error {err}"
+
+
+def test_countsketch_inner_products_are_unbiased_and_close(tiny, samples, tiny_calibration):
+    """Over independent seeds the sketched dot product averages to the exact one (the JL property),
+    and one sketch's whole-model cosine is within the variance bound of the exact cosine."""
+    encs = [encode(tiny.tokenizer, s, 256) for s in samples[6:8]]
+    gc = GradientComputer(tiny.model, tiny.device)
+    a, b = (gc.gradient(e).clone().double() for e in encs)
+    alloc = make_allocation(tiny.model, tiny.device, "float32", 4000, tiny_calibration)
+    dots, coss = [], []
+    for seed in range(60):
+        f = CountSketchFeaturizer(tiny.model, tiny.device, proj_dim=4000, seed=seed, allocation=alloc)
+        fa, fb = f.sketch(a.float(), torch.empty(f.layout.total)).double(), f.sketch(b.float(), torch.empty(f.layout.total)).double()
+        dots.append(float(fa @ fb))
+        coss.append(float(fa @ fb / fa.norm() / fb.norm()))
+    exact_dot, exact_cos = float(a @ b), float(a @ b / a.norm() / b.norm())
+    sem = np.std(dots) / math.sqrt(len(dots))
+    assert abs(np.mean(dots) - exact_dot) < 4 * sem + 1e-12
+    assert np.std(dots) > 0  # really random across seeds
+    # The bound for one sketch of k dims (all in one matrix, the worst case): sd <= sqrt((1 + cos^2) / k).
+    assert np.mean(np.abs(np.array(coss) - exact_cos)) < 3 * math.sqrt(2 / min(d for d, e in zip(f.dims, f.exact) if not e))
+
+
+def test_allocation_follows_norm_shares_and_keeps_small_matrices_exact():
+    shapes = [(1000, 50), (64,), (300, 40), (64,)]
+    k = allocate_dims(np.array([0.5, 0.3, 0.1, 0.1]), shapes, 2000)
+    assert k[1] == 64 and k[3] == 64  # offered more than their entries: exact
+    assert k.sum() <= 2000 and k[0] > k[2] > 1
+    for d, shape in zip(k, shapes):
+        if d < math.prod(shape):
+            assert all(math.gcd(int(d), s) == 1 for s in shape)
+    assert (allocate_dims(np.array([1.0, 0, 0, 0]), shapes, 10**6) == [math.prod(s) for s in shapes]).all()
+
+
+def test_allocation_file_is_created_once_and_reused(tmp_path):
+    path = tmp_path / "alloc" / "a.json"
+    first = load_or_create_json(path, lambda: {"dims": [1, 2]})
+    second = load_or_create_json(path, lambda: {"dims": [3, 4]})  # a later (or racing) process
+    assert first == second == {"dims": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temp files left
+
+
+_SIGNS_DIGEST = """
+import hashlib, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from gradsim.projection import CountSketchFeaturizer, allocate_dims
+import numpy as np
+
+cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=2)
+model = LlamaForCausalLM(cfg)
+names = [n for n, p in model.named_parameters()]
+shapes = [tuple(p.shape) for n, p in model.named_parameters()]
+alloc = {"names": names, "total": 3000, "calibration_ids": [], "dims": allocate_dims(np.ones(len(names)), shapes, 3000).tolist()}
+f = CountSketchFeaturizer(model, torch.device("cpu"), proj_dim=3000, seed=int(sys.argv[1]), allocation=alloc)
+print(hashlib.sha256(f.signs.numpy().tobytes()).hexdigest(), f.spec["allocation_sha256"])
+"""
+
+
+def test_countsketch_signs_are_bit_identical_across_processes():
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    runs = [subprocess.run([sys.executable, "-c", _SIGNS_DIGEST, seed], env=env, check=True, capture_output=True,
+                           text=True).stdout.strip() for seed in ("7", "7", "8")]
+    assert runs[0] == runs[1] and runs[0] != runs[2]

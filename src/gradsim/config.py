@@ -17,7 +17,9 @@ from .errors import GradsimError
 SETTINGS = ("paraphrased", "model-generated")
 COMPUTATION_TYPES = ("gradient-similarity", "dot-product")
 CANDIDATE_MODES = ("bm25", "all")
-PROJECTIONS = ("factorized", "trak")
+PROJECTIONS = ("countsketch", "factorized", "trak")
+# --proj-dim when not given: total dims for countsketch, per parameter matrix for factorized and trak.
+DEFAULT_PROJ_DIM = {"countsketch": 65536, "factorized": 4096, "trak": 4096}
 DTYPES = ("float32", "bfloat16")
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
@@ -66,8 +68,8 @@ class Config:
     partition_end: Optional[int] = None
     output_dir: str = str(REPO_ROOT / "data")
     use_random_projection: bool = False
-    projection: str = "factorized"
-    proj_dim: int = 4096
+    projection: str = "countsketch"
+    proj_dim: Optional[int] = None  # None: DEFAULT_PROJ_DIM of the projection
     batch_size: int = 1
     baselines: bool = True  # BM25 and representation similarity on the same queries (forward passes only)
     # Filled in once the model and data are loaded (they are part of what makes results comparable).
@@ -81,6 +83,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.variant_data is None:
             self.variant_data = str(BUNDLED_DATA / VARIANT_FILES.get(self.setting, "paraphrased.jsonl"))
+        if self.proj_dim is None:
+            self.proj_dim = DEFAULT_PROJ_DIM.get(self.projection, 4096)
 
     def validate(self) -> "Config":
         _choice("--setting", self.setting, SETTINGS)

@@ -67,13 +67,14 @@ class GradientComputer:
         self.layout = param_layout(model)
         self.params = [p for _, p in model.named_parameters() if p.requires_grad]
         self.buffer = torch.zeros(self.layout.total, dtype=torch.float32, device=device)
-        for (_, lo, hi), p, shape in zip(self.layout.slices(), self.params, self.layout.shapes):
-            p.grad = self.buffer[lo:hi].view(shape)
+        self.views = [self.buffer[lo:hi].view(shape) for (_, lo, hi), shape in zip(self.layout.slices(), self.layout.shapes)]
         self.backward_passes = 0
 
     def gradient(self, enc: Encoded) -> torch.Tensor:
         """The sample's gradient as a flat (P,) fp32 tensor. It is the reused buffer: copy it to keep it."""
         self.buffer.zero_()
+        for p, view in zip(self.params, self.views):  # (again: another computer on this model may have taken them)
+            p.grad = view
         loss = sample_loss(self.model, enc, self.device, self.dtype)
         loss.backward()
         self.backward_passes += 1

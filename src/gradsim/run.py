@@ -99,12 +99,24 @@ def run_name(cfg: Config) -> str:
     return name
 
 
-def make_featurizer(cfg: Config, lm: LoadedModel):
+def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None):
     if not cfg.use_random_projection:
         return ExactFeaturizer(lm.model, lm.device, cfg.dtype)
-    from .projection import make_projected_featurizer
+    from .projection import CALIBRATION_SAMPLES, make_projected_featurizer
 
-    return make_projected_featurizer(cfg, lm, memory_budget_bytes() // 4)
+    calibration, allocation_path = None, None
+    if cfg.projection == "countsketch" and data is not None:
+        # The first originals of the whole dataset: the same for every partition and both settings.
+        calibration = [encode(lm.tokenizer, s, cfg.max_length) for s in data.originals[:CALIBRATION_SAMPLES]]
+        allocation_path = (Path(cfg.output_dir) / "features" / "countsketch-allocations"
+                           / f"{manifest_key(store_manifest(cfg))}.json")
+    return make_projected_featurizer(cfg, lm, memory_budget_bytes() // 4, calibration, allocation_path)
+
+
+def store_manifest(cfg: Config) -> dict:
+    """What determines the originals' features besides the featurizer (the query side is excluded)."""
+    return {k: v for k, v in cfg.compat().items()
+            if k not in ("setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256")}
 
 
 def prepare(cfg: Config) -> tuple[Dataset, int, int]:
@@ -136,7 +148,7 @@ def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
             return done
         raise GradsimError(f"{paths.results} exists from a different configuration: use another --output-dir or remove it")
 
-    featurizer = make_featurizer(cfg, lm)
+    featurizer = make_featurizer(cfg, lm, data)
     layout = featurizer.layout
     cands = candidate_lists(data, cfg.candidates, cfg.top_k)[start:end]
     needed = sorted({j for c in cands for j in c})
@@ -220,7 +232,7 @@ def store_index(store: FeatureStore, data: Dataset) -> list[int]:
 def open_original_store(cfg, paths: RunPaths, featurizer, data: Dataset, needed: list[int]) -> FeatureStore:
     d = featurizer.layout.total
     shard = max(1, min(256, memory_budget_bytes() // (d * 4)))
-    manifest = {k: v for k, v in cfg.compat().items() if k not in ("setting", "computation_type", "candidates", "top_k", "variant_data")}
+    manifest = store_manifest(cfg)
     manifest["featurizer"] = getattr(featurizer, "spec", None) or getattr(featurizer, "kind", "exact")
     if cfg.use_random_projection:
         # Projected features are small and shared by every partition and both settings.
