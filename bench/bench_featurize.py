@@ -332,8 +332,12 @@ def table(out: dict) -> str:
 def ratios(out: dict) -> str:
     """The issue's targets as ratios of this run's measurements."""
     r = {x["method"]: x for x in out["records"] if "seconds" in x or "fp32_gflops" in x}
-    per = {m: x["seconds"] / x["samples"] for m, x in r.items() if "seconds" in x}
-    lines = []
+    # Per token: methods ran on different subsets (64 samples, the 16 fidelity ones, (a)'s queries and
+    # candidates) of different mean lengths; s/token x the 64 samples' mean length compares like with like.
+    ref = r.get("exact-float32") or next(x for x in r.values() if "seconds" in x)
+    mean_len = ref["tokens"] / ref["samples"]
+    per = {m: x["seconds"] / x["tokens"] * mean_len for m, x in r.items() if "seconds" in x}
+    lines = [f"(times per sample of the benchmark's mean length, {mean_len:.0f} tokens: s/token x {mean_len:.0f})"]
     ex = per.get("exact-float32")
     for m, s in per.items():
         if m.startswith("factorized") and ex:
@@ -345,7 +349,7 @@ def ratios(out: dict) -> str:
                          f"{x['calibration_samples']} exact backwards) {x['seconds_calibration']:.0f} s")
     if "a-original" in r and ex:
         a = r["a-original"]
-        a_q = a["seconds"] / a["queries"]
+        a_q = 6 * a["seconds"] / a["tokens"] * mean_len  # 6 forward/backward passes per query
         for m, s in per.items():
             if m.startswith(("exact", "factorized", "countsketch")):
                 # gradsim's 1-of-5: each query and each original featurized once (N queries, N originals);

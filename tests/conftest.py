@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,24 @@ def samples():
     from gradsim.data import load_samples
 
     return load_samples(str(BUNDLED / "original.jsonl"))
+
+
+def require_live_slurm(mp: pytest.MonkeyPatch) -> None:
+    """Skip unless a Slurm controller answers; point SLURM_CONF at start.sh's cluster when it is there."""
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch is not on PATH; start the cluster with slurm_scripts/cluster/start.sh")
+    # start.sh also installs /etc/slurm/slurm.conf, but not over someone else's file.
+    base = Path(os.environ.get("GRADSIM_SLURM_BASE", "/tmp/gradsim-slurm"))
+    if "SLURM_CONF" not in os.environ and (base / "conf" / "slurm.conf").is_file():
+        mp.setenv("SLURM_CONF", str(base / "conf" / "slurm.conf"))
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    if not conf.is_file():
+        # Without one the Slurm clients retry for a minute before giving up.
+        pytest.skip(f"no Slurm config at {conf}; run slurm_scripts/cluster/start.sh")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+        answer = (ping.stdout + ping.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        answer = repr(exc)
+    if "is UP" not in answer:
+        pytest.skip(f"Slurm controller is not UP ({answer!r}); run slurm_scripts/cluster/start.sh")

@@ -8,7 +8,6 @@ Without a running cluster the whole module is skipped, so the default test run s
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Callable, TypeVar
 
 import cloudpickle
 import pytest
+from conftest import require_live_slurm
 import submitit
 
 pytestmark = pytest.mark.slurm
@@ -33,24 +33,8 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster():
     """Skip the module unless a Slurm controller answers; reach start.sh's cluster via env.sh's SLURM_CONF."""
-    if shutil.which("sbatch") is None:
-        pytest.skip("sbatch is not on PATH; start the cluster with slurm_scripts/cluster/start.sh")
     with pytest.MonkeyPatch.context() as mp:
-        # start.sh also installs /etc/slurm/slurm.conf, but not over someone else's file.
-        base = Path(os.environ.get("GRADSIM_SLURM_BASE", "/tmp/gradsim-slurm"))
-        if "SLURM_CONF" not in os.environ and (base / "conf" / "slurm.conf").is_file():
-            mp.setenv("SLURM_CONF", str(base / "conf" / "slurm.conf"))
-        conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
-        if not conf.is_file():
-            # Without one the Slurm clients retry for a minute before giving up.
-            pytest.skip(f"no Slurm config at {conf}; run slurm_scripts/cluster/start.sh")
-        try:
-            ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
-            answer = (ping.stdout + ping.stderr).strip()
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            answer = repr(exc)
-        if "is UP" not in answer:
-            pytest.skip(f"Slurm controller is not UP ({answer!r}); run slurm_scripts/cluster/start.sh")
+        require_live_slurm(mp)
         yield
 
 

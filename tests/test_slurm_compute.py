@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import pytest
+from conftest import require_live_slurm
 
 from gradsim.io import read_json, read_jsonl_tolerant
 from gradsim.slurm import collect_status, format_status, queries_scored
@@ -36,21 +36,8 @@ RANGES = [(0, 2), (2, 4), (4, 6)]
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster():
     """Skip unless a Slurm controller answers; reach start.sh's cluster via its SLURM_CONF."""
-    if shutil.which("sbatch") is None:
-        pytest.skip("sbatch is not on PATH; start the cluster with slurm_scripts/cluster/start.sh")
     with pytest.MonkeyPatch.context() as mp:
-        base = Path(os.environ.get("GRADSIM_SLURM_BASE", "/tmp/gradsim-slurm"))
-        if "SLURM_CONF" not in os.environ and (base / "conf" / "slurm.conf").is_file():
-            mp.setenv("SLURM_CONF", str(base / "conf" / "slurm.conf"))
-        if not Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).is_file():
-            pytest.skip("no Slurm config; run slurm_scripts/cluster/start.sh")
-        try:
-            ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
-            answer = (ping.stdout + ping.stderr).strip()
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            answer = repr(exc)
-        if "is UP" not in answer:
-            pytest.skip(f"Slurm controller is not UP ({answer!r}); run slurm_scripts/cluster/start.sh")
+        require_live_slurm(mp)
         # The code version in every result includes the git commit, and a commit landing in this
         # checkout between two partitions would (rightly) make combine refuse them. Hide git from
         # the tasks (they inherit this environment) so the version is the package's alone.
