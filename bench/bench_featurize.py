@@ -13,8 +13,10 @@ the first --samples rows of ../shared/data/lima/train.jsonl when present, else t
   exact-*        gradsim exact per-sample gradients (fp32 / bf16)
   factorized-*   gradsim LoGra-style projection (per-matrix k; fp32 / bf16; batch sizes)
   trak-*         gradsim exact gradients + traker's projector per parameter matrix
-  countsketch-*  gradsim exact gradients + a CountSketch per matrix, dims shared by norm (the default projection);
-                 calibrated on the 8 rows after the benchmark's; countsketch-sweep: other sizes' fidelity
+  tensorsketch-* gradsim TensorSketch per matrix formed in the hooks, no exact gradient (the default projection);
+                 dims shared by norm, calibrated on the 8 rows after the benchmark's
+  countsketch-*  gradsim exact gradients + a CountSketch per matrix, dims shared by norm, same calibration;
+                 countsketch-sweep: other sizes' fidelity from the kept exact gradients
 Fidelity is measured on the first --fidelity-samples samples: the Gram matrix of each method's features
 (per parameter matrix) against that of the exact fp32 gradients, as whole-model cosine errors and as
 top-1 agreement (for each sample, is its most similar other sample the same?).
@@ -101,7 +103,9 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     method = args.worker
     if method == "peak":
-        return {"method": "peak", "fp32_gflops": matmul_gflops(torch.float32), "bf16_gflops": matmul_gflops(torch.bfloat16)}
+        # bf16 at 512^3: where the CPU has no bf16 instructions a 2048^3 bf16 matmul takes over a minute.
+        return {"method": "peak", "fp32_gflops": matmul_gflops(torch.float32, reps=10),
+                "bf16_gflops": matmul_gflops(torch.bfloat16, n=512, reps=3)}
     lm, encs = load(args)
     encs = encs[: args.worker_samples or len(encs)]
     tokens = sum(e.num_tokens for e in encs)
@@ -140,6 +144,19 @@ def worker(args) -> dict:
         rec["dims"] = int(f.layout.total)
         if n >= nfid:
             np.save(scratch / f"gram-{method}.npy", gram_by_matrix(np.stack(feats[:nfid]), f.layout))
+    elif method.startswith("tensorsketch"):
+        from gradsim.projection import TensorSketchFeaturizer
+
+        _, k, dtype, batch = method.split("-")
+        t0 = time.perf_counter()
+        f = TensorSketchFeaturizer(lm.model, lm.device, dtype, int(k), 42, int(batch[1:]), calibration=args.calibration)
+        rec["seconds_calibration"] = time.perf_counter() - t0
+        rec["calibration_samples"] = len(args.calibration)
+        rec["seconds"], feats = timed_features(f, encs, int(batch[1:]))
+        rec["backward_passes"] = f.backward_passes
+        rec["dims"] = int(f.layout.total)
+        rec["exact_matrices"] = int(sum(f.exact))
+        np.save(scratch / f"gram-{method}.npy", gram_by_matrix(np.stack(feats[:nfid]), f.layout))
     elif method.startswith("countsketch-sweep"):
         # Fidelity at other sizes, from the exact fp32 gradients the exact worker kept (sketching is linear).
         from gradsim.projection import CountSketchFeaturizer
@@ -220,6 +237,8 @@ def fidelity(scratch: Path, method: str, exact_gram: np.ndarray) -> dict | None:
     if not p.exists():
         return None
     g = np.load(p)
+    if g.shape != exact_gram.shape:  # featurized fewer samples than the fidelity set
+        return None
 
     def whole_cos(gram):
         d = gram.sum(-1)
@@ -241,22 +260,24 @@ def run_all(args) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="gradsim-bench-", dir=args.scratch_dir))
     # Most important first: under a time limit the run can be stopped and what finished is kept.
     cs = f"countsketch-{args.sketch_dim}-float32-b1"
-    methods = ["peak", "exact-float32", cs, f"factorized-{args.proj_dim}-float32-b1", "a-original",
-               f"factorized-{args.proj_dim}-bfloat16-b1", "exact-bfloat16"]
+    ts = f"tensorsketch-{args.sketch_dim}-float32-b1"
+    methods = ["peak", "exact-float32", ts, cs, "a-original"]
+    methods += [f"tensorsketch-{k}-float32-b1" for k in args.sketch_dims if k != args.sketch_dim]
+    methods += [f"factorized-{args.proj_dim}-float32-b1", f"factorized-{args.proj_dim}-bfloat16-b1", "exact-bfloat16"]
     methods += [f"factorized-{k}-float32-b1" for k in sorted(set(args.fidelity_dims) - {args.proj_dim})]
     methods += ["countsketch-sweep"]
     methods += ["b-naive-trak", f"trak-{args.trak_dim}-float32-b{args.trak_batch}",
                 f"factorized-{args.proj_dim}-float32-b{args.batch}"]
     if args.only:
         methods = [m for m in methods if m in ("peak", "exact-float32") or m in args.only]
-    full = {"exact-float32", cs, f"factorized-{args.proj_dim}-float32-b1"}
+    full = {"exact-float32", ts, cs} | set(args.full or [])
     out = {"machine": machine_info(), "argv": sys.argv, "data": str(args.data), "params": 134_515_008, "records": []}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_{out['machine']['utc'].replace(':', '')}.json"
     for m in methods:
         load_before = os.getloadavg()
         # Throughput on every sample for the headline methods; the other variants on the fidelity samples.
-        n = args.samples if m in full else args.fidelity_samples
+        n = args.samples if m in full else args.bf16_samples if "bfloat16" in m else args.fidelity_samples
         cmd = [sys.executable, __file__, "--worker", m, "--scratch", str(scratch), "--worker-samples", str(n)]
         cmd += passthrough(args)
         t0 = time.perf_counter()
@@ -342,16 +363,18 @@ def ratios(out: dict) -> str:
     for m, s in per.items():
         if m.startswith("factorized") and ex:
             lines.append(f"- {m}: {s / ex:.2f} x the time of an exact fp32 forward+backward per sample")
-        if m.startswith("countsketch") and ex:
+        if m.startswith(("countsketch", "tensorsketch")) and ex:
             x = r[m]
-            lines.append(f"- {m}: {s / ex:.2f} x the time of an exact fp32 forward+backward per sample; the sketch "
-                         f"itself {x['seconds_sketch'] / x['seconds']:.1%} of its time; calibration (once per run, "
-                         f"{x['calibration_samples']} exact backwards) {x['seconds_calibration']:.0f} s")
+            part = (f"; the sketch itself {x['seconds_sketch'] / x['seconds']:.1%} of its time" if "seconds_sketch" in x
+                    else "")
+            lines.append(f"- {m}: {s / ex:.2f} x the time of an exact fp32 forward+backward per sample{part}; "
+                         f"calibration (once per run, {x['calibration_samples']} exact backwards) "
+                         f"{x['seconds_calibration']:.0f} s")
     if "a-original" in r and ex:
         a = r["a-original"]
         a_q = 6 * a["seconds"] / a["tokens"] * mean_len  # 6 forward/backward passes per query
         for m, s in per.items():
-            if m.startswith(("exact", "factorized", "countsketch")):
+            if m.startswith(("exact", "factorized", "countsketch", "tensorsketch")):
                 # gradsim's 1-of-5: each query and each original featurized once (N queries, N originals);
                 # with both settings, each original serves two queries (1.5 featurizations per query).
                 lines.append(f"- end-to-end 1-of-5 per query, (a) {a_q:.1f} s vs {m} {2 * s:.1f} s: {a_q / (2 * s):.1f}x "
@@ -377,11 +400,13 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=LIMA if LIMA.exists() else BUNDLED)
     p.add_argument("--max-length", type=int, default=2048, help="the original study's context (longer samples are cut)")
     p.add_argument("--proj-dim", type=int, default=4096, help="factorized: per-matrix dims timed in bf16 and batched")
+    p.add_argument("--bf16-samples", type=int, default=16, help="samples for the bf16 methods (slow without bf16 hardware)")
     p.add_argument("--fidelity-dims", type=int, nargs="+", default=[240, 1024, 4096])
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--sketch-dim", type=int, default=65536, help="countsketch: total dims timed on every sample")
+    p.add_argument("--sketch-dim", type=int, default=65536, help="tensorsketch, countsketch: total dims timed on every sample")
     p.add_argument("--sketch-dims", type=int, nargs="+", default=[16384, 65536, 262144],
-                   help="countsketch: total dims whose fidelity is measured from the kept exact gradients")
+                   help="total dims whose fidelity is measured: countsketch from the kept exact gradients, "
+                        "tensorsketch by featurizing the fidelity samples")
     p.add_argument("--a-queries", type=int, default=2)
     p.add_argument("--b-samples", type=int, default=2)
     p.add_argument("--b-params", type=int, default=1_000_000)
@@ -390,6 +415,8 @@ def main() -> int:
     p.add_argument("--trak-dim", type=int, default=32)
     p.add_argument("--trak-batch", type=int, default=8, help="gradients projected per traker call (0.5 GB each)")
     p.add_argument("--only", nargs="+", help="run only these methods (plus peak and exact-float32)")
+    p.add_argument("--full", nargs="+", help="methods timed on every sample besides exact, tensorsketch and countsketch "
+                   "(the others run on the fidelity samples)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--scratch-dir", default=None, help="where exact gradients of the fidelity samples go (~0.5 GB each)")
     p.add_argument("--report", type=Path, help="print the table and ratios of a saved bench_*.json, run nothing")

@@ -16,7 +16,7 @@ def cfg_for(tmp_path, **kw):
     return Config(**base)
 
 
-@pytest.mark.parametrize("projection,dim", [("factorized", 64), ("countsketch", 20000)])
+@pytest.mark.parametrize("projection,dim", [("factorized", 64), ("countsketch", 20000), ("tensorsketch", 20000)])
 def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_path, monkeypatch, projection, dim):
     import gradsim.run as runmod
 
@@ -76,8 +76,8 @@ def test_main_cli_corpus_with_projection_on_the_embedded_model(embedded, tmp_pat
 
 
 @pytest.mark.slow
-def test_main_cli_default_projection_is_countsketch_on_the_embedded_model(embedded, tmp_path, monkeypatch):
-    """--use-random-projection alone: countsketch, 65,536 dims shared by norm, calibrated once and reused."""
+def test_main_cli_default_projection_is_tensorsketch_on_the_embedded_model(embedded, tmp_path, monkeypatch):
+    """--use-random-projection alone: tensorsketch, 65,536 dims shared by norm, calibrated once and reused."""
     import gradsim.run as runmod
     from gradsim.cli import main
     from gradsim.io import read_json
@@ -85,20 +85,20 @@ def test_main_cli_default_projection_is_countsketch_on_the_embedded_model(embedd
     monkeypatch.setattr(runmod, "load_model", lambda cfg, device=None: embedded)
     argv = ["--use-random-projection", "--sample-size", "4", "--device", "cpu", "--output-dir", str(tmp_path), "-q"]
     assert main(argv) == 0
-    out = read_json(tmp_path / "gradient-similarity" / "paraphrased-countsketch65536" / "results.json")
+    out = read_json(tmp_path / "gradient-similarity" / "paraphrased-tensorsketch65536" / "results.json")
     spec = out["featurizer"]
-    assert spec["kind"] == "countsketch" and spec["proj_dim"] == 65536 and spec["dims"] <= 65536
+    assert spec["kind"] == "tensorsketch" and spec["proj_dim"] == 65536 and spec["dims"] <= 65536
     assert spec["calibration_ids"] == ["lima_0", "lima_1", "lima_2", "lima_3"]
-    allocs = list((tmp_path / "features" / "countsketch-allocations").glob("*.json"))
+    allocs = list((tmp_path / "features" / "tensorsketch-allocations").glob("*.json"))
     assert len(allocs) == 1
     assert out["summary"]["whole_model"]["n"] == 4
     # The model-generated setting shares the originals' features and the allocation.
     assert main(argv + ["--setting", "model-generated"]) == 0
-    other = read_json(tmp_path / "gradient-similarity" / "model-generated-countsketch65536" / "results.json")
+    other = read_json(tmp_path / "gradient-similarity" / "model-generated-tensorsketch65536" / "results.json")
     assert other["featurizer"] == spec
     # allocations, the originals' gradient features, the representation baseline's features
     assert len(list((tmp_path / "features").iterdir())) == 3
-    rows = read_jsonl_tolerant(tmp_path / "gradient-similarity" / "model-generated-countsketch65536" / "metrics.jsonl")
+    rows = read_jsonl_tolerant(tmp_path / "gradient-similarity" / "model-generated-tensorsketch65536" / "metrics.jsonl")
     assert rows and not [r for r in rows if r["role"] == "original"]
 
 

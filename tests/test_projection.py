@@ -13,8 +13,10 @@ import torch
 
 from gradsim.encode import encode
 from gradsim.gradients import GradientComputer
-from gradsim.projection import (CountSketchFeaturizer, FactorizedFeaturizer, TrakFeaturizer, allocate_dims,
-                                load_or_create_json, make_allocation, split_dim, stable_seed)
+from gradsim.errors import GradsimError
+from gradsim.projection import (CountSketchFeaturizer, FactorizedFeaturizer, TensorSketchFeaturizer, TrakFeaturizer,
+                                allocate_dims, load_or_create_json, make_allocation, smooth_at_most, split_dim,
+                                stable_seed)
 
 from test_gradients import reference_gradients
 
@@ -197,6 +199,10 @@ def test_allocation_follows_norm_shares_and_keeps_small_matrices_exact():
         if d < math.prod(shape):
             assert all(math.gcd(int(d), s) == 1 for s in shape)
     assert (allocate_dims(np.array([1.0, 0, 0, 0]), shapes, 10**6) == [math.prod(s) for s in shapes]).all()
+    fft = allocate_dims(np.array([0.5, 0.3, 0.1, 0.1]), shapes, 2000, "fft")
+    assert fft[1] == 64 and fft.sum() <= 2000
+    assert all(smooth_at_most(int(d)) == d for d, shape in zip(fft, shapes) if d < math.prod(shape))
+    assert [smooth_at_most(n) for n in (1, 7, 241, 1000, 1023)] == [1, 6, 240, 1000, 1000]
 
 
 def test_allocation_file_is_created_once_and_reused(tmp_path):
@@ -210,7 +216,7 @@ def test_allocation_file_is_created_once_and_reused(tmp_path):
 _SIGNS_DIGEST = """
 import hashlib, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from gradsim.projection import CountSketchFeaturizer, allocate_dims
+from gradsim.projection import CountSketchFeaturizer, TensorSketchFeaturizer, allocate_dims
 import numpy as np
 
 cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -221,11 +227,93 @@ shapes = [tuple(p.shape) for n, p in model.named_parameters()]
 alloc = {"names": names, "total": 3000, "calibration_ids": [], "dims": allocate_dims(np.ones(len(names)), shapes, 3000).tolist()}
 f = CountSketchFeaturizer(model, torch.device("cpu"), proj_dim=3000, seed=int(sys.argv[1]), allocation=alloc)
 print(hashlib.sha256(f.signs.numpy().tobytes()).hexdigest(), f.spec["allocation_sha256"])
+alloc = dict(alloc, fit="fft", dims=allocate_dims(np.ones(len(names)), shapes, 3000, "fft").tolist())
+t = TensorSketchFeaturizer(model, torch.device("cpu"), proj_dim=3000, seed=int(sys.argv[1]), allocation=alloc)
+h = hashlib.sha256()
+for s in t.slots.values():
+    for a in ("h_rows", "s_rows", "h_cols", "s_cols", "h", "s"):
+        if hasattr(s, a):
+            h.update(getattr(s, a).numpy().tobytes())
+print(h.hexdigest())
 """
 
 
-def test_countsketch_signs_are_bit_identical_across_processes():
+def test_sketch_hashes_and_signs_are_bit_identical_across_processes():
     env = dict(os.environ, PYTHONHASHSEED="123")
     runs = [subprocess.run([sys.executable, "-c", _SIGNS_DIGEST, seed], env=env, check=True, capture_output=True,
                            text=True).stdout.strip() for seed in ("7", "7", "8")]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+# ---- tensorsketch ------------------------------------------------------------------------------
+
+def tensorsketch_reference(grad: torch.Tensor, k: int, name: str, seed: int) -> torch.Tensor:
+    """The definition, in float64, from the exact gradient: entry (i, j) is added with sign s_r(i) s_c(j)
+    into bucket (h_r(i) + h_c(j)) mod k; hashes and signs drawn as documented (h_r, s_r, h_c, s_c).
+    A vector is a plain CountSketch (h, s). No FFT, no hooks."""
+    gen = torch.Generator().manual_seed(stable_seed(seed, f"{name}:tensorsketch"))
+
+    def draw(n):
+        h = torch.randint(0, k, (n,), generator=gen)
+        return h, torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+
+    g = grad.double()
+    if g.dim() == 1:
+        h, s = draw(g.numel())
+        return torch.zeros(k, dtype=torch.float64).index_add_(0, h, g * s)
+    h_r, s_r = draw(g.shape[0])
+    h_c, s_c = draw(g.shape[1])
+    bucket = (h_r[:, None] + h_c[None, :]) % k
+    return torch.zeros(k, dtype=torch.float64).index_add_(0, bucket.reshape(-1), (g * s_r[:, None] * s_c[None, :]).reshape(-1))
+
+
+def check_tensorsketch(f, lm, enc, seed, rtol):
+    feats = f.features(enc).double()
+    ref = reference_gradients(lm.model, enc)
+    for (name, lo, hi), exact in zip(f.layout.slices(), f.exact):
+        want = ref[name].double().reshape(-1) if exact else tensorsketch_reference(ref[name], hi - lo, name, seed)
+        err = (feats[lo:hi] - want).abs().max().item()
+        assert err <= rtol * want.abs().max().item() + 1e-9, f"{name}: max abs error {err}"
+
+
+def test_tensorsketch_equals_the_sketch_of_the_autograd_gradient(tiny, samples, tiny_calibration):
+    f = TensorSketchFeaturizer(tiny.model, tiny.device, proj_dim=20_000, seed=3, calibration=tiny_calibration)
+    assert f.layout.names == GradientComputer(tiny.model, tiny.device).layout.names
+    assert f.layout.total <= 20_000 and any(f.exact) and not all(f.exact)
+    assert all(smooth_at_most(hi - lo) == hi - lo for (_, lo, hi), e in zip(f.layout.slices(), f.exact) if not e)
+    for s in samples[4:6]:
+        enc = encode(tiny.tokenizer, s, 256)
+        assert (enc.input_ids == tiny.model.model.embed_tokens.padding_idx).any()  # the padding_idx rule is exercised
+        check_tensorsketch(f, tiny, enc, 3, 1e-4)
+
+
+def test_tensorsketch_on_the_embedded_model(embedded, samples):
+    """The real model (tied 49,152 x 576 embedding, 30 layers) at the default size, one short sample."""
+    encs = [encode(embedded.tokenizer, s, 128) for s in samples[:2]]
+    f = TensorSketchFeaturizer(embedded.model, embedded.device, proj_dim=65536, seed=11, calibration=encs[:1])
+    assert 60_000 < f.layout.total <= 65536
+    check_tensorsketch(f, embedded, encs[1], 11, 1e-3)
+
+
+def test_tensorsketch_batched_equals_one_at_a_time_and_is_unbiased(tiny, samples, tiny_calibration):
+    encs = [encode(tiny.tokenizer, s, n) for s, n in zip(samples[:3], (256, 200, 150))]
+    f = TensorSketchFeaturizer(tiny.model, tiny.device, proj_dim=4000, seed=1, calibration=tiny_calibration)
+    batched = f.features_batch(encs)
+    for i, e in enumerate(encs):
+        single = f.features(e)
+        assert torch.allclose(batched[i], single, rtol=1e-4, atol=1e-5 * single.abs().max().item())
+    gc = GradientComputer(tiny.model, tiny.device)
+    a, b = (gc.gradient(e).clone().double() for e in encs[:2])
+    dots = []
+    for seed in range(40):
+        f = TensorSketchFeaturizer(tiny.model, tiny.device, proj_dim=4000, seed=seed, allocation=f.allocation)
+        fa, fb = f.features_batch(encs[:2]).double()
+        dots.append(float(fa @ fb))
+    sem = np.std(dots) / math.sqrt(len(dots))
+    assert np.std(dots) > 0 and abs(np.mean(dots) - float(a @ b)) < 4 * sem + 1e-12
+
+
+def test_tensorsketch_refuses_an_allocation_made_for_countsketch(tiny, tiny_calibration):
+    alloc = make_allocation(tiny.model, tiny.device, "float32", 4000, tiny_calibration)
+    with pytest.raises(GradsimError, match="tensorsketch allocation was made for another"):
+        TensorSketchFeaturizer(tiny.model, tiny.device, proj_dim=4000, allocation=alloc)

@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{' or '.join(CANDIDATE_MODES)}: own original + BM25 top-k others (the study's protocol), or every original")
     p.add_argument("--top-k", type=int, default=4, help="BM25 candidates besides the true original (default 4: chance 1/5)")
     p.add_argument("--use-random-projection", action="store_true", help="project gradients (see --projection, --proj-dim)")
-    p.add_argument("--projection", default="countsketch", help=f"one of {', '.join(PROJECTIONS)} (default countsketch)")
-    p.add_argument("--proj-dim", type=int, help="projected dimensions: in all for countsketch (default 65536), per "
-                   "parameter matrix for factorized and trak (default 4096)")
+    p.add_argument("--projection", default="tensorsketch", help=f"one of {', '.join(PROJECTIONS)} (default tensorsketch)")
+    p.add_argument("--proj-dim", type=int, help="projected dimensions: in all for tensorsketch and countsketch (default "
+                   "65536), per parameter matrix for factorized and trak (default 4096)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--partition-start", type=int, help="first query index of this partition")
     p.add_argument("--partition-end", type=int, help="query index one past the end of this partition")

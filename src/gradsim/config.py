@@ -17,9 +17,9 @@ from .errors import GradsimError
 SETTINGS = ("paraphrased", "model-generated")
 COMPUTATION_TYPES = ("gradient-similarity", "dot-product")
 CANDIDATE_MODES = ("bm25", "all")
-PROJECTIONS = ("countsketch", "factorized", "trak")
-# --proj-dim when not given: total dims for countsketch, per parameter matrix for factorized and trak.
-DEFAULT_PROJ_DIM = {"countsketch": 65536, "factorized": 4096, "trak": 4096}
+PROJECTIONS = ("countsketch", "tensorsketch", "factorized", "trak")
+# --proj-dim when not given: total dims for the sketches, per parameter matrix for factorized and trak.
+DEFAULT_PROJ_DIM = {"countsketch": 65536, "tensorsketch": 65536, "factorized": 4096, "trak": 4096}
 DTYPES = ("float32", "bfloat16")
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
@@ -68,7 +68,7 @@ class Config:
     partition_end: Optional[int] = None
     output_dir: str = str(REPO_ROOT / "data")
     use_random_projection: bool = False
-    projection: str = "countsketch"
+    projection: str = "tensorsketch"
     proj_dim: Optional[int] = None  # None: DEFAULT_PROJ_DIM of the projection
     batch_size: int = 1
     baselines: bool = True  # BM25 and representation similarity on the same queries (forward passes only)

@@ -50,13 +50,26 @@ def autocast_context(device: torch.device, dtype: str):
     return nullcontext()
 
 
+def batch_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask, device: torch.device,
+               dtype: str = "float32") -> torch.Tensor:
+    """Sum over the batch of each sample's mean cross-entropy over its trained (response) tokens.
+
+    Logits are formed only at positions that predict a trained token in some sample of the batch
+    (logits_to_keep): a prompt position's logits get no gradient, and skipping them skips their share
+    of the vocabulary projection forward and backward (~18% of it on LIMA). Each sample's gradient is
+    exactly its own: right padding never reaches a real token through causal attention."""
+    trained = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
+    keep = trained.any(0).nonzero()[:, 0]
+    with autocast_context(device, dtype):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+    tok = F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(ids.shape[0], -1)
+    return (tok.sum(1) / trained.sum(1)).sum()
+
+
 def sample_loss(model: torch.nn.Module, enc: Encoded, device: torch.device, dtype: str = "float32") -> torch.Tensor:
     """Mean cross-entropy over the trained (response) tokens of one sample."""
-    input_ids = enc.input_ids.to(device).unsqueeze(0)
-    labels = enc.labels.to(device)
-    with autocast_context(device, dtype):
-        logits = model(input_ids=input_ids, use_cache=False).logits[0]
-    return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX, reduction="mean")
+    return batch_loss(model, enc.input_ids.to(device)[None], enc.labels.to(device)[None], None, device, dtype)
 
 
 class GradientComputer:

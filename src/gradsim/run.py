@@ -102,13 +102,13 @@ def run_name(cfg: Config) -> str:
 def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None):
     if not cfg.use_random_projection:
         return ExactFeaturizer(lm.model, lm.device, cfg.dtype)
-    from .projection import CALIBRATION_SAMPLES, make_projected_featurizer
+    from .projection import CALIBRATION_SAMPLES, SKETCHES, make_projected_featurizer
 
     calibration, allocation_path = None, None
-    if cfg.projection == "countsketch" and data is not None:
+    if cfg.projection in SKETCHES and data is not None:
         # The first originals of the whole dataset: the same for every partition and both settings.
         calibration = [encode(lm.tokenizer, s, cfg.max_length) for s in data.originals[:CALIBRATION_SAMPLES]]
-        allocation_path = (Path(cfg.output_dir) / "features" / "countsketch-allocations"
+        allocation_path = (Path(cfg.output_dir) / "features" / f"{cfg.projection}-allocations"
                            / f"{manifest_key(store_manifest(cfg))}.json")
     return make_projected_featurizer(cfg, lm, memory_budget_bytes() // 4, calibration, allocation_path)
 
