@@ -131,19 +131,20 @@ def test_submitit_preemption_resumes_and_a_cancelled_partition_is_named(study_ar
     run_dir = out / "gradient-similarity" / "paraphrased"
     # A pause before each query, so that a task can be caught between its queries; the pause also
     # logs which queries each attempt computed.
-    slow = {"GRADSIM_TEST_SLOWDOWN": "6"}
+    slow = {"GRADSIM_TEST_SLOWDOWN": "10"}
     proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "submitit",
                   *RESOURCES, env=slow)
     jobs = submitted_jobs(proc.stdout)
     assert sorted(jobs) == RANGES, proc.stdout
     assert str(run_dir / "partitions") in proc.stdout
 
-    # Preempt [2, 4) once it has scored a query, and cancel [4, 6) while it runs.
+    # Cancel [4, 6) as soon as it runs (submitit passes over SIGTERM, so a task cancelled within Slurm's
+    # kill wait of its end would still finish: cancel it early), then preempt [2, 4) once it has scored a query.
+    wait_until(lambda: run_status(out)[(4, 6)]["status"] == "running", 400, "[4, 6) to show as running")
+    subprocess.run(["scancel", jobs[(4, 6)]], check=True)
     wait_until(lambda: queries_scored(run_dir, 2, 4) >= 1, 400, "partition [2, 4) to score a query")
     finished_before = queries_scored(run_dir, 2, 4)
     subprocess.run(["scancel", "--signal=USR2", jobs[(2, 4)]], check=True)
-    wait_until(lambda: run_status(out)[(4, 6)]["status"] == "running", 60, "[4, 6) to show as running")
-    subprocess.run(["scancel", jobs[(4, 6)]], check=True)
 
     rows = wait_statuses(out, {(0, 2): "done", (2, 4): "done", (4, 6): "failed"})
     assert rows[(4, 6)]["slurm_state"] == "CANCELLED"
