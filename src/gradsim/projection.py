@@ -177,8 +177,7 @@ class _TensorSketchSlot:
         with torch.autocast(device_type=g.device.type, enabled=False):
             bucket = (self.h_rows[tok].unsqueeze(-1) + self.h_cols) % self.size  # (B, T, d)
             vals = g.float() * (self.s_rows[tok] * keep).unsqueeze(-1) * self.s_cols
-            out[:, self.lo:self.lo + self.size] += torch.zeros_like(out[:, :self.size]).scatter_add_(
-                1, bucket.flatten(1), vals.flatten(1))
+            out[:, self.lo:self.lo + self.size].scatter_add_(1, bucket.flatten(1), vals.flatten(1))
 
     def add_outer(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
         out[:, self.lo:self.lo + self.size] += torch.fft.irfft((left * right).sum(1), n=self.size, dim=-1)
@@ -426,9 +425,6 @@ def smooth_at_most(k: int) -> int:
     return best
 
 
-FITS = ("coprime", "fft")
-
-
 def allocate_dims(shares: np.ndarray, shapes: list[tuple[int, ...]], total: int, fit: str = "coprime") -> np.ndarray:
     """Dims per matrix for a sketch of `total` dims, in proportion to `shares` (mixed with the
     matrices' shares of entries), water-filled: a matrix offered at least its number of entries is kept
@@ -453,8 +449,9 @@ def allocate_dims(shares: np.ndarray, shapes: list[tuple[int, ...]], total: int,
         if k[m] < numel[m]:
             if fit == "fft":
                 k[m] = smooth_at_most(int(k[m]))
-            while fit == "coprime" and k[m] > 1 and any(math.gcd(int(k[m]), d) != 1 for d in shape):
-                k[m] -= 1
+            else:
+                while k[m] > 1 and any(math.gcd(int(k[m]), d) != 1 for d in shape):
+                    k[m] -= 1
     return k
 
 
