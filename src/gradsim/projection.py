@@ -203,6 +203,12 @@ def _fp32_product(a: torch.Tensor, sketch: Optional[torch.Tensor]) -> torch.Tens
         return a.float() @ sketch
 
 
+def _tokens(a: torch.Tensor) -> torch.Tensor:
+    """(B, ..., d) -> (B, N, d): every position between the batch and the last axis contributes to the
+    weight gradient (Qwen3's and Gemma 3's q/k norms see (B, T, heads, head_dim), or (B, heads, T, head_dim))."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
 def _trainable(model: nn.Module) -> tuple[list[str], list[tuple[int, ...]]]:
     full = param_layout(model)
     return full.names, full.shapes
@@ -253,10 +259,16 @@ class FactorizedFeaturizer:
         covered = set()
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) or _is_rmsnorm(m):
-                for attr in ("weight", "bias"):
-                    p = getattr(m, attr, None)
-                    if isinstance(p, nn.Parameter) and id(p) in by_id:
-                        covered.add(id(p))
+                own = [id(p) for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+                       if isinstance(p, nn.Parameter) and id(p) in by_id]
+                if not own:  # nothing to train (OLMo's LayerNorm has no parameters, or a frozen layer): no hook
+                    continue
+                if (isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward
+                        and not hasattr(m, "embed_scale")):
+                    # The hook takes the module's output to be the looked-up rows (times Gemma's embed_scale).
+                    raise GradsimError(f"the {self.kind} projection has no rule for the embedding "
+                                       f"{type(m).__name__}: use --projection trak")
+                covered.update(own)
                 self.modules.append(m)
         missing = [n for i, n in by_id.items() if i not in covered]
         if missing:
@@ -307,19 +319,23 @@ class FactorizedFeaturizer:
                 if w is not None:
                     tok = inputs[0]
                     keep = (tok != m.padding_idx) if m.padding_idx is not None else torch.ones_like(tok, dtype=torch.bool)
-                    y.register_hook(lambda g: w.add_embedding(out, tok, keep, g, m.num_embeddings))
+                    # Gemma scales the looked-up rows: d y / d E[tok] = embed_scale.
+                    scale = getattr(m, "embed_scale", None)
+                    y.register_hook(lambda g: w.add_embedding(out, tok, keep, g if scale is None else g * scale,
+                                                              m.num_embeddings))
                 return y
             if not y.requires_grad:
                 return None
             if isinstance(m, nn.Linear):
-                xs = w.project_cols(inputs[0]) if w is not None else None
+                xs = w.project_cols(_tokens(inputs[0])) if w is not None else None
 
                 def backward(g):
+                    g = _tokens(g)
                     if w is not None:
                         w.add_outer(out, w.project_rows(g), xs)
                     if b is not None:
                         b.add_vector(out, g.float().sum(1))
-            else:  # RMSNorm / LayerNorm: d y / d weight = the normalised input
+            else:  # RMSNorm / LayerNorm: d y / d weight = the normalised input (also for Gemma's x_hat (1 + w))
                 x = inputs[0].float()
                 if isinstance(m, nn.LayerNorm):
                     normed = F.layer_norm(x, m.normalized_shape, eps=m.eps)
@@ -330,13 +346,24 @@ class FactorizedFeaturizer:
 
                 def backward(g):
                     if w is not None:
-                        w.add_vector(out, (g.float() * normed).sum(1))
+                        w.add_vector(out, _tokens(g.float() * normed).sum(1))
                     if b is not None:
-                        b.add_vector(out, g.float().sum(1))
+                        b.add_vector(out, _tokens(g.float()).sum(1))
             y.register_hook(backward)
             return None
 
         return hook
+
+
+def uses_cuda_projector(device, proj_dim: int) -> bool:
+    """Whether trak_projector gives traker's CudaProjector: on CUDA, with fast_jl, proj_dim a multiple of 512."""
+    if device.type != "cuda" or proj_dim % 512:
+        return False
+    try:
+        import fast_jl  # noqa: F401  (optional extra on GPU clusters)
+    except ImportError:
+        return False
+    return True
 
 
 def trak_projector(grad_dim: int, proj_dim: int, seed: int, device, memory_bytes: int):
@@ -348,13 +375,8 @@ def trak_projector(grad_dim: int, proj_dim: int, seed: int, device, memory_bytes
     from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 
     trak_seed = seed % 2**31  # fast_jl takes a C int; BasicProjector adds block offsets to it
-    if device.type == "cuda" and proj_dim % 512 == 0:
-        try:
-            import fast_jl  # noqa: F401  (optional extra on GPU clusters)
-
-            return CudaProjector(grad_dim, proj_dim, trak_seed, ProjectionType.rademacher, device, max_batch_size=8)
-        except ImportError:
-            pass
+    if uses_cuda_projector(device, proj_dim):
+        return CudaProjector(grad_dim, proj_dim, trak_seed, ProjectionType.rademacher, device, max_batch_size=8)
     block = int(max(1, min(proj_dim, memory_bytes // (4 * grad_dim))))
     return BasicProjector(grad_dim, proj_dim, trak_seed, ProjectionType.normal, device, block_size=block,
                           dtype=torch.float32)
@@ -368,7 +390,8 @@ class TrakFeaturizer:
     def __init__(self, model: nn.Module, device, dtype: str = "float32", proj_dim: int = 4096, seed: int = 42,
                  batch_size: int = 1, memory_bytes: int = 2**30):
         self.computer = GradientComputer(model, device, dtype)
-        self.device, self.batch_size, self.proj_dim = device, batch_size, proj_dim
+        self.device, self.batch_size, self.proj_dim = torch.device(device), batch_size, proj_dim
+        self.cuda_projector = uses_cuda_projector(self.device, proj_dim)
         full = self.computer.layout
         self.full, self.seed, self.memory_bytes = full, seed, memory_bytes
         self.projected = [hi - lo > proj_dim for _, lo, hi in full.slices()]
@@ -392,18 +415,31 @@ class TrakFeaturizer:
         return self.features_batch([enc])[0]
 
     def features_batch(self, encs: list[Encoded]) -> torch.Tensor:
-        # Projecting a batch at once amortises BasicProjector's regeneration of its matrix over the batch.
-        grads = torch.empty(len(encs), self.full.total, dtype=torch.float32, device=self.device)
+        out = torch.empty(len(encs), self.layout.total, dtype=torch.float32, device=self.device)
+        if len(encs) == 1 or self.cuda_projector:
+            # CudaProjector draws its matrix inside the kernel, so batching gains little: each gradient is
+            # projected straight from the computer's buffer.
+            for i, e in enumerate(encs):
+                self.project(self.computer.gradient(e)[None], out[i:i + 1])
+            return out
+        # BasicProjector draws its matrix anew on every call, so the batch is projected at once to share that;
+        # its gradients wait in host memory (on a CPU device, the only copy) and go to the device a matrix at a time.
+        grads = torch.empty(len(encs), self.full.total, dtype=torch.float32)
         for i, e in enumerate(encs):
             grads[i] = self.computer.gradient(e)
-        out = torch.empty(len(encs), self.layout.total, dtype=torch.float32, device=self.device)
+        return self.project(grads, out)
+
+    def project(self, grads: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (B, D) = the features of the flat gradients grads (B, P), which may be on the host: at most
+        one matrix's (B x entries) is copied to the device at a time."""
         for m, ((_, lo, hi), (_, olo, ohi)) in enumerate(zip(self.full.slices(), self.layout.slices())):
             if not self.projected[m]:
                 out[:, olo:ohi] = grads[:, lo:hi]
             else:
                 pr = self.projector(m)
-                out[:, olo:ohi] = pr.project(grads[:, lo:hi].contiguous(), model_id=0).float() / math.sqrt(self.proj_dim)
-                del pr
+                block = grads[:, lo:hi].to(self.device).contiguous()
+                out[:, olo:ohi] = pr.project(block, model_id=0).float() / math.sqrt(self.proj_dim)
+                del pr, block  # before the next matrix's are made
         return out
 
 
@@ -456,13 +492,19 @@ def allocate_dims(shares: np.ndarray, shapes: list[tuple[int, ...]], total: int,
 
 
 def calibration_shares(model: nn.Module, device, dtype: str, encs: list[Encoded]) -> tuple[list[str], np.ndarray]:
-    """Each matrix's mean share of the squared per-sample gradient norm over encs (exact gradients)."""
+    """Each matrix's mean share of the squared per-sample gradient norm over encs (exact gradients).
+
+    The parameters' .grad are released afterwards: they are views into the computer's full-size buffer,
+    which would otherwise stay allocated for the rest of the run (tensorsketch never needs it)."""
     gc = GradientComputer(model, device, dtype)
     shares = np.zeros(len(gc.layout.names))
-    for enc in encs:
-        g = gc.gradient(enc)
-        sq = np.array([float(g[lo:hi].double().pow(2).sum()) for _, lo, hi in gc.layout.slices()])
-        shares += sq / max(sq.sum(), 1e-300)
+    try:
+        for enc in encs:
+            g = gc.gradient(enc)
+            sq = np.array([float(g[lo:hi].double().pow(2).sum()) for _, lo, hi in gc.layout.slices()])
+            shares += sq / max(sq.sum(), 1e-300)
+    finally:
+        gc.release()
     return gc.layout.names, shares / max(len(encs), 1)
 
 
@@ -524,9 +566,10 @@ class CountSketchFeaturizer:
     kind = "countsketch"
 
     def __init__(self, model: nn.Module, device, dtype: str = "float32", proj_dim: int = 65536, seed: int = 42,
-                 batch_size: int = 1, allocation: Optional[dict] = None, calibration: Optional[list[Encoded]] = None):
+                 batch_size: int = 1, allocation: Optional[dict] = None, calibration: Optional[list[Encoded]] = None,
+                 sign_cache_bytes: int = 2**30):
         self.computer = GradientComputer(model, device, dtype)
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.seed = device, batch_size, seed
         full = self.full = self.computer.layout
         allocation = self.allocation = checked_allocation(self.kind, model, device, dtype, proj_dim, "coprime",
                                                           allocation, calibration)
@@ -535,12 +578,22 @@ class CountSketchFeaturizer:
         self.exact = [d >= n for d, n in zip(self.dims, numel)]
         sizes = [int(n) if e else d for d, n, e in zip(self.dims, numel, self.exact)]
         self.layout = layout_from_sizes(full.names, full.shapes, sizes)
-        self.signs = torch.zeros(full.total, dtype=torch.float32)
+        # A dense fp32 sign vector would double the gradient's memory. A sketched matrix's signs are kept on the
+        # device as bits instead (packed little-endian, 1 for +1: 1/32 of its gradient) while they fit in
+        # sign_cache_bytes (the default holds 8.6B entries), and the rest are drawn again from the seed on every
+        # call (~4 ns per entry on a CPU core): beyond that bounded cache the memory is O(largest matrix).
+        packed, self.packed_at, used = [], [], 0
         for (name, lo, hi), e in zip(full.slices(), self.exact):
-            if not e:
-                gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, f"{name}:signs"))
-                self.signs[lo:hi] = torch.randint(0, 2, (hi - lo,), generator=gen, dtype=torch.int8) * 2 - 1
-        self.signs = self.signs.to(device)
+            nbytes = (hi - lo + 7) // 8
+            if e or used + nbytes > sign_cache_bytes:
+                self.packed_at.append(None)
+                continue
+            bits = self.draw_sign_bits(name, hi - lo).numpy().astype(bool)
+            packed.append(torch.from_numpy(np.packbits(bits, bitorder="little")))
+            self.packed_at.append(used)
+            used += nbytes
+        self.signs = (torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)).to(device)
+        self.shifts = torch.arange(8, dtype=torch.uint8, device=device)
         largest = max([hi - lo for (_, lo, hi), e in zip(full.slices(), self.exact) if not e], default=0)
         self.tmp = torch.empty(largest, dtype=torch.float32, device=device)
         blob = json_bytes(allocation)
@@ -554,15 +607,30 @@ class CountSketchFeaturizer:
     def backward_passes(self) -> int:
         return self.computer.backward_passes
 
+    def draw_sign_bits(self, name: str, n: int) -> torch.Tensor:
+        """The matrix's n signs as 0/1 (1: +1) int8 on the CPU, drawn from seed(name + ':signs')."""
+        gen = torch.Generator(device="cpu").manual_seed(stable_seed(self.seed, f"{name}:signs"))
+        return torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8)
+
+    def sign_bits(self, m: int) -> torch.Tensor:
+        """Matrix m's signs as 0/1 (1: +1) on the device: unpacked from the cache, or drawn again."""
+        name, n, at = self.full.names[m], math.prod(self.full.shapes[m]), self.packed_at[m]
+        if at is None:
+            return self.draw_sign_bits(name, n).to(self.device)
+        packed = self.signs[at:at + (n + 7) // 8]
+        return ((packed.unsqueeze(1) >> self.shifts) & 1).view(-1)[:n]
+
     def sketch(self, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (D,) = the sketch of the flat gradient g (P,)."""
-        for (_, lo, hi), (_, olo, ohi), exact in zip(self.full.slices(), self.layout.slices(), self.exact):
+        slices = zip(self.full.slices(), self.layout.slices(), self.exact)
+        for m, ((_, lo, hi), (_, olo, ohi), exact) in enumerate(slices):
             if exact:
                 out[olo:ohi] = g[lo:hi]
                 continue
             n, k = hi - lo, ohi - olo
             tmp = self.tmp[:n]
-            torch.mul(g[lo:hi], self.signs[lo:hi], out=tmp)
+            tmp.copy_(self.sign_bits(m))
+            tmp.mul_(2).sub_(1).mul_(g[lo:hi])
             whole = n // k * k
             torch.sum(tmp[:whole].view(-1, k), dim=0, out=out[olo:ohi])
             out[olo:olo + n - whole] += tmp[whole:]
