@@ -120,9 +120,14 @@ def test_representation_baseline_is_the_mean_final_hidden_state(tiny, samples):
     assert torch.allclose(v[d:], h.mean(0), atol=1e-5)
 
 
-def test_exact_corpus_run_that_would_not_fit_is_refused(tiny, tmp_path, monkeypatch):
-    from gradsim.errors import GradsimError
-
-    monkeypatch.setenv("GRADSIM_SCRATCH_GB", "0.01")  # tiny's 8 exact gradients are ~0.05 GB
-    with pytest.raises(GradsimError, match="--use-random-projection"):
-        run(cfg_for(tmp_path, use_random_projection=False), lm=tiny)
+def test_exact_corpus_run_streams_and_its_bm25_columns_equal_the_bm25_run(tiny, tmp_path):
+    """Exact --candidates all holds a block of queries and streams every original past it (no store);
+    the BM25 protocol picked out of it equals the BM25 run itself."""
+    corpus = run(cfg_for(tmp_path, use_random_projection=False, memory_gb=0.02, baselines=False), lm=tiny)
+    assert corpus["cost"]["scratch_bytes_written"] == 0 and corpus["cost"]["held_gradients"] == 3
+    bm25 = run(cfg_for(tmp_path, use_random_projection=False, candidates="bm25", baselines=False), lm=tiny)
+    assert corpus["bm25_protocol"]["summary"] == bm25["summary"]
+    z = np.load(tmp_path / "gradient-similarity" / "paraphrased-all" / "scores.npz")
+    b = np.load(tmp_path / "gradient-similarity" / "paraphrased" / "scores.npz")
+    picked = np.take_along_axis(z["dots"], z["bm25_columns"][..., None], axis=1)
+    assert np.array_equal(picked, b["dots"].astype(np.float32))  # the same pairs, the same fp32 dots

@@ -95,5 +95,5 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "main.py"), "--setting", "nope", "--output-dir", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == ["error: unknown --setting 'nope': choose one of paraphrased, model-generated"]
+    assert p.stderr.strip().splitlines() == ["error: unknown --setting 'nope': choose one of paraphrased, model-generated, both"]
     assert not (tmp_path / "o").exists()

@@ -15,12 +15,16 @@ from typing import Any, Optional
 from .errors import GradsimError
 
 SETTINGS = ("paraphrased", "model-generated")
+# "both": one run over both settings, writing what two runs would; a candidate's gradient serves both.
+SETTING_CHOICES = SETTINGS + ("both",)
 COMPUTATION_TYPES = ("gradient-similarity", "dot-product")
 CANDIDATE_MODES = ("bm25", "all")
 PROJECTIONS = ("countsketch", "tensorsketch", "factorized", "trak")
 # --proj-dim when not given: total dims for the sketches, per parameter matrix for factorized and trak.
 DEFAULT_PROJ_DIM = {"countsketch": 65536, "tensorsketch": 65536, "factorized": 4096, "trak": 4096}
-DTYPES = ("float32", "bfloat16")
+# float32; bfloat16: bf16 autocast over fp32 weights and gradients; bfloat16-weights: bf16 weights and
+# gradients (half the memory, for models that do not fit otherwise).
+DTYPES = ("float32", "bfloat16", "bfloat16-weights")
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +60,9 @@ class Config:
     candidates: str = "bm25"
     top_k: int = 4
     model_name: str = EMBEDDED_MODEL
+    revision: Optional[str] = None  # hub branch, tag or commit (None: main); the resolved commit is model_revision
+    trust_remote_code: bool = False
+    chat_template: Optional[str] = None  # None: the model's own; "tulu" or a Jinja file path
     device: str = "auto"
     use_gpu: bool = True
     dtype: str = "float32"
@@ -64,6 +71,9 @@ class Config:
     seed: int = 42
     original_data: str = str(BUNDLED_DATA / "original.jsonl")
     variant_data: Optional[str] = None
+    # --setting both: the variants of each setting (default: the bundled files)
+    paraphrased_data: Optional[str] = None
+    model_generated_data: Optional[str] = None
     partition_start: Optional[int] = None
     partition_end: Optional[int] = None
     output_dir: str = str(REPO_ROOT / "data")
@@ -72,6 +82,11 @@ class Config:
     proj_dim: Optional[int] = None  # None: DEFAULT_PROJ_DIM of the projection
     batch_size: int = 1
     baselines: bool = True  # BM25 and representation similarity on the same queries (forward passes only)
+    # Budgets of the exact path (they change the schedule, never the numbers). None: from the environment
+    # (GRADSIM_MEMORY_GB, GRADSIM_SCRATCH_GB, GRADSIM_HOST_MEMORY_GB), else the defaults in memory.py.
+    memory_gb: Optional[float] = None
+    scratch_gb: Optional[float] = None
+    host_memory_gb: Optional[float] = None
     # Filled in once the model and data are loaded (they are part of what makes results comparable).
     model_revision: Optional[str] = None
     chat_template_sha256: Optional[str] = None
@@ -81,17 +96,34 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.variant_data is None:
+        if self.setting == "both":
+            self.paraphrased_data = self.paraphrased_data or str(BUNDLED_DATA / VARIANT_FILES["paraphrased"])
+            self.model_generated_data = self.model_generated_data or str(BUNDLED_DATA / VARIANT_FILES["model-generated"])
+        elif self.variant_data is None:
             self.variant_data = str(BUNDLED_DATA / VARIANT_FILES.get(self.setting, "paraphrased.jsonl"))
         if self.proj_dim is None:
             self.proj_dim = DEFAULT_PROJ_DIM.get(self.projection, 4096)
 
     def validate(self) -> "Config":
-        _choice("--setting", self.setting, SETTINGS)
+        _choice("--setting", self.setting, SETTING_CHOICES)
+        if self.setting == "both" and self.variant_data is not None:
+            raise GradsimError("--variant-data names one setting's variants: with --setting both give "
+                               "--paraphrased-data and --model-generated-data instead")
+        for flag, v in (("--memory-gb", self.memory_gb), ("--scratch-gb", self.scratch_gb),
+                        ("--host-memory-gb", self.host_memory_gb)):
+            if v is not None and v < 0:
+                raise GradsimError(f"{flag} must be >= 0, got {v}")
         _choice("--computation-type", self.computation_type, COMPUTATION_TYPES)
         _choice("--candidates", self.candidates, CANDIDATE_MODES)
         _choice("--projection", self.projection, PROJECTIONS)
         _choice("MT_DTYPE/--dtype", self.dtype, DTYPES)
+        if self.revision is not None and not self.revision.strip():
+            raise GradsimError("--revision is empty: give a branch, tag or commit of the hub model, or drop it")
+        if self.revision is not None and self.model_name == EMBEDDED_MODEL:
+            raise GradsimError(f"--revision {self.revision!r} needs a hub model: "
+                               "give --model ORG/NAME or drop --revision")
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise GradsimError("--chat-template is empty: give tulu or the path of a Jinja file")
         if self.top_k < 1:
             raise GradsimError(f"--top-k must be at least 1, got {self.top_k}")
         if self.sample_size is not None and self.sample_size < 1:

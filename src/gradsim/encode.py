@@ -2,11 +2,18 @@
 
 As in open-instruct's SFT encoding, every token up to and including the assistant header is
 masked with -100, and the assistant's content plus its end-of-turn tokens are trained on.
+
+The boundary is found in the rendering of the whole conversation, not from the generation prompt:
+templates such as Qwen3's (an empty <think> block before the last answer) or DeepSeek-R1's (a
+generation prompt the conversation does not contain) render the prompt differently with and
+without the answer. Anything such a template inserts before the answer is masked like the header.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import date
 
 import torch
 
@@ -14,6 +21,26 @@ from .data import Sample
 from .errors import GradsimError
 
 IGNORE_INDEX = -100
+
+# Templates that print today's date (Llama 3.x, SmolLM3, Mistral) would give other tokens, and so other
+# gradients, on another day. They render this fixed date instead: Llama 3.1's own default.
+TEMPLATE_DATE = date(2024, 7, 26)
+DATE_STRING = TEMPLATE_DATE.strftime("%d %b %Y")  # "26 Jul 2024", what Llama 3.x templates take as date_string
+# apply_chat_template turns callables passed as variables into plain strings, so strftime_now (a Jinja
+# global of transformers) is shadowed by a macro defined in front of the template; it formats the fixed
+# date with each literal format the template uses. The trailing newline is eaten by trim_blocks, so the
+# template itself renders exactly as before.
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(["'])(.*?)\1\s*\)""")
+_FIXED_CLOCK = (
+    "{%- macro strftime_now(format) -%}"
+    "{%- if format in gradsim_fixed_dates -%}{{ gradsim_fixed_dates[format] }}"
+    "{%- else -%}{{ raise_exception('gradsim fixes the date of strftime_now only for literal formats') }}"
+    "{%- endif -%}{%- endmacro %}\n"
+)
+# Stands in for the answer to find where the template puts it: letters and digits only, so that no
+# template rule about whitespace or <think> tags touches it.
+PLACEHOLDER = "GradsimAnswerPlaceholder7c1e9"
+PROMPT_PLACEHOLDER = "GradsimPromptPlaceholder3b8d2"
 
 
 @dataclass
@@ -33,18 +60,53 @@ class Encoded:
         return int((self.labels[1:] != IGNORE_INDEX).sum())
 
 
-def encode(tokenizer, sample: Sample, max_length: int) -> Encoded:
+def render(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:
+    """The tokenizer's chat template applied to messages, with the date fixed to TEMPLATE_DATE."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: apply_chat_template's own choice when given no name
+        template = template.get("default")
+    if not isinstance(template, str):
+        raise GradsimError("the tokenizer has no chat template: choose one with --chat-template tulu or a file path")
+    dates = {}
+    if "strftime_now" in template:
+        dates = {m.group(2): TEMPLATE_DATE.strftime(m.group(2)) for m in _STRFTIME_CALL.finditer(template)}
+        template = _FIXED_CLOCK + template
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, date_string=DATE_STRING,
+                                         gradsim_fixed_dates=dates, **kwargs)
+
+
+def split_conversation(tokenizer, sample: Sample) -> tuple[str, str]:
+    """(masked text, trained text) whose concatenation is the rendering of the whole conversation.
+
+    The trained text is the answer as the template renders it (e.g. trimmed) and what follows it: the
+    end-of-turn tokens. The template is rendered once more with a placeholder for the answer; the answer
+    is located only if everything around the placeholder is rendered identically with the real answer."""
+    from jinja2 import TemplateError
+
     messages = sample.messages()
-    prefix_text = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full_text.startswith(prefix_text):
-        raise GradsimError(
-            f"sample {sample.id}: the chat template renders the prompt differently with and without the answer; "
-            "gradsim needs a template whose generation prompt is a prefix of the full conversation"
-        )
+    marked = messages[:-1] + [{**messages[-1], "content": PLACEHOLDER}]
+    # A template that reorders turns could put the prompt after the answer, where it would be trained on.
+    order = [{**m, "content": PROMPT_PLACEHOLDER} for m in messages[:-1]] + marked[-1:]
+    try:
+        full, with_placeholder, ordered = (render(tokenizer, m) for m in (messages, marked, order))
+    except TemplateError as e:
+        raise GradsimError(f"sample {sample.id}: the chat template failed to render it ({str(e)[:200]!r}): "
+                           "choose another with --chat-template tulu or --chat-template PATH") from None
+    if with_placeholder.count(PLACEHOLDER) == 1 and ordered.rfind(PROMPT_PLACEHOLDER) < ordered.find(PLACEHOLDER):
+        before, after = with_placeholder.split(PLACEHOLDER)
+        if len(full) >= len(before) + len(after) and full.startswith(before) and full.endswith(after):
+            return before, full[len(before):]
+    raise GradsimError(
+        f"sample {sample.id}: the chat template changes the conversation around the answer depending on its "
+        "content, so the trained tokens cannot be located: choose --chat-template tulu or --chat-template PATH"
+    )
+
+
+def encode(tokenizer, sample: Sample, max_length: int) -> Encoded:
+    prefix_text, answer_text = split_conversation(tokenizer, sample)
     # Special tokens are already written out by the template: do not let the tokenizer add more.
     prefix_ids = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full_text[len(prefix_text):], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
     ids = prefix_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prefix_ids) + answer_ids
     truncated = len(ids) > max_length

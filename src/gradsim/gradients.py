@@ -79,7 +79,15 @@ class GradientComputer:
         self.model, self.device, self.dtype = model, device, dtype
         self.layout = param_layout(model)
         self.params = [p for _, p in model.named_parameters() if p.requires_grad]
-        self.buffer = torch.zeros(self.layout.total, dtype=torch.float32, device=device)
+        # .grad must have its parameter's dtype: fp32, or bf16 for --dtype bfloat16-weights (callers then
+        # take dot products in fp32).
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            from .errors import GradsimError
+
+            raise GradsimError(f"the model's parameters mix dtypes {sorted(map(str, dtypes))}, which one flat "
+                               "gradient buffer cannot hold: load it with --dtype float32 or bfloat16-weights")
+        self.buffer = torch.zeros(self.layout.total, dtype=dtypes.pop(), device=device)
         self.views = [self.buffer[lo:hi].view(shape) for (_, lo, hi), shape in zip(self.layout.slices(), self.layout.shapes)]
         self.backward_passes = 0
 
@@ -96,9 +104,8 @@ class GradientComputer:
             assert p.grad.data_ptr() == self.buffer[lo:].data_ptr(), "parameter .grad detached from the buffer"
         return self.buffer
 
-    def per_matrix_dots(self, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-        """Dot product of two flat gradients restricted to each parameter matrix: (M,) float64."""
-        out = np.empty(len(self.layout.names), dtype=np.float64)
-        for m, (_, lo, hi) in enumerate(self.layout.slices()):
-            out[m] = torch.dot(a[lo:hi], b[lo:hi]).item()
-        return out
+    def release(self) -> None:
+        """Detach every parameter's .grad from the buffer and drop it (a later featurizer needs none)."""
+        for p in self.params:
+            p.grad = None
+        self.views, self.buffer = [], None

@@ -23,7 +23,7 @@ log = logging.getLogger("gradsim")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Used only for models without a chat template: the template of the original study (Tulu).
+# The original study's template (Tulu), used only when chosen with --chat-template tulu.
 TULU_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
@@ -126,29 +126,92 @@ def resolve_device(cfg: Config) -> torch.device:
     return dev
 
 
+def check_dtype(dtype: str, device: torch.device) -> None:
+    """Refuse a bf16 run where the device cannot run bf16 (CPUs can: torch has bf16 kernels for them)."""
+    if dtype.startswith("bfloat16") and device.type == "cuda":
+        with torch.cuda.device(device):
+            supported = torch.cuda.is_bf16_supported()
+        if not supported:
+            raise GradsimError(f"--dtype {dtype} needs bf16 support, which {torch.cuda.get_device_name(device)} lacks: "
+                               "use --dtype float32")
+
+
+def weights_dtype(dtype: str) -> torch.dtype:
+    # "bfloat16" autocasts the compute but keeps fp32 weights (and so fp32 gradients); only
+    # "bfloat16-weights" stores the weights, and therefore the gradients, in bf16 (half the memory).
+    return torch.bfloat16 if dtype == "bfloat16-weights" else torch.float32
+
+
+def select_chat_template(tokenizer, choice: Optional[str], model_name: str) -> str:
+    """Set and return the template to encode with: the model's own, or the one chosen with --chat-template.
+
+    A model without a template is refused rather than given one silently: the template decides which
+    tokens are trained on, so the choice must be the user's (and is recorded by its sha256)."""
+    if choice is None:
+        template = tokenizer.chat_template
+        if isinstance(template, dict):  # named templates: apply_chat_template uses "default" when given no name
+            template = template.get("default")
+        if not template:
+            raise GradsimError(f"model {model_name!r} has no chat template: choose one with --chat-template tulu "
+                               "(the original study's) or --chat-template PATH (a Jinja file)")
+    elif choice == "tulu":
+        template = TULU_TEMPLATE
+    else:
+        path = Path(choice).expanduser()
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GradsimError(f"--chat-template {choice!r} is neither 'tulu' nor a readable Jinja file "
+                               f"({type(e).__name__}): fix the path") from None
+        if not template.strip():
+            raise GradsimError(f"--chat-template {choice!r} is an empty file: give a Jinja chat template or 'tulu'")
+    tokenizer.chat_template = template
+    return template
+
+
 def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or resolve_device(cfg)
+    check_dtype(cfg.dtype, device)
     if cfg.model_name == EMBEDDED_MODEL:
+        if cfg.revision is not None:
+            raise GradsimError(f"--revision {cfg.revision!r} needs a hub model: "
+                               "give --model ORG/NAME or drop --revision")
         path, revision = embedded_model_dir()
         source, kwargs = str(path), {}
     else:
         source, revision = cfg.model_name, None
-        kwargs = {"token": hf_token()}
+        if cfg.revision is not None and Path(source).expanduser().is_dir():
+            # from_pretrained ignores a revision for a local directory: the run would not be what was asked.
+            raise GradsimError(f"--revision {cfg.revision!r} cannot apply to the local directory {source!r}: "
+                               "check out that revision there and drop --revision, or give a hub id")
+        kwargs = {"token": hf_token(), "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=weights_dtype(cfg.dtype), **kwargs)
     except Exception as e:
         msg = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        if "trust_remote_code" in str(e) and not cfg.trust_remote_code:
+            raise GradsimError(f"model {cfg.model_name!r} needs its own code from the hub to load: "
+                               "rerun with --trust-remote-code if you trust that repository") from None
+        at = f" at revision {cfg.revision!r}" if cfg.revision is not None else ""
         raise GradsimError(
-            f"cannot load model {cfg.model_name!r} ({msg}): check the id or path and network access to the hub, "
+            f"cannot load model {cfg.model_name!r}{at} ({msg}): check the id or path"
+            f"{', --revision' if at else ''} and network access to the hub, "
             "or unset MT_MODEL_NAME to use the embedded default"
         ) from None
     if revision is None:
-        revision = getattr(model.config, "_commit_hash", None) or _local_revision(Path(source))
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = TULU_TEMPLATE
+        revision = (getattr(model.config, "_commit_hash", None) or cfg.revision
+                    or _local_revision(Path(source).expanduser()))
+    if cfg.dtype == "bfloat16-weights":
+        # Some models keep a few small modules in fp32 (_keep_in_fp32_modules), but the one flat gradient
+        # buffer needs one dtype. Only parameters are cast: model.to() would also round fp32 buffers such as
+        # RoPE's inv_freq.
+        for p in model.parameters():
+            if p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+    select_chat_template(tokenizer, cfg.chat_template, cfg.model_name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -1,20 +1,23 @@
-"""The study, one straight line: load -> encode -> per-sample features -> score -> store -> summarise.
+"""The study, one straight line: load -> encode -> per-sample gradients -> score -> store -> summarise.
 
-A run covers the queries [start, end) of one setting. Original samples are featurized once per run
-into a feature store; queries are featurized in memory-bounded blocks and scored against their
-candidates. Finished work is logged to a progress file, so a killed or preempted run resumes where
-it stopped and ends with the same bytes as an uninterrupted one.
+A run covers the queries [start, end) of one setting, or of both settings at once (``--setting
+both``: a paraphrased and a model-generated query of one id share their BM25 candidates, so each
+candidate's gradient serves both). Exact gradients are never stored: a block of them is held in
+memory and the others are streamed past it (stream.py, planned by schedule.py). Projected features
+are small: originals are featurized once into a store shared by every partition and both settings.
+Finished query blocks are logged to a progress file, so a killed or preempted run resumes where it
+stopped and ends with the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -22,17 +25,19 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import Config
+from .config import SETTINGS, Config
 from .data import Dataset, load_dataset, partition_range
-from .encode import encode
+from .encode import Encoded, encode
 from .errors import GradsimError
-from .features import ExactFeaturizer, FeatureStore, featurize, manifest_key, per_matrix_self_dots
-from .features import progress_bar
-from .io import append_jsonl, atomic_save_npz, atomic_write_json, atomic_write_jsonl, ensure_writable_dir, read_json, read_jsonl_tolerant
+from .features import FeatureStore, featurize, manifest_key, per_matrix_self_dots, progress_bar
+from .io import (append_jsonl, atomic_save_npz, atomic_write_json, atomic_write_jsonl, ensure_writable_dir, read_json,
+                 read_jsonl_tolerant)
+from .layout import RunPaths, allocation_file, feature_store_dir, run_dir
+from .memory import check_exact_fits, gradient_capacity
+from .metrics import true_rank
 from .model import LoadedModel, load_model, resolve_device
 from .retrieval import candidate_lists
 from .score import cosine, dense_dots, subset_scores, summarize_arrays, whole_and_per_matrix
-from .metrics import true_rank
 
 log = logging.getLogger("gradsim")
 
@@ -51,67 +56,232 @@ def code_version() -> str:
 
 
 def memory_budget_bytes() -> int:
+    """Memory for feature blocks of the projected path (GRADSIM_MEMORY_GB, default 4)."""
     return int(float(os.environ.get("GRADSIM_MEMORY_GB", "4")) * 2**30)
 
 
 @dataclass
-class RunPaths:
-    run_dir: Path
+class Part:
+    """One setting's share of a run: its config, data, query range, files and progress so far."""
+
+    cfg: Config
+    data: Dataset
     start: int
     end: int
-    partitioned: bool
+    paths: RunPaths
+    cands: list[list[int]] = field(default_factory=list)  # per query of [start, end): indices into data.originals
+    done: dict[int, dict] = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    finished: Optional[dict] = None
+    featurizer_spec: Optional[dict] = None
 
     @property
-    def stem(self) -> str:
-        return f"{self.start:05d}-{self.end:05d}"
+    def todo(self) -> list[int]:
+        return [qi for qi in range(self.start, self.end) if qi not in self.done]
 
-    @property
-    def part_dir(self) -> Path:
-        return self.run_dir / "partitions"
+    def record(self, queries: list[int], dots, qself, cself) -> None:
+        """Log a finished block of queries (one .npz beside the progress log) and keep it."""
+        name = f"block_{queries[0]:06d}_{len(queries):05d}.npz"
+        atomic_save_npz(self.paths.blocks / name, dots=np.stack(dots), qself=np.stack(qself), cself=np.stack(cself),
+                        index=np.array(queries))
+        rec = {"kind": "block", "file": name}
+        append_jsonl(self.paths.progress, rec)
+        self.done.update(load_block(self.paths, rec))
 
-    @property
-    def results(self) -> Path:
-        return (self.part_dir / f"results_{self.stem}.json") if self.partitioned else self.run_dir / "results.json"
-
-    @property
-    def scores(self) -> Path:
-        return self.results.with_name(self.results.name.replace("results", "scores").replace(".json", ".npz"))
-
-    @property
-    def metrics(self) -> Path:
-        return self.results.with_name(self.results.name.replace("results", "metrics").replace(".json", ".jsonl"))
-
-    @property
-    def config(self) -> Path:
-        return self.results.with_name(self.results.name.replace("results", "config"))
-
-    @property
-    def progress(self) -> Path:
-        return self.results.with_name(self.results.name.replace("results", "progress").replace(".json", ".jsonl"))
+    def metric(self, row: dict) -> None:
+        append_jsonl(self.paths.progress, {"kind": "metric", "metric": row})
+        self.metrics.append(row)
 
 
-def run_name(cfg: Config) -> str:
-    name = cfg.setting
-    if cfg.candidates == "all":
-        name += "-all"
-    if cfg.use_random_projection:
-        name += f"-{cfg.projection}{cfg.proj_dim}"
-    return name
+def setting_configs(cfg: Config) -> list[Config]:
+    """One Config per setting: ``both`` gives the two that separate runs would have."""
+    if cfg.setting != "both":
+        return [cfg]
+    data = {"paraphrased": cfg.paraphrased_data, "model-generated": cfg.model_generated_data}
+    return [dataclasses.replace(cfg, setting=s, variant_data=data[s], paraphrased_data=None, model_generated_data=None)
+            for s in SETTINGS]
 
 
-def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None):
-    if not cfg.use_random_projection:
-        return ExactFeaturizer(lm.model, lm.device, cfg.dtype)
-    from .projection import CALIBRATION_SAMPLES, SKETCHES, make_projected_featurizer
+def prepare(cfg: Config) -> list[Part]:
+    cfg.validate()
+    parts = []
+    for c in setting_configs(cfg):
+        data = load_dataset(c.original_data, c.variant_data, c.sample_size)
+        c.original_data_sha256, c.variant_data_sha256 = data.original_sha256, data.variant_sha256
+        n = len(data.queries)
+        if cfg.setting == "both":  # the range applies to each setting's own queries, clipped to its length
+            s, e = cfg.partition_start or 0, min(n if cfg.partition_end is None else cfg.partition_end, n)
+            if s >= e:
+                log.info("%s: no queries in [%s, %s) (it has %d): skipped", c.setting, cfg.partition_start,
+                         cfg.partition_end, n)
+                continue
+            c = dataclasses.replace(c, partition_start=s, partition_end=e)
+        s, e = partition_range(n, c.partition_start, c.partition_end)
+        parts.append(Part(c, data, s, e, RunPaths(run_dir(c), s, e, (s, e) != (0, n))))
+    if not parts:
+        raise GradsimError(f"partition [{cfg.partition_start}, {cfg.partition_end}) holds no query of either setting: "
+                           "lower --partition-start")
+    if len({p.data.original_sha256 for p in parts}) > 1:
+        raise GradsimError("the two settings read different originals: give both the same --original-data")
+    return parts
 
-    calibration, allocation_path = None, None
-    if cfg.projection in SKETCHES and data is not None:
-        # The first originals of the whole dataset: the same for every partition and both settings.
-        calibration = [encode(lm.tokenizer, s, cfg.max_length) for s in data.originals[:CALIBRATION_SAMPLES]]
-        allocation_path = (Path(cfg.output_dir) / "features" / f"{cfg.projection}-allocations"
-                           / f"{manifest_key(store_manifest(cfg))}.json")
-    return make_projected_featurizer(cfg, lm, memory_budget_bytes() // 4, calibration, allocation_path)
 
+def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
+    """Run the study; the result as stored (results.json). With ``--setting both``: {"settings": {setting: result}}."""
+    results = run_parts(cfg, lm)
+    return results[0] if cfg.setting != "both" else {"settings": {r["config"]["setting"]: r for r in results}}
+
+
+def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
+    parts = prepare(cfg)
+    for p in parts:
+        ensure_writable_dir(p.paths.part_dir if p.paths.partitioned else p.paths.run_dir)
+    device = lm.device if lm is not None else resolve_device(cfg)
+    for p in parts:
+        log.info("gradsim %s: model=%s device=%s dtype=%s %s queries=[%d, %d) of %d", __version__, cfg.model_name,
+                 device, cfg.dtype, p.cfg.setting, p.start, p.end, len(p.data.queries))
+    if lm is None:
+        if not cfg.use_random_projection:
+            check_exact_fits(cfg, device)  # from the model's config alone, before its weights are loaded
+        lm = load_model(cfg, device)
+    version = code_version()
+    max_length = min(cfg.max_length or lm.context_length, lm.context_length)
+    for p in parts:
+        p.cfg.model_revision, p.cfg.chat_template_sha256 = lm.revision, lm.chat_template_sha256
+        p.cfg.code_version, p.cfg.max_length = version, max_length
+        p.finished = finished_result(p)
+    todo = [p for p in parts if p.finished is None]
+    if todo:
+        for p in todo:
+            p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start:p.end]
+            resume(p)
+        if cfg.use_random_projection:
+            score_projected(todo, lm)
+            cost = None
+        else:
+            cost = score_exact(todo, lm)
+        for p in todo:
+            baselines = baseline_scores(p, lm) if p.cfg.baselines else {}
+            result = assemble(p, lm, baselines, cost)
+            write_outputs(p, result)
+            p.paths.progress.unlink(missing_ok=True)
+            shutil.rmtree(p.paths.blocks, ignore_errors=True)
+            p.finished = read_json(p.paths.results)  # the result as stored
+    return [p.finished for p in parts]
+
+
+def finished_result(p: Part) -> Optional[dict]:
+    if not p.paths.results.exists():
+        return None
+    done = read_json(p.paths.results)
+    if done.get("compat") == p.cfg.compat():
+        log.info("already finished: %s", p.paths.results)
+        return done
+    raise GradsimError(f"{p.paths.results} exists from a different configuration: use another --output-dir or remove it")
+
+
+def resume(p: Part) -> None:
+    """Keep finished queries and sample metrics from an earlier attempt of this same partition."""
+    p.paths.results.parent.mkdir(parents=True, exist_ok=True)
+    progress = read_jsonl_tolerant(p.paths.progress)
+    if progress and progress[0].get("compat") != p.cfg.compat():
+        log.warning("progress file %s is from another configuration; starting this partition afresh", p.paths.progress)
+        progress = []
+    if not progress:
+        p.paths.progress.unlink(missing_ok=True)
+        shutil.rmtree(p.paths.blocks, ignore_errors=True)
+        append_jsonl(p.paths.progress, {"kind": "header", "compat": p.cfg.compat()})
+    for r in progress:
+        if r.get("kind") == "block":
+            p.done.update(load_block(p.paths, r))
+        elif r.get("kind") == "metric":
+            p.metrics.append(r["metric"])
+    if p.done:
+        log.info("resuming: %d of %d queries already scored (%s)", len(p.done), p.end - p.start, p.cfg.setting)
+
+
+def load_block(paths: RunPaths, rec: dict) -> dict[int, dict]:
+    with np.load(paths.blocks / rec["file"]) as z:
+        return {int(qi): {"dots": z["dots"][i], "qself": z["qself"][i], "cself": z["cself"][i]}
+                for i, qi in enumerate(z["index"])}
+
+
+def encode_all(lm: LoadedModel, samples, max_length: int, what: str) -> list[Encoded]:
+    return [encode(lm.tokenizer, s, max_length) for s in progress_bar(samples, desc=f"encoding {what}", unit="sample")]
+
+
+# Exact gradients: hold a block, stream the rest (no store)
+# --------------------------------------------------------------------------------------------
+
+def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
+    from .gradients import GradientComputer
+    from .schedule import make_plan
+    from .stream import Cost, ExactStream
+
+    cfg = parts[0].cfg
+    originals = parts[0].data.originals
+    # Every setting's unfinished queries, in one schedule: (part, query index) per position.
+    owners = [(p, qi) for p in parts for qi in p.todo]
+    cands = [p.cands[qi - p.start] for p, qi in owners]
+    if not owners:
+        return Cost(shared_by=[p.cfg.setting for p in parts]).to_dict(0)
+    queries = encode_all(lm, [p.data.queries[qi] for p, qi in owners], cfg.max_length, "queries")
+    needed = sorted({j for c in cands for j in c})
+    encs = dict(zip(needed, encode_all(lm, [originals[j] for j in needed], cfg.max_length, "originals")))
+
+    computer = GradientComputer(lm.model, lm.device, cfg.dtype)
+    grad_bytes = computer.layout.total * computer.buffer.element_size()
+    from .memory import shape_of_config
+
+    longest = max(e.num_tokens for e in [*queries, *encs.values()])
+    capacity = gradient_capacity(cfg, grad_bytes, lm.device, longest, shape_of_config(lm.model.config))
+    plan = make_plan(cands, [c[0] for c in cands], capacity)  # c[0]: the query's own original
+    cost = Cost(shared_by=[p.cfg.setting for p in parts])
+    cache = make_cache(cfg, lm.device, grad_bytes, parts[0].paths, cost)
+    log.info("exact: %d queries, %d originals, %s of %d gradients (%.2f GB each): %d blocks, %.2f passes per query "
+             "without keeping originals%s", len(owners), len(needed), plan.mode, capacity, grad_bytes / 2**30,
+             len(plan.blocks), plan.passes_per_query(),
+             f"; keeping originals in {cache.kind} up to {cache.budget / 2**30:.1f} GB" if cache else "")
+    first_seen: set[int] = set()
+
+    def on_gradient(enc: Encoded, role: str, seconds: float, q: Optional[int]) -> None:
+        from .features import sample_metric
+
+        if role == "query":
+            owners[q][0].metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "query"))
+        elif enc.id not in first_seen:
+            first_seen.add(enc.id)
+            parts[0].metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "original"))
+
+    def on_done(finished) -> None:
+        for p in parts:
+            mine = [(owners[q][1], d, qs, cs) for q, d, qs, cs in finished if owners[q][0] is p]
+            if mine:
+                p.record(*map(list, zip(*mine)))
+
+    bar = progress_bar(total=len(owners) + plan.original_passes, desc="exact gradients", unit="pass")
+    ExactStream(computer, cost, cache, bar, on_gradient).run(plan, queries, cands, encs, on_done)
+    bar.close()
+    computer.release()
+    return cost.to_dict(len(owners))
+
+
+def make_cache(cfg: Config, device: torch.device, grad_bytes: int, paths: RunPaths, cost):
+    """Where originals may be kept between blocks, within its budget: host RAM beside a GPU, else scratch disk."""
+    from .memory import budget_gb
+    from .stream import OriginalCache
+
+    host = budget_gb(cfg.host_memory_gb, "GRADSIM_HOST_MEMORY_GB", 0.0) if device.type == "cuda" else 0.0
+    if host * 2**30 >= grad_bytes:
+        return OriginalCache("host", int(host * 2**30), grad_bytes, None, cost)
+    scratch = budget_gb(cfg.scratch_gb, "GRADSIM_SCRATCH_GB", 0.0)
+    if scratch * 2**30 >= grad_bytes:
+        return OriginalCache("disk", int(scratch * 2**30), grad_bytes, paths.scratch, cost)
+    return None
+
+
+# Projected features: originals once into a shared store, queries in blocks
+# --------------------------------------------------------------------------------------------
 
 def store_manifest(cfg: Config) -> dict:
     """What determines the originals' features besides the featurizer (the query side is excluded)."""
@@ -119,147 +289,69 @@ def store_manifest(cfg: Config) -> dict:
             if k not in ("setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256")}
 
 
-def prepare(cfg: Config) -> tuple[Dataset, int, int]:
-    cfg.validate()
-    data = load_dataset(cfg.original_data, cfg.variant_data, cfg.sample_size)
-    cfg.original_data_sha256, cfg.variant_data_sha256 = data.original_sha256, data.variant_sha256
-    start, end = partition_range(len(data.queries), cfg.partition_start, cfg.partition_end)
-    return data, start, end
+def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None):
+    from .projection import CALIBRATION_SAMPLES, SKETCHES, make_projected_featurizer
+
+    calibration, allocation_path = None, None
+    if cfg.projection in SKETCHES and data is not None:
+        # The first originals of the whole dataset: the same for every partition and both settings.
+        calibration = [encode(lm.tokenizer, s, cfg.max_length) for s in data.originals[:CALIBRATION_SAMPLES]]
+        allocation_path = allocation_file(cfg.output_dir, cfg.projection, manifest_key(store_manifest(cfg)))
+    return make_projected_featurizer(cfg, lm, memory_budget_bytes() // 4, calibration, allocation_path)
 
 
-def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
-    data, start, end = prepare(cfg)
-    partitioned = (start, end) != (0, len(data.queries))
-    paths = RunPaths(Path(cfg.output_dir) / cfg.computation_type / run_name(cfg), start, end, partitioned)
-    ensure_writable_dir(paths.part_dir if partitioned else paths.run_dir)
-    device = lm.device if lm is not None else resolve_device(cfg)
-    log.info("gradsim %s: model=%s device=%s dtype=%s queries=[%d, %d) of %d", __version__, cfg.model_name, device,
-             cfg.dtype, start, end, len(data.queries))
-    lm = lm or load_model(cfg, device)
-    cfg.model_revision, cfg.chat_template_sha256 = lm.revision, lm.chat_template_sha256
-    cfg.code_version = code_version()
-    max_length = min(cfg.max_length or lm.context_length, lm.context_length)
-    cfg.max_length = max_length
-
-    if paths.results.exists():
-        done = read_json(paths.results)
-        if done.get("compat") == cfg.compat():
-            log.info("already finished: %s", paths.results)
-            return done
-        raise GradsimError(f"{paths.results} exists from a different configuration: use another --output-dir or remove it")
-
+def score_projected(parts: list[Part], lm: LoadedModel) -> None:
+    cfg, data = parts[0].cfg, parts[0].data
     featurizer = make_featurizer(cfg, lm, data)
     layout = featurizer.layout
-    cands = candidate_lists(data, cfg.candidates, cfg.top_k)[start:end]
-    needed = sorted({j for c in cands for j in c})
-    scratch_gb = len(needed) * layout.total * 4 / 2**30
-    if not cfg.use_random_projection and scratch_gb > float(os.environ.get("GRADSIM_SCRATCH_GB", "100")):
-        raise GradsimError(
-            f"exact gradients of {len(needed)} originals need {scratch_gb:.0f} GB of scratch: add --use-random-projection "
-            "(or raise GRADSIM_SCRATCH_GB if the disk really has room)")
-
-    # Resume: keep finished queries and sample metrics from an earlier attempt of this same partition.
-    paths.results.parent.mkdir(parents=True, exist_ok=True)
-    progress = read_jsonl_tolerant(paths.progress)
-    if progress and progress[0].get("compat") != cfg.compat():
-        log.warning("progress file %s is from another configuration; starting this partition afresh", paths.progress)
-        progress = []
-    if not progress:
-        paths.progress.unlink(missing_ok=True)
-        append_jsonl(paths.progress, {"kind": "header", "compat": cfg.compat()})
-    done_queries = {r["index"]: r for r in progress if r.get("kind") == "query"}
-    for r in progress:
-        if r.get("kind") == "block":
-            done_queries.update(load_block(paths, r))
-    metrics = [r["metric"] for r in progress if r.get("kind") == "metric"]
-    if done_queries:
-        log.info("resuming: %d of %d queries already scored", len(done_queries), end - start)
-
-    todo = [qi for qi in range(start, end) if qi not in done_queries]
-    need_originals = sorted({j for qi in todo for j in cands[qi - start]})
-    enc_orig = {j: encode(lm.tokenizer, data.originals[j], max_length)
-                for j in progress_bar(need_originals, desc="encoding originals", unit="sample")}
-    enc_query = {qi: encode(lm.tokenizer, data.queries[qi], max_length)
-                 for qi in progress_bar(todo, desc="encoding queries", unit="sample")}
-
-    store = open_original_store(cfg, paths, featurizer, data, needed)
-    row_of = {j: r for r, j in enumerate(store_index(store, data))}
-    featurize_originals(store, featurizer, lm.tokenizer, [row_of[j] for j in need_originals], enc_orig, data, cfg, device,
-                        paths, metrics)
-
-    per_sample_bytes = layout.total * 4
-    corpus = cfg.candidates == "all"
-    block = max(1, min(256 if corpus else 64, memory_budget_bytes() // per_sample_bytes))
-    bar = progress_bar(total=len(todo), desc="gradients (queries)", unit="sample")
-    for b0 in range(0, len(todo), block):
-        block_q = todo[b0:b0 + block]
-        feats, m = featurize(featurizer, [enc_query[qi] for qi in block_q], device, cfg.dtype, "query", bar)
-        q = torch.from_numpy(feats)
-        qself = per_matrix_self_dots(layout, q)
-        if corpus:
-            recs = score_against_corpus(store, layout, q, qself, block_q, [cands[qi - start] for qi in block_q], row_of,
-                                        paths)
-        else:
-            recs = []
-            for i, qi in enumerate(block_q):
-                ofeats, oself = gather_rows(store, [row_of[j] for j in cands[qi - start]])
-                dots = dense_dots(layout, q[i:i + 1], ofeats)[0]
-                recs.append({"kind": "query", "index": qi, "dots": dots, "qself": qself[i], "cself": oself})
-                append_jsonl(paths.progress, recs[-1])
-        for rec, row in zip(recs, m):
-            append_jsonl(paths.progress, {"kind": "metric", "metric": row})
-            done_queries[rec["index"]] = rec
-            metrics.append(row)
-    bar.close()
-    baselines = baseline_scores(cfg, lm, data, cands, start, end, paths, metrics) if cfg.baselines else {}
-
-    result = assemble(cfg, lm, data, cands, start, end, layout.names, done_queries, featurizer, baselines)
-    write_outputs(paths, cfg, result, done_queries, start, end, metrics)
-    paths.progress.unlink(missing_ok=True)
-    shutil.rmtree(block_dir(paths), ignore_errors=True)
-    if not cfg.use_random_projection:
-        shutil.rmtree(store.root, ignore_errors=True)  # exact gradients are 0.5 GB a sample: scratch only
-        with contextlib.suppress(OSError):
-            store.root.parent.rmdir()  # .scratch, when no other partition is using it
-    return read_json(paths.results)  # the result as stored, whether computed now or earlier
+    for p in parts:
+        p.featurizer_spec = featurizer.spec
+    manifest = dict(store_manifest(cfg), featurizer=featurizer.spec)
+    store = FeatureStore.open(feature_store_dir(cfg.output_dir, manifest_key(manifest), "originals"), manifest,
+                              [s.id for s in data.originals], layout.total,
+                              max(1, min(256, memory_budget_bytes() // (layout.total * 4))))
+    row_of = {j: j for j in range(len(data.originals))}
+    need = sorted({j for p in parts for qi in p.todo for j in p.cands[qi - p.start]})
+    featurize_into_store(store, featurizer, lm, need, data, cfg, parts[0])
+    block = max(1, min(256 if cfg.candidates == "all" else 64, memory_budget_bytes() // (layout.total * 4)))
+    for p in parts:
+        todo = p.todo
+        enc = dict(zip(todo, encode_all(lm, [p.data.queries[qi] for qi in todo], cfg.max_length, "queries")))
+        bar = progress_bar(total=len(todo), desc=f"features ({p.cfg.setting} queries)", unit="sample")
+        for b0 in range(0, len(todo), block):
+            block_q = todo[b0:b0 + block]
+            feats, m = featurize(featurizer, [enc[qi] for qi in block_q], lm.device, cfg.dtype, "query", bar)
+            q = torch.from_numpy(feats)
+            qself = per_matrix_self_dots(layout, q)
+            dots, cself = [], []
+            if cfg.candidates == "all":
+                all_dots, selfd = corpus_dots(store, layout, q)
+                for i, qi in enumerate(block_q):
+                    rows = [row_of[j] for j in p.cands[qi - p.start]]
+                    dots.append(all_dots[i, rows])
+                    cself.append(selfd[rows].astype(np.float32))
+            else:
+                for i, qi in enumerate(block_q):
+                    ofeats, oself = gather_rows(store, [row_of[j] for j in p.cands[qi - p.start]])
+                    dots.append(dense_dots(layout, q[i:i + 1], ofeats)[0])
+                    cself.append(oself)
+            p.record(block_q, dots, list(qself), cself)
+            for row in m:
+                p.metric(row)
+        bar.close()
 
 
-def store_index(store: FeatureStore, data: Dataset) -> list[int]:
-    index = data.original_index()
-    return [index[i] for i in store.ids]
-
-
-def open_original_store(cfg, paths: RunPaths, featurizer, data: Dataset, needed: list[int]) -> FeatureStore:
-    d = featurizer.layout.total
-    shard = max(1, min(256, memory_budget_bytes() // (d * 4)))
-    manifest = store_manifest(cfg)
-    manifest["featurizer"] = getattr(featurizer, "spec", None) or getattr(featurizer, "kind", "exact")
-    if cfg.use_random_projection:
-        # Projected features are small and shared by every partition and both settings.
-        ids = [s.id for s in data.originals]
-        root = Path(cfg.output_dir) / "features" / manifest_key(manifest) / "originals"
-    else:
-        ids = [data.originals[j].id for j in needed]
-        root = paths.run_dir / ".scratch" / f"originals_{paths.stem}_{manifest_key(manifest)}"
-    return FeatureStore.open(root, manifest, ids, d, shard, scratch=not cfg.use_random_projection)
-
-
-def featurize_originals(store, featurizer, tokenizer, rows, encs, data, cfg, device, paths, metrics,
-                        role: str = "original") -> None:
-    index = data.original_index()
+def featurize_into_store(store, featurizer, lm, rows, data, cfg, part: Part, role: str = "original") -> None:
     wanted = {store.shard_of(r) for r in rows}
     todo = [(s, e) for (s, e) in store.shard_ranges() if (s, e) in wanted and not store.has_shard(s, e)]
-    bar = progress_bar(total=sum(e - s for s, e in todo), desc="gradients (originals)", unit="sample")
+    bar = progress_bar(total=sum(e - s for s, e in todo), desc=f"features ({role}s)", unit="sample")
+    index = data.original_index()
     for s, e in todo:
-        shard_encs = []
-        for r in range(s, e):
-            j = index[store.ids[r]]
-            shard_encs.append(encs[j] if j in encs else encode(tokenizer, data.originals[j], cfg.max_length))
-        feats, m = featurize(featurizer, shard_encs, device, cfg.dtype, role, bar)
+        encs = [encode(lm.tokenizer, data.originals[index[store.ids[r]]], cfg.max_length) for r in range(s, e)]
+        feats, m = featurize(featurizer, encs, lm.device, cfg.dtype, role, bar)
         store.write_shard(s, e, feats, per_matrix_self_dots(featurizer.layout, torch.from_numpy(feats)))
         for row in m:
-            append_jsonl(paths.progress, {"kind": "metric", "metric": row})
-            metrics.append(row)
+            part.metric(row)
     bar.close()
 
 
@@ -273,10 +365,6 @@ def gather_rows(store: FeatureStore, rows: list[int]) -> tuple[torch.Tensor, np.
     return torch.from_numpy(feats), selfd
 
 
-def block_dir(paths: RunPaths) -> Path:
-    return paths.progress.with_name(paths.progress.stem + "_blocks")
-
-
 def corpus_dots(store: FeatureStore, layout, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(b, N, M) fp32 per-matrix dots of a query block with every stored original, and the originals'
     (N, M) self-dots, one shard at a time: memory is the block plus one shard, whatever N."""
@@ -288,75 +376,60 @@ def corpus_dots(store: FeatureStore, layout, q: torch.Tensor) -> tuple[np.ndarra
     return dots, selfd
 
 
-def score_against_corpus(store, layout, q, qself, block_q, block_cands, row_of, paths: RunPaths) -> list[dict]:
-    """Score a query block against the whole corpus; its scores go to one .npz beside the progress log
-    (a JSON line per query would be megabytes at LIMA scale)."""
-    dots, selfd = corpus_dots(store, layout, q)
-    rows = np.array([[row_of[j] for j in c] for c in block_cands], dtype=np.int64)
-    name = f"block_{block_q[0]:06d}.npz"
-    atomic_save_npz(block_dir(paths) / name, dots=np.take_along_axis(dots, rows[..., None], axis=1), qself=qself,
-                    rows=rows, oself=selfd, index=np.array(block_q))
-    rec = {"kind": "block", "file": name}
-    append_jsonl(paths.progress, rec)
-    return list(load_block(paths, rec).values())
+# Baselines, results
+# --------------------------------------------------------------------------------------------
 
-
-def load_block(paths: RunPaths, rec: dict) -> dict[int, dict]:
-    with np.load(block_dir(paths) / rec["file"]) as z:
-        return {int(qi): {"kind": "query", "index": int(qi), "dots": z["dots"][i], "qself": z["qself"][i],
-                          "cself": z["oself"][z["rows"][i]].astype(np.float32)} for i, qi in enumerate(z["index"])}
-
-
-def baseline_scores(cfg, lm, data: Dataset, cands, start, end, paths, metrics) -> dict[str, np.ndarray]:
+def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     """(Q, C) scores of the baselines for this partition's queries and candidates."""
     from .baselines import RepresentationFeaturizer, candidate_scores
     from .retrieval import bm25_scores
 
-    out = {"baseline_bm25": candidate_scores(bm25_scores(data), list(range(start, end)), cands)}
+    cfg, data, cands = p.cfg, p.data, p.cands
+    out = {"baseline_bm25": candidate_scores(bm25_scores(data), list(range(p.start, p.end)), cands)}
     rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype)
     manifest = dict(model=cfg.model_name, revision=cfg.model_revision, template=cfg.chat_template_sha256,
                     max_length=cfg.max_length, dtype=cfg.dtype, original_data_sha256=cfg.original_data_sha256,
                     sample_size=cfg.sample_size, featurizer=rep.spec)
-    ids = [s.id for s in data.originals]
-    store = FeatureStore.open(Path(cfg.output_dir) / "features" / manifest_key(manifest) / "representations", manifest,
-                              ids, rep.layout.total, 256)
+    store = FeatureStore.open(feature_store_dir(cfg.output_dir, manifest_key(manifest), "representations"), manifest,
+                              [s.id for s in data.originals], rep.layout.total, 256)
     needed = sorted({j for c in cands for j in c})
-    featurize_originals(store, rep, lm.tokenizer, needed, {}, data, cfg, lm.device, paths, metrics, "representation")
-    encs = [encode(lm.tokenizer, data.queries[qi], cfg.max_length) for qi in range(start, end)]
+    featurize_into_store(store, rep, lm, needed, data, cfg, p, "representation")
+    encs = [encode(lm.tokenizer, data.queries[qi], cfg.max_length) for qi in range(p.start, p.end)]
     qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
-    metrics.extend(m)
+    p.metrics.extend(m)
     orep, oself = gather_rows(store, needed)
     qself = per_matrix_self_dots(rep.layout, torch.from_numpy(qrep))
     dots = dense_dots(rep.layout, torch.from_numpy(qrep), orep)  # (Q, len(needed), 2)
     for m_, name in enumerate(rep.layout.names):
-        full = np.full((end - start, len(data.originals)), np.nan)
+        full = np.full((p.end - p.start, len(data.originals)), np.nan)
         full[:, needed] = cosine(dots[:, :, m_], qself[:, m_:m_ + 1], oself[None, :, m_])
         out[f"baseline_{name}"] = np.stack([full[k, c] for k, c in enumerate(cands)]).astype(np.float32)
     return out
 
 
-def bm25_columns(data: Dataset, cands, top_k: int, start: int, end: int) -> np.ndarray:
+def bm25_columns(p: Part) -> np.ndarray:
     """(Q, 1 + top_k) positions, within each query's full-corpus candidate list, of its BM25 candidates."""
-    bm25 = candidate_lists(data, "bm25", top_k)[start:end]
-    return np.array([[c.index(j) for j in b] for c, b in zip(cands, bm25)], dtype=np.int64)
+    bm25 = candidate_lists(p.data, "bm25", p.cfg.top_k)[p.start:p.end]
+    return np.array([[c.index(j) for j in b] for c, b in zip(p.cands, bm25)], dtype=np.int64)
 
 
-def assemble(cfg, lm, data, cands, start, end, names, done, featurizer, baselines) -> dict:
+def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) -> dict:
+    cfg, data, start, end = p.cfg, p.data, p.start, p.end
     order = list(range(start, end))
     corpus = cfg.candidates == "all"
     dtype = np.float32 if corpus else np.float64  # fp32 dots lose nothing: the matmuls are fp32
-    arrays = {"dots": np.stack([np.asarray(done[qi]["dots"], dtype=dtype) for qi in order]),
-              "qself": np.stack([np.asarray(done[qi]["qself"], dtype=np.float64) for qi in order]),
-              "cself": np.stack([np.asarray(done[qi]["cself"], dtype=dtype) for qi in order])}
+    arrays = {"dots": np.stack([np.asarray(p.done[qi]["dots"], dtype=dtype) for qi in order]),
+              "qself": np.stack([np.asarray(p.done[qi]["qself"], dtype=np.float64) for qi in order]),
+              "cself": np.stack([np.asarray(p.done[qi]["cself"], dtype=dtype) for qi in order])}
     arrays.update(baselines)
     if corpus:
-        arrays["bm25_columns"] = bm25_columns(data, cands, cfg.top_k, start, end)
+        arrays["bm25_columns"] = bm25_columns(p)
     dots, qself, cself = arrays["dots"], arrays["qself"], arrays["cself"]
     whole = subset_scores(dots, qself, cself, slice(None), cfg.computation_type)
     ranks = true_rank(whole)
     queries = []
     for k, qi in enumerate(order):
-        cand_ids = [data.originals[j].id for j in cands[qi - start]]
+        cand_ids = [data.originals[j].id for j in p.cands[qi - start]]
         rec = {"index": qi, "id": data.queries[qi].id, "rank": int(ranks[k])}
         if corpus:  # the full (Q, N) scores are in scores.npz
             top = np.argsort(-np.nan_to_num(whole[k], nan=-np.inf), kind="stable")[:10]
@@ -369,6 +442,9 @@ def assemble(cfg, lm, data, cands, start, end, names, done, featurizer, baseline
             if cfg.computation_type == "dot-product":
                 rec["query_self"], rec["candidate_self"] = qself[k], cself[k]
         queries.append(rec)
+    from .gradients import param_layout
+
+    names = param_layout(lm.model).names
     result = {
         "gradsim_version": cfg.code_version,
         "config": cfg.to_dict(),
@@ -376,17 +452,20 @@ def assemble(cfg, lm, data, cands, start, end, names, done, featurizer, baseline
         "model": {"id": lm.model_id, "revision": lm.revision, "chat_template_sha256": lm.chat_template_sha256},
         "partition": {"start": start, "end": end, "num_queries": len(data.queries)},
         "score": "whole-model dot product" if cfg.computation_type == "dot-product" else "cosine similarity",
-        "featurizer": getattr(featurizer, "spec", None) or {"kind": getattr(featurizer, "kind", "exact")},
+        "featurizer": p.featurizer_spec or {"kind": "exact"},
         "parameter_names": names,
         "queries": queries,
     }
+    if cost is not None:
+        result["cost"] = cost
     result.update(summarize_arrays(names, arrays, cfg.computation_type))
     result["_arrays"] = arrays
     return result
 
 
-def write_outputs(paths: RunPaths, cfg: Config, result: dict, done, start, end, metrics) -> None:
-    atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=np.arange(start, end))
-    atomic_write_jsonl(paths.metrics, metrics)
-    atomic_write_json(paths.config, {"config": cfg.to_dict(), "compat": cfg.compat(), "argv": sys.argv})
+def write_outputs(p: Part, result: dict) -> None:
+    paths = p.paths
+    atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=np.arange(p.start, p.end))
+    atomic_write_jsonl(paths.metrics, p.metrics)
+    atomic_write_json(paths.config, {"config": p.cfg.to_dict(), "compat": p.cfg.compat(), "argv": sys.argv})
     atomic_write_json(paths.results, result)  # last: its existence marks the partition as finished

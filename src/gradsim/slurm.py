@@ -206,24 +206,34 @@ def resources_from(args: argparse.Namespace) -> Resources:
 # --------------------------------------------------------------------------------------------
 
 def _install_test_slowdown() -> None:
-    """GRADSIM_TEST_SLOWDOWN=S sleeps S seconds before each query block, so that the integration
-    tests can preempt a task while it is mid-run; it also logs which queries were computed."""
+    """GRADSIM_TEST_SLOWDOWN=S sleeps S seconds before each query's gradient or features, so that the
+    integration tests can preempt a task while it is mid-run; it also logs which queries were computed."""
     seconds = float(os.environ.get("GRADSIM_TEST_SLOWDOWN", "0") or 0)
     if seconds <= 0:
         return
     import gradsim.run as runmod
+    from gradsim.stream import ExactStream
 
-    real = runmod.featurize
+    real_featurize, real_gradient = runmod.featurize, ExactStream._gradient
 
     def slow(featurizer, encs, device, dtype, role, *args, **kwargs):
         if role == "query":
             time.sleep(seconds * len(encs))
-        out = real(featurizer, encs, device, dtype, role, *args, **kwargs)
+        out = real_featurize(featurizer, encs, device, dtype, role, *args, **kwargs)
         if role == "query":
             log.info("test slowdown: featurized queries %s", " ".join(e.id for e in encs))
         return out
 
+    def slow_gradient(self, enc, role, out, q=None):
+        if role == "query":
+            time.sleep(seconds)
+        g = real_gradient(self, enc, role, out, q)
+        if role == "query":
+            log.info("test slowdown: featurized queries %s", enc.id)
+        return g
+
     runmod.featurize = slow
+    ExactStream._gradient = slow_gradient
 
 
 class PartitionTask(submitit.helpers.Checkpointable):
@@ -268,7 +278,7 @@ class Plan:
 
 
 def _paths(run_dir: Path, s: int, e: int, num_queries: Optional[int]):
-    from .run import RunPaths
+    from .layout import RunPaths
 
     # A single partition covering every query is an ordinary run: its files are not under partitions/.
     return RunPaths(Path(run_dir), s, e, partitioned=(s, e) != (0, num_queries))
@@ -316,7 +326,7 @@ def _abs_if_path(v: str) -> str:
 def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Resources) -> Plan:
     from .cli import build_parser, config_from_args
     from .data import load_dataset, partition_range
-    from .run import run_name
+    from .layout import run_dir as run_dir_of, slurm_dir
 
     if backend not in BACKENDS:
         raise GradsimError(f"unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -324,13 +334,16 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
     parsed = build_parser().parse_args(argv_main)  # a typo in a flag fails here, not in N jobs
     cfg = config_from_args(argv_main)
     cfg.validate()
+    if cfg.setting == "both":
+        raise GradsimError("compute.py submits one setting per job array: run it once with --setting paraphrased "
+                           "and once with --setting model-generated (or run --setting both on one node)")
     data = load_dataset(cfg.original_data, cfg.variant_data, cfg.sample_size)
     start, end = partition_range(len(data.queries), cfg.partition_start, cfg.partition_end)
     # The tasks get their own range; drop the user's overall range from what they are passed.
     passthrough = strip_flags(argv_main, ("--partition-start", "--partition-end"))
     if cfg.output_dir and parsed.output_dir is None:
         passthrough += ["--output-dir", str(Path(cfg.output_dir).resolve())]
-    run_dir = Path(cfg.output_dir).resolve() / cfg.computation_type / run_name(cfg)
+    run_dir = run_dir_of(cfg).resolve()
     ranges = split_ranges(start, end, num_partitions)
     todo = []
     for s, e in ranges:
@@ -344,7 +357,7 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
             continue
         todo.append((s, e))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
-    sub_dir = Path(cfg.output_dir).resolve() / "slurm" / cfg.computation_type / run_name(cfg) / f"{stamp}-{backend}"
+    sub_dir = slurm_dir(Path(cfg.output_dir).resolve(), cfg.computation_type, run_dir.name) / f"{stamp}-{backend}"
     return Plan(backend, cfg, passthrough, run_dir, sub_dir, len(data.queries), ranges, todo, resources)
 
 
@@ -393,10 +406,20 @@ def sbatch_script(p: Plan, template_path: Path = TEMPLATE) -> str:
     return render_template(template_path.read_text(), values)
 
 
-def _submitit_executor(p: Plan) -> submitit.SlurmExecutor:
+class _OfflineSlurmExecutor(submitit.SlurmExecutor):
+    """For --dry-run only: renders submitit's script on a machine without Slurm (the real executor
+    refuses to be built where there is no srun)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def _submitit_executor(p: Plan, dry_run: bool = False) -> submitit.SlurmExecutor:
     r = p.resources
     # SlurmExecutor, not AutoExecutor: the python command (container prefix) is a constructor argument.
-    ex = submitit.SlurmExecutor(folder=p.sub_dir / "submitit", max_num_timeout=r.max_requeues, python=r.task_command())
+    cls = _OfflineSlurmExecutor if dry_run else submitit.SlurmExecutor
+    ex = cls(folder=p.sub_dir / "submitit", max_num_timeout=r.max_requeues, python=r.task_command())
     params: dict[str, Any] = {"job_name": p.job_name, "time": time_minutes(r.time), "signal_delay_s": r.signal_delay_s}
     for key in ("partition", "mem", "account", "qos", "cpus_per_task"):
         if getattr(r, key):
@@ -418,7 +441,7 @@ def submitit_script(p: Plan) -> str:
     """The sbatch script submitit will write for this array (its own renderer, so it is exact)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    ex = _submitit_executor(p)
+    ex = _submitit_executor(p, dry_run=True)
     return _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, map_count=len(p.todo),
                                **ex.parameters)
 
@@ -512,10 +535,10 @@ def compute_main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.status:
             from .cli import config_from_args
-            from .run import run_name
+            from .layout import run_dir as run_dir_of, slurm_dir
 
             cfg = config_from_args(strip_flags(_absolute_paths(main_argv), ("--partition-start", "--partition-end")))
-            jobs_dir = Path(cfg.output_dir).resolve() / "slurm" / cfg.computation_type / run_name(cfg)
+            jobs_dir = slurm_dir(Path(cfg.output_dir).resolve(), cfg.computation_type, run_dir_of(cfg).name)
             print(format_status(collect_status([jobs_dir])))
             return 0
         res = resources_from(args)

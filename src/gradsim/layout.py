@@ -1,0 +1,111 @@
+"""Where things live on disk: the one owner of every file and folder name a run writes.
+
+    <output-dir>/<computation-type>/<run name>/            one run (one setting)
+        results.json scores.npz metrics.jsonl config.json  a finished, unpartitioned run (or merged partitions)
+        partitions/results_SSSSS-EEEEE.json ...            the same files of one query range
+        progress[_SSSSS-EEEEE].jsonl + _blocks/            resume log of an unfinished run and its block files
+        .scratch/                                          kept exact gradients (deleted when the run ends)
+        selection[_bm25].json                              greedy matrix selection
+    <output-dir>/features/<key>/originals|representations  projected / representation feature stores (shared)
+    <output-dir>/features/<projection>-allocations/<key>.json
+    <output-dir>/slurm/<computation-type>/<run name>/<stamp>-<backend>/   submissions
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def run_name(setting: str, candidates: str, use_random_projection: bool, projection: str, proj_dim: int) -> str:
+    name = setting
+    if candidates == "all":
+        name += "-all"
+    if use_random_projection:
+        name += f"-{projection}{proj_dim}"
+    return name
+
+
+def run_dir(cfg) -> Path:
+    """The run folder of one setting of ``cfg`` (a Config)."""
+    return (Path(cfg.output_dir) / cfg.computation_type
+            / run_name(cfg.setting, cfg.candidates, cfg.use_random_projection, cfg.projection, cfg.proj_dim))
+
+
+def features_root(output_dir) -> Path:
+    return Path(output_dir) / "features"
+
+
+def feature_store_dir(output_dir, key: str, what: str) -> Path:
+    """A shared feature store: ``what`` is ``originals`` (projected gradients) or ``representations``."""
+    return features_root(output_dir) / key / what
+
+
+def allocation_file(output_dir, projection: str, key: str) -> Path:
+    return features_root(output_dir) / f"{projection}-allocations" / f"{key}.json"
+
+
+def slurm_dir(output_dir, computation_type: str, name: str) -> Path:
+    return Path(output_dir) / "slurm" / computation_type / name
+
+
+def selection_file(run_dir_: Path, protocol: str = "") -> Path:
+    return Path(run_dir_) / (f"selection_{protocol}.json" if protocol else "selection.json")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one query range [start, end) of a run; an unpartitioned run has no range in its names."""
+
+    run_dir: Path
+    start: int
+    end: int
+    partitioned: bool
+
+    @property
+    def stem(self) -> str:
+        return f"{self.start:05d}-{self.end:05d}"
+
+    @property
+    def part_dir(self) -> Path:
+        return self.run_dir / "partitions"
+
+    def _file(self, kind: str, ext: str) -> Path:
+        if self.partitioned:
+            return self.part_dir / f"{kind}_{self.stem}{ext}"
+        return self.run_dir / f"{kind}{ext}"
+
+    @property
+    def results(self) -> Path:
+        return self._file("results", ".json")
+
+    @property
+    def scores(self) -> Path:
+        return self._file("scores", ".npz")
+
+    @property
+    def metrics(self) -> Path:
+        return self._file("metrics", ".jsonl")
+
+    @property
+    def config(self) -> Path:
+        return self._file("config", ".json")
+
+    @property
+    def progress(self) -> Path:
+        return self._file("progress", ".jsonl")
+
+    @property
+    def blocks(self) -> Path:
+        return self.progress.with_name(self.progress.stem + "_blocks")
+
+    @property
+    def scratch(self) -> Path:
+        return self.run_dir / ".scratch" / self.stem
+
+    @staticmethod
+    def sibling(results_file: Path, kind: str) -> Path:
+        """The ``kind`` file (scores, metrics, config) beside a results file, partitioned or not."""
+        ext = {"scores": ".npz", "metrics": ".jsonl", "config": ".json", "results": ".json"}[kind]
+        name = Path(results_file).name
+        return Path(results_file).with_name(kind + name[len("results"):-len(".json")] + ext)

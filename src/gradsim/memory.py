@@ -1,0 +1,186 @@
+"""Memory of the exact path: what a model needs, how many gradients the budget holds, and refusing
+early (from the model's config alone, before its weights are loaded) what cannot fit.
+
+Exact mode needs, for P parameters, T tokens, L layers, hidden size h and vocabulary V:
+    weights         P x w            (w = 4 bytes; 2 with --dtype bfloat16-weights)
+    gradient buffer P x w            (every parameter's .grad is a view into it)
+    held gradients  k x P x w        (k = the budget's capacity: a query block, or every needed original;
+                                     dots are taken in fp32, a bf16 matrix widened at a time)
+    activations     T x (17 L h a + 12 V)   (a = 4 bytes, 2 under bf16: the usual 34 h bytes per layer and
+                                     token of 16-bit training, scaled to a, plus fp32 logits and their gradient)
+The check before loading assumes T = --max-length, or 2,048 tokens when it is not given (LIMA's longest
+samples; the run then measures the real longest sample).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import EMBEDDED_MODEL, Config, hf_token
+from .errors import GradsimError
+
+log = logging.getLogger("gradsim")
+
+GB = 2**30
+
+
+def budget_gb(value: Optional[float], env: str, default: Optional[float]) -> Optional[float]:
+    """A budget in GB: the flag, else the environment variable, else ``default``."""
+    if value is not None:
+        return float(value)
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        v = -1.0
+    if v < 0:
+        raise GradsimError(f"{env}={raw!r} is not a size in GB: set it to e.g. 8, or unset it")
+    return v
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    layers: int
+    hidden: int
+    vocab: int
+    context: int
+
+    def activation_bytes(self, tokens: int, dtype: str) -> int:
+        a = 2 if dtype.startswith("bfloat16") else 4
+        return int(tokens * (17 * self.layers * self.hidden * a + 12 * self.vocab))
+
+    def exact_bytes(self, tokens: int, dtype: str, held: int) -> dict[str, int]:
+        w = 2 if dtype == "bfloat16-weights" else 4
+        parts = {"weights": self.params * w, "gradient_buffer": self.params * w, "held": held * self.params * w,
+                 "activations": self.activation_bytes(tokens, dtype)}
+        parts["total"] = sum(parts.values())
+        return parts
+
+
+def shape_of_config(config) -> ModelShape:
+    """Parameter count and sizes from a transformers config, on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())  # a tied parameter counts once
+    text = getattr(config, "text_config", None) or config
+    return ModelShape(params, int(getattr(text, "num_hidden_layers", 0) or 0), int(getattr(text, "hidden_size", 0) or 0),
+                      int(getattr(text, "vocab_size", 0) or 0), int(getattr(text, "max_position_embeddings", 0) or 0))
+
+
+def model_shape(cfg: Config) -> Optional[ModelShape]:
+    """The shape of cfg's model from its config file, or None where the config cannot be read here
+    (load_model then reports why)."""
+    from transformers import AutoConfig
+
+    if cfg.model_name == EMBEDDED_MODEL:
+        from .model import embedded_model_dir
+
+        source, kwargs = str(embedded_model_dir()[0]), {}
+    else:
+        source = cfg.model_name
+        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "token": hf_token()}
+    try:
+        return shape_of_config(AutoConfig.from_pretrained(source, **kwargs))
+    except Exception as e:  # unknown id, no network, remote code not trusted: load_model says which
+        log.debug("no shape for %s: %s", cfg.model_name, e)
+        return None
+
+
+def device_bytes(device: torch.device) -> tuple[int, int]:
+    """(total, free now) bytes of the device's memory: host RAM for the CPU."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total), int(free)
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.total), int(vm.available)
+
+
+def check_exact_fits(cfg: Config, device: torch.device) -> None:
+    """Refuse, before loading weights, a run whose model cannot fit the device or whose budget holds
+    no gradient, naming the numbers and the flag to change."""
+    from .model import check_dtype
+
+    check_dtype(cfg.dtype, device)
+    shape = model_shape(cfg)
+    if shape is None:
+        return
+    grad = shape.params * (2 if cfg.dtype == "bfloat16-weights" else 4)
+    budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
+    if budget is not None and budget * GB < grad:
+        raise GradsimError(f"--memory-gb {budget:g} holds no exact gradient of {cfg.model_name} "
+                           f"({shape.params / 1e9:.2f}B parameters: {grad / GB:.2f} GB each): set --memory-gb "
+                           f"(GRADSIM_MEMORY_GB) to at least {grad / GB:.2f}, or use --use-random-projection")
+    tokens = min(cfg.max_length or 2048, shape.context or 2048)
+    need = shape.exact_bytes(tokens, cfg.dtype, held=1)
+    total, _free = device_bytes(device)
+    if need["total"] > total:
+        hint = ("--dtype bfloat16-weights, " if cfg.dtype != "bfloat16-weights" else "") + \
+            "--use-random-projection, a shorter --max-length or a larger device"
+        raise GradsimError(f"exact gradients of {cfg.model_name} ({shape.params / 1e9:.2f}B parameters) need "
+                           f"{need['total'] / GB:.1f} GB on {device} (weights, gradient buffer, one held gradient, "
+                           f"activations of {tokens} tokens); it has {total / GB:.1f} GB: use {hint}")
+
+
+def gradient_capacity(cfg: Config, grad_bytes: int, device: torch.device, tokens: int = 0,
+                      shape: Optional[ModelShape] = None) -> int:
+    """How many exact gradients the budget holds: --memory-gb, else half the free host memory on the
+    CPU or 90% of the free GPU memory, after the model, its gradient buffer and its activations."""
+    budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
+    if budget is None:
+        _total, free = device_bytes(device)
+        act = shape.activation_bytes(tokens, cfg.dtype) if shape is not None else 0
+        budget_bytes = int(max(0, free - act) * (0.9 if device.type == "cuda" else 0.5))
+    else:
+        budget_bytes = int(budget * GB)
+    capacity = budget_bytes // grad_bytes
+    if capacity < 1:
+        raise GradsimError(f"the memory budget ({budget_bytes / GB:.2f} GB) holds no exact gradient of "
+                           f"{grad_bytes / GB:.2f} GB: set --memory-gb (GRADSIM_MEMORY_GB) to at least "
+                           f"{grad_bytes / GB:.2f}, or use --use-random-projection")
+    return int(capacity)
+
+
+# Real shapes, for the table in the README (python -m gradsim.memory); parameter counts from bench/make_model.py --meta.
+KNOWN_SHAPES = {
+    "SmolLM2-135M (embedded)": ModelShape(134_515_008, 30, 576, 49152, 8192),
+    "AMD-OLMo-1B-SFT (1.2B)": ModelShape(1_176_764_416, 16, 2048, 50304, 2048),
+    "Llama-2-7B shape": ModelShape(6_738_415_616, 32, 4096, 32000, 4096),
+}
+
+
+def memory_table(tokens: int = 2048) -> str:
+    """Markdown: GB needed on the device per model and mode, with one held gradient (the minimum) and
+    the gradient size that each further held gradient adds."""
+    rows = ["| model | params | exact fp32 | exact bf16 autocast | exact bf16 weights | + per held gradient (fp32 / bf16) |",
+            "|---|---|---|---|---|---|"]
+    for name, shape in KNOWN_SHAPES.items():
+        cells = [f"{shape.exact_bytes(tokens, d, held=1)['total'] / GB:.1f}"
+                 for d in ("float32", "bfloat16", "bfloat16-weights")]
+        rows.append(f"| {name} | {shape.params / 1e9:.2f}B | {' | '.join(cells)} | {shape.params * 4 / GB:.2f} / {shape.params * 2 / GB:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Print the table for the given token counts (default 512 and 2048)."""
+    import sys
+
+    for t in map(int, (sys.argv[1:] if argv is None else argv) or ["512", "2048"]):
+        print(f"\nExact path, GB on the device for samples of {t} tokens (one held gradient):\n")
+        print(memory_table(t))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
