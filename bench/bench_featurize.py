@@ -55,7 +55,7 @@ def load(args):
     rows = load_samples(str(args.data))
     encs = [encode(lm.tokenizer, s, args.max_length) for s in rows[: args.samples]]
     # countsketch's calibration: the 8 rows after the benchmark's (held out from it) when there are any
-    cal = rows[args.samples: args.samples + 8] or rows[:8]
+    cal = rows[args.samples : args.samples + 8] or rows[:8]
     args.calibration = [encode(lm.tokenizer, s, args.max_length) for s in cal]
     return lm, encs
 
@@ -80,7 +80,7 @@ def gram_by_matrix(x, layout, chunk: int = 1 << 21) -> np.ndarray:
     g = np.zeros((x.shape[0], x.shape[0], len(layout.names)))
     for m, (_, lo, hi) in enumerate(layout.slices()):
         for c0 in range(lo, hi, chunk):
-            block = torch.from_numpy(np.asarray(x[:, c0:min(c0 + chunk, hi)], dtype=np.float64))
+            block = torch.from_numpy(np.asarray(x[:, c0 : min(c0 + chunk, hi)], dtype=np.float64))
             g[:, :, m] += (block @ block.T).numpy()
     return g
 
@@ -90,8 +90,12 @@ def timed_features(featurizer, encs, batch: int):
     t0 = time.perf_counter()
     out = []
     for b0 in range(0, len(encs), batch):
-        chunk = encs[b0:b0 + batch]
-        f = featurizer.features_batch(chunk) if hasattr(featurizer, "features_batch") else featurizer.features(chunk[0])[None]
+        chunk = encs[b0 : b0 + batch]
+        f = (
+            featurizer.features_batch(chunk)
+            if hasattr(featurizer, "features_batch")
+            else featurizer.features(chunk[0])[None]
+        )
         out.extend(f.detach().float().cpu().numpy().copy())
     return time.perf_counter() - t0, out
 
@@ -104,8 +108,11 @@ def worker(args) -> dict:
     method = args.worker
     if method == "peak":
         # bf16 at 512^3: where the CPU has no bf16 instructions a 2048^3 bf16 matmul takes over a minute.
-        return {"method": "peak", "fp32_gflops": matmul_gflops(torch.float32, reps=10),
-                "bf16_gflops": matmul_gflops(torch.bfloat16, n=512, reps=3)}
+        return {
+            "method": "peak",
+            "fp32_gflops": matmul_gflops(torch.float32, reps=10),
+            "bf16_gflops": matmul_gflops(torch.bfloat16, n=512, reps=3),
+        }
     lm, encs = load(args)
     encs = encs[: args.worker_samples or len(encs)]
     tokens = sum(e.num_tokens for e in encs)
@@ -116,8 +123,9 @@ def worker(args) -> dict:
     if method.startswith("exact"):
         dtype = method.split("-")[1]
         f = ExactFeaturizer(lm.model, lm.device, dtype)
-        mm = np.lib.format.open_memmap(scratch / f"exact-{dtype}.npy", mode="w+", dtype=np.float32,
-                                       shape=(nfid, f.layout.total))
+        mm = np.lib.format.open_memmap(
+            scratch / f"exact-{dtype}.npy", mode="w+", dtype=np.float32, shape=(nfid, f.layout.total)
+        )
         rec["seconds"] = 0.0
         for i, e in enumerate(encs):
             t0 = time.perf_counter()
@@ -130,8 +138,9 @@ def worker(args) -> dict:
         np.save(scratch / f"gram-{method}.npy", gram_by_matrix(mm, f.layout))
         if dtype == "bfloat16":  # per-sample gradient cosine against fp32
             ref = np.load(scratch / "exact-float32.npy", mmap_mode="r")
-            rec["cosine_vs_fp32"] = [float(np.dot(mm[i], ref[i]) / np.linalg.norm(mm[i]) / np.linalg.norm(ref[i]))
-                                     for i in range(nfid)]
+            rec["cosine_vs_fp32"] = [
+                float(np.dot(mm[i], ref[i]) / np.linalg.norm(mm[i]) / np.linalg.norm(ref[i])) for i in range(nfid)
+            ]
         rec["layout"] = f.layout.names
     elif method.startswith(("factorized", "trak")):
         kind, k, dtype, batch = method.split("-")  # e.g. factorized-4096-float32-b1
@@ -165,8 +174,12 @@ def worker(args) -> dict:
         rec["fidelity_by_dims"] = {}
         for k in args.sketch_dims:
             f = CountSketchFeaturizer(lm.model, lm.device, "float32", k, 42, calibration=args.calibration)
-            feats = np.stack([f.sketch(torch.from_numpy(np.array(ref[i])), torch.empty(f.layout.total)).numpy()
-                              for i in range(ref.shape[0])])
+            feats = np.stack(
+                [
+                    f.sketch(torch.from_numpy(np.array(ref[i])), torch.empty(f.layout.total)).numpy()
+                    for i in range(ref.shape[0])
+                ]
+            )
             np.save(scratch / f"gram-countsketch-{k}-sweep.npy", gram_by_matrix(feats, f.layout))
             rec["fidelity_by_dims"][k] = int(f.layout.total)
         rec["samples"] = 0
@@ -204,8 +217,12 @@ def worker(args) -> dict:
                 c = gc.gradient(encs[ci])
                 float(torch.dot(q, c) / (q.norm() * c.norm()))
         rec["seconds"] = time.perf_counter() - t0
-        rec.update(queries=nq, backward_passes=gc.backward_passes, samples=6 * nq,
-                   tokens=sum(encs[qi].num_tokens + sum(e.num_tokens for e in encs[qi + 1:qi + 6]) for qi in range(nq)))
+        rec.update(
+            queries=nq,
+            backward_passes=gc.backward_passes,
+            samples=6 * nq,
+            tokens=sum(encs[qi].num_tokens + sum(e.num_tokens for e in encs[qi + 1 : qi + 6]) for qi in range(nq)),
+        )
     elif method == "b-naive-trak":
         from trak.projectors import BasicProjector, ProjectionType
 
@@ -222,10 +239,17 @@ def worker(args) -> dict:
             proj.project(g[:sub][None].contiguous(), model_id=0)
             t_proj += time.perf_counter() - t0
         scale = f.layout.total / sub
-        rec.update(samples=ns, tokens=sum(e.num_tokens for e in encs[:ns]), backward_passes=f.backward_passes,
-                   seconds_gradient=t_grad, seconds_projection_measured=t_proj, projected_params=sub,
-                   seconds=t_grad + t_proj * scale, extrapolated=f"projection x{scale:.1f} from {sub:,} of "
-                   f"{f.layout.total:,} gradient entries", dims=args.b_dim)
+        rec.update(
+            samples=ns,
+            tokens=sum(e.num_tokens for e in encs[:ns]),
+            backward_passes=f.backward_passes,
+            seconds_gradient=t_grad,
+            seconds_projection_measured=t_proj,
+            projected_params=sub,
+            seconds=t_grad + t_proj * scale,
+            extrapolated=f"projection x{scale:.1f} from {sub:,} of {f.layout.total:,} gradient entries",
+            dims=args.b_dim,
+        )
     else:
         raise SystemExit(f"unknown method {method}")
     rec["peak_rss_mb"] = peak_rss_mb()
@@ -250,8 +274,12 @@ def fidelity(scratch: Path, method: str, exact_gram: np.ndarray) -> dict | None:
     err = np.abs(a - b)[off]
     top_a = np.where(off, a, -np.inf).argmax(1)
     top_b = np.where(off, b, -np.inf).argmax(1)
-    return {"cos_mae": float(err.mean()), "cos_max_err": float(err.max()), "top1_agreement": float((top_a == top_b).mean()),
-            "pairs": int(off.sum())}
+    return {
+        "cos_mae": float(err.mean()),
+        "cos_max_err": float(err.max()),
+        "top1_agreement": float((top_a == top_b).mean()),
+        "pairs": int(off.sum()),
+    }
 
 
 def run_all(args) -> dict:
@@ -266,8 +294,11 @@ def run_all(args) -> dict:
     methods += [f"factorized-{args.proj_dim}-float32-b1", f"factorized-{args.proj_dim}-bfloat16-b1", "exact-bfloat16"]
     methods += [f"factorized-{k}-float32-b1" for k in sorted(set(args.fidelity_dims) - {args.proj_dim})]
     methods += ["countsketch-sweep"]
-    methods += ["b-naive-trak", f"trak-{args.trak_dim}-float32-b{args.trak_batch}",
-                f"factorized-{args.proj_dim}-float32-b{args.batch}"]
+    methods += [
+        "b-naive-trak",
+        f"trak-{args.trak_dim}-float32-b{args.trak_batch}",
+        f"factorized-{args.proj_dim}-float32-b{args.batch}",
+    ]
     if args.only:
         methods = [m for m in methods if m in ("peak", "exact-float32") or m in args.only]
     full = {"exact-float32", ts, cs} | set(args.full or [])
@@ -296,8 +327,11 @@ def run_all(args) -> dict:
                 rec["fidelity_by_dims"][k] = dict(fidelity(scratch, f"countsketch-{k}-sweep", exact_gram), dims=dims)
         out["records"].append(rec)
         path.write_text(json.dumps(out, indent=1))  # after every method: a stopped run keeps what finished
-        print(f"{m}: {json.dumps({k: v for k, v in rec.items() if k not in ('layout', 'cosine_vs_fp32')})}", file=sys.stderr,
-              flush=True)
+        print(
+            f"{m}: {json.dumps({k: v for k, v in rec.items() if k not in ('layout', 'cosine_vs_fp32')})}",
+            file=sys.stderr,
+            flush=True,
+        )
     for f in scratch.iterdir():
         f.unlink()
     scratch.rmdir()
@@ -306,10 +340,28 @@ def run_all(args) -> dict:
 
 
 def passthrough(args) -> list[str]:
-    return ["--samples", str(args.samples), "--fidelity-samples", str(args.fidelity_samples), "--data", str(args.data),
-            "--max-length", str(args.max_length), "--a-queries", str(args.a_queries), "--b-samples", str(args.b_samples),
-            "--b-params", str(args.b_params), "--b-dim", str(args.b_dim), "--trak-samples", str(args.trak_samples),
-            "--sketch-dims", *map(str, args.sketch_dims)]
+    return [
+        "--samples",
+        str(args.samples),
+        "--fidelity-samples",
+        str(args.fidelity_samples),
+        "--data",
+        str(args.data),
+        "--max-length",
+        str(args.max_length),
+        "--a-queries",
+        str(args.a_queries),
+        "--b-samples",
+        str(args.b_samples),
+        "--b-params",
+        str(args.b_params),
+        "--b-dim",
+        str(args.b_dim),
+        "--trak-samples",
+        str(args.trak_samples),
+        "--sketch-dims",
+        *map(str, args.sketch_dims),
+    ]
 
 
 def machine_info() -> dict:
@@ -319,34 +371,47 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": round(mem, 1),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(mem, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def table(out: dict) -> str:
     recs = {r["method"]: r for r in out["records"] if "error" not in r}
     peak = recs["peak"]
     params = out["params"]
-    lines = [f"matmul peak (this run): fp32 {peak['fp32_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_gflops']:.0f} GFLOP/s", "",
-             "| method | dims | samples | samples/s | backward passes | peak RSS MB | % fp32 matmul peak (6PT) | "
-             "cos MAE | cos max err | top-1 agree | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"matmul peak (this run): fp32 {peak['fp32_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_gflops']:.0f} GFLOP/s",
+        "",
+        "| method | dims | samples | samples/s | backward passes | peak RSS MB | % fp32 matmul peak (6PT) | "
+        "cos MAE | cos max err | top-1 agree | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in recs.items():
         for k, fid in (r.get("fidelity_by_dims") or {}).items():
-            lines.append(f"| countsketch-{k} (from kept exact grads) | {fid['dims']} | {fid['pairs']} pairs | n/a | n/a | "
-                         f"n/a | n/a | {fid['cos_mae']:.4f} | {fid['cos_max_err']:.4f} | {fid['top1_agreement']:.4f} | "
-                         f"{r['loadavg_before'][0]:.1f} |")
+            lines.append(
+                f"| countsketch-{k} (from kept exact grads) | {fid['dims']} | {fid['pairs']} pairs | n/a | n/a | "
+                f"n/a | n/a | {fid['cos_mae']:.4f} | {fid['cos_max_err']:.4f} | {fid['top1_agreement']:.4f} | "
+                f"{r['loadavg_before'][0]:.1f} |"
+            )
         if name == "peak" or "seconds" not in r:
             continue
         sps = r["samples"] / r["seconds"]
         frac = 6 * params * r["tokens"] / r["seconds"] / 1e9 / peak["fp32_gflops"]
         fid = r.get("fidelity") or {}
         fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a"  # noqa: E731
-        lines.append(f"| {name}{' (extrapolated)' if 'extrapolated' in r else ''} | {r.get('dims', 'full')} | "
-                     f"{r['samples']} | {sps:.3f} | {r['backward_passes']} | {r['peak_rss_mb']:.0f} | {100 * frac:.0f}% | "
-                     f"{fmt(fid.get('cos_mae'))} | {fmt(fid.get('cos_max_err'))} | {fmt(fid.get('top1_agreement'))} | "
-                     f"{r['loadavg_before'][0]:.1f} |")
+        lines.append(
+            f"| {name}{' (extrapolated)' if 'extrapolated' in r else ''} | {r.get('dims', 'full')} | "
+            f"{r['samples']} | {sps:.3f} | {r['backward_passes']} | {r['peak_rss_mb']:.0f} | {100 * frac:.0f}% | "
+            f"{fmt(fid.get('cos_mae'))} | {fmt(fid.get('cos_max_err'))} | {fmt(fid.get('top1_agreement'))} | "
+            f"{r['loadavg_before'][0]:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -365,11 +430,16 @@ def ratios(out: dict) -> str:
             lines.append(f"- {m}: {s / ex:.2f} x the time of an exact fp32 forward+backward per sample")
         if m.startswith(("countsketch", "tensorsketch")) and ex:
             x = r[m]
-            part = (f"; the sketch itself {x['seconds_sketch'] / x['seconds']:.1%} of its time" if "seconds_sketch" in x
-                    else "")
-            lines.append(f"- {m}: {s / ex:.2f} x the time of an exact fp32 forward+backward per sample{part}; "
-                         f"calibration (once per run, {x['calibration_samples']} exact backwards) "
-                         f"{x['seconds_calibration']:.0f} s")
+            part = (
+                f"; the sketch itself {x['seconds_sketch'] / x['seconds']:.1%} of its time"
+                if "seconds_sketch" in x
+                else ""
+            )
+            lines.append(
+                f"- {m}: {s / ex:.2f} x the time of an exact fp32 forward+backward per sample{part}; "
+                f"calibration (once per run, {x['calibration_samples']} exact backwards) "
+                f"{x['seconds_calibration']:.0f} s"
+            )
     if "a-original" in r and ex:
         a = r["a-original"]
         a_q = 6 * a["seconds"] / a["tokens"] * mean_len  # 6 forward/backward passes per query
@@ -377,8 +447,10 @@ def ratios(out: dict) -> str:
             if m.startswith(("exact", "factorized", "countsketch", "tensorsketch")):
                 # gradsim's 1-of-5: each query and each original featurized once (N queries, N originals);
                 # with both settings, each original serves two queries (1.5 featurizations per query).
-                lines.append(f"- end-to-end 1-of-5 per query, (a) {a_q:.1f} s vs {m} {2 * s:.1f} s: {a_q / (2 * s):.1f}x "
-                             f"(both settings: {a_q / (1.5 * s):.1f}x)")
+                lines.append(
+                    f"- end-to-end 1-of-5 per query, (a) {a_q:.1f} s vs {m} {2 * s:.1f} s: {a_q / (2 * s):.1f}x "
+                    f"(both settings: {a_q / (1.5 * s):.1f}x)"
+                )
     for fp32, bf16 in (("exact-float32", "exact-bfloat16"),):
         if fp32 in per and bf16 in per:
             lines.append(f"- {bf16} throughput / {fp32}: {per[fp32] / per[bf16]:.2f}x")
@@ -389,7 +461,9 @@ def ratios(out: dict) -> str:
                 lines.append(f"- {m} throughput / {f32}: {per[f32] / per[m]:.2f}x")
     if "exact-bfloat16" in r and r["exact-bfloat16"].get("cosine_vs_fp32"):
         c = r["exact-bfloat16"]["cosine_vs_fp32"]
-        lines.append(f"- bf16 vs fp32 exact gradient cosine: mean {np.mean(c):.5f}, min {np.min(c):.5f} ({len(c)} samples)")
+        lines.append(
+            f"- bf16 vs fp32 exact gradient cosine: mean {np.mean(c):.5f}, min {np.min(c):.5f} ({len(c)} samples)"
+        )
     return "\n".join(lines)
 
 
@@ -400,13 +474,22 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=LIMA if LIMA.exists() else BUNDLED)
     p.add_argument("--max-length", type=int, default=2048, help="the original study's context (longer samples are cut)")
     p.add_argument("--proj-dim", type=int, default=4096, help="factorized: per-matrix dims timed in bf16 and batched")
-    p.add_argument("--bf16-samples", type=int, default=16, help="samples for the bf16 methods (slow without bf16 hardware)")
+    p.add_argument(
+        "--bf16-samples", type=int, default=16, help="samples for the bf16 methods (slow without bf16 hardware)"
+    )
     p.add_argument("--fidelity-dims", type=int, nargs="+", default=[240, 1024, 4096])
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--sketch-dim", type=int, default=65536, help="tensorsketch, countsketch: total dims timed on every sample")
-    p.add_argument("--sketch-dims", type=int, nargs="+", default=[16384, 65536, 262144],
-                   help="total dims whose fidelity is measured: countsketch from the kept exact gradients, "
-                        "tensorsketch by featurizing the fidelity samples")
+    p.add_argument(
+        "--sketch-dim", type=int, default=65536, help="tensorsketch, countsketch: total dims timed on every sample"
+    )
+    p.add_argument(
+        "--sketch-dims",
+        type=int,
+        nargs="+",
+        default=[16384, 65536, 262144],
+        help="total dims whose fidelity is measured: countsketch from the kept exact gradients, "
+        "tensorsketch by featurizing the fidelity samples",
+    )
     p.add_argument("--a-queries", type=int, default=2)
     p.add_argument("--b-samples", type=int, default=2)
     p.add_argument("--b-params", type=int, default=1_000_000)
@@ -415,10 +498,16 @@ def main() -> int:
     p.add_argument("--trak-dim", type=int, default=32)
     p.add_argument("--trak-batch", type=int, default=8, help="gradients projected per traker call (0.5 GB each)")
     p.add_argument("--only", nargs="+", help="run only these methods (plus peak and exact-float32)")
-    p.add_argument("--full", nargs="+", help="methods timed on every sample besides exact, tensorsketch and countsketch "
-                   "(the others run on the fidelity samples)")
+    p.add_argument(
+        "--full",
+        nargs="+",
+        help="methods timed on every sample besides exact, tensorsketch and countsketch "
+        "(the others run on the fidelity samples)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--scratch-dir", default=None, help="where exact gradients of the fidelity samples go (~0.5 GB each)")
+    p.add_argument(
+        "--scratch-dir", default=None, help="where exact gradients of the fidelity samples go (~0.5 GB each)"
+    )
     p.add_argument("--report", type=Path, help="print the table and ratios of a saved bench_*.json, run nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)

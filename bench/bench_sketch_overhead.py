@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_featurize import LIMA, BUNDLED, machine_info, matmul_gflops  # noqa: E402
+from bench_featurize import BUNDLED, LIMA, machine_info, matmul_gflops  # noqa: E402
 
 
 def shape_gflops(t: int, d: int = 576, ff: int = 1536, kv: int = 192, vocab: int = 49152, reps: int = 3) -> float:
@@ -76,10 +76,19 @@ def main() -> int:
         t_both += time.perf_counter() - t0
         t_sketch += time.perf_counter() - t1
     mean_t = round(sum(e.num_tokens for e in encs) / len(encs))
-    out = {"machine": machine_info(), "argv": sys.argv, "samples": len(encs), "mean_tokens": mean_t,
-           "seconds_gradient_only": t_grad, "seconds_gradient_then_sketch": t_both, "seconds_sketch": t_sketch,
-           "ratio": t_both / t_grad, "sketch_fraction_of_gradient": t_sketch / t_grad,
-           "matmul_peak_2048_gflops": matmul_gflops(torch.float32), "matmul_model_shapes_gflops": shape_gflops(mean_t)}
+    out = {
+        "machine": machine_info(),
+        "argv": sys.argv,
+        "samples": len(encs),
+        "mean_tokens": mean_t,
+        "seconds_gradient_only": t_grad,
+        "seconds_gradient_then_sketch": t_both,
+        "seconds_sketch": t_sketch,
+        "ratio": t_both / t_grad,
+        "sketch_fraction_of_gradient": t_sketch / t_grad,
+        "matmul_peak_2048_gflops": matmul_gflops(torch.float32),
+        "matmul_model_shapes_gflops": shape_gflops(mean_t),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"overhead_{out['machine']['utc'].replace(':', '')}.json"
     path.write_text(json.dumps(out, indent=1))

@@ -89,9 +89,16 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": round(mem, 1),
-            "torch": torch.__version__, "python": platform.python_version(), "utc": utc(),
-            "loadavg": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(mem, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "utc": utc(),
+        "loadavg": os.getloadavg(),
+    }
 
 
 def proc_io() -> dict:
@@ -136,8 +143,12 @@ def matmul_gflops(device, n: int = 2048, reps: int = 10) -> dict:
         torch.mm(a, b)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return {"n": n, "reps": reps, "fp32_gflops": 2 * n**3 / min(times) / 1e9,
-            "fp32_gflops_median": 2 * n**3 / sorted(times)[len(times) // 2] / 1e9}
+    return {
+        "n": n,
+        "reps": reps,
+        "fp32_gflops": 2 * n**3 / min(times) / 1e9,
+        "fp32_gflops_median": 2 * n**3 / sorted(times)[len(times) // 2] / 1e9,
+    }
 
 
 def ensure_model(args) -> Path:
@@ -225,23 +236,42 @@ def run_original(args, lm, datasets) -> dict:
             dots, cself = np.stack(dots), np.stack(cself)
             per, whole = cosines(dots, qself, cself)
             rank = int(1 + (whole[1:] >= whole[0]).sum())  # ties count against the true original
-            queries.append({"setting": setting, "id": q.id, "candidates": [data.originals[j].id for j in cands[qi]],
-                            "tokens": eq.num_tokens, "truncated": eq.truncated, "rank": rank,
-                            "scores": whole.tolist(), "per_matrix": per.tolist()})
-            log(f"(a) {setting} {q.id}: {1 + len(cands[qi])} backward passes, whole-model cosines "
-                f"{np.round(whole, 4).tolist()}, rank {rank}")
+            queries.append(
+                {
+                    "setting": setting,
+                    "id": q.id,
+                    "candidates": [data.originals[j].id for j in cands[qi]],
+                    "tokens": eq.num_tokens,
+                    "truncated": eq.truncated,
+                    "rank": rank,
+                    "scores": whole.tolist(),
+                    "per_matrix": per.tolist(),
+                }
+            )
+            log(
+                f"(a) {setting} {q.id}: {1 + len(cands[qi])} backward passes, whole-model cosines "
+                f"{np.round(whole, 4).tolist()}, rank {rank}"
+            )
     seconds = time.perf_counter() - t_start
     passes = gcomp.backward_passes
     io1 = proc_io()
     rec = {
         "approach": "original study: per query, 1 + candidates backward passes, nothing stored",
-        "queries": len(queries), "backward_passes": passes, "passes_per_query": passes / max(1, len(queries)),
-        "tokens": tokens, "seconds": seconds, "seconds_gradients": t_grad, "seconds_dots": t_dots,
+        "queries": len(queries),
+        "backward_passes": passes,
+        "passes_per_query": passes / max(1, len(queries)),
+        "tokens": tokens,
+        "seconds": seconds,
+        "seconds_gradients": t_grad,
+        "seconds_dots": t_dots,
         "seconds_per_token": seconds / max(1, tokens),
-        "peak_rss_mb": maxrss_mb(), "rss_after_model_load_mb": rss_loaded,
+        "peak_rss_mb": maxrss_mb(),
+        "rss_after_model_load_mb": rss_loaded,
         "bytes_written": io1.get("write_bytes", 0) - io0.get("write_bytes", 0) if io0 else None,
         "bytes_written_source": "/proc/self/io write_bytes during (a)",
-        "max_length": max_length, "parameter_names": names, "per_query": queries,
+        "max_length": max_length,
+        "parameter_names": names,
+        "per_query": queries,
     }
     if lm.device.type == "cuda":
         rec["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(lm.device) / 2**20
@@ -259,10 +289,24 @@ def free_memory() -> None:
 def gradsim_command(args, model_dir: Path, out_dir: Path) -> list[str]:
     uv = shutil.which("uv")
     head = [uv, "run", "main.py"] if uv and not args.no_uv else [sys.executable, str(ROOT / "main.py")]
-    cmd = head + ["--model", str(model_dir), "--setting", "both", "--sample-size", str(args.sample_size),
-                  "--no-baselines", "--max-length", str(args.max_length), "--output-dir", str(out_dir), "-q"]
+    cmd = head + [
+        "--model",
+        str(model_dir),
+        "--setting",
+        "both",
+        "--sample-size",
+        str(args.sample_size),
+        "--no-baselines",
+        "--max-length",
+        str(args.max_length),
+        "--output-dir",
+        str(out_dir),
+        "-q",
+    ]
     if args.device:
         cmd += ["--device", args.device]
+    if args.memory_gb is not None:
+        cmd += ["--memory-gb", str(args.memory_gb)]
     return cmd
 
 
@@ -303,8 +347,13 @@ def expected_gradsim_work(lm, datasets, args) -> dict:
             for j in c:
                 needed.setdefault(data.originals[j].id, data.originals[j])
     to = sum(encode(lm.tokenizer, s, max_length).num_tokens for s in needed.values())
-    return {"queries": nq, "originals_needed": len(needed), "tokens_queries": tq, "tokens_originals_once": to,
-            "min_passes": nq + len(needed)}
+    return {
+        "queries": nq,
+        "originals_needed": len(needed),
+        "tokens_queries": tq,
+        "tokens_originals_once": to,
+        "min_passes": nq + len(needed),
+    }
 
 
 def run_gradsim(args, model_dir: Path, expected: dict | None = None) -> dict:
@@ -315,25 +364,38 @@ def run_gradsim(args, model_dir: Path, expected: dict | None = None) -> dict:
     log(f"(b) {' '.join(cmd)}")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", WRAPPER, str(usage_file)] + cmd, capture_output=True, text=True,
-                         cwd=ROOT, env=env)
+    res = subprocess.run(
+        [sys.executable, "-c", WRAPPER, str(usage_file)] + cmd, capture_output=True, text=True, cwd=ROOT, env=env
+    )
     wall = time.perf_counter() - t0
     usage = read_json(usage_file) or {}
     usage_file.unlink(missing_ok=True)
-    rec = {"approach": "gradsim (main.py --setting both)", "command": cmd, "rc": res.returncode, "wall_s": wall,
-           "stdout_tail": res.stdout[-2000:], "stderr_tail": res.stderr[-3000:], "child_usage": usage,
-           "peak_rss_mb": usage.get("maxrss_kb", 0) / 1024 if usage else None,
-           "child_bytes_written_oublock": usage.get("oublock", 0) * 512 if usage else None,
-           "output_dir_bytes": dir_bytes(out_dir), "env": {k: v for k, v in os.environ.items() if k.startswith("GRADSIM_")}}
+    rec = {
+        "approach": "gradsim (main.py --setting both)",
+        "command": cmd,
+        "rc": res.returncode,
+        "wall_s": wall,
+        "stdout_tail": res.stdout[-2000:],
+        "stderr_tail": res.stderr[-3000:],
+        "child_usage": usage,
+        "peak_rss_mb": usage.get("maxrss_kb", 0) / 1024 if usage else None,
+        "child_bytes_written_oublock": usage.get("oublock", 0) * 512 if usage else None,
+        "output_dir_bytes": dir_bytes(out_dir),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("GRADSIM_")},
+    }
     settings = {}
     for setting in VARIANTS:
         run_dir = out_dir / "gradient-similarity" / setting
         result = read_json(run_dir / "results.json")
         metrics = read_jsonl(run_dir / "metrics.jsonl")
-        settings[setting] = {"results": result is not None, "cost": (result or {}).get("cost"),
-                             "summary": ((result or {}).get("summary") or {}).get("whole_model"),
-                             "queries": (result or {}).get("queries") or [],
-                             "parameter_names": (result or {}).get("parameter_names"), "metrics": metrics}
+        settings[setting] = {
+            "results": result is not None,
+            "cost": (result or {}).get("cost"),
+            "summary": ((result or {}).get("summary") or {}).get("whole_model"),
+            "queries": (result or {}).get("queries") or [],
+            "parameter_names": (result or {}).get("parameter_names"),
+            "metrics": metrics,
+        }
     rec["settings"] = settings
     rec.update(aggregate_gradsim(settings, wall, expected))
     if not args.keep:
@@ -367,19 +429,23 @@ def aggregate_gradsim(settings: dict, wall: float, expected: dict | None = None)
     rows = ms[0] if joint_metrics else [m for x in ms for m in x]
     n_queries = sum(len(s["queries"]) for s in settings.values())
     out = {
-        "cost_counted": "once (both settings report the same cost)" if joint_cost else f"summed over {len(costs)} file(s)",
+        "cost_counted": "once (both settings report the same cost)"
+        if joint_cost
+        else f"summed over {len(costs)} file(s)",
         "metrics_counted": "once (identical in both settings)" if joint_metrics else "summed over settings",
         "queries": n_queries,
         "backward_passes_query": csum("backward_passes", "query"),
         "backward_passes_original": csum("backward_passes", "original"),
         "scratch_bytes_written": csum("scratch_bytes_written"),
         "scratch_bytes_read": csum("scratch_bytes_read"),
-        "held_gradients": max([c.get("held_gradients") for c in costs if isinstance(c.get("held_gradients"), int)],
-                              default=None),
+        "held_gradients": max(
+            [c.get("held_gradients") for c in costs if isinstance(c.get("held_gradients"), int)], default=None
+        ),
         "cost_seconds": csum("seconds"),
         "metrics_passes": len(rows),
         "metrics_passes_by_role": {r: sum(1 for m in rows if m.get("role") == r) for r in ("query", "original")},
-        "tokens": sum(int(m.get("tokens", 0)) for m in rows),
+        # every pass's tokens (the cost object counts each recomputed original; metrics.jsonl lists an original once)
+        "tokens": csum("tokens") or sum(int(m.get("tokens", 0)) for m in rows),
         "metrics_seconds": sum(float(m.get("seconds", 0.0)) for m in rows),
         "reported_passes_per_query": [c.get("passes_per_query") for c in costs],
     }
@@ -396,8 +462,10 @@ def aggregate_gradsim(settings: dict, wall: float, expected: dict | None = None)
             break
     if not out["tokens"] and expected and bq is not None and bo is not None:
         # No metrics: the queries' tokens, plus the originals' at their mean length for each original pass.
-        out["tokens"] = int(expected["tokens_queries"] * bq / max(1, expected["queries"])
-                            + expected["tokens_originals_once"] * bo / max(1, expected["originals_needed"]))
+        out["tokens"] = int(
+            expected["tokens_queries"] * bq / max(1, expected["queries"])
+            + expected["tokens_originals_once"] * bo / max(1, expected["originals_needed"])
+        )
         out["tokens_source"] = "estimated from the encodings and cost.backward_passes (no metrics.jsonl)"
     out["seconds_per_token"] = out["seconds"] / out["tokens"] if out.get("tokens") else None
     return out
@@ -426,8 +494,10 @@ def compare(a: dict, b: dict) -> dict:
             cb = qb["candidates"].index(cid)
             n_pairs += 1
             pa = np.array(qa["per_matrix"][ci], dtype=np.float64)
-            pb = np.array([np.nan if (k is None or qb["per_matrix"][cb][k] is None) else qb["per_matrix"][cb][k]
-                           for k in col], dtype=np.float64)
+            pb = np.array(
+                [np.nan if (k is None or qb["per_matrix"][cb][k] is None) else qb["per_matrix"][cb][k] for k in col],
+                dtype=np.float64,
+            )
             both = ~np.isnan(pa) & ~np.isnan(pb)
             nan_mismatch += int((np.isnan(pa) != np.isnan(pb)).sum())
             if both.any():
@@ -435,9 +505,15 @@ def compare(a: dict, b: dict) -> dict:
                 n_vals += int(both.sum())
             if qb.get("scores") is not None and qb["scores"][cb] is not None:
                 worst_whole = max(worst_whole, abs(qa["scores"][ci] - qb["scores"][cb]))
-    return {"pairs": n_pairs, "values": n_vals, "max_abs_diff_per_matrix_cosine": worst,
-            "max_abs_diff_whole_model_cosine": worst_whole, "nan_mismatches": nan_mismatch,
-            "queries_with_different_rank": rank_diff, "queries_missing_in_b": missing}
+    return {
+        "pairs": n_pairs,
+        "values": n_vals,
+        "max_abs_diff_per_matrix_cosine": worst,
+        "max_abs_diff_whole_model_cosine": worst_whole,
+        "nan_mismatches": nan_mismatch,
+        "queries_with_different_rank": rank_diff,
+        "queries_missing_in_b": missing,
+    }
 
 
 def mean_lima_tokens(tokenizer, context: int) -> dict:
@@ -454,28 +530,48 @@ def mean_lima_tokens(tokenizer, context: int) -> dict:
             continue
         lens.append(e.num_tokens)
         trunc += e.truncated
-    return {"mean_tokens": sum(lens) / len(lens), "samples": len(lens), "truncated": trunc, "max_length": context,
-            "source": f"{LIMA} (first exchange, this model's tokenizer and chat template, truncated at {context})"}
+    return {
+        "mean_tokens": sum(lens) / len(lens),
+        "samples": len(lens),
+        "truncated": trunc,
+        "max_length": context,
+        "source": f"{LIMA} (first exchange, this model's tokenizer and chat template, truncated at {context})",
+    }
 
 
-def estimate(params: int, mean_tokens: float, queries_per_setting: int, settings: int, fraction: float,
-             measured_flops: dict[str, float]) -> dict:
+def estimate(
+    params: int,
+    mean_tokens: float,
+    queries_per_setting: int,
+    settings: int,
+    fraction: float,
+    measured_flops: dict[str, float],
+) -> dict:
     q = queries_per_setting * settings
     flop_per_pass = 6 * params * mean_tokens
     rows = []
     for label, ppq in FULL_PASSES.items():
         flop = q * ppq * flop_per_pass
-        row = {"approach": label, "passes_per_query": ppq, "total_flop": flop,
-               "h100_hours": {k: flop / (peak * fraction) / 3600 for k, peak in H100_PEAKS.items()},
-               "this_machine_hours": {k: flop / f / 3600 for k, f in measured_flops.items() if f}}
+        row = {
+            "approach": label,
+            "passes_per_query": ppq,
+            "total_flop": flop,
+            "h100_hours": {k: flop / (peak * fraction) / 3600 for k, peak in H100_PEAKS.items()},
+            "this_machine_hours": {k: flop / f / 3600 for k, f in measured_flops.items() if f},
+        }
         rows.append(row)
     return {
         "formula": "hours = Q x passes_per_query x 6 x P x L / (peak x fraction) / 3600; "
-                   f"Q = {queries_per_setting} queries x {settings} settings = {q}, P = {params:,} parameters, "
-                   f"L = {mean_tokens:.0f} tokens per sample (forward 2PL + backward 4PL FLOPs per pass; "
-                   "attention's T^2 term left out)",
-        "queries": q, "params": params, "mean_tokens": mean_tokens, "flop_per_pass": flop_per_pass,
-        "assumed_fraction_of_peak": fraction, "h100_peaks_flops": H100_PEAKS, "rows": rows,
+        f"Q = {queries_per_setting} queries x {settings} settings = {q}, P = {params:,} parameters, "
+        f"L = {mean_tokens:.0f} tokens per sample (forward 2PL + backward 4PL FLOPs per pass; "
+        "attention's T^2 term left out)",
+        "queries": q,
+        "params": params,
+        "mean_tokens": mean_tokens,
+        "flop_per_pass": flop_per_pass,
+        "assumed_fraction_of_peak": fraction,
+        "h100_peaks_flops": H100_PEAKS,
+        "rows": rows,
         "kept_originals_scratch_bytes": 4 * params * queries_per_setting,
         "note": "'this machine' uses the FLOP/s achieved in this run by each approach (fp32, this device)",
     }
@@ -498,12 +594,15 @@ def fmt(v, spec=".3g") -> str:
 def report(out: dict) -> str:
     peak = out["peak"]["fp32_gflops"]
     params = out["model"]["params"]
-    lines = [f"model {out['model']['dir']} ({params:,} parameters), first {out['args']['sample_size']} originals, "
-             f"both settings, max length {out['args']['max_length']}, device {out['device']}",
-             f"fp32 matmul peak (this run, {peak:.1f} GFLOP/s at {out['peak']['n']}^3)", "",
-             "| approach | queries | backward passes | passes/query | tokens (fwd+bwd) | seconds | s/token | "
-             "achieved GFLOP/s (6PT) | % of fp32 peak | peak RSS | bytes written |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"model {out['model']['dir']} ({params:,} parameters), first {out['args']['sample_size']} originals, "
+        f"both settings, max length {out['args']['max_length']}, device {out['device']}",
+        f"fp32 matmul peak (this run, {peak:.1f} GFLOP/s at {out['peak']['n']}^3)",
+        "",
+        "| approach | queries | backward passes | passes/query | tokens (fwd+bwd) | seconds | s/token | "
+        "achieved GFLOP/s (6PT) | % of fp32 peak | peak RSS | bytes written |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for key in ("a", "b"):
         r = out.get(key) or {}
         if not r or r.get("error"):
@@ -522,37 +621,54 @@ def report(out: dict) -> str:
             f"{fmt(r.get('seconds'), '.1f')}{' (' + r['seconds_source'] + ')' if key == 'b' and 'seconds_source' in r else ''} | "
             f"{fmt(r.get('seconds_per_token'), '.4f')} | {fmt(gflops, '.1f')} | "
             f"{fmt(100 * gflops / peak if gflops else None, '.0f')}% | {fmt((r.get('peak_rss_mb') or 0) / 1024, '.1f')} GB | "
-            f"{fmt_bytes(written)}{extra} |")
+            f"{fmt_bytes(written)}{extra} |"
+        )
     c = out.get("comparison") or {}
     if c:
-        lines += ["", f"(a) vs (b): {c['pairs']} shared (query, candidate) pairs, {c['values']} per-matrix cosines: "
-                      f"max abs diff {c['max_abs_diff_per_matrix_cosine']:.2e} per matrix, "
-                      f"{c['max_abs_diff_whole_model_cosine']:.2e} whole model; NaN mismatches {c['nan_mismatches']}; "
-                      f"queries ranked differently {c['queries_with_different_rank']}; missing in (b): "
-                      f"{c['queries_missing_in_b'] or 'none'}"]
+        lines += [
+            "",
+            f"(a) vs (b): {c['pairs']} shared (query, candidate) pairs, {c['values']} per-matrix cosines: "
+            f"max abs diff {c['max_abs_diff_per_matrix_cosine']:.2e} per matrix, "
+            f"{c['max_abs_diff_whole_model_cosine']:.2e} whole model; NaN mismatches {c['nan_mismatches']}; "
+            f"queries ranked differently {c['queries_with_different_rank']}; missing in (b): "
+            f"{c['queries_missing_in_b'] or 'none'}",
+        ]
     e = out.get("estimate")
     if e:
-        lines += ["", f"Full-study estimate ({e['queries']} queries, AMD-OLMo-1B shape, L = {e['mean_tokens']:.0f} "
-                      f"tokens: {out['lima_length']['source']}):", f"  {e['formula']}",
-                  f"  H100 columns assume {e['assumed_fraction_of_peak']:.0%} of the dense peak "
-                  f"({', '.join(f'{k} {v / 1e12:.0f} TFLOP/s' for k, v in e['h100_peaks_flops'].items())}); "
-                  f"'this machine' columns use the FLOP/s achieved above.", "",
-                  "| approach | passes/query | PFLOP | " + " | ".join(f"H100 {k} h" for k in H100_PEAKS)
-                  + " | this machine at (a)'s rate h | at (b)'s rate h |",
-                  "|---|---|---|" + "---|" * len(H100_PEAKS) + "---|---|"]
+        lines += [
+            "",
+            f"Full-study estimate ({e['queries']} queries, AMD-OLMo-1B shape, L = {e['mean_tokens']:.0f} "
+            f"tokens: {out['lima_length']['source']}):",
+            f"  {e['formula']}",
+            f"  H100 columns assume {e['assumed_fraction_of_peak']:.0%} of the dense peak "
+            f"({', '.join(f'{k} {v / 1e12:.0f} TFLOP/s' for k, v in e['h100_peaks_flops'].items())}); "
+            f"'this machine' columns use the FLOP/s achieved above.",
+            "",
+            "| approach | passes/query | PFLOP | "
+            + " | ".join(f"H100 {k} h" for k in H100_PEAKS)
+            + " | this machine at (a)'s rate h | at (b)'s rate h |",
+            "|---|---|---|" + "---|" * len(H100_PEAKS) + "---|---|",
+        ]
         for r in e["rows"]:
             tm = r["this_machine_hours"]
-            lines.append(f"| {r['approach']} | {r['passes_per_query']} | {r['total_flop'] / 1e15:.0f} | "
-                         + " | ".join(f"{r['h100_hours'][k]:.2f}" for k in H100_PEAKS)
-                         + f" | {fmt(tm.get('a'), '.0f')} | {fmt(tm.get('b'), '.0f')} |")
-        lines.append(f"(keeping every original's exact fp32 gradient needs {fmt_bytes(e['kept_originals_scratch_bytes'])}"
-                     f" of scratch for {e['queries'] // 2} originals)")
+            lines.append(
+                f"| {r['approach']} | {r['passes_per_query']} | {r['total_flop'] / 1e15:.0f} | "
+                + " | ".join(f"{r['h100_hours'][k]:.2f}" for k in H100_PEAKS)
+                + f" | {fmt(tm.get('a'), '.0f')} | {fmt(tm.get('b'), '.0f')} |"
+            )
+        lines.append(
+            f"(keeping every original's exact fp32 gradient needs {fmt_bytes(e['kept_originals_scratch_bytes'])}"
+            f" of scratch for {e['queries'] // 2} originals)"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("--model", help="model directory (default: bench/make_model.py --shape SHAPE, built when missing)")
     p.add_argument("--shape", default="amd-olmo-1b", help="make_model.py shape when --model is not given")
     p.add_argument("--sample-size", type=int, default=3, help="first N originals (and their variants)")
@@ -561,8 +677,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="device of (a) and, via --device, of (b)")
     p.add_argument("--peak-reps", type=int, default=10)
     p.add_argument("--queries-per-setting", type=int, default=988, help="full-study estimate: queries per setting")
-    p.add_argument("--assumed-fraction", type=float, default=0.4,
-                   help="full-study estimate: achieved fraction of the H100's dense peak (default 0.4)")
+    p.add_argument(
+        "--assumed-fraction",
+        type=float,
+        default=0.4,
+        help="full-study estimate: achieved fraction of the H100's dense peak (default 0.4)",
+    )
+    p.add_argument("--memory-gb", type=float, help="(b)'s --memory-gb (default: gradsim's own, from free memory)")
     p.add_argument("--skip-a", action="store_true", help="run only (b)")
     p.add_argument("--skip-b", action="store_true", help="run only (a)")
     p.add_argument("--no-uv", action="store_true", help="run (b) with this interpreter instead of `uv run`")
@@ -582,9 +703,13 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = utc()
     path = args.out / f"study_scale_{stamp.replace(':', '').replace('-', '')}.json"
-    out: dict = {"utc": stamp, "argv": sys.argv, "args": {k: str(v) if isinstance(v, Path) else v
-                                                           for k, v in vars(args).items()},
-                 "machine": machine_info(), "device": str(device)}
+    out: dict = {
+        "utc": stamp,
+        "argv": sys.argv,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine_info(),
+        "device": str(device),
+    }
 
     def save():
         path.write_text(json.dumps(out, indent=1, default=str))
@@ -599,6 +724,17 @@ def main(argv=None) -> int:
     out["peak"] = matmul_gflops(device, 2048, args.peak_reps)
     out["peak"]["maxrss_mb_before_model"] = maxrss_mb()
     log(f"peak: {out['peak']['fp32_gflops']:.1f} GFLOP/s")
+
+    # (b) first, while this process holds no model: its budget (from free memory) is then the machine's.
+    out["rss_mb_before_b"] = rss_now_mb()
+    if not args.skip_b:
+        try:
+            out["b"] = run_gradsim(args, model_dir, None)
+            if out["b"]["rc"] != 0:
+                out["b"]["error"] = f"main.py exited {out['b']['rc']}: {out['b']['stderr_tail'][-300:]}"
+        except Exception as e:
+            out["b"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
 
     t0 = time.perf_counter()
     lm = load_model(Config(model_name=str(model_dir), device=str(device)), device)
@@ -620,26 +756,21 @@ def main(argv=None) -> int:
         prm.grad = None
     del lm, datasets
     free_memory()
-    out["rss_mb_before_b"] = rss_now_mb()
-    if not args.skip_b:
-        try:
-            out["b"] = run_gradsim(args, model_dir, out["expected_b"])
-            if out["b"]["rc"] != 0:
-                out["b"]["error"] = f"main.py exited {out['b']['rc']}: {out['b']['stderr_tail'][-300:]}"
-        except Exception as e:
-            out["b"] = {"error": f"{type(e).__name__}: {e}"}
-        save()
     if "per_query" in (out.get("a") or {}) and "settings" in (out.get("b") or {}):
         out["comparison"] = compare(out["a"], out["b"])
     params = out["model"]["params"]
-    rates = {k: 6 * params * out[k]["tokens"] / out[k]["seconds"]
-             for k in ("a", "b") if (out.get(k) or {}).get("tokens") and (out.get(k) or {}).get("seconds")}
+    rates = {
+        k: 6 * params * out[k]["tokens"] / out[k]["seconds"]
+        for k in ("a", "b")
+        if (out.get(k) or {}).get("tokens") and (out.get(k) or {}).get("seconds")
+    }
     for k, f in rates.items():
         out[k]["achieved_flops"] = f
         out[k]["fraction_of_fp32_peak"] = f / (out["peak"]["fp32_gflops"] * 1e9)
     # The estimate is for the AMD-OLMo-1B shape; with another model it scales by this model's parameters.
-    out["estimate"] = estimate(params, out["lima_length"]["mean_tokens"], args.queries_per_setting, 2,
-                               args.assumed_fraction, rates)
+    out["estimate"] = estimate(
+        params, out["lima_length"]["mean_tokens"], args.queries_per_setting, 2, args.assumed_fraction, rates
+    )
     save()
     print(report(out))
     print(f"\nresults: {path}")

@@ -133,8 +133,10 @@ def peak_mem_mb(device) -> dict:
     import torch
 
     if device.type == "cuda":
-        return {"max_memory_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "max_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+        return {
+            "max_memory_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "max_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+        }
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -145,21 +147,35 @@ def environment(args) -> dict:
     import torch
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-           "cuda_available": torch.cuda.is_available(), "transformers": transformers.__version__,
-           "float32_matmul_precision": torch.get_float32_matmul_precision(),
-           "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads()}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "transformers": transformers.__version__,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         dev = torch.device(args.device if args.device.startswith("cuda") else "cuda")
         props = torch.cuda.get_device_properties(dev)
-        out.update(gpu_name=props.name, gpu_capability=f"{props.major}.{props.minor}",
-                   gpu_memory_gib=props.total_memory / 2**30, gpu_count=torch.cuda.device_count(),
-                   cudnn=torch.backends.cudnn.version())
+        out.update(
+            gpu_name=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=props.total_memory / 2**30,
+            gpu_count=torch.cuda.device_count(),
+            cudnn=torch.backends.cudnn.version(),
+        )
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             out["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
         except (OSError, subprocess.SubprocessError) as e:
             out["nvidia_smi"] = repr(e)
@@ -175,8 +191,9 @@ def environment(args) -> dict:
         except Exception as e:
             out[mod] = f"not importable: {type(e).__name__}: {e}"
     try:
-        out["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
-                                           capture_output=True, text=True, timeout=5).stdout.strip()
+        out["git_commit"] = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     # The fp32 matmul peak of the device, the bound the throughput section's TFLOP/s compare with.
@@ -246,9 +263,19 @@ def tiny_cpu(chk: Checker):
 
     tok = tokenizer_only()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -302,16 +329,30 @@ def exactness(chk: Checker, which: str, n: int) -> dict:
             err = (got[lo:hi] - r).abs().max().item() / scale if scale > 0 else (got[lo:hi] - r).abs().max().item()
             if err > worst:
                 worst, worst_name = err, name
-        per.append({"id": s.id, "tokens": enc.num_tokens, "max_rel_err_per_matrix": worst, "worst_matrix": worst_name,
-                    "rel_err_norm": ((got - ref).norm() / ref.norm()).item(),
-                    "cosine": torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=0).item()})
+        per.append(
+            {
+                "id": s.id,
+                "tokens": enc.num_tokens,
+                "max_rel_err_per_matrix": worst,
+                "worst_matrix": worst_name,
+                "rel_err_norm": ((got - ref).norm() / ref.norm()).item(),
+                "cosine": torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=0).item(),
+            }
+        )
         del ref, got
     drop_grads(lm_dev.model)
     del gcomp
     worst = max(p["max_rel_err_per_matrix"] for p in per)
-    return {"model": which, "device": str(device), "reference": "CPU autograd of HF's loss (labels)",
-            "params": sum(p.numel() for p in lm_cpu.model.parameters()), "samples": per,
-            "max_rel_err": worst, "tolerance": tol, "within_tolerance": worst <= tol}
+    return {
+        "model": which,
+        "device": str(device),
+        "reference": "CPU autograd of HF's loss (labels)",
+        "params": sum(p.numel() for p in lm_cpu.model.parameters()),
+        "samples": per,
+        "max_rel_err": worst,
+        "tolerance": tol,
+        "within_tolerance": worst <= tol,
+    }
 
 
 def make_featurizer(kind: str, lm, allocation=None, dim: int | None = None):
@@ -423,15 +464,24 @@ def projections(chk: Checker, which: str, n: int) -> dict:
             del f_dev
             cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
             rel = (a - b).norm(dim=1) / a.norm(dim=1)
-            rec.update(dims=int(a.shape[1]), proj_dim=dim, seconds_cpu=t_cpu, seconds_device=t_dev,
-                       feature_cosine_min=cos.min().item(), feature_rel_err_max=rel.max().item(),
-                       same_projection_expected=kind != "trak" or device.type == "cpu")
+            rec.update(
+                dims=int(a.shape[1]),
+                proj_dim=dim,
+                seconds_cpu=t_cpu,
+                seconds_device=t_dev,
+                feature_cosine_min=cos.min().item(),
+                feature_rel_err_max=rel.max().item(),
+                same_projection_expected=kind != "trak" or device.type == "cpu",
+            )
             if exact_cos is not None:
                 iu = np.triu_indices(len(encs), 1)
                 pc, pd = whole_cos_matrix(a, None)[iu], whole_cos_matrix(b, None)[iu]
-                rec.update(pairwise_cosine_cpu=pc.tolist(), pairwise_cosine_device=pd.tolist(),
-                           pairwise_abs_err_cpu=float(np.abs(pc - exact_cos[iu]).max()),
-                           pairwise_abs_err_device=float(np.abs(pd - exact_cos[iu]).max()))
+                rec.update(
+                    pairwise_cosine_cpu=pc.tolist(),
+                    pairwise_cosine_device=pd.tolist(),
+                    pairwise_abs_err_cpu=float(np.abs(pc - exact_cos[iu]).max()),
+                    pairwise_abs_err_device=float(np.abs(pd - exact_cos[iu]).max()),
+                )
             if rec["same_projection_expected"]:
                 rec["agrees"] = rec["feature_cosine_min"] > 1 - 1e-4
             else:
@@ -466,14 +516,34 @@ def e2e_1p2b(chk: Checker) -> dict:
     if not model_dir:
         raise RuntimeError("no 1.2B model (build_1p2b failed or was skipped)")
     out_dir = Path(tempfile.mkdtemp(prefix="gradsim-gpu-e2e-"))
-    cmd = [sys.executable, str(ROOT / "main.py"), "--model", model_dir, "--setting", "both", "--sample-size", "3",
-           "--no-baselines", "--device", chk.args.device, "--output-dir", str(out_dir), "-q"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "main.py"),
+        "--model",
+        model_dir,
+        "--setting",
+        "both",
+        "--sample-size",
+        "3",
+        "--no-baselines",
+        "--device",
+        chk.args.device,
+        "--output-dir",
+        str(out_dir),
+        "-q",
+    ]
     remaining = max(60.0, chk.args.budget_s - chk.elapsed())
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=remaining, env=child_env())
     wall = time.perf_counter() - t0
-    rec = {"command": cmd, "rc": res.returncode, "wall_s": wall, "stdout": res.stdout[-2000:],
-           "stderr_tail": res.stderr[-2500:], "settings": {}}
+    rec = {
+        "command": cmd,
+        "rc": res.returncode,
+        "wall_s": wall,
+        "stdout": res.stdout[-2000:],
+        "stderr_tail": res.stderr[-2500:],
+        "settings": {},
+    }
     for setting in ("paraphrased", "model-generated"):
         d = out_dir / "gradient-similarity" / setting
         try:
@@ -487,9 +557,14 @@ def e2e_1p2b(chk: Checker) -> dict:
         except (OSError, ValueError):
             pass
         vram = [m.get("vram_alloc_mb") for m in metrics if isinstance(m.get("vram_alloc_mb"), (int, float))]
-        rec["settings"][setting] = {"results": True, "whole_model": (r.get("summary") or {}).get("whole_model"),
-                                    "cost": r.get("cost"), "queries": len(r.get("queries") or []),
-                                    "max_vram_alloc_mb": max(vram, default=None), "samples": len(metrics)}
+        rec["settings"][setting] = {
+            "results": True,
+            "whole_model": (r.get("summary") or {}).get("whole_model"),
+            "cost": r.get("cost"),
+            "queries": len(r.get("queries") or []),
+            "max_vram_alloc_mb": max(vram, default=None),
+            "samples": len(metrics),
+        }
     import shutil
 
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -521,8 +596,15 @@ def throughput(chk: Checker, which: str) -> dict:
     encs = [encode(lm.tokenizer, s, max_len) for s in samples(n + 2)]
     calib, encs = encs[:2], encs[2:] if len(encs) > 2 else encs
     params = sum(p.numel() for p in lm.model.parameters())
-    out = {"model": which, "device": str(device), "params": params, "samples": len(encs),
-           "tokens": sum(e.num_tokens for e in encs), "max_length": max_len, "methods": {}}
+    out = {
+        "model": which,
+        "device": str(device),
+        "params": params,
+        "samples": len(encs),
+        "tokens": sum(e.num_tokens for e in encs),
+        "max_length": max_len,
+        "methods": {},
+    }
     if which != "tiny":
         out["load_seconds"] = load_s
     ref = None
@@ -550,7 +632,8 @@ def throughput(chk: Checker, which: str) -> dict:
                 ref = first.detach().clone()
             elif kind == "exact-bf16" and ref is not None:
                 rec["cosine_vs_fp32"] = torch.nn.functional.cosine_similarity(
-                    first.detach().double(), ref.double(), dim=0).item()
+                    first.detach().double(), ref.double(), dim=0
+                ).item()
                 ref = None
             del first
             m = len(encs) if warm <= 0 else max(1, min(len(encs), int(chk.args.method_cap_s / warm)))
@@ -561,9 +644,17 @@ def throughput(chk: Checker, which: str) -> dict:
             sync(device)
             dt = time.perf_counter() - t0
             tokens = sum(e.num_tokens for e in encs[:m])
-            rec.update(samples=m, tokens=tokens, seconds=dt, tokens_per_s=tokens / dt, samples_per_s=m / dt,
-                       achieved_tflops_6pt=6 * params * tokens / dt / 1e12, dims=int(f.layout.total),
-                       backward_passes=getattr(f, "backward_passes", None), **peak_mem_mb(device))
+            rec.update(
+                samples=m,
+                tokens=tokens,
+                seconds=dt,
+                tokens_per_s=tokens / dt,
+                samples_per_s=m / dt,
+                achieved_tflops_6pt=6 * params * tokens / dt / 1e12,
+                dims=int(f.layout.total),
+                backward_passes=getattr(f, "backward_passes", None),
+                **peak_mem_mb(device),
+            )
             drop_grads(lm.model)
             del f
         except Exception as e:
@@ -590,14 +681,18 @@ def summary(report: dict) -> str:
             lines.append(f"{head}: {s['error'][:300]}")
             continue
         if name == "environment":
-            lines.append(f"{head}: torch {s['torch']} (CUDA {s['torch_cuda']}), GPU {s.get('gpu_name', 'none')}, "
-                         f"fast_jl {s['fast_jl'].split(':')[0]}, fp32 matmul {s['fp32_matmul_tflops']:.2f} TFLOP/s"
-                         + (f", bf16 {s['bf16_matmul_tflops']:.1f}" if "bf16_matmul_tflops" in s else "")
-                         + f", matmul precision {s['float32_matmul_precision']}")
+            lines.append(
+                f"{head}: torch {s['torch']} (CUDA {s['torch_cuda']}), GPU {s.get('gpu_name', 'none')}, "
+                f"fast_jl {s['fast_jl'].split(':')[0]}, fp32 matmul {s['fp32_matmul_tflops']:.2f} TFLOP/s"
+                + (f", bf16 {s['bf16_matmul_tflops']:.1f}" if "bf16_matmul_tflops" in s else "")
+                + f", matmul precision {s['float32_matmul_precision']}"
+            )
         elif name.startswith("exactness"):
-            lines.append(f"{head}: max rel error {s['max_rel_err']:.2e} over {len(s['samples'])} sample(s) "
-                         f"(tolerance {s['tolerance']:.0e}: {'ok' if s['within_tolerance'] else 'EXCEEDED'}); "
-                         f"min cosine {min(x['cosine'] for x in s['samples']):.9f}")
+            lines.append(
+                f"{head}: max rel error {s['max_rel_err']:.2e} over {len(s['samples'])} sample(s) "
+                f"(tolerance {s['tolerance']:.0e}: {'ok' if s['within_tolerance'] else 'EXCEEDED'}); "
+                f"min cosine {min(x['cosine'] for x in s['samples']):.9f}"
+            )
         elif name.startswith("projections"):
             parts = []
             for k, r in s["methods"].items():
@@ -606,7 +701,9 @@ def summary(report: dict) -> str:
                     continue
                 p = f"{k} cos {r['feature_cosine_min']:.6f} relerr {r['feature_rel_err_max']:.1e}"
                 if "pairwise_abs_err_device" in r:
-                    p += f" pairwise-vs-exact cpu {r['pairwise_abs_err_cpu']:.3f} dev {r['pairwise_abs_err_device']:.3f}"
+                    p += (
+                        f" pairwise-vs-exact cpu {r['pairwise_abs_err_cpu']:.3f} dev {r['pairwise_abs_err_device']:.3f}"
+                    )
                 if "projector_on_device" in r:
                     p += f" [{r['projector_on_device']}]"
                 parts.append(p)
@@ -614,8 +711,10 @@ def summary(report: dict) -> str:
         elif name == "build_1p2b":
             lines.append(f"{head}: {s['dir']} ({'; '.join(s['stdout'][:-1])})")
         elif name == "e2e_1p2b":
-            per = "; ".join(f"{k}: top-1 {(v.get('whole_model') or {}).get('top1')}, cost {v.get('cost')}"
-                            for k, v in s["settings"].items())
+            per = "; ".join(
+                f"{k}: top-1 {(v.get('whole_model') or {}).get('top1')}, cost {v.get('cost')}"
+                for k, v in s["settings"].items()
+            )
             lines.append(f"{head}: rc {s['rc']}, wall {s['wall_s']:.0f} s; {per}")
         elif name.startswith("throughput"):
             lines.append(f"{head}: {s['params']:,} params, {s['samples']} samples, {s['tokens']} tokens")
@@ -628,14 +727,19 @@ def summary(report: dict) -> str:
                 mem = r.get("max_memory_allocated_mb", r.get("peak_rss_mb"))
                 note = f"cos vs fp32 {r['cosine_vs_fp32']:.5f}; " if "cosine_vs_fp32" in r else ""
                 note += f"{r['dims']:,} dims" + (f", {r['projector']}" if "projector" in r else "")
-                lines.append(f"  | {k} | {r['tokens_per_s']:.0f} | {r['achieved_tflops_6pt']:.3f} | {mem:.0f} | "
-                             f"{r['setup_seconds']:.1f} | {note} |")
+                lines.append(
+                    f"  | {k} | {r['tokens_per_s']:.0f} | {r['achieved_tflops_6pt']:.3f} | {mem:.0f} | "
+                    f"{r['setup_seconds']:.1f} | {note} |"
+                )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     p.add_argument("--quick", action="store_true", help="tiny model only, 1 sample, no embedded or 1.2B model")
     p.add_argument("--samples", type=int, default=2, help="samples for the exactness and projection checks")

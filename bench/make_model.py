@@ -39,23 +39,85 @@ SPEC_VERSION = 1
 
 # (model class name, config class name, config kwargs) of each real model's shape.
 SHAPES: dict[str, tuple[str, str, dict]] = {
-    "amd-olmo-1b": ("OlmoForCausalLM", "OlmoConfig", dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=50304, max_position_embeddings=2048, tie_word_embeddings=True,
-        rope_theta=10000.0, attention_bias=False, clip_qkv=None, hidden_act="silu", initializer_range=0.02)),
-    "smollm2-135m": ("LlamaForCausalLM", "LlamaConfig", dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0,
-        rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=0.02)),
-    "olmo2-1b": ("Olmo2ForCausalLM", "Olmo2Config", dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=100352, max_position_embeddings=4096, tie_word_embeddings=False,
-        rope_theta=500000.0, rms_norm_eps=1e-6, attention_bias=False, hidden_act="silu", initializer_range=0.02)),
-    "llama-7b": ("LlamaForCausalLM", "LlamaConfig", dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
-        rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        initializer_range=0.02)),
+    "amd-olmo-1b": (
+        "OlmoForCausalLM",
+        "OlmoConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=50304,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+            attention_bias=False,
+            clip_qkv=None,
+            hidden_act="silu",
+            initializer_range=0.02,
+        ),
+    ),
+    "smollm2-135m": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+            initializer_range=0.02,
+        ),
+    ),
+    "olmo2-1b": (
+        "Olmo2ForCausalLM",
+        "Olmo2Config",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=100352,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-6,
+            attention_bias=False,
+            hidden_act="silu",
+            initializer_range=0.02,
+        ),
+    ),
+    "llama-7b": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+            initializer_range=0.02,
+        ),
+    ),
 }
 
 
@@ -134,8 +196,13 @@ def memory_formula(shape: str, params: int, cfg, tokens: int = 553) -> list[str]
 def spec_of(shape: str, cfg, seed: int, tokenizer_revision: str) -> dict:
     d = cfg.to_dict()
     d.pop("transformers_version", None)
-    return {"version": SPEC_VERSION, "shape": shape, "seed": seed, "tokenizer": tokenizer_revision,
-            "config": json.loads(json.dumps(d, sort_keys=True, default=str))}
+    return {
+        "version": SPEC_VERSION,
+        "shape": shape,
+        "seed": seed,
+        "tokenizer": tokenizer_revision,
+        "config": json.loads(json.dumps(d, sort_keys=True, default=str)),
+    }
 
 
 def read_spec(path: Path):
@@ -189,7 +256,8 @@ def build(shape: str, out: Path, seed: int) -> Path:
                 other = read_spec(out)
                 shutil.rmtree(tmp, ignore_errors=True)
                 if other is None or {k: v for k, v in other.items() if k != "params"} != {
-                        k: v for k, v in spec.items() if k != "params"}:
+                    k: v for k, v in spec.items() if k != "params"
+                }:
                     raise
         log(f"saved to {out} in {time.perf_counter() - t0:.1f} s")
     except BaseException:
@@ -199,13 +267,19 @@ def build(shape: str, out: Path, seed: int) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("--shape", required=True, choices=sorted(SHAPES))
     p.add_argument("--out", type=Path, help="target directory (default: ~/.cache/gradsim/models/<shape>)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before the init (default 0)")
-    p.add_argument("--meta", action="store_true",
-                   help="build on the meta device only: count parameters and print the memory formula, save nothing")
+    p.add_argument(
+        "--meta",
+        action="store_true",
+        help="build on the meta device only: count parameters and print the memory formula, save nothing",
+    )
     p.add_argument("--tokens", type=int, default=553, help="sample length for the activation estimate (--meta)")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

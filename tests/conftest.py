@@ -32,9 +32,19 @@ def tiny(embedded):
 
     torch.manual_seed(0)
     tok = embedded.tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     # Random init gives near-uniform logits and tiny gradients; scale up for a meaningful comparison.
     with torch.no_grad():
@@ -52,9 +62,11 @@ def samples():
 
 
 def require_live_slurm(mp: pytest.MonkeyPatch) -> None:
-    """Skip unless a Slurm controller answers; point SLURM_CONF at start.sh's cluster when it is there."""
+    """Skip unless a Slurm controller answers (fail instead under GRADSIM_REQUIRE_SLURM=1, as in CI);
+    point SLURM_CONF at start.sh's cluster when it is there."""
+    give_up = pytest.fail if os.environ.get("GRADSIM_REQUIRE_SLURM") == "1" else pytest.skip
     if shutil.which("sbatch") is None:
-        pytest.skip("sbatch is not on PATH; start the cluster with slurm_scripts/cluster/start.sh")
+        give_up("sbatch is not on PATH; start the cluster with slurm_scripts/cluster/start.sh")
     # start.sh also installs /etc/slurm/slurm.conf, but not over someone else's file.
     base = Path(os.environ.get("GRADSIM_SLURM_BASE", "/tmp/gradsim-slurm"))
     if "SLURM_CONF" not in os.environ and (base / "conf" / "slurm.conf").is_file():
@@ -62,11 +74,11 @@ def require_live_slurm(mp: pytest.MonkeyPatch) -> None:
     conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
     if not conf.is_file():
         # Without one the Slurm clients retry for a minute before giving up.
-        pytest.skip(f"no Slurm config at {conf}; run slurm_scripts/cluster/start.sh")
+        give_up(f"no Slurm config at {conf}; run slurm_scripts/cluster/start.sh")
     try:
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
         answer = (ping.stdout + ping.stderr).strip()
     except (OSError, subprocess.TimeoutExpired) as exc:
         answer = repr(exc)
     if "is UP" not in answer:
-        pytest.skip(f"Slurm controller is not UP ({answer!r}); run slurm_scripts/cluster/start.sh")
+        give_up(f"Slurm controller is not UP ({answer!r}); run slurm_scripts/cluster/start.sh")

@@ -10,8 +10,16 @@ from gradsim.run import run
 
 
 def cfg_for(tmp_path, **kw):
-    base = dict(device="cpu", sample_size=8, output_dir=str(tmp_path), top_k=3, use_random_projection=True,
-                projection="factorized", proj_dim=64, candidates="all")
+    base = dict(
+        device="cpu",
+        sample_size=8,
+        output_dir=str(tmp_path),
+        top_k=3,
+        use_random_projection=True,
+        projection="factorized",
+        proj_dim=64,
+        candidates="all",
+    )
     base.update(kw)
     return Config(**base)
 
@@ -31,14 +39,19 @@ def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_pat
     assert scores["dots"].shape == (8, 8, len(whole["parameter_names"]))
 
     for s, e in [(0, 3), (3, 8)]:
-        run(cfg_for(tmp_path / "parts", partition_start=s, partition_end=e, projection=projection, proj_dim=dim), lm=tiny)
+        run(
+            cfg_for(tmp_path / "parts", partition_start=s, partition_end=e, projection=projection, proj_dim=dim),
+            lm=tiny,
+        )
     merged = merge_partitions(tmp_path / "parts" / "gradient-similarity" / f"paraphrased-all-{projection}{dim}")
     for key in ("summary", "baselines", "bm25_protocol"):
         assert merged[key] == whole[key], key
 
     # The BM25 protocol as its own run, in the same output dir: the originals' features are reused.
     bm25 = run(cfg_for(tmp_path / "whole", candidates="bm25", projection=projection, proj_dim=dim), lm=tiny)
-    rows = read_jsonl_tolerant(tmp_path / "whole" / "gradient-similarity" / f"paraphrased-{projection}{dim}" / "metrics.jsonl")
+    rows = read_jsonl_tolerant(
+        tmp_path / "whole" / "gradient-similarity" / f"paraphrased-{projection}{dim}" / "metrics.jsonl"
+    )
     assert not [r for r in rows if r["role"] == "original"]
     cols = scores["bm25_columns"]
     for k, q in enumerate(bm25["queries"]):
@@ -63,14 +76,34 @@ def test_main_cli_corpus_with_projection_on_the_embedded_model(embedded, tmp_pat
     from gradsim.cli import main
 
     monkeypatch.setattr(runmod, "load_model", lambda cfg, device=None: embedded)
-    rc = main(["--use-random-projection", "--projection", "factorized", "--proj-dim", "256", "--candidates", "all",
-               "--sample-size", "4", "--batch-size", "2", "--device", "cpu", "--output-dir", str(tmp_path), "-q"])
+    rc = main(
+        [
+            "--use-random-projection",
+            "--projection",
+            "factorized",
+            "--proj-dim",
+            "256",
+            "--candidates",
+            "all",
+            "--sample-size",
+            "4",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path),
+            "-q",
+        ]
+    )
     assert rc == 0
-    res = (tmp_path / "gradient-similarity" / "paraphrased-all-factorized256" / "results.json")
+    res = tmp_path / "gradient-similarity" / "paraphrased-all-factorized256" / "results.json"
     from gradsim.io import read_json
 
     out = read_json(res)
-    assert out["featurizer"]["kind"] == "factorized" and out["featurizer"]["k_rows"] * out["featurizer"]["k_cols"] == 256
+    assert (
+        out["featurizer"]["kind"] == "factorized" and out["featurizer"]["k_rows"] * out["featurizer"]["k_cols"] == 256
+    )
     assert out["summary"]["whole_model"]["n"] == 4
     assert len(out["queries"][0]["top10"]) == 4
 

@@ -6,11 +6,10 @@ import sys
 
 import orjson
 import pytest
+from conftest import ROOT
 
 from gradsim.cli import main
 from gradsim.config import BUNDLED_DATA
-
-from conftest import ROOT
 
 SECRET = "hf_SECRETtoken1234567890"
 ORIG = str(BUNDLED_DATA / "original.jsonl")
@@ -36,22 +35,37 @@ def case_rows(tmp_path):
     ok = {"id": "lima_0", "conversations": ["q", "a"]}
     return {
         "malformed": (write_jsonl(tmp_path / "bad.jsonl", [orjson.dumps(ok), b"{not json"]), "not valid JSON"),
-        "no conversations": (write_jsonl(tmp_path / "noconv.jsonl", [{"id": "x", "text": "hi"}]), "neither 'conversations' nor 'messages'"),
-        "roles": (write_jsonl(tmp_path / "roles.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]), "not alternating"),
-        "empty response": (write_jsonl(tmp_path / "empty.jsonl", [{"conversations": ["a question", "  "]}]), "empty response"),
+        "no conversations": (
+            write_jsonl(tmp_path / "noconv.jsonl", [{"id": "x", "text": "hi"}]),
+            "neither 'conversations' nor 'messages'",
+        ),
+        "roles": (
+            write_jsonl(
+                tmp_path / "roles.jsonl",
+                [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}],
+            ),
+            "not alternating",
+        ),
+        "empty response": (
+            write_jsonl(tmp_path / "empty.jsonl", [{"conversations": ["a question", "  "]}]),
+            "empty response",
+        ),
         "missing": (str(tmp_path / "nope.jsonl"), "does not exist"),
     }
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--setting", "summarised"], "unknown --setting 'summarised'"),
-    (["--computation-type", "l2"], "unknown --computation-type 'l2'"),
-    (["--partition-start", "5", "--partition-end", "5"], "is empty"),
-    (["--partition-start", "0", "--partition-end", "4800"], "outside the data"),
-    (["--device", "cuda"], "CUDA is not available"),
-    (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
-    (["--output-dir", "/dev/null/results"], "cannot be written"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--setting", "summarised"], "unknown --setting 'summarised'"),
+        (["--computation-type", "l2"], "unknown --computation-type 'l2'"),
+        (["--partition-start", "5", "--partition-end", "5"], "is empty"),
+        (["--partition-start", "0", "--partition-end", "4800"], "outside the data"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
+        (["--output-dir", "/dev/null/results"], "cannot be written"),
+    ],
+)
 def test_bad_flags(tmp_path, capsys, monkeypatch, argv, needle):
     import torch
 
@@ -92,8 +106,15 @@ def test_hub_dataset_unreachable_says_how_to_use_the_bundled_sample(tmp_path, ca
 
 def test_real_process_exit_code_and_single_line(tmp_path):
     env = dict(os.environ, HF_TOKEN=SECRET)
-    p = subprocess.run([sys.executable, str(ROOT / "main.py"), "--setting", "nope", "--output-dir", str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--setting", "nope", "--output-dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == ["error: unknown --setting 'nope': choose one of paraphrased, model-generated, both"]
+    assert p.stderr.strip().splitlines() == [
+        "error: unknown --setting 'nope': choose one of paraphrased, model-generated, both"
+    ]
     assert not (tmp_path / "o").exists()

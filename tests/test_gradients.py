@@ -47,7 +47,9 @@ def test_exact_on_embedded_model(embedded, samples):
 def test_different_samples_differ_and_rerun_identical(tiny, samples):
     gc = GradientComputer(tiny.model, tiny.device)
     e0, e1 = (encode(tiny.tokenizer, s, 256) for s in samples[:2])
-    assert not torch.equal(e0.input_ids[: min(e0.num_tokens, e1.num_tokens)], e1.input_ids[: min(e0.num_tokens, e1.num_tokens)])
+    assert not torch.equal(
+        e0.input_ids[: min(e0.num_tokens, e1.num_tokens)], e1.input_ids[: min(e0.num_tokens, e1.num_tokens)]
+    )
     g0 = gc.gradient(e0).clone()
     g1 = gc.gradient(e1).clone()
     assert not torch.allclose(g0, g1)

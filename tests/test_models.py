@@ -23,15 +23,15 @@ LLAMA3_TEMPLATE = (  # Llama 3.2: today's date unless date_string is given
     "{{- bos_token }}\n"
     "{%- if not date_string is defined %}\n"
     "    {%- if strftime_now is defined %}\n"
-    "        {%- set date_string = strftime_now(\"%d %b %Y\") %}\n"
+    '        {%- set date_string = strftime_now("%d %b %Y") %}\n'
     "    {%- else %}\n"
-    "        {%- set date_string = \"26 Jul 2024\" %}\n"
+    '        {%- set date_string = "26 Jul 2024" %}\n'
     "    {%- endif %}\n"
     "{%- endif %}\n"
-    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n"
-    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
-    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
-    "{{- \"<|eot_id|>\" }}\n"
+    '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}\n'
+    '{{- "Today Date: " + date_string + "\\n\\n" }}\n'
+    '{{- "<|eot_id|>" }}\n'
     "{%- for message in messages %}\n"
     "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim"
     " + '<|eot_id|>' }}\n"
@@ -41,7 +41,7 @@ LLAMA3_TEMPLATE = (  # Llama 3.2: today's date unless date_string is given
     "{%- endif %}\n"
 )
 STRFTIME_TEMPLATE = (  # SmolLM3 / Mistral style: strftime_now called unconditionally
-    "{%- set today = strftime_now(\"%d %B %Y\") -%}"
+    '{%- set today = strftime_now("%d %B %Y") -%}'
     "{{ '<|im_start|>system\\nToday Date: ' + today + '<|im_end|>\\n' }}"
     "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -52,7 +52,7 @@ QWEN3_TEMPLATE = (
     "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
     "{%- for message in messages[::-1] %}\n"
     "    {%- set index = (messages|length - 1) - loop.index0 %}\n"
-    "    {%- if ns.multi_step_tool and message.role == \"user\" and message.content is string and "
+    '    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and '
     "not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}\n"
     "        {%- set ns.multi_step_tool = false %}\n"
     "        {%- set ns.last_query_index = index %}\n"
@@ -61,9 +61,9 @@ QWEN3_TEMPLATE = (
     "{%- for message in messages %}\n"
     "    {%- if message.content is string %}{%- set content = message.content %}{%- else %}"
     "{%- set content = '' %}{%- endif %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n"
+    '    {%- elif message.role == "assistant" %}\n'
     "        {%- set reasoning_content = '' %}\n"
     "        {%- if message.reasoning_content is string %}\n"
     "            {%- set reasoning_content = message.reasoning_content %}\n"
@@ -141,15 +141,24 @@ def tok(tok_dir):
 
 
 def tiny_config(family: str, vocab: int):
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if family == "llama":
         return transformers.LlamaConfig(tie_word_embeddings=True, **common), transformers.LlamaForCausalLM
     if family == "qwen3":
         return transformers.Qwen3Config(head_dim=8, **common), transformers.Qwen3ForCausalLM
     if family == "gemma3":
-        return (transformers.Gemma3TextConfig(head_dim=8, sliding_window=64, **common),
-                transformers.Gemma3ForCausalLM)
+        return (transformers.Gemma3TextConfig(head_dim=8, sliding_window=64, **common), transformers.Gemma3ForCausalLM)
     return transformers.Olmo2Config(**common), transformers.Olmo2ForCausalLM
 
 
@@ -168,14 +177,22 @@ def save_tiny(path, family: str, tok, template, scale: float = 1.0):
     return path
 
 
-FAMILIES = {"llama": (LLAMA3_TEMPLATE, "LlamaForCausalLM"), "qwen3": (QWEN3_TEMPLATE, "Qwen3ForCausalLM"),
-            "gemma3": (GEMMA3_TEMPLATE, "Gemma3ForCausalLM"), "olmo2": (OLMO2_TEMPLATE, "Olmo2ForCausalLM")}
+FAMILIES = {
+    "llama": (LLAMA3_TEMPLATE, "LlamaForCausalLM"),
+    "qwen3": (QWEN3_TEMPLATE, "Qwen3ForCausalLM"),
+    "gemma3": (GEMMA3_TEMPLATE, "Gemma3ForCausalLM"),
+    "olmo2": (OLMO2_TEMPLATE, "Olmo2ForCausalLM"),
+}
 
 
 def trained_text(family: str, response: str, tok) -> str:
     """What each family's template trains on: the answer as it renders it, and its end of turn."""
-    return {"llama": response.strip() + "<|eot_id|>", "qwen3": response.lstrip("\n") + "<|im_end|>\n",
-            "gemma3": response.strip() + "<end_of_turn>\n", "olmo2": response + tok.eos_token}[family]
+    return {
+        "llama": response.strip() + "<|eot_id|>",
+        "qwen3": response.lstrip("\n") + "<|im_end|>\n",
+        "gemma3": response.strip() + "<end_of_turn>\n",
+        "olmo2": response + tok.eos_token,
+    }[family]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -203,8 +220,12 @@ def test_no_template_is_refused_unless_chosen(tok, tmp_path, samples):
     lm = load_model(Config(model_name=str(path), device="cpu", chat_template="tulu"))
     assert lm.chat_template_sha256 == hashlib.sha256(TULU_TEMPLATE.encode()).hexdigest()
     s = samples[1]
-    check_labels(encode(lm.tokenizer, s, 512), lm.tokenizer, f"<|user|>\n{s.prompt}\n<|assistant|>\n",
-                 s.response + tok.eos_token + "\n")
+    check_labels(
+        encode(lm.tokenizer, s, 512),
+        lm.tokenizer,
+        f"<|user|>\n{s.prompt}\n<|assistant|>\n",
+        s.response + tok.eos_token + "\n",
+    )
     jinja = tmp_path / "olmo2.jinja"
     jinja.write_text(OLMO2_TEMPLATE)
     lm = load_model(Config(model_name=str(path), device="cpu", chat_template=str(jinja)))
@@ -223,6 +244,7 @@ def test_revision_and_trust_remote_code_reach_from_pretrained(tok, tmp_path, mon
         def from_pretrained(source, **kwargs):
             seen.append((cls.__name__, source, kwargs))
             return real(path, **kwargs)  # the "hub id" is served from the local directory
+
         monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
 
     spy(transformers.AutoTokenizer)
@@ -252,10 +274,25 @@ def test_cli_flags_reach_the_config(monkeypatch):
 
     for var in ("MT_MODEL_NAME", "MT_DTYPE", "MT_DEVICE", "MT_SAMPLE_SIZE", "USE_GPU"):
         monkeypatch.delenv(var, raising=False)
-    cfg = config_from_args(["--model", "org/m", "--revision", "abc", "--trust-remote-code", "--chat-template", "tulu",
-                            "--dtype", "bfloat16-weights"])
-    assert (cfg.revision, cfg.trust_remote_code, cfg.chat_template, cfg.dtype) == ("abc", True, "tulu",
-                                                                                 "bfloat16-weights")
+    cfg = config_from_args(
+        [
+            "--model",
+            "org/m",
+            "--revision",
+            "abc",
+            "--trust-remote-code",
+            "--chat-template",
+            "tulu",
+            "--dtype",
+            "bfloat16-weights",
+        ]
+    )
+    assert (cfg.revision, cfg.trust_remote_code, cfg.chat_template, cfg.dtype) == (
+        "abc",
+        True,
+        "tulu",
+        "bfloat16-weights",
+    )
     cfg.validate()
     cfg = config_from_args([])
     assert (cfg.revision, cfg.trust_remote_code, cfg.chat_template) == (None, False, None)
@@ -269,8 +306,12 @@ def test_qwen3_template_trains_on_the_answer_only(tok):
     # The empty <think> block the template adds to the last answer is masked with the header.
     check_labels(enc, tok, head + "<think>\n\n</think>\n\n", "It is 4.<|im_end|>\n")
     # The template strips the answer's leading newlines: the trained text is the answer as rendered.
-    check_labels(encode(tok, Sample("q", s.prompt, "\n\nIt is 4."), 512), tok, head + "<think>\n\n</think>\n\n",
-                 "It is 4.<|im_end|>\n")
+    check_labels(
+        encode(tok, Sample("q", s.prompt, "\n\nIt is 4."), 512),
+        tok,
+        head + "<think>\n\n</think>\n\n",
+        "It is 4.<|im_end|>\n",
+    )
     # An answer with its own reasoning makes the template rewrite it: refused, naming the way out.
     with pytest.raises(GradsimError, match="q:.*--chat-template tulu"):
         encode(tok, Sample("q", s.prompt, "<think>add</think>It is 4."), 512)
@@ -282,20 +323,28 @@ def test_non_prefix_template_is_handled(tok):
     prompt = tok.apply_chat_template(s.messages()[:1], tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(s.messages(), tokenize=False)
     assert not full.startswith(prompt)  # what encode refused before
-    check_labels(encode(tok, s, 512), tok, f"{tok.bos_token}<｜User｜>Name a prime.<｜Assistant｜>",
-                 "Seven.<｜end▁of▁sentence｜>")
+    check_labels(
+        encode(tok, s, 512),
+        tok,
+        f"{tok.bos_token}<｜User｜>Name a prime.<｜Assistant｜>",
+        "Seven.<｜end▁of▁sentence｜>",
+    )
 
 
 def test_reordering_templates_are_refused(tok):
     s = Sample("r", "Name a prime.", "Seven.")
     # The answer rendered before the prompt: the "end of turn" would be the prompt itself.
-    tok.chat_template = ("{% for m in messages|reverse %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
-                         "+ '<|im_end|>\\n' }}{% endfor %}")
+    tok.chat_template = (
+        "{% for m in messages|reverse %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+        "+ '<|im_end|>\\n' }}{% endfor %}"
+    )
     with pytest.raises(GradsimError, match="r:.*--chat-template tulu or --chat-template PATH"):
         encode(tok, s, 512)
     # The answer's length written into its header.
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + (m['content']|length|string) "
-                         "+ '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + (m['content']|length|string) "
+        "+ '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    )
     with pytest.raises(GradsimError, match="--chat-template tulu"):
         encode(tok, s, 512)
 
@@ -308,8 +357,9 @@ class _Clock:
         return self.when
 
 
-@pytest.mark.parametrize("template,shown", [(LLAMA3_TEMPLATE, "Today Date: 26 Jul 2024"),
-                                            (STRFTIME_TEMPLATE, "Today Date: 26 July 2024")])
+@pytest.mark.parametrize(
+    "template,shown", [(LLAMA3_TEMPLATE, "Today Date: 26 Jul 2024"), (STRFTIME_TEMPLATE, "Today Date: 26 July 2024")]
+)
 def test_dated_templates_render_the_same_every_day(template, shown, tok, monkeypatch):
     from transformers.utils import chat_template_utils
 

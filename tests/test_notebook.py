@@ -20,7 +20,6 @@ def results(tiny, tmp_path_factory):
     """Both settings run end to end on the tiny model over the first 6 bundled originals."""
     from gradsim.config import Config
     from gradsim.run import run
-
     from gradsim.selection import select_run
 
     out = tmp_path_factory.mktemp("results")
@@ -60,8 +59,14 @@ def test_notebook_runs_headless_and_saves_figures(results):
     # raises makes it fail).
     assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(results)]) == 0
     figures = results / "gradient-similarity"
-    for name in ("settings_top1_mrr.png", "components_top1.png", "layers_top1.png", "similarity_true_vs_others.png",
-                 "baselines.png", "greedy_selection.png"):
+    for name in (
+        "settings_top1_mrr.png",
+        "components_top1.png",
+        "layers_top1.png",
+        "similarity_true_vs_others.png",
+        "baselines.png",
+        "greedy_selection.png",
+    ):
         assert (figures / name).stat().st_size > 1000, name
     for setting in ("paraphrased", "model-generated"):
         assert (figures / setting / f"heatmap_{setting}_top1.png").exists()

@@ -41,6 +41,7 @@ def write_rows(path: Path, items: list[tuple[str, str, str]]) -> str:
 
 # --- the degenerate-output check, on real text --------------------------------------------------
 
+
 def test_hand_paraphrases_and_gold_answers_are_not_degenerate():
     originals, paraphrases = load_samples(ORIGINAL), load_samples(str(BUNDLED / "paraphrased.jsonl"))
     for o, p in zip(originals, paraphrases):
@@ -68,6 +69,7 @@ def test_degenerate_kinds_on_real_text():
 
 
 # --- refusals that need no model -----------------------------------------------------------------
+
 
 def test_model_generated_needs_the_paraphrased_set(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "paraphrased.jsonl"
@@ -101,8 +103,9 @@ def test_both_types_local(embedded, tmp_path):
         failed = rows(path.with_name(path.stem + ".failures.jsonl"))
         assert out[kind]["rows"] == len(written) and out[kind]["failed"] == len(failed)
         # Every input ends up exactly once: written or recorded as failed.
-        assert sorted(r["id"] for r in written + failed) == (["lima_0", "lima_1", "lima_2"] if kind == "paraphrased"
-                                                              else sorted(r["id"] for r in rows(para)))
+        assert sorted(r["id"] for r in written + failed) == (
+            ["lima_0", "lima_1", "lima_2"] if kind == "paraphrased" else sorted(r["id"] for r in rows(para))
+        )
         prov = json.loads(path.with_name(path.stem + ".provenance.json").read_text())
         assert prov["state"] == "complete" and prov["dataset_type"] == kind
         assert prov["settings"]["generator"]["model"] == "embedded:SmolLM2-135M-Instruct"
@@ -136,7 +139,7 @@ def test_resume_gives_the_same_bytes_and_refuses_other_settings(embedded, tmp_pa
     # A first run stopped after two rows, killed while writing its last line...
     run(Options(limit=2, model_generated_output=str(b / "mg.jsonl"), **opts), lm=embedded)
     data = (b / "mg.jsonl").read_bytes()
-    (b / "mg.jsonl").write_bytes(data[:len(data) - 30])
+    (b / "mg.jsonl").write_bytes(data[: len(data) - 30])
     # ... resumes with a larger --limit, and ends with the bytes of the uninterrupted run.
     run(Options(limit=3, model_generated_output=str(b / "mg.jsonl"), **opts), lm=embedded)
     assert (b / "mg.jsonl").read_bytes() == full
@@ -165,14 +168,33 @@ def test_refuses_to_overwrite_a_dataset_it_did_not_make(embedded, tmp_path):
 @pytest.mark.slow
 def test_degenerate_answers_are_retried_then_recorded_as_failed(embedded, tmp_path):
     # Prompts on which the embedded model's greedy answer loops (see test_degenerate_kinds_on_real_text).
-    orig = write_rows(tmp_path / "orig.jsonl", [("loop_la", "Say 'la' 100 times.", "la la la."),
-                                               ("loop_buffalo", "Write 'buffalo' forever.", "buffalo buffalo.")])
-    para = write_rows(tmp_path / "para.jsonl", [
-        ("loop_la", "Say 'la' 100 times.", "la"),
-        ("loop_buffalo", "Repeat the word 'buffalo' forever: " + " ".join(["buffalo"] * 8), "x")])
+    orig = write_rows(
+        tmp_path / "orig.jsonl",
+        [
+            ("loop_la", "Say 'la' 100 times.", "la la la."),
+            ("loop_buffalo", "Write 'buffalo' forever.", "buffalo buffalo."),
+        ],
+    )
+    para = write_rows(
+        tmp_path / "para.jsonl",
+        [
+            ("loop_la", "Say 'la' 100 times.", "la"),
+            ("loop_buffalo", "Repeat the word 'buffalo' forever: " + " ".join(["buffalo"] * 8), "x"),
+        ],
+    )
     out = tmp_path / "mg.jsonl"
-    run(Options(dataset_type="model-generated", original_data=orig, paraphrased_output=para,
-                model_generated_output=str(out), max_new_tokens=64, batch_size=2, device="cpu"), lm=embedded)
+    run(
+        Options(
+            dataset_type="model-generated",
+            original_data=orig,
+            paraphrased_output=para,
+            model_generated_output=str(out),
+            max_new_tokens=64,
+            batch_size=2,
+            device="cpu",
+        ),
+        lm=embedded,
+    )
     written = rows(out)
     failed = rows(tmp_path / "mg.failures.jsonl")
     assert sorted(r["id"] for r in written + failed) == ["loop_buffalo", "loop_la"]
@@ -188,8 +210,18 @@ def test_degenerate_answers_are_retried_then_recorded_as_failed(embedded, tmp_pa
     prov = json.loads((tmp_path / "mg.provenance.json").read_text())
     assert prov["counts"] == {"rows": len(written), "failed": len(failed), "inputs": 2}
     # Failed rows are done: a rerun does not retry them unless asked to.
-    run(Options(dataset_type="model-generated", original_data=orig, paraphrased_output=para,
-                model_generated_output=str(out), max_new_tokens=64, batch_size=2, device="cpu"), lm=embedded)
+    run(
+        Options(
+            dataset_type="model-generated",
+            original_data=orig,
+            paraphrased_output=para,
+            model_generated_output=str(out),
+            max_new_tokens=64,
+            batch_size=2,
+            device="cpu",
+        ),
+        lm=embedded,
+    )
     assert rows(tmp_path / "mg.failures.jsonl") == failed
 
 
@@ -229,9 +261,12 @@ class LlamaServer:
         self.port, self.gguf = port, str(_gguf_path())
         self.proc = None
 
-    def start(self, wait: bool = True) -> "LlamaServer":
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, self.gguf, str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self, wait: bool = True) -> LlamaServer:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, self.gguf, str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         if wait:
             self.wait_ready()
         return self
@@ -277,8 +312,16 @@ def _all_text(folder: Path) -> str:
 @pytest.mark.slow
 def test_openai_backend_builds_both_types_deterministically(openai_env, tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO, logger="gradsim")
-    opts = dict(dataset_type="both", backend="openai", limit=2, max_new_tokens=32, paraphraser_model="smollm2",
-                model="smollm2", seed=3, rate_limit=20.0)
+    opts = dict(
+        dataset_type="both",
+        backend="openai",
+        limit=2,
+        max_new_tokens=32,
+        paraphraser_model="smollm2",
+        model="smollm2",
+        seed=3,
+        rate_limit=20.0,
+    )
     for d in ("a", "b"):
         out = run(Options(output_dir=str(tmp_path / d), **opts))
         assert out["paraphrased"]["rows"] + out["paraphrased"]["failed"] == 2
@@ -326,8 +369,11 @@ def test_openai_backend_retries_connection_errors_then_fails_clearly(monkeypatch
         # Down for good: a few retries, then one clear error (not a traceback, not the key).
         caplog.clear()
         backend = OpenAIBackend("smollm2", max_retries=2, backoff=0.01)
-        with pytest.raises(GradsimError, match=r"no answer from http://127\.0\.0\.1:\d+/v1 after 3 attempts "
-                                               r"\(APIConnectionError.*check that the server is running") as e:
+        with pytest.raises(
+            GradsimError,
+            match=r"no answer from http://127\.0\.0\.1:\d+/v1 after 3 attempts "
+            r"\(APIConnectionError.*check that the server is running",
+        ) as e:
             backend.generate(msgs, params, [1])
         assert caplog.text.count("retry ") == 2
         assert SECRET not in str(e.value) + caplog.text
@@ -364,8 +410,10 @@ def test_paraphrase_prompt_folds_the_system_turn_for_templates_without_one():
     lm = LoadedModel(None, tok, "embedded", "r", torch.device("cpu"), "", 0)
     assert LocalBackend(lm)._render(msgs).startswith(f"<|im_start|>system\n{PARAPHRASE_SYSTEM}<|im_end|>")
     # A template that, like Gemma's, raises on a system turn.
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
-                         "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+        "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    )
     text = LocalBackend(lm)._render(msgs)
     assert text.startswith(f"<user>{PARAPHRASE_SYSTEM}\n\nParaphrase the user request below.")
     assert text.endswith("User request:\nWhy is the sky blue?<assistant>")

@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from test_gradients import reference_gradients
 
 from gradsim.combine import merge_partitions
 from gradsim.config import BUNDLED_DATA, Config
 from gradsim.errors import GradsimError
 from gradsim.io import read_json
 from gradsim.run import run
-
-from test_gradients import reference_gradients
 
 
 def cfg_for(tmp_path, **kw):
@@ -68,7 +67,16 @@ def test_each_original_featurized_once(tiny, tmp_path, monkeypatch):
     orig = [r["id"] for r in rows if r["role"] == "original"]
     assert len(orig) == len(set(orig)) <= 8
     assert sum(r["role"] == "query" for r in rows) == 8
-    assert {"tokens", "truncated", "seconds", "device", "dtype", "vram_alloc_mb", "vram_reserved_mb", "peak_rss_mb"} <= set(rows[0])
+    assert {
+        "tokens",
+        "truncated",
+        "seconds",
+        "device",
+        "dtype",
+        "vram_alloc_mb",
+        "vram_reserved_mb",
+        "peak_rss_mb",
+    } <= set(rows[0])
 
 
 def interrupt_after(monkeypatch, blocks: int):
@@ -157,10 +165,9 @@ def test_streamed_dots_equal_stored_gradients(tiny, tmp_path, memory_gb):
     """Streamed per-matrix dots and self-dots equal the dots of stored full gradients (computed apart,
     all kept in memory: the old design) to fp32 rounding, whatever the schedule; both are checked
     against float64 (the streamed ones within the fp32 allowance)."""
-    from gradsim.score import dense_dots
-
     from gradsim.data import load_dataset
     from gradsim.retrieval import candidate_lists
+    from gradsim.score import dense_dots
 
     res = run(cfg_for(tmp_path, memory_gb=memory_gb, baselines=False), lm=tiny)
     z = np.load(tmp_path / "gradient-similarity" / "paraphrased" / "scores.npz")
@@ -169,7 +176,7 @@ def test_streamed_dots_equal_stored_gradients(tiny, tmp_path, memory_gb):
     orig, layout = all_gradients(tiny, data.originals)
     qs, _ = all_gradients(tiny, data.queries)
     for k in range(len(data.queries)):
-        stored = dense_dots(layout, qs[k:k + 1], orig[cands[k]])[0]
+        stored = dense_dots(layout, qs[k : k + 1], orig[cands[k]])[0]
         for c, j in enumerate(cands[k]):
             want, tol = float64_dots(layout, qs[k], orig[j])
             assert np.all(np.abs(z["dots"][k, c] - want) <= tol), (k, j)

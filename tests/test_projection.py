@@ -10,15 +10,23 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_gradients import reference_gradients
 
 from gradsim.encode import encode
-from gradsim.gradients import GradientComputer
 from gradsim.errors import GradsimError
-from gradsim.projection import (CountSketchFeaturizer, FactorizedFeaturizer, TensorSketchFeaturizer, TrakFeaturizer,
-                                allocate_dims, load_or_create_json, make_allocation, smooth_at_most, split_dim,
-                                stable_seed)
-
-from test_gradients import reference_gradients
+from gradsim.gradients import GradientComputer
+from gradsim.io import load_or_create_json
+from gradsim.projection import (
+    CountSketchFeaturizer,
+    FactorizedFeaturizer,
+    TensorSketchFeaturizer,
+    TrakFeaturizer,
+    allocate_dims,
+    make_allocation,
+    smooth_at_most,
+    split_dim,
+    stable_seed,
+)
 
 
 def expected_projection(slot, grad: torch.Tensor) -> torch.Tensor:
@@ -59,7 +67,7 @@ def test_factorized_is_the_kronecker_sketch_of_vec_grad(tiny, samples):
     kron = torch.kron(slot.rows.double(), slot.cols.double())
     want = kron.T @ ref[name].double().reshape(-1)
     lo = dict((n, (a, b)) for n, a, b in f.layout.slices())[name][0]
-    assert torch.allclose(feats[lo:lo + want.numel()], want, rtol=1e-4, atol=1e-7 * want.abs().max().item())
+    assert torch.allclose(feats[lo : lo + want.numel()], want, rtol=1e-4, atol=1e-7 * want.abs().max().item())
 
 
 def test_batched_featurization_equals_one_at_a_time(tiny, samples):
@@ -102,8 +110,9 @@ def test_two_processes_build_bit_identical_projections():
     here = {"__name__": "in_process"}
     exec(_DIGEST, here)
     env = dict(os.environ, PYTHONHASHSEED=str(hash("salt") % 1000 + 1))  # another salt for Python's hash()
-    other = subprocess.run([sys.executable, "-c", _DIGEST, "16", "7"], env=env, check=True, capture_output=True,
-                           text=True).stdout.strip()
+    other = subprocess.run(
+        [sys.executable, "-c", _DIGEST, "16", "7"], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
     mine = here["digest"](16, 7)
     assert other == mine and len(mine) == 64
     assert here["digest"](16, 8) != mine
@@ -125,8 +134,15 @@ def test_trak_features_equal_the_basic_projector(tiny, samples):
             assert torch.equal(feats[olo:ohi], exact[lo:hi])
             continue
         pr = f.projector(m)
-        ref = BasicProjector(hi - lo, k, stable_seed(5, name) % 2**31, ProjectionType.normal, tiny.device,
-                             block_size=pr.block_size, dtype=torch.float32)
+        ref = BasicProjector(
+            hi - lo,
+            k,
+            stable_seed(5, name) % 2**31,
+            ProjectionType.normal,
+            tiny.device,
+            block_size=pr.block_size,
+            dtype=torch.float32,
+        )
         want = ref.project(exact[lo:hi][None].contiguous(), model_id=0)[0] / math.sqrt(k)
         assert torch.allclose(feats[olo:ohi], want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
         checked += 1
@@ -179,7 +195,10 @@ def test_countsketch_inner_products_are_unbiased_and_close(tiny, samples, tiny_c
     dots, coss = [], []
     for seed in range(60):
         f = CountSketchFeaturizer(tiny.model, tiny.device, proj_dim=4000, seed=seed, allocation=alloc)
-        fa, fb = f.sketch(a.float(), torch.empty(f.layout.total)).double(), f.sketch(b.float(), torch.empty(f.layout.total)).double()
+        fa, fb = (
+            f.sketch(a.float(), torch.empty(f.layout.total)).double(),
+            f.sketch(b.float(), torch.empty(f.layout.total)).double(),
+        )
         dots.append(float(fa @ fb))
         coss.append(float(fa @ fb / fa.norm() / fb.norm()))
     exact_dot, exact_cos = float(a @ b), float(a @ b / a.norm() / b.norm())
@@ -187,7 +206,9 @@ def test_countsketch_inner_products_are_unbiased_and_close(tiny, samples, tiny_c
     assert abs(np.mean(dots) - exact_dot) < 4 * sem + 1e-12
     assert np.std(dots) > 0  # really random across seeds
     # The bound for one sketch of k dims (all in one matrix, the worst case): sd <= sqrt((1 + cos^2) / k).
-    assert np.mean(np.abs(np.array(coss) - exact_cos)) < 3 * math.sqrt(2 / min(d for d, e in zip(f.dims, f.exact) if not e))
+    assert np.mean(np.abs(np.array(coss) - exact_cos)) < 3 * math.sqrt(
+        2 / min(d for d, e in zip(f.dims, f.exact) if not e)
+    )
 
 
 def test_allocation_follows_norm_shares_and_keeps_small_matrices_exact():
@@ -224,7 +245,8 @@ cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidd
 model = LlamaForCausalLM(cfg)
 names = [n for n, p in model.named_parameters()]
 shapes = [tuple(p.shape) for n, p in model.named_parameters()]
-alloc = {"names": names, "total": 3000, "calibration_ids": [], "dims": allocate_dims(np.ones(len(names)), shapes, 3000).tolist()}
+dims = allocate_dims(np.ones(len(names)), shapes, 3000).tolist()
+alloc = {"names": names, "total": 3000, "calibration_ids": [], "dims": dims}
 f = CountSketchFeaturizer(model, torch.device("cpu"), proj_dim=3000, seed=int(sys.argv[1]), allocation=alloc)
 print(hashlib.sha256(f.signs.numpy().tobytes()).hexdigest(), f.spec["allocation_sha256"])
 alloc = dict(alloc, fit="fft", dims=allocate_dims(np.ones(len(names)), shapes, 3000, "fft").tolist())
@@ -240,12 +262,17 @@ print(h.hexdigest())
 
 def test_sketch_hashes_and_signs_are_bit_identical_across_processes():
     env = dict(os.environ, PYTHONHASHSEED="123")
-    runs = [subprocess.run([sys.executable, "-c", _SIGNS_DIGEST, seed], env=env, check=True, capture_output=True,
-                           text=True).stdout.strip() for seed in ("7", "7", "8")]
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _SIGNS_DIGEST, seed], env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        for seed in ("7", "7", "8")
+    ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
 # ---- tensorsketch ------------------------------------------------------------------------------
+
 
 def tensorsketch_reference(grad: torch.Tensor, k: int, name: str, seed: int) -> torch.Tensor:
     """The definition, in float64, from the exact gradient: entry (i, j) is added with sign s_r(i) s_c(j)
@@ -264,7 +291,9 @@ def tensorsketch_reference(grad: torch.Tensor, k: int, name: str, seed: int) -> 
     h_r, s_r = draw(g.shape[0])
     h_c, s_c = draw(g.shape[1])
     bucket = (h_r[:, None] + h_c[None, :]) % k
-    return torch.zeros(k, dtype=torch.float64).index_add_(0, bucket.reshape(-1), (g * s_r[:, None] * s_c[None, :]).reshape(-1))
+    return torch.zeros(k, dtype=torch.float64).index_add_(
+        0, bucket.reshape(-1), (g * s_r[:, None] * s_c[None, :]).reshape(-1)
+    )
 
 
 def check_tensorsketch(f, lm, enc, seed, rtol):

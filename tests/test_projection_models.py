@@ -7,20 +7,33 @@ import math
 
 import pytest
 import torch
+from test_gradients import reference_gradients
+from test_projection import countsketch_reference, expected_projection, tensorsketch_reference
 from torch import nn
 
 from gradsim.encode import encode
 from gradsim.errors import GradsimError
 from gradsim.gradients import GradientComputer
 from gradsim.model import LoadedModel
-from gradsim.projection import (CountSketchFeaturizer, FactorizedFeaturizer, TensorSketchFeaturizer, TrakFeaturizer,
-                                make_allocation, stable_seed)
+from gradsim.projection import (
+    CountSketchFeaturizer,
+    FactorizedFeaturizer,
+    TensorSketchFeaturizer,
+    TrakFeaturizer,
+    make_allocation,
+    stable_seed,
+)
 
-from test_gradients import reference_gradients
-from test_projection import countsketch_reference, expected_projection, tensorsketch_reference
-
-SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+SIZES = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _llama():
@@ -67,8 +80,9 @@ def family(request, embedded):
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(8.0)
-    return LoadedModel(model, tok, f"tiny-{request.param}", "test", torch.device("cpu"),
-                       embedded.chat_template_sha256, 256)
+    return LoadedModel(
+        model, tok, f"tiny-{request.param}", "test", torch.device("cpu"), embedded.chat_template_sha256, 256
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +149,9 @@ def test_countsketch_equals_its_definition_with_cached_and_redrawn_signs(family,
     alloc = make_allocation(family.model, family.device, "float32", 20_000, encs[:1])
     cached = CountSketchFeaturizer(family.model, family.device, proj_dim=20_000, seed=3, allocation=alloc)
     # 4 KiB holds the signs of the small matrices but not the embedding's: both paths are exercised
-    mixed = CountSketchFeaturizer(family.model, family.device, proj_dim=20_000, seed=3, allocation=alloc,
-                                  sign_cache_bytes=4096)
+    mixed = CountSketchFeaturizer(
+        family.model, family.device, proj_dim=20_000, seed=3, allocation=alloc, sign_cache_bytes=4096
+    )
     sketched = [m for m, e in enumerate(cached.exact) if not e]
     assert sketched and all(cached.packed_at[m] is not None for m in sketched)
     assert cached.signs.numel() == sum((math.prod(cached.full.shapes[m]) + 7) // 8 for m in sketched)
@@ -166,8 +181,15 @@ def test_trak_equals_its_definition(family, encs, refs):
         if not f.projected[m]:
             return g
         if name not in projectors:
-            projectors[name] = BasicProjector(g.numel(), k, stable_seed(5, name) % 2**31, ProjectionType.normal,
-                                              family.device, block_size=k, dtype=torch.float32)
+            projectors[name] = BasicProjector(
+                g.numel(),
+                k,
+                stable_seed(5, name) % 2**31,
+                ProjectionType.normal,
+                family.device,
+                block_size=k,
+                dtype=torch.float32,
+            )
         return projectors[name].project(g.reshape(1, -1).contiguous(), model_id=0)[0] / math.sqrt(k)
 
     check_batch_and_single(f, encs, refs, definition)

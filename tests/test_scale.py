@@ -50,10 +50,17 @@ def big_config_dir(tmp_path_factory):
     from transformers import LlamaConfig
 
     d = tmp_path_factory.mktemp("llama-7b-config")
-    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                vocab_size=32000, max_position_embeddings=4096).save_pretrained(d)
-    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
-                                               "architectures": ["LlamaForCausalLM"]}))
+    LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ).save_pretrained(d)
+    (d / "config.json").write_text(
+        json.dumps({**json.loads((d / "config.json").read_text()), "architectures": ["LlamaForCausalLM"]})
+    )
     return d
 
 
@@ -67,8 +74,9 @@ def test_a_model_that_cannot_fit_is_refused_from_its_config_alone(big_config_dir
     import psutil
 
     # Pretend the machine has 16 GB: a 6.7B model's exact gradient path needs ~60 GB in fp32.
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"total": 16 * 2**30,
-                                                                          "available": 12 * 2**30})())
+    monkeypatch.setattr(
+        psutil, "virtual_memory", lambda: type("vm", (), {"total": 16 * 2**30, "available": 12 * 2**30})()
+    )
     code, err, out = cli(tmp_path, capsys, "--model", str(big_config_dir))
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
     assert "6.74B parameters" in err and "on cpu" in err and "has 16.0 GB" in err

@@ -15,7 +15,7 @@ def synthetic(q=40, c=6, m=5, seed=0):
         cv[:, 0, k] = qv[:, k] + 2.0 * rng.normal(size=(q, 8))
     cv[:, :, (0, 2, 4)] *= 5.0  # loud noise matrices drown the signal in the full gradient
     dots = np.einsum("qmd,qcmd->qcm", qv, cv)
-    return dots, (qv ** 2).sum(-1), (cv ** 2).sum(-1)
+    return dots, (qv**2).sum(-1), (cv**2).sum(-1)
 
 
 def test_greedy_finds_the_informative_matrices_and_reports_held_out():

@@ -17,8 +17,8 @@ from typing import Callable, TypeVar
 
 import cloudpickle
 import pytest
-from conftest import require_live_slurm
 import submitit
+from conftest import require_live_slurm
 
 pytestmark = pytest.mark.slurm
 

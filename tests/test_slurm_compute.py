@@ -21,13 +21,16 @@ import pytest
 from conftest import require_live_slurm
 
 from gradsim.io import read_json, read_jsonl_tolerant
-from gradsim.slurm import collect_status, format_status, queries_scored
+from gradsim.slurm_status import collect_status, format_status, queries_scored
 
 pytestmark = pytest.mark.slurm
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "slurm_scripts" / "batch_processing"
+# sitecustomize.py there installs the GRADSIM_TEST_SLOWDOWN pause in every Python process that has the
+# folder on PYTHONPATH: the array tasks inherit it from the environment compute.py submits from.
+HOOKS = Path(__file__).resolve().parent / "slurm_hooks"
 # timeout > 10 min: submitit then treats USR2 as preemption, not as the time limit.
 RESOURCES = ["--partition", "debug", "--mem", "1G", "--cpus-per-task", "1", "--time", "20"]
 RANGES = [(0, 2), (2, 4), (4, 6)]
@@ -61,8 +64,18 @@ def model_dir(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def study_args(model_dir) -> list[str]:
-    return ["--setting", "paraphrased", "--computation-type", "gradient-similarity", "--model", str(model_dir),
-            "--sample-size", "6", "--device", "cpu"]
+    return [
+        "--setting",
+        "paraphrased",
+        "--computation-type",
+        "gradient-similarity",
+        "--model",
+        str(model_dir),
+        "--sample-size",
+        "6",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +100,14 @@ def wait_until(probe: Callable[[], T], timeout_s: float, what: str | Callable[[]
 
 def script(name: str, *args: str, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
     cmd = ["bash", str(SCRIPTS / name)] if name.endswith(".sh") else [sys.executable, str(SCRIPTS / name)]
-    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [*cmd, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     if ok:
         assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -114,8 +133,10 @@ def wait_statuses(out: Path, want: dict[tuple[int, int], str], timeout_s: float 
 
 
 def digests(run_dir: Path) -> dict[str, str]:
-    return {n: hashlib.sha256((run_dir / n).read_bytes()).hexdigest()
-            for n in ("results.json", "scores.npz", "metrics.jsonl", "config.json")}
+    return {
+        n: hashlib.sha256((run_dir / n).read_bytes()).hexdigest()
+        for n in ("results.json", "scores.npz", "metrics.jsonl", "config.json")
+    }
 
 
 def assert_same_study(run_dir: Path, reference: dict) -> None:
@@ -129,10 +150,21 @@ def test_submitit_preemption_resumes_and_a_cancelled_partition_is_named(study_ar
     out = tmp_path / "out"
     run_dir = out / "gradient-similarity" / "paraphrased"
     # A pause before each query, so that a task can be caught between its queries; the pause also
-    # logs which queries each attempt computed.
-    slow = {"GRADSIM_TEST_SLOWDOWN": "10"}
-    proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "submitit",
-                  *RESOURCES, env=slow)
+    # logs which queries each attempt computed. It is installed by tests/slurm_hooks/sitecustomize.py.
+    pythonpath = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))
+    slow = {"GRADSIM_TEST_SLOWDOWN": "10", "PYTHONPATH": pythonpath}
+    proc = script(
+        "compute.py",
+        *study_args,
+        "--output-dir",
+        out,
+        "--num-partitions",
+        "3",
+        "--backend",
+        "submitit",
+        *RESOURCES,
+        env=slow,
+    )
     jobs = submitted_jobs(proc.stdout)
     assert sorted(jobs) == RANGES, proc.stdout
     assert str(run_dir / "partitions") in proc.stdout
@@ -166,8 +198,9 @@ def test_submitit_preemption_resumes_and_a_cancelled_partition_is_named(study_ar
     assert "[4, 6)" in proc.stderr and "NOT combined" in proc.stderr, proc.stderr
 
     # The same command again submits only the unfinished partition, which resumes too.
-    proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "submitit",
-                  *RESOURCES)
+    proc = script(
+        "compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "submitit", *RESOURCES
+    )
     assert "already finished, not submitted: [0, 2), [2, 4)" in proc.stdout, proc.stdout
     assert sorted(submitted_jobs(proc.stdout)) == [(4, 6)]
     wait_statuses(out, {r: "done" for r in RANGES})
@@ -189,8 +222,18 @@ def test_sbatch_array_pending_then_done_combines_to_the_unpartitioned_run(study_
     out = tmp_path / "out"
     run_dir = out / "gradient-similarity" / "paraphrased"
     # Held at submission, so that status can be seen to report pending tasks.
-    proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "sbatch",
-                  *RESOURCES, "--sbatch-extra=--hold")
+    proc = script(
+        "compute.py",
+        *study_args,
+        "--output-dir",
+        out,
+        "--num-partitions",
+        "3",
+        "--backend",
+        "sbatch",
+        *RESOURCES,
+        "--sbatch-extra=--hold",
+    )
     jobs = submitted_jobs(proc.stdout)
     assert sorted(jobs) == RANGES, proc.stdout
     (rendered,) = (out / "slurm").rglob("job.sbatch")
@@ -215,8 +258,20 @@ def test_dry_run_prints_the_script_and_submits_nothing(study_args, tmp_path, bac
     out = tmp_path / "out"
     name = f"gradsim-dry-{backend}-{os.getpid()}"
     before = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    proc = script("compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", backend,
-                  *RESOURCES, "--job-name", name, "--dry-run")
+    proc = script(
+        "compute.py",
+        *study_args,
+        "--output-dir",
+        out,
+        "--num-partitions",
+        "3",
+        "--backend",
+        backend,
+        *RESOURCES,
+        "--job-name",
+        name,
+        "--dry-run",
+    )
     assert "nothing was submitted" in proc.stdout
     assert "#!/bin/bash" in proc.stdout and "--array=0-2" in proc.stdout and f"--job-name={name}" in proc.stdout
     assert "--partition=debug" in proc.stdout and "--mem=1G" in proc.stdout

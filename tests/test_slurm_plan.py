@@ -19,8 +19,10 @@ def test_split_ranges_within_a_subrange():
     assert split_ranges(10, 20, 3) == [(10, 14), (14, 17), (17, 20)]
 
 
-@pytest.mark.parametrize("spec,minutes", [("90", 90), ("1:30", 2), ("04:00:00", 240), ("1-00", 1440),
-                                          ("2-03:04", 2 * 1440 + 184), ("0:0:59", 1)])
+@pytest.mark.parametrize(
+    "spec,minutes",
+    [("90", 90), ("1:30", 2), ("04:00:00", 240), ("1-00", 1440), ("2-03:04", 2 * 1440 + 184), ("0:0:59", 1)],
+)
 def test_slurm_time_formats(spec, minutes):
     assert time_minutes(spec) == minutes
 
@@ -32,8 +34,19 @@ def test_bad_time_is_refused(spec):
 
 
 def study(tmp_path):
-    return ["--setting", "paraphrased", "--computation-type", "gradient-similarity", "--sample-size", "6",
-            "--output-dir", str(tmp_path / "out"), "--num-partitions", "4", "--dry-run"]
+    return [
+        "--setting",
+        "paraphrased",
+        "--computation-type",
+        "gradient-similarity",
+        "--sample-size",
+        "6",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--num-partitions",
+        "4",
+        "--dry-run",
+    ]
 
 
 def test_sbatch_dry_run_takes_resources_from_env_and_flags(tmp_path, monkeypatch, capsys):
@@ -48,12 +61,41 @@ def test_sbatch_dry_run_takes_resources_from_env_and_flags(tmp_path, monkeypatch
     monkeypatch.setenv("GRADSIM_SLURM_CONTAINER", "apptainer exec --nv img.sif")
     monkeypatch.setenv("GRADSIM_SLURM_SETUP", "module load cuda/12")
     monkeypatch.setenv("GRADSIM_SLURM_MEM", "4G")
-    assert compute_main([*study(tmp_path), "--backend", "sbatch", "--mem", "16G", "--gpus", "a100:1",
-                         "--qos", "high", "--time", "2:00:00", "--max-parallel", "2"]) == 0
+    assert (
+        compute_main(
+            [
+                *study(tmp_path),
+                "--backend",
+                "sbatch",
+                "--mem",
+                "16G",
+                "--gpus",
+                "a100:1",
+                "--qos",
+                "high",
+                "--time",
+                "2:00:00",
+                "--max-parallel",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=lab42", "#SBATCH --mem=16G", "#SBATCH --gres=gpu:a100:1",
-                 "#SBATCH --qos=high", "#SBATCH --time=2:00:00", "#SBATCH --constraint=a100", "#SBATCH --exclusive",
-                 "#SBATCH --array=0-3%2", "module load cuda/12", "STARTS=(0 2 4 5)", "ENDS=(2 4 5 6)"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab42",
+        "#SBATCH --mem=16G",
+        "#SBATCH --gres=gpu:a100:1",
+        "#SBATCH --qos=high",
+        "#SBATCH --time=2:00:00",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --exclusive",
+        "#SBATCH --array=0-3%2",
+        "module load cuda/12",
+        "STARTS=(0 2 4 5)",
+        "ENDS=(2 4 5 6)",
+    ):
         assert line in out, line
     assert "apptainer exec --nv img.sif " in out and "main.py --setting paraphrased" in out
     assert "{{" not in out and "nothing was submitted" in out
@@ -62,8 +104,22 @@ def test_sbatch_dry_run_takes_resources_from_env_and_flags(tmp_path, monkeypatch
 
 def test_submitit_dry_run_prints_submitits_script(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert compute_main([*study(tmp_path), "--backend", "submitit", "--partition", "debug", "--time", "30",
-                         "--container", "apptainer exec img.sif"]) == 0
+    assert (
+        compute_main(
+            [
+                *study(tmp_path),
+                "--backend",
+                "submitit",
+                "--partition",
+                "debug",
+                "--time",
+                "30",
+                "--container",
+                "apptainer exec img.sif",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "#SBATCH --partition=debug" in out and "#SBATCH --time=30" in out and "#SBATCH --array=0-3" in out
     assert "apptainer exec img.sif " in out and "submitit.core._submit" in out

@@ -18,7 +18,9 @@ import numpy as np
 
 from .errors import GradsimError
 from .io import read_json
-from .metrics import component_of, layer_of, summarize, true_rank
+from .layout import RunPaths, selection_file
+from .metrics import component_of, component_order, group_indices, layer_of, summarize_ranks
+from .score import random_expectation, subset_scores
 
 SETTING_ORDER = ("paraphrased", "model-generated")
 METRICS = ("top1", "mrr")
@@ -50,13 +52,8 @@ class Run:
 
     def scores(self, idx=slice(None)) -> np.ndarray:
         """(Q, C) cosine (or dot product, for dot-product runs) over the matrices ``idx``."""
-        d = self.arrays["dots"][..., idx].sum(-1)
-        if self.result.get("config", {}).get("computation_type") == "dot-product":
-            return d
-        q = self.arrays["qself"][:, None, idx].sum(-1)
-        c = self.arrays["cself"][..., idx].sum(-1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return d / np.sqrt(q * c)
+        a, computation_type = self.arrays, self.result.get("config", {}).get("computation_type")
+        return subset_scores(a["dots"], a["qself"], a["cself"], idx, computation_type)
 
 
 def load_runs(results_dir, computation_type: str = "gradient-similarity") -> dict[str, Run]:
@@ -66,15 +63,17 @@ def load_runs(results_dir, computation_type: str = "gradient-similarity") -> dic
     base = root / computation_type if (root / computation_type).is_dir() else root
     runs = {}
     for res in sorted(base.glob("*/results.json")):
-        npz = res.with_name("scores.npz")
+        npz = RunPaths.sibling(res, "scores")
         if not npz.exists():
             continue
         with np.load(npz) as z:
             arrays = {k: z[k] for k in z.files}
         runs[res.parent.name] = Run(res.parent.name, res.parent, read_json(res), arrays)
     if not runs:
-        raise GradsimError(f"no finished runs (results.json + scores.npz) under {base}: run main.py first, or set "
-                           "GRADSIM_RESULTS_DIR to the --output-dir of your runs")
+        raise GradsimError(
+            f"no finished runs (results.json + scores.npz) under {base}: run main.py first, or set "
+            "GRADSIM_RESULTS_DIR to the --output-dir of your runs"
+        )
     order = {s: i for i, s in enumerate(SETTING_ORDER)}
     return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
@@ -83,8 +82,17 @@ def summary_table(runs: dict[str, Run]) -> list[dict]:
     rows = []
     for name, r in runs.items():
         w = r.whole
-        rows.append({"run": name, "n": w["n"], "candidates": r.num_candidates, "chance top-1": 1 / r.num_candidates,
-                     "top-1": w["top1"], "MRR": w["mrr"], "recall@5": w.get("recall@5")})
+        rows.append(
+            {
+                "run": name,
+                "n": w["n"],
+                "candidates": r.num_candidates,
+                "chance top-1": 1 / r.num_candidates,
+                "top-1": w["top1"],
+                "MRR": w["mrr"],
+                "recall@5": w.get("recall@5"),
+            }
+        )
     return rows
 
 
@@ -100,37 +108,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summarize_ranks(scores: np.ndarray) -> dict:
-    """top-1, MRR and recall@k of (Q, C) scores whose column 0 is the true original."""
-    return summarize(true_rank(scores))
-
-
 def group_metrics(run: Run, key) -> dict[str, dict]:
     """Metrics of the concatenated gradient of each group of matrices (``key(name)`` -> group or None)."""
-    groups: dict = {}
-    for m, n in enumerate(run.names):
-        k = key(n)
-        if k is not None:
-            groups.setdefault(k, []).append(m)
-    return {k: summarize_ranks(run.scores(idx)) for k, idx in groups.items()}
+    return {k: summarize_ranks(run.scores(idx)) for k, idx in group_indices(run.names, key).items()}
 
 
 def layer_component_grid(run: Run, metric: str = "top1") -> tuple[list[int], list[str], np.ndarray]:
     """(layers, components, grid[layer, component]) of ``metric`` for each layer's matrices of one type."""
     cells = group_metrics(run, lambda n: (layer_of(n), component_of(n)) if layer_of(n) is not None else None)
     layers = sorted({k[0] for k in cells})
-    comps = sorted({k[1] for k in cells}, key=_component_order)
+    comps = sorted({k[1] for k in cells}, key=component_order)
     grid = np.full((len(layers), len(comps)), np.nan)
     for (layer, comp), m in cells.items():
         grid[layers.index(layer), comps.index(comp)] = m[metric]
     return layers, comps, grid
-
-
-_COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down", "norm", "embedding", "other")
-
-
-def _component_order(c: str) -> int:
-    return _COMPONENTS.index(c) if c in _COMPONENTS else len(_COMPONENTS)
 
 
 def true_vs_others(run: Run) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +131,7 @@ def true_vs_others(run: Run) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --- figures ------------------------------------------------------------------------------------
+
 
 def _plt():
     import matplotlib
@@ -165,9 +157,15 @@ def plot_settings(runs: dict[str, Run], out_dir) -> Path:
         vals = [runs[n].whole[metric] for n in names]
         bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
         ax.bar_label(bars, fmt="%.2f")
-        chance = [_chance(runs[n].num_candidates)[metric] for n in names]
-        ax.hlines(chance, np.arange(len(names)) - 0.4, np.arange(len(names)) + 0.4, colors="k", linestyles="--",
-                  label="random ranking")
+        chance = [random_expectation(runs[n].num_candidates)[metric] for n in names]
+        ax.hlines(
+            chance,
+            np.arange(len(names)) - 0.4,
+            np.arange(len(names)) + 0.4,
+            colors="k",
+            linestyles="--",
+            label="random ranking",
+        )
         ax.set_ylim(0, 1.12)  # room for the bar labels
         ax.set_title(f"whole-model {LABELS[metric]}")
         ax.tick_params(axis="x", rotation=20)
@@ -175,19 +173,19 @@ def plot_settings(runs: dict[str, Run], out_dir) -> Path:
     return _save(fig, out_dir, "settings_top1_mrr.png")
 
 
-def _chance(c: int) -> dict[str, float]:
-    return {"top1": 1 / c, "mrr": sum(1 / r for r in range(1, c + 1)) / c}
-
-
 def plot_components(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path:
     plt = _plt()
     per = {n: group_metrics(r, component_of) for n, r in runs.items()}
-    comps = sorted({c for v in per.values() for c in v}, key=_component_order)
+    comps = sorted({c for v in per.values() for c in v}, key=component_order)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.5 * len(comps) * (len(runs) + 1)), 3.6))
     width = 0.8 / len(runs)
     for i, (n, v) in enumerate(per.items()):
-        ax.bar(np.arange(len(comps)) + (i - (len(runs) - 1) / 2) * width, [v.get(c, {}).get(metric, np.nan) for c in comps],
-               width, label=n)
+        ax.bar(
+            np.arange(len(comps)) + (i - (len(runs) - 1) / 2) * width,
+            [v.get(c, {}).get(metric, np.nan) for c in comps],
+            width,
+            label=n,
+        )
     ax.set_xticks(np.arange(len(comps)), comps)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(LABELS[metric])
@@ -231,7 +229,9 @@ def plot_similarity(runs: dict[str, Run], out_dir) -> Path:
     for ax, (n, r) in zip(axes[0], runs.items()):
         true, others = true_vs_others(r)
         true, others = true[np.isfinite(true)], others[np.isfinite(others)]
-        bins = np.linspace(min(true.min(initial=0), others.min(initial=0)), max(true.max(initial=1), others.max(initial=1)), 30)
+        bins = np.linspace(
+            min(true.min(initial=0), others.min(initial=0)), max(true.max(initial=1), others.max(initial=1)), 30
+        )
         ax.hist(others, bins=bins, alpha=0.6, density=True, label=f"other candidates ({others.size})")
         ax.hist(true, bins=bins, alpha=0.6, density=True, label=f"true original ({true.size})")
         ax.set_title(n)
@@ -284,7 +284,9 @@ def greedy_selections(run: Run) -> dict[str, dict]:
     """The greedy matrix selections made on a run (``python -m gradsim.selection``): selection.json and
     selection_bm25.json beside its results, by protocol."""
     out = {}
-    for f in sorted(run.path.glob("selection*.json")):
+    for f in (selection_file(run.path), selection_file(run.path, "bm25")):
+        if not f.exists():
+            continue
         sel = read_json(f)
         if isinstance(sel, dict) and sel.get("path"):
             out[sel.get("protocol", f.stem)] = sel
@@ -296,9 +298,18 @@ def greedy_rows(runs: dict[str, Run]) -> list[dict]:
     for n, r in runs.items():
         for protocol, sel in greedy_selections(r).items():
             held, full = sel["held_out"], sel["full_gradient_held_out"]
-            rows.append({"run": n, "protocol": protocol, "matrices": len(sel["chosen"]),
-                         "selected top-1": held["top1"], "full top-1": full["top1"],
-                         "selected MRR": held["mrr"], "full MRR": full["mrr"], "held-out n": held["n"]})
+            rows.append(
+                {
+                    "run": n,
+                    "protocol": protocol,
+                    "matrices": len(sel["chosen"]),
+                    "selected top-1": held["top1"],
+                    "full top-1": full["top1"],
+                    "selected MRR": held["mrr"],
+                    "full MRR": full["mrr"],
+                    "held-out n": held["n"],
+                }
+            )
     return rows
 
 
@@ -331,8 +342,10 @@ def plot_greedy(runs: dict[str, Run], out_dir) -> Optional[Path]:
 
 # --- headless execution (CI: python -m gradsim.analysis --execute notebooks/analysis.ipynb) -----
 
-def execute_notebook(notebook, results_dir=None, computation_type: str = "gradient-similarity",
-                     timeout: int = 1800) -> Path:
+
+def execute_notebook(
+    notebook, results_dir=None, computation_type: str = "gradient-similarity", timeout: int = 1800
+) -> Path:
     """Run the notebook with nbclient on ``results_dir`` (default: the repository's data/) and write the
     executed copy beside the results, leaving the committed notebook without outputs. A cell that
     raises makes this raise (nbclient's CellExecutionError)."""
@@ -349,8 +362,12 @@ def execute_notebook(notebook, results_dir=None, computation_type: str = "gradie
     old = {k: os.environ.get(k) for k in ("GRADSIM_RESULTS_DIR", "GRADSIM_COMPUTATION_TYPE")}
     os.environ.update(GRADSIM_RESULTS_DIR=str(results_dir), GRADSIM_COMPUTATION_TYPE=computation_type)
     try:  # the kernel inherits this process's environment
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(Path(notebook).resolve().parent)}}).execute()
+        NotebookClient(
+            nb,
+            timeout=timeout,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(Path(notebook).resolve().parent)}},
+        ).execute()
     finally:
         for k, v in old.items():
             if v is None:
@@ -366,8 +383,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m gradsim.analysis",
-                                description="Execute the analysis notebook headless on finished runs.")
+    p = argparse.ArgumentParser(
+        prog="python -m gradsim.analysis", description="Execute the analysis notebook headless on finished runs."
+    )
     p.add_argument("--execute", required=True, metavar="NOTEBOOK", help="e.g. notebooks/analysis.ipynb")
     p.add_argument("--results-dir", help="an --output-dir of main.py (default: GRADSIM_RESULTS_DIR or data/)")
     p.add_argument("--computation-type", default="gradient-similarity")

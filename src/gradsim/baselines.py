@@ -28,8 +28,11 @@ class RepresentationFeaturizer:
         self.model, self.device, self.dtype = model, device, dtype
         d = model.get_input_embeddings().embedding_dim
         self.layout = layout_from_sizes(list(REPRESENTATIONS), [(d,), (d,)], [d, d])
-        self.spec = {"kind": self.kind, "hidden": "last hidden state (after the final norm)",
-                     "pooling": ["mean over response tokens", "mean over all tokens"]}
+        self.spec = {
+            "kind": self.kind,
+            "hidden": "last hidden state (after the final norm)",
+            "pooling": ["mean over response tokens", "mean over all tokens"],
+        }
 
     @torch.no_grad()
     def features(self, enc: Encoded) -> torch.Tensor:

@@ -1,23 +1,38 @@
 """Merge partition results into one result per run, refusing anything that would not equal an
-unpartitioned run: missing or overlapping query ranges, or partitions made with different configs."""
+unpartitioned run: missing or overlapping query ranges, or partitions made with different configs.
+
+    python -m gradsim.combine [RUN_DIR ...] [--output-dir DIR]    (also combine.py, combine_all.sh)
+"""
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from .cli import format_summary
+from .config import COMPUTATION_TYPES, REPO_ROOT, redact
 from .errors import GradsimError
 from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
+from .layout import RunPaths
 from .score import summarize_arrays
 
 _PART = re.compile(r"results_(\d+)-(\d+)\.json$")
 
 
+def whole_run(run_dir: Path, num_queries: int = 0) -> RunPaths:
+    """The files of a whole run: what an unpartitioned run writes, and what combine merges partitions into."""
+    return RunPaths(Path(run_dir), 0, num_queries, partitioned=False)
+
+
 def find_partitions(run_dir: Path) -> list[tuple[int, int, Path]]:
+    """(start, end, results file) of each finished partition of a run, in query order."""
     parts = []
-    for p in sorted((Path(run_dir) / "partitions").glob("results_*.json")):
+    for p in sorted(whole_run(run_dir).part_dir.glob("results_*.json")):
         m = _PART.search(p.name)
         if m:
             parts.append((int(m.group(1)), int(m.group(2)), p))
@@ -40,10 +55,10 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     run_dir = Path(run_dir)
     parts = find_partitions(run_dir)
     if not parts:
-        raise GradsimError(f"no partition results under {run_dir / 'partitions'}: run the partitions first")
+        raise GradsimError(f"no partition results under {whole_run(run_dir).part_dir}: run the partitions first")
     results = [read_json(p) for _, _, p in parts]
     first = results[0]
-    for (s, e, p), r in zip(parts, results):
+    for (_, _, p), r in zip(parts, results):
         if r["compat"] != first["compat"]:
             diff = sorted(k for k in first["compat"] if r["compat"].get(k) != first["compat"][k])
             raise GradsimError(
@@ -58,28 +73,137 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     gaps = missing_ranges(ranges, total)
     if gaps:
         listed = ", ".join(f"[{s}, {e})" for s, e in gaps)
-        raise GradsimError(f"queries {listed} of {total} have no finished partition: rerun those partitions, then combine")
+        raise GradsimError(
+            f"queries {listed} of {total} have no finished partition: rerun those partitions, then combine"
+        )
 
-    arrays = [np.load(p.with_name(p.name.replace("results", "scores").replace(".json", ".npz"))) for _, _, p in parts]
+    arrays = [np.load(RunPaths.sibling(p, "scores")) for _, _, p in parts]
     scores = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0].files if k != "query_index"}
-    metrics = [row for _, _, p in parts
-               for row in read_jsonl_tolerant(p.with_name(p.name.replace("results", "metrics").replace(".json", ".jsonl")))]
+    metrics = [row for _, _, p in parts for row in read_jsonl_tolerant(RunPaths.sibling(p, "metrics"))]
 
     merged = dict(first)
     merged["config"] = dict(first["config"], partition_start=None, partition_end=None)
     merged["partition"] = {"start": 0, "end": total, "num_queries": total, "merged_from": [[s, e] for s, e in ranges]}
     merged["queries"] = [q for r in results for q in r["queries"]]
     merged.update(summarize_arrays(first["parameter_names"], scores, first["config"]["computation_type"]))
-    atomic_save_npz(run_dir / "scores.npz", **scores, query_index=np.arange(total))
-    atomic_write_jsonl(run_dir / "metrics.jsonl", metrics)
-    atomic_write_json(run_dir / "config.json", {"config": merged["config"], "compat": merged["compat"]})
-    atomic_write_json(run_dir / "results.json", merged)
+    out = whole_run(run_dir, total)
+    atomic_save_npz(out.scores, **scores, query_index=np.arange(total))
+    atomic_write_jsonl(out.metrics, metrics)
+    atomic_write_json(out.config, {"config": merged["config"], "compat": merged["compat"]})
+    atomic_write_json(out.results, merged)
     return merged
 
 
-if __name__ == "__main__":  # python -m gradsim.combine [RUN_DIR ...] [--output-dir DIR]: see slurm.combine_main
-    import sys
+# --------------------------------------------------------------------------------------------
+# The command (combine.py, combine_all.sh, gradsim combine)
+# --------------------------------------------------------------------------------------------
 
-    from .slurm import combine_main
 
+def find_run_dirs(root: Path) -> list[Path]:
+    """Run directories with partitions under an output dir: <root>/<computation-type>/<run>/partitions."""
+    return sorted(d.parent for ct in COMPUTATION_TYPES for d in (Path(root) / ct).glob("*/partitions") if d.is_dir())
+
+
+def up_to_date(run_dir: Path) -> bool:
+    """results.json was merged from exactly the partitions there now, after the last of them was written."""
+    merged = whole_run(run_dir)
+    parts = find_partitions(run_dir)
+    if not merged.results.exists() or not parts:
+        return False
+    try:
+        got = read_json(merged.results).get("partition", {}).get("merged_from")
+    except (OSError, ValueError):
+        return False
+    if got != [[s, e] for s, e, _ in parts]:
+        return False
+    inputs = [RunPaths.sibling(p, kind) for _, _, p in parts for kind in ("results", "scores", "metrics")]
+    newest = max(f.stat().st_mtime for f in inputs if f.exists())
+    outputs = (merged.results, merged.scores, merged.metrics, merged.config)
+    return all(f.exists() and f.stat().st_mtime >= newest for f in outputs)
+
+
+def partition_times(run_dir: Path) -> list[dict]:
+    """Where the cluster time went: per partition, the per-sample metrics summed by role."""
+    out = []
+    for s, e, p in find_partitions(run_dir):
+        rows = read_jsonl_tolerant(RunPaths.sibling(p, "metrics"))
+        by_role: dict[str, int] = {}
+        for r in rows:
+            by_role[r.get("role", "?")] = by_role.get(r.get("role", "?"), 0) + 1
+        rss = [r["peak_rss_mb"] for r in rows if r.get("peak_rss_mb") is not None]
+        vram = [r["vram_reserved_mb"] for r in rows if r.get("vram_reserved_mb") is not None]
+        out.append(
+            {
+                "start": s,
+                "end": e,
+                "samples": by_role,
+                "tokens": sum(r.get("tokens", 0) for r in rows),
+                "seconds": round(sum(r.get("seconds", 0.0) for r in rows), 2),
+                "devices": sorted({str(r.get("device")) for r in rows}),
+                "peak_rss_mb": max(rss) if rss else None,
+                "peak_vram_mb": max(vram) if vram else None,
+            }
+        )
+    return out
+
+
+def format_times(times: list[dict]) -> str:
+    lines = ["  time by partition (sum of per-sample seconds; every row is in metrics.jsonl):"]
+    for t in times:
+        samples = " ".join(f"{k} {v}" for k, v in sorted(t["samples"].items()))
+        mem = f"peak RSS {t['peak_rss_mb']:.0f} MB" if t["peak_rss_mb"] is not None else ""
+        if t["peak_vram_mb"] is not None:
+            mem += f", VRAM {t['peak_vram_mb']:.0f} MB"
+        lines.append(
+            f"    [{t['start']}, {t['end']})  {t['seconds']:>9.2f} s  {t['tokens']:>8} tokens  "
+            f"{','.join(t['devices'])}  {samples}  {mem}".rstrip()
+        )
+    lines.append(f"    total {sum(t['seconds'] for t in times):.2f} s")
+    return "\n".join(lines)
+
+
+def combine_run(run_dir: Path) -> tuple[dict, bool]:
+    """Merge one run (unless its merged result is already current); returns (result, merged_now)."""
+    if up_to_date(run_dir):
+        return read_json(whole_run(run_dir).results), False
+    return merge_partitions(run_dir), True
+
+
+def combine_main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="combine.py",
+        description="Merge the finished partitions of one run, or of "
+        "every run under an output dir, into results.json/scores.npz/metrics.jsonl; refuse "
+        "with the reason when partitions are missing, overlap or differ in configuration.",
+    )
+    p.add_argument(
+        "run_dirs",
+        nargs="*",
+        help="run directories (<output-dir>/<computation-type>/<run>); "
+        "default: every run with partitions under --output-dir",
+    )
+    p.add_argument("--output-dir", help="where to look for runs (default: data/)")
+    args = p.parse_args(argv)
+    run_dirs = [Path(d) for d in args.run_dirs] or find_run_dirs(Path(args.output_dir or REPO_ROOT / "data"))
+    if not run_dirs:
+        print(f"no runs with partitions under {args.output_dir or REPO_ROOT / 'data'}", file=sys.stderr)
+        return 1
+    failed = 0
+    for d in run_dirs:
+        try:
+            result, merged = combine_run(d)
+        except GradsimError as e:
+            print(f"{d}: NOT combined: {redact(str(e))}", file=sys.stderr)
+            failed += 1
+            continue
+        what = (
+            f"merged {len(result['partition'].get('merged_from', []))} partitions" if merged else "already up to date"
+        )
+        print(f"{d}: {what}")
+        print(f"  {format_summary(result)}")
+        print(format_times(partition_times(d)))
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
     sys.exit(combine_main())

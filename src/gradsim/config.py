@@ -6,8 +6,11 @@ decide the numbers (``COMPAT_FIELDS``) agree.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -98,30 +101,33 @@ class Config:
     def __post_init__(self) -> None:
         if self.setting == "both":
             self.paraphrased_data = self.paraphrased_data or str(BUNDLED_DATA / VARIANT_FILES["paraphrased"])
-            self.model_generated_data = self.model_generated_data or str(BUNDLED_DATA / VARIANT_FILES["model-generated"])
+            self.model_generated_data = self.model_generated_data or str(
+                BUNDLED_DATA / VARIANT_FILES["model-generated"]
+            )
         elif self.variant_data is None:
             self.variant_data = str(BUNDLED_DATA / VARIANT_FILES.get(self.setting, "paraphrased.jsonl"))
         if self.proj_dim is None:
             self.proj_dim = DEFAULT_PROJ_DIM.get(self.projection, 4096)
 
-    def validate(self) -> "Config":
-        _choice("--setting", self.setting, SETTING_CHOICES)
+    def validate(self) -> Config:
+        check_choice("--setting", self.setting, SETTING_CHOICES)
         if self.setting == "both" and self.variant_data is not None:
-            raise GradsimError("--variant-data names one setting's variants: with --setting both give "
-                               "--paraphrased-data and --model-generated-data instead")
-        for flag, v in (("--memory-gb", self.memory_gb), ("--scratch-gb", self.scratch_gb),
-                        ("--host-memory-gb", self.host_memory_gb)):
-            if v is not None and v < 0:
-                raise GradsimError(f"{flag} must be >= 0, got {v}")
-        _choice("--computation-type", self.computation_type, COMPUTATION_TYPES)
-        _choice("--candidates", self.candidates, CANDIDATE_MODES)
-        _choice("--projection", self.projection, PROJECTIONS)
-        _choice("MT_DTYPE/--dtype", self.dtype, DTYPES)
+            raise GradsimError(
+                "--variant-data names one setting's variants: with --setting both give "
+                "--paraphrased-data and --model-generated-data instead"
+            )
+        memory = (("--memory-gb", self.memory_gb), ("--scratch-gb", self.scratch_gb))
+        check_at_least(0, ">= 0", (*memory, ("--host-memory-gb", self.host_memory_gb)))
+        check_choice("--computation-type", self.computation_type, COMPUTATION_TYPES)
+        check_choice("--candidates", self.candidates, CANDIDATE_MODES)
+        check_choice("--projection", self.projection, PROJECTIONS)
+        check_choice("MT_DTYPE/--dtype", self.dtype, DTYPES)
         if self.revision is not None and not self.revision.strip():
             raise GradsimError("--revision is empty: give a branch, tag or commit of the hub model, or drop it")
         if self.revision is not None and self.model_name == EMBEDDED_MODEL:
-            raise GradsimError(f"--revision {self.revision!r} needs a hub model: "
-                               "give --model ORG/NAME or drop --revision")
+            raise GradsimError(
+                f"--revision {self.revision!r} needs a hub model: give --model ORG/NAME or drop --revision"
+            )
         if self.chat_template is not None and not self.chat_template.strip():
             raise GradsimError("--chat-template is empty: give tulu or the path of a Jinja file")
         if self.top_k < 1:
@@ -130,14 +136,9 @@ class Config:
             raise GradsimError(f"MT_SAMPLE_SIZE must be a positive integer, got {self.sample_size!r}")
         if self.max_length is not None and self.max_length < 2:
             raise GradsimError(f"--max-length must be at least 2 tokens, got {self.max_length}")
-        if self.proj_dim < 1:
-            raise GradsimError(f"--proj-dim must be a positive integer, got {self.proj_dim}")
-        if self.batch_size < 1:
-            raise GradsimError(f"--batch-size must be a positive integer, got {self.batch_size}")
-        for name in ("partition_start", "partition_end"):
-            v = getattr(self, name)
-            if v is not None and v < 0:
-                raise GradsimError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        check_at_least(1, "a positive integer", (("--proj-dim", self.proj_dim), ("--batch-size", self.batch_size)))
+        partition = (("--partition-start", self.partition_start), ("--partition-end", self.partition_end))
+        check_at_least(0, ">= 0", partition)
         return self
 
     def compat(self) -> dict[str, Any]:
@@ -147,26 +148,46 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise GradsimError(f"unknown {flag} {value!r}: choose one of {', '.join(allowed)}")
 
 
+def check_at_least(minimum: float, requirement: str, flags) -> None:
+    """Refuse the first (flag, value) whose value is below ``minimum`` (None: not given), saying
+    "<flag> must be <requirement>, got <value>"."""
+    for flag, value in flags:
+        if value is not None and value < minimum:
+            raise GradsimError(f"{flag} must be {requirement}, got {value}")
+
+
+def add_quiet_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> dict[str, Any]:
+    """The flags as a dict, less -q/--quiet (add_quiet_flag), which sets the log level: warnings only, or info."""
+    args = vars(parser.parse_args(argv))
+    quiet = args.pop("quiet")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    return args
+
+
 def _positive_int_env(name: str) -> Optional[int]:
     raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
     try:
-        value = int(raw)
+        value = int(raw) if raw else None
     except ValueError:
         value = 0
-    if value < 1:
-        raise GradsimError(f"{name}={raw!r} is not a positive integer: set it to e.g. 10, or unset it to use all samples")
+    if value is not None and value < 1:
+        raise GradsimError(
+            f"{name}={raw!r} is not a positive integer: set it to e.g. 10, or unset it to use all samples"
+        )
     return value
 
 

@@ -10,7 +10,7 @@ gets ``lima_<row index>``.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +25,7 @@ class Sample:
     id: str
     prompt: str
     response: str
+    positional_id: bool = field(default=False, compare=False)  # no "id" in the row: lima_<row index>
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
@@ -33,7 +34,8 @@ class Sample:
 def _parse_row(row: Any, where: str, index: int) -> Sample:
     if not isinstance(row, dict):
         raise GradsimError(f"{where}: row {index} is not a JSON object: each line must hold one LIMA row")
-    sid = str(row["id"]) if row.get("id") is not None else f"lima_{index}"
+    positional = row.get("id") is None
+    sid = f"lima_{index}" if positional else str(row["id"])
     if "conversations" in row:
         turns = row["conversations"]
         if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
@@ -57,13 +59,15 @@ def _parse_row(row: Any, where: str, index: int) -> Sample:
             f"{where}: row {index} ({sid}) has neither 'conversations' nor 'messages': use LIMA or messages format"
         )
     if len(contents) < 2:
-        raise GradsimError(f"{where}: row {index} ({sid}) has no assistant response: each row needs a user and an assistant turn")
+        raise GradsimError(
+            f"{where}: row {index} ({sid}) has no assistant response: each row needs a user and an assistant turn"
+        )
     prompt, response = contents[0], contents[1]
     if not isinstance(prompt, str) or not prompt.strip():
         raise GradsimError(f"{where}: row {index} ({sid}) has an empty user prompt: fix or drop the row")
     if not isinstance(response, str) or not response.strip():
         raise GradsimError(f"{where}: row {index} ({sid}) has an empty response: fix or drop the row")
-    return Sample(sid, prompt, response)
+    return Sample(sid, prompt, response, positional)
 
 
 def _read_jsonl(path: Path) -> list[Any]:
@@ -78,7 +82,9 @@ def _read_jsonl(path: Path) -> list[Any]:
         try:
             rows.append(orjson.loads(line))
         except orjson.JSONDecodeError as e:
-            raise GradsimError(f"{path}:{lineno} is not valid JSON ({e}): fix the line; the file must be JSON Lines") from None
+            raise GradsimError(
+                f"{path}:{lineno} is not valid JSON ({e}): fix the line; the file must be JSON Lines"
+            ) from None
     if not rows:
         raise GradsimError(f"{path} holds no rows: give a JSONL file with one LIMA row per line")
     return rows
@@ -136,11 +142,21 @@ class Dataset:
 def load_dataset(original_source: str, variant_source: str, sample_size: Optional[int] = None) -> Dataset:
     originals = load_samples(original_source)
     queries = load_samples(variant_source)
+    unnamed = sum(q.positional_id for q in queries)
+    if unnamed and len(queries) != len(originals):
+        # Ids by row index link the i-th variant to the i-th original: once a row is missing (a failed
+        # paraphrase) every later variant would be scored against the wrong original.
+        raise GradsimError(
+            f"{variant_source}: {unnamed} of its {len(queries)} rows have no 'id', and the originals have "
+            f"{len(originals)} rows: linking them by row number would pair variants with the wrong originals; "
+            "give every variant the 'id' of its original"
+        )
     by_id = {s.id for s in originals}
     for q in queries:
         if q.id not in by_id:
             raise GradsimError(
-                f"{variant_source}: variant id {q.id!r} has no original in {original_source}: the ids must link the files"
+                f"{variant_source}: variant id {q.id!r} has no original in {original_source}: "
+                "the ids must link the files"
             )
     if sample_size is not None:
         originals = originals[:sample_size]

@@ -71,8 +71,9 @@ def render(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:
     if "strftime_now" in template:
         dates = {m.group(2): TEMPLATE_DATE.strftime(m.group(2)) for m in _STRFTIME_CALL.finditer(template)}
         template = _FIXED_CLOCK + template
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, date_string=DATE_STRING,
-                                         gradsim_fixed_dates=dates, **kwargs)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, date_string=DATE_STRING, gradsim_fixed_dates=dates, **kwargs
+    )
 
 
 def split_conversation(tokenizer, sample: Sample) -> tuple[str, str]:
@@ -90,12 +91,14 @@ def split_conversation(tokenizer, sample: Sample) -> tuple[str, str]:
     try:
         full, with_placeholder, ordered = (render(tokenizer, m) for m in (messages, marked, order))
     except TemplateError as e:
-        raise GradsimError(f"sample {sample.id}: the chat template failed to render it ({str(e)[:200]!r}): "
-                           "choose another with --chat-template tulu or --chat-template PATH") from None
+        raise GradsimError(
+            f"sample {sample.id}: the chat template failed to render it ({str(e)[:200]!r}): "
+            "choose another with --chat-template tulu or --chat-template PATH"
+        ) from None
     if with_placeholder.count(PLACEHOLDER) == 1 and ordered.rfind(PROMPT_PLACEHOLDER) < ordered.find(PLACEHOLDER):
         before, after = with_placeholder.split(PLACEHOLDER)
         if len(full) >= len(before) + len(after) and full.startswith(before) and full.endswith(after):
-            return before, full[len(before):]
+            return before, full[len(before) :]
     raise GradsimError(
         f"sample {sample.id}: the chat template changes the conversation around the answer depending on its "
         "content, so the trained tokens cannot be located: choose --chat-template tulu or --chat-template PATH"

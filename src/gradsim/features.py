@@ -9,8 +9,8 @@ partition) skips finished shards and never mixes incompatible features.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import orjson
 import torch
 
 from .encode import Encoded
 from .errors import GradsimError
 from .gradients import GradientComputer, ParamLayout
-from .io import atomic_save_npy, atomic_write_json, read_json
+from .io import atomic_save_npy, atomic_write_json, json_sha256, read_json
 
 
 class Featurizer(Protocol):
@@ -86,7 +85,7 @@ def progress_bar(*args, **kwargs):
 
 
 def manifest_key(manifest: dict) -> str:
-    return hashlib.sha256(orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return json_sha256(manifest)[:16]
 
 
 @dataclass
@@ -98,8 +97,9 @@ class FeatureStore:
     shard_size: int
 
     @classmethod
-    def open(cls, root: Path, manifest: dict, ids: list[str], dim: int, shard_size: int,
-             scratch: bool = False) -> "FeatureStore":
+    def open(
+        cls, root: Path, manifest: dict, ids: list[str], dim: int, shard_size: int, scratch: bool = False
+    ) -> FeatureStore:
         """Open (or create) a store; a scratch store made with other settings is rebuilt, a shared one refused."""
         root = Path(root)
         if scratch and (root / "manifest.json").exists():
@@ -107,8 +107,13 @@ class FeatureStore:
             if old.get("shard_size") != shard_size or old.get("dim") != dim:
                 shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
-        full = dict(manifest, ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(), dim=dim,
-                    shard_size=shard_size, num_samples=len(ids))
+        full = dict(
+            manifest,
+            ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            dim=dim,
+            shard_size=shard_size,
+            num_samples=len(ids),
+        )
         mpath = root / "manifest.json"
         if mpath.exists():
             old = read_json(mpath)
@@ -158,10 +163,10 @@ def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, pr
     metrics = []
     step = getattr(featurizer, "batch_size", 1) if hasattr(featurizer, "features_batch") else 1
     for b0 in range(0, len(encs), step):
-        batch = encs[b0:b0 + step]
+        batch = encs[b0 : b0 + step]
         t0 = time.perf_counter()
         if step > 1:
-            out[b0:b0 + len(batch)] = featurizer.features_batch(batch).detach().float().cpu().numpy()
+            out[b0 : b0 + len(batch)] = featurizer.features_batch(batch).detach().float().cpu().numpy()
         else:
             out[b0] = featurizer.features(batch[0]).detach().float().cpu().numpy()
         if device.type == "cuda":

@@ -59,13 +59,18 @@ class LocalBackend:
         self.tokenizer.padding_side = "left"
 
     def describe(self) -> dict:
-        return {"backend": self.name, "model": self.lm.model_id, "model_revision": self.lm.revision,
-                "chat_template_sha256": self.lm.chat_template_sha256, "batch_size": self.batch_size}
+        return {
+            "backend": self.name,
+            "model": self.lm.model_id,
+            "model_revision": self.lm.revision,
+            "chat_template_sha256": self.lm.chat_template_sha256,
+            "batch_size": self.batch_size,
+        }
 
     def generate(self, conversations: list[list[Message]], params: GenParams, seeds: list[int]) -> list[Generation]:
         out: list[Generation] = []
         for b in range(0, len(conversations), self.batch_size):
-            out += self._batch(conversations[b:b + self.batch_size], params, seeds[b])
+            out += self._batch(conversations[b : b + self.batch_size], params, seeds[b])
         return out
 
     def _render(self, conversation: list[Message]) -> str:
@@ -87,20 +92,24 @@ class LocalBackend:
         texts = [self._render(c) for c in conversations]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.lm.device)
         sampled = params.temperature > 0
-        kwargs = dict(do_sample=sampled, max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
+        kwargs = dict(
+            do_sample=sampled,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         if sampled:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         torch.manual_seed(seed)
-        ids = self.lm.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+        ids = self.lm.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
         gens = []
         for row in ids:
             row = row.tolist()
             stopped = tok.eos_token_id in row
             if stopped:
-                row = row[:row.index(tok.eos_token_id)]
+                row = row[: row.index(tok.eos_token_id)]
             gens.append(Generation(tok.decode(row, skip_special_tokens=True).strip(), "stop" if stopped else "length"))
         return gens
 
@@ -127,16 +136,25 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, model: str, rate_limit: float = 0.0, max_retries: int = 5, backoff: float = 1.0,
-                 timeout: float = 120.0, batch_size: int = 8):
+    def __init__(
+        self,
+        model: str,
+        rate_limit: float = 0.0,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        timeout: float = 120.0,
+        batch_size: int = 8,
+    ):
         import openai
 
         self.base_url = os.environ.get("OPENAI_BASE_URL", "").strip() or None
         api_key = os.environ.get("OPENAI_API_KEY", "").strip()
         if not api_key:
             if self.base_url is None:
-                raise GradsimError("the openai backend needs OPENAI_API_KEY (and OPENAI_BASE_URL for a self-hosted "
-                                   "server such as vLLM or llama.cpp): set them in the environment or .env")
+                raise GradsimError(
+                    "the openai backend needs OPENAI_API_KEY (and OPENAI_BASE_URL for a self-hosted "
+                    "server such as vLLM or llama.cpp): set them in the environment or .env"
+                )
             api_key = "not-needed"  # local servers accept any key, but the client insists on one
         self.model = model
         self.max_retries = max_retries
@@ -149,8 +167,13 @@ class OpenAIBackend:
         self._openai = openai
 
     def describe(self) -> dict:
-        return {"backend": self.name, "model": self.model, "base_url": redact(self.base_url or "https://api.openai.com/v1"),
-                "rate_limit": self.rate_limit, "max_retries": self.max_retries}
+        return {
+            "backend": self.name,
+            "model": self.model,
+            "base_url": redact(self.base_url or "https://api.openai.com/v1"),
+            "rate_limit": self.rate_limit,
+            "max_retries": self.max_retries,
+        }
 
     def generate(self, conversations: list[list[Message]], params: GenParams, seeds: list[int]) -> list[Generation]:
         return [self._one(c, params, s) for c, s in zip(conversations, seeds)]
@@ -168,20 +191,29 @@ class OpenAIBackend:
             self.limiter.wait()
             try:
                 resp = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=params.temperature, top_p=params.top_p,
-                    max_tokens=params.max_new_tokens, seed=seed)
+                    model=self.model,
+                    messages=messages,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    max_tokens=params.max_new_tokens,
+                    seed=seed,
+                )
             except Exception as e:
                 if not isinstance(e, self._openai.OpenAIError):
                     raise
                 msg = redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 where = redact(self.base_url or "the OpenAI API")
                 if not self._retryable(e):
-                    raise GradsimError(f"the endpoint {where} rejected a request ({msg}): check the model name "
-                                       "and --max-new-tokens against the server's context") from None
+                    raise GradsimError(
+                        f"the endpoint {where} rejected a request ({msg}): check the model name "
+                        "and --max-new-tokens against the server's context"
+                    ) from None
                 if attempt == self.max_retries:
-                    raise GradsimError(f"no answer from {where} after {attempt + 1} attempts ({msg}): check that the "
-                                       "server is running and OPENAI_BASE_URL; rerun to resume") from None
-                delay = min(self.backoff * 2 ** attempt, 60.0)
+                    raise GradsimError(
+                        f"no answer from {where} after {attempt + 1} attempts ({msg}): check that the "
+                        "server is running and OPENAI_BASE_URL; rerun to resume"
+                    ) from None
+                delay = min(self.backoff * 2**attempt, 60.0)
                 log.warning("request failed (%s); retry %d/%d in %.1f s", msg, attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
                 continue
@@ -225,7 +257,7 @@ def degenerate_reason(output: str, source: str, partial_copies: bool = True) -> 
     if copied_fraction(output, source) >= 0.9 and (partial_copies or len(_norm(output)) >= 0.5 * len(_norm(source))):
         return "unchanged copy"
     words = output.split()
-    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
     if len(grams) >= 20 and len(set(grams)) / len(grams) < 0.5:
         return "runaway repetition"
     raw = output.encode()

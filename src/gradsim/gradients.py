@@ -50,8 +50,9 @@ def autocast_context(device: torch.device, dtype: str):
     return nullcontext()
 
 
-def batch_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask, device: torch.device,
-               dtype: str = "float32") -> torch.Tensor:
+def batch_loss(
+    model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask, device: torch.device, dtype: str = "float32"
+) -> torch.Tensor:
     """Sum over the batch of each sample's mean cross-entropy over its trained (response) tokens.
 
     Logits are formed only at positions that predict a trained token in some sample of the batch
@@ -62,8 +63,9 @@ def batch_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, 
     keep = trained.any(0).nonzero()[:, 0]
     with autocast_context(device, dtype):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
-    tok = F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="none").view(ids.shape[0], -1)
+    tok = F.cross_entropy(
+        logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(ids.shape[0], -1)
     return (tok.sum(1) / trained.sum(1)).sum()
 
 
@@ -85,10 +87,14 @@ class GradientComputer:
         if len(dtypes) != 1:
             from .errors import GradsimError
 
-            raise GradsimError(f"the model's parameters mix dtypes {sorted(map(str, dtypes))}, which one flat "
-                               "gradient buffer cannot hold: load it with --dtype float32 or bfloat16-weights")
+            raise GradsimError(
+                f"the model's parameters mix dtypes {sorted(map(str, dtypes))}, which one flat "
+                "gradient buffer cannot hold: load it with --dtype float32 or bfloat16-weights"
+            )
         self.buffer = torch.zeros(self.layout.total, dtype=dtypes.pop(), device=device)
-        self.views = [self.buffer[lo:hi].view(shape) for (_, lo, hi), shape in zip(self.layout.slices(), self.layout.shapes)]
+        self.views = [
+            self.buffer[lo:hi].view(shape) for (_, lo, hi), shape in zip(self.layout.slices(), self.layout.shapes)
+        ]
         self.backward_passes = 0
 
     def gradient(self, enc: Encoded) -> torch.Tensor:

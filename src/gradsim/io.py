@@ -1,12 +1,15 @@
-"""Atomic output writing: every result file appears whole or not at all (temp file + rename)."""
+"""Atomic output writing: every result file appears whole or not at all (temp file + rename), and the
+one spelling of JSON that is hashed (sorted keys).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import orjson
@@ -28,9 +31,18 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
-def atomic_writer(path: Path):
-    """A binary file handle whose content replaces ``path`` only when the block finishes without error."""
+def atomic_writer(path: Path, exclusive: bool = False):
+    """A binary file handle whose content replaces ``path`` only when the block finishes without error.
+
+    ``exclusive``: publish it only if ``path`` does not exist yet (a hard link, which fails if another
+    process got there first; then that file stays and this content is dropped)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -39,11 +51,17 @@ def atomic_writer(path: Path):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: collaborators should read results as usual
+        if not exclusive:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -53,6 +71,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any, indent: bool = True) -> None:
     atomic_write_bytes(path, orjson.dumps(obj, option=JSON_OPTS if indent else orjson.OPT_SERIALIZE_NUMPY))
+
+
+def load_or_create_json(path: Path, create: Callable[[], Any]) -> Any:
+    """The JSON at path; if absent, create() it and write it with an exclusive create, so concurrent
+    processes (Slurm partitions) that race all end up using the one file that won."""
+    path = Path(path)
+    if not path.exists():
+        data = create()
+        with atomic_writer(path, exclusive=True) as f:
+            f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    return read_json(path)
+
+
+def sorted_json(obj: Any) -> bytes:
+    """Compact JSON with sorted keys: the same bytes for equal dicts, whatever their insertion order."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+def json_sha256(obj: Any) -> str:
+    """sha256 (hex) of sorted_json(obj): what identifies a manifest, an allocation or a set of settings."""
+    return hashlib.sha256(sorted_json(obj)).hexdigest()
 
 
 def atomic_write_jsonl(path: Path, rows: Iterable[Any]) -> None:

@@ -1,14 +1,14 @@
 """Where things live on disk: the one owner of every file and folder name a run writes.
 
-    <output-dir>/<computation-type>/<run name>/            one run (one setting)
-        results.json scores.npz metrics.jsonl config.json  a finished, unpartitioned run (or merged partitions)
-        partitions/results_SSSSS-EEEEE.json ...            the same files of one query range
-        progress[_SSSSS-EEEEE].jsonl + _blocks/            resume log of an unfinished run and its block files
-        .scratch/                                          kept exact gradients (deleted when the run ends)
-        selection[_bm25].json                              greedy matrix selection
-    <output-dir>/features/<key>/originals|representations  projected / representation feature stores (shared)
-    <output-dir>/features/<projection>-allocations/<key>.json
-    <output-dir>/slurm/<computation-type>/<run name>/<stamp>-<backend>/   submissions
+<output-dir>/<computation-type>/<run name>/            one run (one setting)
+    results.json scores.npz metrics.jsonl config.json  a finished, unpartitioned run (or merged partitions)
+    partitions/results_SSSSS-EEEEE.json ...            the same files of one query range
+    progress[_SSSSS-EEEEE].jsonl + _blocks/            resume log of an unfinished run and its block files
+    .scratch/                                          kept exact gradients (deleted when the run ends)
+    selection[_bm25].json                              greedy matrix selection
+<output-dir>/features/<key>/originals|representations  projected / representation feature stores (shared)
+<output-dir>/features/<projection>-allocations/<key>.json
+<output-dir>/slurm/<computation-type>/<run name>/<stamp>-<backend>/   submissions
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def run_name(setting: str, candidates: str, use_random_projection: bool, project
 
 def run_dir(cfg) -> Path:
     """The run folder of one setting of ``cfg`` (a Config)."""
-    return (Path(cfg.output_dir) / cfg.computation_type
-            / run_name(cfg.setting, cfg.candidates, cfg.use_random_projection, cfg.projection, cfg.proj_dim))
+    return (
+        Path(cfg.output_dir)
+        / cfg.computation_type
+        / run_name(cfg.setting, cfg.candidates, cfg.use_random_projection, cfg.projection, cfg.proj_dim)
+    )
 
 
 def features_root(output_dir) -> Path:
@@ -75,25 +78,12 @@ class RunPaths:
             return self.part_dir / f"{kind}_{self.stem}{ext}"
         return self.run_dir / f"{kind}{ext}"
 
-    @property
-    def results(self) -> Path:
-        return self._file("results", ".json")
-
-    @property
-    def scores(self) -> Path:
-        return self._file("scores", ".npz")
-
-    @property
-    def metrics(self) -> Path:
-        return self._file("metrics", ".jsonl")
-
-    @property
-    def config(self) -> Path:
-        return self._file("config", ".json")
-
-    @property
-    def progress(self) -> Path:
-        return self._file("progress", ".jsonl")
+    # The files of this range, each named <kind>[_SSSSS-EEEEE].<ext>
+    results = property(lambda self: self._file("results", ".json"))
+    scores = property(lambda self: self._file("scores", ".npz"))
+    metrics = property(lambda self: self._file("metrics", ".jsonl"))
+    config = property(lambda self: self._file("config", ".json"))
+    progress = property(lambda self: self._file("progress", ".jsonl"))
 
     @property
     def blocks(self) -> Path:
@@ -108,4 +98,4 @@ class RunPaths:
         """The ``kind`` file (scores, metrics, config) beside a results file, partitioned or not."""
         ext = {"scores": ".npz", "metrics": ".jsonl", "config": ".json", "results": ".json"}[kind]
         name = Path(results_file).name
-        return Path(results_file).with_name(kind + name[len("results"):-len(".json")] + ext)
+        return Path(results_file).with_name(kind + name[len("results") : -len(".json")] + ext)

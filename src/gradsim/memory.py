@@ -59,8 +59,12 @@ class ModelShape:
 
     def exact_bytes(self, tokens: int, dtype: str, held: int) -> dict[str, int]:
         w = 2 if dtype == "bfloat16-weights" else 4
-        parts = {"weights": self.params * w, "gradient_buffer": self.params * w, "held": held * self.params * w,
-                 "activations": self.activation_bytes(tokens, dtype)}
+        parts = {
+            "weights": self.params * w,
+            "gradient_buffer": self.params * w,
+            "held": held * self.params * w,
+            "activations": self.activation_bytes(tokens, dtype),
+        }
         parts["total"] = sum(parts.values())
         return parts
 
@@ -73,8 +77,13 @@ def shape_of_config(config) -> ModelShape:
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())  # a tied parameter counts once
     text = getattr(config, "text_config", None) or config
-    return ModelShape(params, int(getattr(text, "num_hidden_layers", 0) or 0), int(getattr(text, "hidden_size", 0) or 0),
-                      int(getattr(text, "vocab_size", 0) or 0), int(getattr(text, "max_position_embeddings", 0) or 0))
+    return ModelShape(
+        params,
+        int(getattr(text, "num_hidden_layers", 0) or 0),
+        int(getattr(text, "hidden_size", 0) or 0),
+        int(getattr(text, "vocab_size", 0) or 0),
+        int(getattr(text, "max_position_embeddings", 0) or 0),
+    )
 
 
 def model_shape(cfg: Config) -> Optional[ModelShape]:
@@ -119,36 +128,45 @@ def check_exact_fits(cfg: Config, device: torch.device) -> None:
     grad = shape.params * (2 if cfg.dtype == "bfloat16-weights" else 4)
     budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
     if budget is not None and budget * GB < grad:
-        raise GradsimError(f"--memory-gb {budget:g} holds no exact gradient of {cfg.model_name} "
-                           f"({shape.params / 1e9:.2f}B parameters: {grad / GB:.2f} GB each): set --memory-gb "
-                           f"(GRADSIM_MEMORY_GB) to at least {grad / GB:.2f}, or use --use-random-projection")
+        raise GradsimError(
+            f"--memory-gb {budget:g} holds no exact gradient of {cfg.model_name} "
+            f"({shape.params / 1e9:.2f}B parameters: {grad / GB:.2f} GB each): set --memory-gb "
+            f"(GRADSIM_MEMORY_GB) to at least {grad / GB:.2f}, or use --use-random-projection"
+        )
     tokens = min(cfg.max_length or 2048, shape.context or 2048)
     need = shape.exact_bytes(tokens, cfg.dtype, held=1)
     total, _free = device_bytes(device)
     if need["total"] > total:
-        hint = ("--dtype bfloat16-weights, " if cfg.dtype != "bfloat16-weights" else "") + \
-            "--use-random-projection, a shorter --max-length or a larger device"
-        raise GradsimError(f"exact gradients of {cfg.model_name} ({shape.params / 1e9:.2f}B parameters) need "
-                           f"{need['total'] / GB:.1f} GB on {device} (weights, gradient buffer, one held gradient, "
-                           f"activations of {tokens} tokens); it has {total / GB:.1f} GB: use {hint}")
+        hint = (
+            "--dtype bfloat16-weights, " if cfg.dtype != "bfloat16-weights" else ""
+        ) + "--use-random-projection, a shorter --max-length or a larger device"
+        raise GradsimError(
+            f"exact gradients of {cfg.model_name} ({shape.params / 1e9:.2f}B parameters) need "
+            f"{need['total'] / GB:.1f} GB on {device} (weights, gradient buffer, one held gradient, "
+            f"activations of {tokens} tokens); it has {total / GB:.1f} GB: use {hint}"
+        )
 
 
-def gradient_capacity(cfg: Config, grad_bytes: int, device: torch.device, tokens: int = 0,
-                      shape: Optional[ModelShape] = None) -> int:
-    """How many exact gradients the budget holds: --memory-gb, else half the free host memory on the
+def gradient_capacity(
+    cfg: Config, grad_bytes: int, device: torch.device, tokens: int = 0, shape: Optional[ModelShape] = None
+) -> int:
+    """How many exact gradients the budget holds: --memory-gb, else 75% of the free host memory on the
     CPU or 90% of the free GPU memory, after the model, its gradient buffer and its activations."""
     budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
     if budget is None:
         _total, free = device_bytes(device)
         act = shape.activation_bytes(tokens, cfg.dtype) if shape is not None else 0
-        budget_bytes = int(max(0, free - act) * (0.9 if device.type == "cuda" else 0.5))
+        # The host keeps a quarter for the page cache, the tokenizer, baselines and other processes.
+        budget_bytes = int(max(0, free - act) * (0.9 if device.type == "cuda" else 0.75))
     else:
         budget_bytes = int(budget * GB)
     capacity = budget_bytes // grad_bytes
     if capacity < 1:
-        raise GradsimError(f"the memory budget ({budget_bytes / GB:.2f} GB) holds no exact gradient of "
-                           f"{grad_bytes / GB:.2f} GB: set --memory-gb (GRADSIM_MEMORY_GB) to at least "
-                           f"{grad_bytes / GB:.2f}, or use --use-random-projection")
+        raise GradsimError(
+            f"the memory budget ({budget_bytes / GB:.2f} GB) holds no exact gradient of "
+            f"{grad_bytes / GB:.2f} GB: set --memory-gb (GRADSIM_MEMORY_GB) to at least "
+            f"{grad_bytes / GB:.2f}, or use --use-random-projection"
+        )
     return int(capacity)
 
 
@@ -163,12 +181,18 @@ KNOWN_SHAPES = {
 def memory_table(tokens: int = 2048) -> str:
     """Markdown: GB needed on the device per model and mode, with one held gradient (the minimum) and
     the gradient size that each further held gradient adds."""
-    rows = ["| model | params | exact fp32 | exact bf16 autocast | exact bf16 weights | + per held gradient (fp32 / bf16) |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| model | params | exact fp32 | exact bf16 autocast | exact bf16 weights | + per held gradient (fp32 / bf16) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, shape in KNOWN_SHAPES.items():
-        cells = [f"{shape.exact_bytes(tokens, d, held=1)['total'] / GB:.1f}"
-                 for d in ("float32", "bfloat16", "bfloat16-weights")]
-        rows.append(f"| {name} | {shape.params / 1e9:.2f}B | {' | '.join(cells)} | {shape.params * 4 / GB:.2f} / {shape.params * 2 / GB:.2f} |")
+        cells = [
+            f"{shape.exact_bytes(tokens, d, held=1)['total'] / GB:.1f}"
+            for d in ("float32", "bfloat16", "bfloat16-weights")
+        ]
+        rows.append(
+            f"| {name} | {shape.params / 1e9:.2f}B | {' | '.join(cells)} | {shape.params * 4 / GB:.2f} / {shape.params * 2 / GB:.2f} |"
+        )
     return "\n".join(rows)
 
 

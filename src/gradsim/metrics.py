@@ -1,9 +1,9 @@
-"""Retrieval metrics: the rank of the true original among a query's candidates, top-1, Recall@k, MRR."""
+"""Retrieval metrics (the rank of the true original among a query's candidates, top-1, Recall@k, MRR) and
+the groups of parameter matrices they are reported for (component type, layer)."""
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 import numpy as np
 
@@ -30,14 +30,24 @@ def summarize(ranks) -> dict[str, float]:
     return out
 
 
+def summarize_ranks(scores: np.ndarray) -> dict[str, float]:
+    """top-1, MRR and recall@k of (Q, C) scores whose column 0 is the true original."""
+    return summarize(true_rank(scores))
+
+
+# --- parameter matrices by component type and layer (results, figures and tables all group by these) ---
+
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-_COMPONENTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The projection matrices of a transformer layer, by their usual names (<c>_proj), in a layer's order.
+LINEAR_COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down")
+# Every component type component_of() names, in the order tables and figures show them.
+COMPONENTS = (*LINEAR_COMPONENTS, "norm", "embedding", "other")
 
 
 def component_of(name: str) -> str:
-    for c in _COMPONENTS:
-        if f".{c}." in name or name.endswith(c + ".weight"):
-            return c.replace("_proj", "")
+    for c in LINEAR_COMPONENTS:
+        if f".{c}_proj." in name or name.endswith(f"{c}_proj.weight"):
+            return c
     if "embed" in name or "wte" in name or "lm_head" in name:
         return "embedding"
     if "norm" in name or "ln" in name:
@@ -45,16 +55,22 @@ def component_of(name: str) -> str:
     return "other"
 
 
+def component_order(component: str) -> int:
+    """Sort key of a component type: COMPONENTS' order, anything else last."""
+    return COMPONENTS.index(component) if component in COMPONENTS else len(COMPONENTS)
+
+
 def layer_of(name: str) -> int | None:
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
 
 
-def group_sums(names: list[str], per_matrix: np.ndarray, key) -> dict[str, np.ndarray]:
-    """Sum per-matrix quantities (last axis) over the matrices that share ``key(name)``."""
-    groups: dict[str, list[int]] = defaultdict(list)
+def group_indices(names: list[str], key) -> dict:
+    """The indices of the matrices that share ``key(name)``, by key, in first-seen order; a matrix whose
+    key is None belongs to no group."""
+    groups: dict = {}
     for m, n in enumerate(names):
         k = key(n)
         if k is not None:
-            groups[str(k)].append(m)
-    return {k: per_matrix[..., idx].sum(axis=-1) for k, idx in groups.items()}
+            groups.setdefault(k, []).append(m)
+    return groups

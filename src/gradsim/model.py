@@ -132,8 +132,10 @@ def check_dtype(dtype: str, device: torch.device) -> None:
         with torch.cuda.device(device):
             supported = torch.cuda.is_bf16_supported()
         if not supported:
-            raise GradsimError(f"--dtype {dtype} needs bf16 support, which {torch.cuda.get_device_name(device)} lacks: "
-                               "use --dtype float32")
+            raise GradsimError(
+                f"--dtype {dtype} needs bf16 support, which {torch.cuda.get_device_name(device)} lacks: "
+                "use --dtype float32"
+            )
 
 
 def weights_dtype(dtype: str) -> torch.dtype:
@@ -152,8 +154,10 @@ def select_chat_template(tokenizer, choice: Optional[str], model_name: str) -> s
         if isinstance(template, dict):  # named templates: apply_chat_template uses "default" when given no name
             template = template.get("default")
         if not template:
-            raise GradsimError(f"model {model_name!r} has no chat template: choose one with --chat-template tulu "
-                               "(the original study's) or --chat-template PATH (a Jinja file)")
+            raise GradsimError(
+                f"model {model_name!r} has no chat template: choose one with --chat-template tulu "
+                "(the original study's) or --chat-template PATH (a Jinja file)"
+            )
     elif choice == "tulu":
         template = TULU_TEMPLATE
     else:
@@ -161,8 +165,10 @@ def select_chat_template(tokenizer, choice: Optional[str], model_name: str) -> s
         try:
             template = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise GradsimError(f"--chat-template {choice!r} is neither 'tulu' nor a readable Jinja file "
-                               f"({type(e).__name__}): fix the path") from None
+            raise GradsimError(
+                f"--chat-template {choice!r} is neither 'tulu' nor a readable Jinja file "
+                f"({type(e).__name__}): fix the path"
+            ) from None
         if not template.strip():
             raise GradsimError(f"--chat-template {choice!r} is an empty file: give a Jinja chat template or 'tulu'")
     tokenizer.chat_template = template
@@ -176,16 +182,19 @@ def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedMode
     check_dtype(cfg.dtype, device)
     if cfg.model_name == EMBEDDED_MODEL:
         if cfg.revision is not None:
-            raise GradsimError(f"--revision {cfg.revision!r} needs a hub model: "
-                               "give --model ORG/NAME or drop --revision")
+            raise GradsimError(
+                f"--revision {cfg.revision!r} needs a hub model: give --model ORG/NAME or drop --revision"
+            )
         path, revision = embedded_model_dir()
         source, kwargs = str(path), {}
     else:
         source, revision = cfg.model_name, None
         if cfg.revision is not None and Path(source).expanduser().is_dir():
             # from_pretrained ignores a revision for a local directory: the run would not be what was asked.
-            raise GradsimError(f"--revision {cfg.revision!r} cannot apply to the local directory {source!r}: "
-                               "check out that revision there and drop --revision, or give a hub id")
+            raise GradsimError(
+                f"--revision {cfg.revision!r} cannot apply to the local directory {source!r}: "
+                "check out that revision there and drop --revision, or give a hub id"
+            )
         kwargs = {"token": hf_token(), "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -193,8 +202,10 @@ def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedMode
     except Exception as e:
         msg = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         if "trust_remote_code" in str(e) and not cfg.trust_remote_code:
-            raise GradsimError(f"model {cfg.model_name!r} needs its own code from the hub to load: "
-                               "rerun with --trust-remote-code if you trust that repository") from None
+            raise GradsimError(
+                f"model {cfg.model_name!r} needs its own code from the hub to load: "
+                "rerun with --trust-remote-code if you trust that repository"
+            ) from None
         at = f" at revision {cfg.revision!r}" if cfg.revision is not None else ""
         raise GradsimError(
             f"cannot load model {cfg.model_name!r}{at} ({msg}): check the id or path"
@@ -202,8 +213,9 @@ def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedMode
             "or unset MT_MODEL_NAME to use the embedded default"
         ) from None
     if revision is None:
-        revision = (getattr(model.config, "_commit_hash", None) or cfg.revision
-                    or _local_revision(Path(source).expanduser()))
+        revision = (
+            getattr(model.config, "_commit_hash", None) or cfg.revision or _local_revision(Path(source).expanduser())
+        )
     if cfg.dtype == "bfloat16-weights":
         # Some models keep a few small modules in fp32 (_keep_in_fp32_modules), but the one flat gradient
         # buffer needs one dtype. Only parameters are cast: model.to() would also round fp32 buffers such as

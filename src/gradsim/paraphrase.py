@@ -25,15 +25,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-import orjson
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import BUNDLED_DATA, REPO_ROOT, EMBEDDED_MODEL, VARIANT_FILES, Config, env_defaults, redact
+from .cli import reports_errors
+from .config import (
+    BUNDLED_DATA,
+    EMBEDDED_MODEL,
+    REPO_ROOT,
+    VARIANT_FILES,
+    Config,
+    add_quiet_flag,
+    check_at_least,
+    check_choice,
+    env_defaults,
+    parse_flags,
+    redact,
+)
 from .data import Sample, load_samples, samples_sha256
 from .errors import GradsimError
 from .generate import GenParams, LocalBackend, OpenAIBackend, degenerate_reason
-from .io import append_jsonl, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
+from .io import append_jsonl, atomic_write_json, atomic_write_jsonl, json_sha256, read_json, read_jsonl_tolerant
 from .model import LoadedModel, load_model, resolve_device
 
 log = logging.getLogger("gradsim")
@@ -63,8 +75,13 @@ RETRY_SEED_OFFSET = 7919
 
 def paraphrase_messages(text: str, part: str) -> list[dict[str, str]]:
     role = ROLES[part]
-    return [{"role": "system", "content": PARAPHRASE_SYSTEM},
-            {"role": "user", "content": PARAPHRASE_PROMPT.format(role=role, role_title=role[0].upper() + role[1:], text=text)}]
+    return [
+        {"role": "system", "content": PARAPHRASE_SYSTEM},
+        {
+            "role": "user",
+            "content": PARAPHRASE_PROMPT.format(role=role, role_title=role[0].upper() + role[1:], text=text),
+        },
+    ]
 
 
 @dataclass
@@ -92,15 +109,11 @@ class Options:
     overwrite: bool = False
     retry_failed: bool = False
 
-    def validate(self) -> "Options":
-        for flag, value, allowed in (("--dataset-type", self.dataset_type, DATASET_TYPES),
-                                     ("--backend", self.backend, BACKENDS)):
-            if value not in allowed:
-                raise GradsimError(f"unknown {flag} {value!r}: choose one of {', '.join(allowed)}")
-        for flag, value in (("--limit", self.limit), ("--max-new-tokens", self.max_new_tokens),
-                            ("--batch-size", self.batch_size)):
-            if value is not None and value < 1:
-                raise GradsimError(f"{flag} must be a positive integer, got {value}")
+    def validate(self) -> Options:
+        check_choice("--dataset-type", self.dataset_type, DATASET_TYPES)
+        check_choice("--backend", self.backend, BACKENDS)
+        counts = (("--limit", self.limit), ("--max-new-tokens", self.max_new_tokens), ("--batch-size", self.batch_size))
+        check_at_least(1, "a positive integer", counts)
         if self.temperature < 0 or self.retry_temperature <= 0:
             raise GradsimError("--temperature must be >= 0 and --retry-temperature > 0")
         if not 0 < self.top_p <= 1:
@@ -150,8 +163,9 @@ def _sha256(text: str) -> str:
 class Builder:
     """Builds one dataset type from a list of source samples with one backend."""
 
-    def __init__(self, kind: str, backend, params: GenParams, opts: Options, sources: list[Sample],
-                 settings: dict, output: Path):
+    def __init__(
+        self, kind: str, backend, params: GenParams, opts: Options, sources: list[Sample], settings: dict, output: Path
+    ):
         self.kind, self.backend, self.params, self.opts = kind, backend, params, opts
         self.sources, self.settings, self.files = sources, settings, Sidecars(output)
 
@@ -171,14 +185,21 @@ class Builder:
             f.remove()
         if f.output.exists() or f.provenance.exists():
             if not f.provenance.exists():
-                raise GradsimError(f"{f.output} exists and was not made by paraphrase.py (no {f.provenance.name}): "
-                                   "pass --overwrite to replace it, or choose another output path")
+                raise GradsimError(
+                    f"{f.output} exists and was not made by paraphrase.py (no {f.provenance.name}): "
+                    "pass --overwrite to replace it, or choose another output path"
+                )
             prov = read_json(f.provenance)
             if prov.get("settings") != self.settings:
-                changed = sorted(k for k in set(prov.get("settings", {})) | set(self.settings)
-                                 if prov.get("settings", {}).get(k) != self.settings.get(k))
-                raise GradsimError(f"{f.output} was made with other settings ({', '.join(changed)}): pass --overwrite "
-                                   "to replace it, or choose another output path")
+                changed = sorted(
+                    k
+                    for k in set(prov.get("settings", {})) | set(self.settings)
+                    if prov.get("settings", {}).get(k) != self.settings.get(k)
+                )
+                raise GradsimError(
+                    f"{f.output} was made with other settings ({', '.join(changed)}): pass --overwrite "
+                    "to replace it, or choose another output path"
+                )
         rows = read_jsonl_tolerant(f.output)
         # Rewriting drops a line torn by a kill, so appends continue on a clean line boundary.
         if f.output.exists():
@@ -190,17 +211,28 @@ class Builder:
         done = {r["id"] for r in rows} | {r["id"] for r in failed}
         wanted = [s.id for s in self.sources]
         if all(i in done for i in wanted) and f.provenance.exists():
-            log.info("%s: already complete (%d rows, %d failed); --overwrite regenerates it",
-                     f.output, len(rows), len(failed))
+            log.info(
+                "%s: already complete (%d rows, %d failed); --overwrite regenerates it",
+                f.output,
+                len(rows),
+                len(failed),
+            )
             return None
         return done
 
     def write_provenance(self, state: str, counts: dict) -> None:
-        atomic_write_json(self.files.provenance, {
-            "gradsim_version": __version__, "dataset_type": self.kind, "state": state,
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "counts": counts,
-            "settings": self.settings, "argv": [redact(a) for a in sys.argv[1:]],
-        })
+        atomic_write_json(
+            self.files.provenance,
+            {
+                "gradsim_version": __version__,
+                "dataset_type": self.kind,
+                "state": state,
+                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "counts": counts,
+                "settings": self.settings,
+                "argv": [redact(a) for a in sys.argv[1:]],
+            },
+        )
 
     def run(self) -> dict:
         done = self.prepare()
@@ -215,7 +247,7 @@ class Builder:
         # Chunks over the full input order (not over what is left) keep batches, seeds and so the bytes
         # of a resumed run identical to an uninterrupted one.
         for c0 in range(0, len(self.sources), chunk):
-            rows = list(enumerate(self.sources[c0:c0 + chunk], c0))
+            rows = list(enumerate(self.sources[c0 : c0 + chunk], c0))
             left = [s.id for _, s in rows if s.id not in done]
             if left:
                 # The whole chunk is generated again (batched greedy decoding depends, in its last bits,
@@ -231,8 +263,11 @@ class Builder:
         return counts
 
     def _counts(self) -> dict:
-        return {"rows": len(read_jsonl_tolerant(self.files.output)),
-                "failed": len(read_jsonl_tolerant(self.files.failures)), "inputs": len(self.sources)}
+        return {
+            "rows": len(read_jsonl_tolerant(self.files.output)),
+            "failed": len(read_jsonl_tolerant(self.files.failures)),
+            "inputs": len(self.sources),
+        }
 
     def _chunk(self, rows: list[tuple[int, Sample]], write: set[str]) -> None:
         jobs = [(pos, s, part, conv, src) for pos, s in rows for part, conv, src in self.parts(s)]
@@ -243,42 +278,74 @@ class Builder:
         first_reasons = {i: self.check(gens[i].text, jobs[i][4]) for i in bad}
         if bad:
             retry = GenParams(self.params.max_new_tokens, self.opts.retry_temperature, 0.95)
-            again = self.backend.generate([jobs[i][3] for i in bad], retry,
-                                          [seeds[i] + RETRY_SEED_OFFSET for i in bad])
+            again = self.backend.generate([jobs[i][3] for i in bad], retry, [seeds[i] + RETRY_SEED_OFFSET for i in bad])
             for i, g in zip(bad, again):
                 gens[i], attempts[i] = g, 2
         by_row: dict[str, list[int]] = {}
         for i, (_, s, *_rest) in enumerate(jobs):
             by_row.setdefault(s.id, []).append(i)
-        for pos, s in rows:
+        for _pos, s in rows:
             if s.id not in write:
                 continue
             idx = by_row[s.id]
             reasons = {jobs[i][2]: self.check(gens[i].text, jobs[i][4]) for i in idx}
             if any(reasons.values()):
-                append_jsonl(self.files.failures, {
-                    "id": s.id, "dataset_type": self.kind,
-                    "parts": {jobs[i][2]: {"reason": reasons[jobs[i][2]], "first_reason": first_reasons.get(i),
-                                           "output": gens[i].text[:2000], "finish_reason": gens[i].finish_reason}
-                              for i in idx if reasons[jobs[i][2]]}})
+                append_jsonl(
+                    self.files.failures,
+                    {
+                        "id": s.id,
+                        "dataset_type": self.kind,
+                        "parts": {
+                            jobs[i][2]: {
+                                "reason": reasons[jobs[i][2]],
+                                "first_reason": first_reasons.get(i),
+                                "output": gens[i].text[:2000],
+                                "finish_reason": gens[i].finish_reason,
+                            }
+                            for i in idx
+                            if reasons[jobs[i][2]]
+                        },
+                    },
+                )
                 continue
             text = {jobs[i][2]: gens[i].text for i in idx}
             prompt = text["prompt"] if self.kind == "paraphrased" else s.prompt
-            append_jsonl(self.files.output, {
-                "id": s.id, "conversations": [prompt, text["response"]], "source": SOURCES[self.kind],
-                "provenance": {
-                    "generator": self.settings["generator"]["model"], "backend": self.backend.name,
-                    "seed": seeds[idx[0]],
-                    "parts": {jobs[i][2]: {"attempt": attempts[i], "finish_reason": gens[i].finish_reason,
-                                           **({"retry_of": first_reasons[i], "temperature": self.opts.retry_temperature,
-                                               "seed": seeds[i] + RETRY_SEED_OFFSET} if attempts[i] == 2 else {})}
-                              for i in idx}}})
+            append_jsonl(
+                self.files.output,
+                {
+                    "id": s.id,
+                    "conversations": [prompt, text["response"]],
+                    "source": SOURCES[self.kind],
+                    "provenance": {
+                        "generator": self.settings["generator"]["model"],
+                        "backend": self.backend.name,
+                        "seed": seeds[idx[0]],
+                        "parts": {
+                            jobs[i][2]: {
+                                "attempt": attempts[i],
+                                "finish_reason": gens[i].finish_reason,
+                                **(
+                                    {
+                                        "retry_of": first_reasons[i],
+                                        "temperature": self.opts.retry_temperature,
+                                        "seed": seeds[i] + RETRY_SEED_OFFSET,
+                                    }
+                                    if attempts[i] == 2
+                                    else {}
+                                ),
+                            }
+                            for i in idx
+                        },
+                    },
+                },
+            )
 
 
 def make_backend(opts: Options, model_name: str, lm: Optional[LoadedModel], cache: dict):
     if opts.backend == "openai":
-        return OpenAIBackend(model_name, opts.rate_limit, opts.max_retries, opts.retry_backoff, opts.timeout,
-                             opts.batch_size)
+        return OpenAIBackend(
+            model_name, opts.rate_limit, opts.max_retries, opts.retry_backoff, opts.timeout, opts.batch_size
+        )
     if lm is None:
         if model_name not in cache:
             cfg = Config(model_name=model_name, device=opts.device)
@@ -290,11 +357,21 @@ def make_backend(opts: Options, model_name: str, lm: Optional[LoadedModel], cach
 def settings_for(kind: str, backend, params: GenParams, opts: Options, extra: dict) -> dict:
     """What decides the rows: a rerun resumes only when these are unchanged. The inputs are hashed whole
     (not just the --limit rows), so a rerun with a larger --limit extends the dataset."""
-    s = {"dataset_type": kind, "generator": backend.describe(), "generation": params.to_dict(), "seed": opts.seed,
-         "retry": {"temperature": opts.retry_temperature, "top_p": 0.95, "seed_offset": RETRY_SEED_OFFSET}, **extra}
+    s = {
+        "dataset_type": kind,
+        "generator": backend.describe(),
+        "generation": params.to_dict(),
+        "seed": opts.seed,
+        "retry": {"temperature": opts.retry_temperature, "top_p": 0.95, "seed_offset": RETRY_SEED_OFFSET},
+        **extra,
+    }
     if kind == "paraphrased":
-        s["prompt"] = {"system": PARAPHRASE_SYSTEM, "user": PARAPHRASE_PROMPT, "roles": ROLES,
-                       "sha256": _sha256(PARAPHRASE_SYSTEM + "\n" + PARAPHRASE_PROMPT)}
+        s["prompt"] = {
+            "system": PARAPHRASE_SYSTEM,
+            "user": PARAPHRASE_PROMPT,
+            "roles": ROLES,
+            "sha256": _sha256(PARAPHRASE_SYSTEM + "\n" + PARAPHRASE_PROMPT),
+        }
     else:
         s["prompt"] = "the paraphrased user prompt alone, under the analysed model's chat template (greedy answer)"
     return s
@@ -305,7 +382,7 @@ def paraphrased_identity(path: Path, rows: list[Sample]) -> str:
     while it is extended), otherwise its content."""
     prov = Sidecars(path).provenance
     if prov.exists():
-        return "settings-sha256:" + hashlib.sha256(orjson.dumps(read_json(prov)["settings"], option=orjson.OPT_SORT_KEYS)).hexdigest()
+        return "settings-sha256:" + json_sha256(read_json(prov)["settings"])
     return "content-sha256:" + samples_sha256(rows)
 
 
@@ -314,7 +391,7 @@ def run(opts: Options, lm: Optional[LoadedModel] = None) -> dict[str, dict]:
     for the local backend (both roles), for callers that already hold the model."""
     opts.validate()
     all_originals = load_samples(opts.original_data)
-    originals = all_originals[:opts.limit] if opts.limit else all_originals
+    originals = all_originals[: opts.limit] if opts.limit else all_originals
     originals_sha = samples_sha256(all_originals)
     kinds = ["paraphrased", "model-generated"] if opts.dataset_type == "both" else [opts.dataset_type]
     cache: dict = {}
@@ -329,26 +406,37 @@ def run(opts: Options, lm: Optional[LoadedModel] = None) -> dict[str, dict]:
         else:
             para_path = opts.output("paraphrased")
             if not para_path.exists():
-                raise GradsimError(f"the model-generated set needs the paraphrased set, and {para_path} does not exist: "
-                                   "run paraphrase.py --dataset-type paraphrased first (or --dataset-type both), "
-                                   "or point --paraphrased-output at an existing paraphrased JSONL")
+                raise GradsimError(
+                    f"the model-generated set needs the paraphrased set, and {para_path} does not exist: "
+                    "run paraphrase.py --dataset-type paraphrased first (or --dataset-type both), "
+                    "or point --paraphrased-output at an existing paraphrased JSONL"
+                )
             wanted = {s.id for s in originals}
             known = {s.id for s in all_originals}
             paraphrased = load_samples(str(para_path))
             stray = [p.id for p in paraphrased if p.id not in known]
             if stray:
-                raise GradsimError(f"{para_path}: ids {stray[:3]} have no original in {opts.original_data}: "
-                                   "the paraphrased set must come from the same originals")
+                raise GradsimError(
+                    f"{para_path}: ids {stray[:3]} have no original in {opts.original_data}: "
+                    "the paraphrased set must come from the same originals"
+                )
             sources = [p for p in paraphrased if p.id in wanted]
             missing = len(wanted) - len(sources)
             if missing:
-                log.warning("%d of %d originals have no paraphrase in %s (failed or not yet made): skipped",
-                            missing, len(wanted), para_path)
+                log.warning(
+                    "%d of %d originals have no paraphrase in %s (failed or not yet made): skipped",
+                    missing,
+                    len(wanted),
+                    para_path,
+                )
             model_name = opts.model
             # Greedy by definition: the model's own most likely answer.
             params = GenParams(opts.max_new_tokens or 512, 0.0, 1.0)
-            extra = {"original_sha256": originals_sha, "paraphrased_data": _shown(para_path),
-                     "paraphrased_id": paraphrased_identity(para_path, paraphrased)}
+            extra = {
+                "original_sha256": originals_sha,
+                "paraphrased_data": _shown(para_path),
+                "paraphrased_id": paraphrased_identity(para_path, paraphrased),
+            }
         backend = make_backend(opts, model_name, lm, cache)
         settings = settings_for(kind, backend, params, opts, extra)
         log.info("building %s -> %s (%s, %d rows)", kind, output, backend.name, len(sources))
@@ -362,43 +450,68 @@ def build_parser() -> argparse.ArgumentParser:
         prog="paraphrase.py",
         description="Build the variant datasets: 'paraphrased' (user and assistant messages paraphrased separately "
         "by an LLM) and 'model-generated' (the paraphrased prompt + the analysed model's greedy answer). "
-        "Resumable: rerun the same command after an interruption.")
+        "Resumable: rerun the same command after an interruption.",
+    )
     p.add_argument("--dataset-type", default="both", help=f"one of {', '.join(DATASET_TYPES)} (default both)")
-    p.add_argument("--backend", default="local",
-                   help="local (transformers on this machine) or openai (OPENAI_BASE_URL / OPENAI_API_KEY endpoint)")
-    p.add_argument("--original-data", default=str(BUNDLED_DATA / "original.jsonl"),
-                   help="originals: JSONL path or hub id (default: the bundled sample)")
-    p.add_argument("--output-dir", help="where paraphrased.jsonl / model_generated.jsonl go "
-                   "(default: the folder of --original-data)")
-    p.add_argument("--paraphrased-output", help="paraphrased JSONL path: written by 'paraphrased', read by 'model-generated'")
+    p.add_argument(
+        "--backend",
+        default="local",
+        help="local (transformers on this machine) or openai (OPENAI_BASE_URL / OPENAI_API_KEY endpoint)",
+    )
+    p.add_argument(
+        "--original-data",
+        default=str(BUNDLED_DATA / "original.jsonl"),
+        help="originals: JSONL path or hub id (default: the bundled sample)",
+    )
+    p.add_argument(
+        "--output-dir",
+        help="where paraphrased.jsonl / model_generated.jsonl go (default: the folder of --original-data)",
+    )
+    p.add_argument(
+        "--paraphrased-output", help="paraphrased JSONL path: written by 'paraphrased', read by 'model-generated'"
+    )
     p.add_argument("--model-generated-output", help="model-generated JSONL path")
-    p.add_argument("--paraphraser-model", help="paraphrasing LLM: HF id/dir (local, default embedded SmolLM2-135M-Instruct) "
-                   "or the endpoint's model name (openai, default gpt-4o-mini)")
-    p.add_argument("--model", help="the analysed model that answers the model-generated prompts "
-                   "(default: MT_MODEL_NAME or the embedded model); for openai, the served model's name")
+    p.add_argument(
+        "--paraphraser-model",
+        help="paraphrasing LLM: HF id/dir (local, default embedded SmolLM2-135M-Instruct) "
+        "or the endpoint's model name (openai, default gpt-4o-mini)",
+    )
+    p.add_argument(
+        "--model",
+        help="the analysed model that answers the model-generated prompts "
+        "(default: MT_MODEL_NAME or the embedded model); for openai, the served model's name",
+    )
     p.add_argument("--limit", type=int, help="only the first N originals")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, help="default 768 (paraphrased), 512 (model-generated)")
     p.add_argument("--temperature", type=float, default=0.0, help="paraphrasing temperature (0: greedy; default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="paraphrasing nucleus sampling (with --temperature > 0)")
-    p.add_argument("--retry-temperature", type=float, default=0.7, help="sampling temperature of the one retry "
-                   "after a degenerate output")
+    p.add_argument(
+        "--retry-temperature",
+        type=float,
+        default=0.7,
+        help="sampling temperature of the one retry after a degenerate output",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="rows per generate() call (local) / per write chunk")
     p.add_argument("--device", help="cpu, cuda or cuda:N for the local backend (default: MT_DEVICE or auto)")
     p.add_argument("--rate-limit", type=float, default=0.0, help="openai: max requests per second (0: unlimited)")
     p.add_argument("--max-retries", type=int, default=5, help="openai: retries of connection errors, 429 and 5xx")
-    p.add_argument("--retry-backoff", type=float, default=1.0, help="openai: first retry delay in s (doubles each time)")
+    p.add_argument(
+        "--retry-backoff", type=float, default=1.0, help="openai: first retry delay in s (doubles each time)"
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset instead of resuming it")
-    p.add_argument("--retry-failed", action="store_true", help="try the rows in the failures file again (useful where generation is not repeatable)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="try the rows in the failures file again (useful where generation is not repeatable)",
+    )
+    add_quiet_flag(p)
     return p
 
 
 def options_from_args(argv: Optional[list[str]] = None) -> Options:
-    args = vars(build_parser().parse_args(argv))
-    quiet = args.pop("quiet")
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = parse_flags(build_parser(), argv)
     env = env_defaults()
     if args.get("model") is None:
         args["model"] = env.get("model_name", EMBEDDED_MODEL)
@@ -407,15 +520,9 @@ def options_from_args(argv: Optional[list[str]] = None) -> Options:
     return Options(**{k: v for k, v in args.items() if v is not None})
 
 
+@reports_errors
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        results = run(options_from_args(argv))
-    except GradsimError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    results = run(options_from_args(argv))
     for kind, c in results.items():
         print(f"{kind}: {c['rows']} rows written, {c['failed']} failed, of {c['inputs']} -> {c['output']}")
     return 0

@@ -52,11 +52,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -66,6 +64,7 @@ from torch import nn
 from .encode import IGNORE_INDEX, Encoded
 from .errors import GradsimError
 from .gradients import GradientComputer, ParamLayout, batch_loss, param_layout
+from .io import json_sha256, load_or_create_json
 
 SEED_RULE = "int.from_bytes(sha256(f'{seed}:{name}').digest()[:8], 'big') >> 1"
 
@@ -119,11 +118,12 @@ class _Slot:
             self.size = shape[0] if cols is None else cols.shape[1]
 
     def add_outer(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-        """out[:, slice] += vec(left^T right) per sample; left is (B, T, rows or k_rows), right (B, T, cols or k_cols)."""
-        out[:, self.lo:self.lo + self.size] += torch.bmm(left.transpose(1, 2), right).flatten(1)
+        """out[:, slice] += vec(left^T right) per sample; left is (B, T, rows or k_rows), right (B, T, cols or
+        k_cols)."""
+        out[:, self.lo : self.lo + self.size] += torch.bmm(left.transpose(1, 2), right).flatten(1)
 
     def add_vector(self, out: torch.Tensor, v: torch.Tensor) -> None:
-        out[:, self.lo:self.lo + self.size] += v if self.cols is None else v @ self.cols
+        out[:, self.lo : self.lo + self.size] += v if self.cols is None else v @ self.cols
 
     def project_rows(self, g: torch.Tensor) -> torch.Tensor:
         return _fp32_product(g, self.rows)
@@ -131,8 +131,9 @@ class _Slot:
     def project_cols(self, x: torch.Tensor) -> torch.Tensor:
         return _fp32_product(x, self.cols)
 
-    def add_embedding(self, out: torch.Tensor, tok: torch.Tensor, keep: torch.Tensor, g: torch.Tensor,
-                      num_embeddings: int) -> None:
+    def add_embedding(
+        self, out: torch.Tensor, tok: torch.Tensor, keep: torch.Tensor, g: torch.Tensor, num_embeddings: int
+    ) -> None:
         """An embedding's sum_t onehot(id_t) g_t^T (tokens where keep is False left out)."""
         left = self.rows[tok] if self.rows is not None else F.one_hot(tok, num_embeddings).float()
         self.add_outer(out, left * keep.unsqueeze(-1), self.project_cols(g))
@@ -171,16 +172,17 @@ class _TensorSketchSlot:
     def project_cols(self, x: torch.Tensor) -> torch.Tensor:
         return torch.fft.rfft(_count_sketch(x, self.h2_cols, self.size), dim=-1)
 
-    def add_embedding(self, out: torch.Tensor, tok: torch.Tensor, keep: torch.Tensor, g: torch.Tensor,
-                      num_embeddings: int) -> None:
+    def add_embedding(
+        self, out: torch.Tensor, tok: torch.Tensor, keep: torch.Tensor, g: torch.Tensor, num_embeddings: int
+    ) -> None:
         """One row per token: scattered straight into the buckets, no FFT (B x T x d adds)."""
         with torch.autocast(device_type=g.device.type, enabled=False):
             bucket = (self.h_rows[tok].unsqueeze(-1) + self.h_cols) % self.size  # (B, T, d)
             vals = g.float() * (self.s_rows[tok] * keep).unsqueeze(-1) * self.s_cols
-            out[:, self.lo:self.lo + self.size].scatter_add_(1, bucket.flatten(1), vals.flatten(1))
+            out[:, self.lo : self.lo + self.size].scatter_add_(1, bucket.flatten(1), vals.flatten(1))
 
     def add_outer(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-        out[:, self.lo:self.lo + self.size] += torch.fft.irfft((left * right).sum(1), n=self.size, dim=-1)
+        out[:, self.lo : self.lo + self.size] += torch.fft.irfft((left * right).sum(1), n=self.size, dim=-1)
 
 
 class _VectorSketchSlot:
@@ -192,7 +194,7 @@ class _VectorSketchSlot:
         self.h, self.s, self.h2 = _signed_hash(shape[0], k, gen, device)
 
     def add_vector(self, out: torch.Tensor, v: torch.Tensor) -> None:
-        out[:, self.lo:self.lo + self.size] += _count_sketch(v, self.h2, self.size)
+        out[:, self.lo : self.lo + self.size] += _count_sketch(v, self.h2, self.size)
 
 
 def _fp32_product(a: torch.Tensor, sketch: Optional[torch.Tensor]) -> torch.Tensor:
@@ -216,8 +218,12 @@ def _trainable(model: nn.Module) -> tuple[list[str], list[tuple[int, ...]]]:
 
 def _is_rmsnorm(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return (isinstance(w, nn.Parameter) and w.dim() == 1 and "rmsnorm" in type(m).__name__.lower()
-            and (hasattr(m, "variance_epsilon") or hasattr(m, "eps")))
+    return (
+        isinstance(w, nn.Parameter)
+        and w.dim() == 1
+        and "rmsnorm" in type(m).__name__.lower()
+        and (hasattr(m, "variance_epsilon") or hasattr(m, "eps"))
+    )
 
 
 class FactorizedFeaturizer:
@@ -225,8 +231,7 @@ class FactorizedFeaturizer:
 
     kind = "factorized"
 
-    def __init__(self, model: nn.Module, device, dtype: str = "float32", proj_dim: int = 4096, seed: int = 42,
-                 batch_size: int = 1):
+    def __init__(self, model: nn.Module, device, dtype="float32", proj_dim=4096, seed=42, batch_size=1):
         k_rows, k_cols = split_dim(proj_dim)
         slots = []
         for name, shape in zip(*_trainable(model)):
@@ -237,13 +242,22 @@ class FactorizedFeaturizer:
                 rows = None
                 cols = gaussian_sketch(shape[0], proj_dim, seed, name).to(device) if shape[0] > proj_dim else None
             else:
-                raise GradsimError(f"parameter {name} has shape {shape}: the factorized projection handles matrices "
-                                   "and vectors only; use --projection trak")
+                raise GradsimError(
+                    f"parameter {name} has shape {shape}: the factorized projection handles matrices "
+                    "and vectors only; use --projection trak"
+                )
             slots.append(_Slot(name, shape, rows, cols))
         self._attach(model, device, dtype, batch_size, slots)
-        self.spec = {"kind": self.kind, "proj_dim": proj_dim, "k_rows": k_rows, "k_cols": k_cols, "seed": seed,
-                     "seed_rule": SEED_RULE, "sketch": "gaussian N(0, 1/k), rows and cols sketched separately",
-                     "dims": int(self.layout.total)}
+        self.spec = {
+            "kind": self.kind,
+            "proj_dim": proj_dim,
+            "k_rows": k_rows,
+            "k_cols": k_cols,
+            "seed": seed,
+            "seed_rule": SEED_RULE,
+            "sketch": "gaussian N(0, 1/k), rows and cols sketched separately",
+            "dims": int(self.layout.total),
+        }
 
     def _attach(self, model: nn.Module, device, dtype: str, batch_size: int, slots: list) -> None:
         """Lay the slots out in parameter order and find the modules whose hooks fill them."""
@@ -259,20 +273,30 @@ class FactorizedFeaturizer:
         covered = set()
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) or _is_rmsnorm(m):
-                own = [id(p) for p in (getattr(m, "weight", None), getattr(m, "bias", None))
-                       if isinstance(p, nn.Parameter) and id(p) in by_id]
+                own = [
+                    id(p)
+                    for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+                    if isinstance(p, nn.Parameter) and id(p) in by_id
+                ]
                 if not own:  # nothing to train (OLMo's LayerNorm has no parameters, or a frozen layer): no hook
                     continue
-                if (isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward
-                        and not hasattr(m, "embed_scale")):
+                if (
+                    isinstance(m, nn.Embedding)
+                    and type(m).forward is not nn.Embedding.forward
+                    and not hasattr(m, "embed_scale")
+                ):
                     # The hook takes the module's output to be the looked-up rows (times Gemma's embed_scale).
-                    raise GradsimError(f"the {self.kind} projection has no rule for the embedding "
-                                       f"{type(m).__name__}: use --projection trak")
+                    raise GradsimError(
+                        f"the {self.kind} projection has no rule for the embedding "
+                        f"{type(m).__name__}: use --projection trak"
+                    )
                 covered.update(own)
                 self.modules.append(m)
         missing = [n for i, n in by_id.items() if i not in covered]
         if missing:
-            raise GradsimError(f"the {self.kind} projection has no rule for {', '.join(missing[:5])}: use --projection trak")
+            raise GradsimError(
+                f"the {self.kind} projection has no rule for {', '.join(missing[:5])}: use --projection trak"
+            )
         self.slot_of = {id(p): self.slots[n] for n, p in model.named_parameters() if id(p) in by_id}
 
     def features(self, enc: Encoded) -> torch.Tensor:
@@ -318,11 +342,14 @@ class FactorizedFeaturizer:
                 y = y.detach().requires_grad_(True)
                 if w is not None:
                     tok = inputs[0]
-                    keep = (tok != m.padding_idx) if m.padding_idx is not None else torch.ones_like(tok, dtype=torch.bool)
+                    keep = (
+                        (tok != m.padding_idx) if m.padding_idx is not None else torch.ones_like(tok, dtype=torch.bool)
+                    )
                     # Gemma scales the looked-up rows: d y / d E[tok] = embed_scale.
                     scale = getattr(m, "embed_scale", None)
-                    y.register_hook(lambda g: w.add_embedding(out, tok, keep, g if scale is None else g * scale,
-                                                              m.num_embeddings))
+                    y.register_hook(
+                        lambda g: w.add_embedding(out, tok, keep, g if scale is None else g * scale, m.num_embeddings)
+                    )
                 return y
             if not y.requires_grad:
                 return None
@@ -349,6 +376,7 @@ class FactorizedFeaturizer:
                         w.add_vector(out, _tokens(g.float() * normed).sum(1))
                     if b is not None:
                         b.add_vector(out, _tokens(g.float()).sum(1))
+
             y.register_hook(backward)
             return None
 
@@ -378,8 +406,9 @@ def trak_projector(grad_dim: int, proj_dim: int, seed: int, device, memory_bytes
     if uses_cuda_projector(device, proj_dim):
         return CudaProjector(grad_dim, proj_dim, trak_seed, ProjectionType.rademacher, device, max_batch_size=8)
     block = int(max(1, min(proj_dim, memory_bytes // (4 * grad_dim))))
-    return BasicProjector(grad_dim, proj_dim, trak_seed, ProjectionType.normal, device, block_size=block,
-                          dtype=torch.float32)
+    return BasicProjector(
+        grad_dim, proj_dim, trak_seed, ProjectionType.normal, device, block_size=block, dtype=torch.float32
+    )
 
 
 class TrakFeaturizer:
@@ -387,8 +416,7 @@ class TrakFeaturizer:
 
     kind = "trak"
 
-    def __init__(self, model: nn.Module, device, dtype: str = "float32", proj_dim: int = 4096, seed: int = 42,
-                 batch_size: int = 1, memory_bytes: int = 2**30):
+    def __init__(self, model, device, dtype="float32", proj_dim=4096, seed=42, batch_size=1, memory_bytes=2**30):
         self.computer = GradientComputer(model, device, dtype)
         self.device, self.batch_size, self.proj_dim = torch.device(device), batch_size, proj_dim
         self.cuda_projector = uses_cuda_projector(self.device, proj_dim)
@@ -397,9 +425,15 @@ class TrakFeaturizer:
         self.projected = [hi - lo > proj_dim for _, lo, hi in full.slices()]
         sizes = [proj_dim if p else hi - lo for p, (_, lo, hi) in zip(self.projected, full.slices())]
         self.layout = layout_from_sizes(full.names, full.shapes, sizes)
-        self.spec = {"kind": self.kind, "proj_dim": proj_dim, "seed": seed, "seed_rule": SEED_RULE + " % 2**31",
-                     "projector": "CudaProjector (CUDA + fast_jl) else BasicProjector, per parameter matrix",
-                     "dims": int(self.layout.total), "scale": "1/sqrt(proj_dim) (traker's projectors are unscaled)"}
+        self.spec = {
+            "kind": self.kind,
+            "proj_dim": proj_dim,
+            "seed": seed,
+            "seed_rule": SEED_RULE + " % 2**31",
+            "projector": "CudaProjector (CUDA + fast_jl) else BasicProjector, per parameter matrix",
+            "dims": int(self.layout.total),
+            "scale": "1/sqrt(proj_dim) (traker's projectors are unscaled)",
+        }
 
     def projector(self, m: int):
         """Matrix m's projector, built when needed: BasicProjector holds (grad_dim x block) floats, and
@@ -420,7 +454,7 @@ class TrakFeaturizer:
             # CudaProjector draws its matrix inside the kernel, so batching gains little: each gradient is
             # projected straight from the computer's buffer.
             for i, e in enumerate(encs):
-                self.project(self.computer.gradient(e)[None], out[i:i + 1])
+                self.project(self.computer.gradient(e)[None], out[i : i + 1])
             return out
         # BasicProjector draws its matrix anew on every call, so the batch is projected at once to share that;
         # its gradients wait in host memory (on a CPU device, the only copy) and go to the device a matrix at a time.
@@ -508,32 +542,9 @@ def calibration_shares(model: nn.Module, device, dtype: str, encs: list[Encoded]
     return gc.layout.names, shares / max(len(encs), 1)
 
 
-def load_or_create_json(path: Path, create: Callable[[], dict]) -> dict:
-    """The JSON at path; if absent, create() it and write it with an exclusive create, so concurrent
-    processes (Slurm partitions) that race all end up using the one file that won."""
-    import orjson
-
-    path = Path(path)
-    if not path.exists():
-        data = create()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # fails if another process got there first: use its file
-            except FileExistsError:
-                pass
-        finally:
-            os.unlink(tmp)
-    return orjson.loads(path.read_bytes())
-
-
-def make_allocation(model: nn.Module, device, dtype: str, total: int, calibration: list[Encoded],
-                    fit: str = "coprime") -> dict:
+def make_allocation(
+    model: nn.Module, device, dtype: str, total: int, calibration: list[Encoded], fit: str = "coprime"
+) -> dict:
     if not calibration:
         raise GradsimError("the sketch projections need calibration samples (the first originals): none given")
     names, shares = calibration_shares(model, device, dtype, calibration)
@@ -541,38 +552,98 @@ def make_allocation(model: nn.Module, device, dtype: str, total: int, calibratio
     shares = [float(f"{x:.6g}") for x in shares]  # what is stored is what every process uses
     dims = allocate_dims(np.array(shares), shapes, total, fit)
     lowered = "to coprime with the matrix's sides" if fit == "coprime" else "to 2-3-5-smooth sizes"
-    return {"total": total, "calibration_ids": [e.id for e in calibration], "names": names, "fit": fit,
-            "shares": shares, "dims": [int(d) for d in dims], "rule": f"{SHARE_MIX} x squared-norm share + "
-            f"{1 - SHARE_MIX:.1f} x share of entries, water-filled, lowered {lowered}"}
+    return {
+        "total": total,
+        "calibration_ids": [e.id for e in calibration],
+        "names": names,
+        "fit": fit,
+        "shares": shares,
+        "dims": [int(d) for d in dims],
+        "rule": f"{SHARE_MIX} x squared-norm share + "
+        f"{1 - SHARE_MIX:.1f} x share of entries, water-filled, lowered {lowered}",
+    }
 
 
-def checked_allocation(kind: str, model: nn.Module, device, dtype: str, proj_dim: int, fit: str,
-                       allocation: Optional[dict], calibration: Optional[list[Encoded]]) -> dict:
+def checked_allocation(
+    kind: str,
+    model: nn.Module,
+    device,
+    dtype: str,
+    proj_dim: int,
+    fit: str,
+    allocation: Optional[dict],
+    calibration: Optional[list[Encoded]],
+) -> dict:
     """The given allocation, or a new one from calibration; refused if made for another model or size."""
     if allocation is None:
         if not calibration:
             raise GradsimError(f"the {kind} projection needs calibration samples or an allocation")
         allocation = make_allocation(model, device, dtype, proj_dim, calibration, fit)
-    if (allocation["names"] != _trainable(model)[0] or allocation["total"] != proj_dim
-            or allocation.get("fit", "coprime") != fit):
-        raise GradsimError(f"the {kind} allocation was made for another model, --proj-dim or projection: delete "
-                           f"features/{kind}-allocations/ under the output dir to recalibrate")
+    if (
+        allocation["names"] != _trainable(model)[0]
+        or allocation["total"] != proj_dim
+        or allocation.get("fit", "coprime") != fit
+    ):
+        raise GradsimError(
+            f"the {kind} allocation was made for another model, --proj-dim or projection: delete "
+            f"features/{kind}-allocations/ under the output dir to recalibrate"
+        )
     return allocation
 
 
-class CountSketchFeaturizer:
-    """Exact per-sample gradients, each matrix CountSketched to its share of --proj-dim (module docstring)."""
+class _CalibratedSketch:
+    """What countsketch and tensorsketch share: each matrix's dims from a calibrated allocation of
+    --proj-dim (given, or made from the calibration samples), and a spec naming all that decides the numbers.
+    A subclass builds itself in _build() and sets ``layout`` and ``exact`` (the matrices kept unsketched)."""
+
+    kind: str
+    fit: str  # how the allocation's sizes are fitted (make_allocation)
+    sketch_rule: str  # how a matrix is sketched, for the spec
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device,
+        dtype: str = "float32",
+        proj_dim: int = 65536,
+        seed: int = 42,
+        batch_size: int = 1,
+        allocation: Optional[dict] = None,
+        calibration: Optional[list[Encoded]] = None,
+        **options,
+    ):
+        allocation = self.allocation = checked_allocation(
+            self.kind, model, device, dtype, proj_dim, self.fit, allocation, calibration
+        )
+        self._build(model, device, dtype, seed, batch_size, allocation, **options)
+        self.spec = {
+            "kind": self.kind,
+            "proj_dim": proj_dim,
+            "seed": seed,
+            "seed_rule": SEED_RULE,
+            "sketch": self.sketch_rule,
+            "dims": int(self.layout.total),
+            "exact_matrices": int(sum(self.exact)),
+            "allocation_sha256": json_sha256(allocation),
+            "calibration_ids": allocation["calibration_ids"],
+        }
+
+    def _build(self, model: nn.Module, device, dtype: str, seed: int, batch_size: int, allocation: dict) -> None:
+        raise NotImplementedError
+
+
+class CountSketchFeaturizer(_CalibratedSketch):
+    """Exact per-sample gradients, each matrix CountSketched to its share of --proj-dim (module docstring).
+    Keyword ``sign_cache_bytes`` (default 1 GiB) bounds the signs kept on the device."""
 
     kind = "countsketch"
+    fit = "coprime"
+    sketch_rule = "CountSketch per matrix: sign from the seed, bucket = flat index mod k_m"
 
-    def __init__(self, model: nn.Module, device, dtype: str = "float32", proj_dim: int = 65536, seed: int = 42,
-                 batch_size: int = 1, allocation: Optional[dict] = None, calibration: Optional[list[Encoded]] = None,
-                 sign_cache_bytes: int = 2**30):
+    def _build(self, model, device, dtype, seed, batch_size, allocation, sign_cache_bytes: int = 2**30) -> None:
         self.computer = GradientComputer(model, device, dtype)
         self.device, self.batch_size, self.seed = device, batch_size, seed
         full = self.full = self.computer.layout
-        allocation = self.allocation = checked_allocation(self.kind, model, device, dtype, proj_dim, "coprime",
-                                                          allocation, calibration)
         self.dims = [int(d) for d in allocation["dims"]]
         numel = np.diff(full.offsets)
         self.exact = [d >= n for d, n in zip(self.dims, numel)]
@@ -596,12 +667,6 @@ class CountSketchFeaturizer:
         self.shifts = torch.arange(8, dtype=torch.uint8, device=device)
         largest = max([hi - lo for (_, lo, hi), e in zip(full.slices(), self.exact) if not e], default=0)
         self.tmp = torch.empty(largest, dtype=torch.float32, device=device)
-        blob = json_bytes(allocation)
-        self.spec = {"kind": self.kind, "proj_dim": proj_dim, "seed": seed, "seed_rule": SEED_RULE,
-                     "sketch": "CountSketch per matrix: sign from the seed, bucket = flat index mod k_m",
-                     "dims": int(self.layout.total), "exact_matrices": int(sum(self.exact)),
-                     "allocation_sha256": hashlib.sha256(blob).hexdigest(),
-                     "calibration_ids": allocation["calibration_ids"]}
 
     @property
     def backward_passes(self) -> int:
@@ -617,7 +682,7 @@ class CountSketchFeaturizer:
         name, n, at = self.full.names[m], math.prod(self.full.shapes[m]), self.packed_at[m]
         if at is None:
             return self.draw_sign_bits(name, n).to(self.device)
-        packed = self.signs[at:at + (n + 7) // 8]
+        packed = self.signs[at : at + (n + 7) // 8]
         return ((packed.unsqueeze(1) >> self.shifts) & 1).view(-1)[:n]
 
     def sketch(self, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -633,7 +698,7 @@ class CountSketchFeaturizer:
             tmp.mul_(2).sub_(1).mul_(g[lo:hi])
             whole = n // k * k
             torch.sum(tmp[:whole].view(-1, k), dim=0, out=out[olo:ohi])
-            out[olo:olo + n - whole] += tmp[whole:]
+            out[olo : olo + n - whole] += tmp[whole:]
         return out
 
     def features(self, enc: Encoded) -> torch.Tensor:
@@ -641,15 +706,18 @@ class CountSketchFeaturizer:
         return self.sketch(self.computer.gradient(enc), out)
 
 
-class TensorSketchFeaturizer(FactorizedFeaturizer):
-    """countsketch's dims and allocation, formed in the hooks without the exact gradient (module docstring)."""
+class TensorSketchFeaturizer(_CalibratedSketch, FactorizedFeaturizer):
+    """countsketch's dims and allocation, formed in the hooks without the exact gradient (module docstring).
+    The hooks and batching are FactorizedFeaturizer's; its constructor is not used."""
 
     kind = "tensorsketch"
+    fit = "fft"
+    sketch_rule = (
+        "TensorSketch per matrix: (i, j) -> bucket (h_r(i) + h_c(j)) mod k_m, sign "
+        "s_r(i) s_c(j); h_r, s_r, h_c, s_c drawn in that order from seed(name + ':tensorsketch')"
+    )
 
-    def __init__(self, model: nn.Module, device, dtype: str = "float32", proj_dim: int = 65536, seed: int = 42,
-                 batch_size: int = 1, allocation: Optional[dict] = None, calibration: Optional[list[Encoded]] = None):
-        allocation = self.allocation = checked_allocation(self.kind, model, device, dtype, proj_dim, "fft",
-                                                          allocation, calibration)
+    def _build(self, model, device, dtype, seed, batch_size, allocation) -> None:
         slots = []
         for (name, shape), k in zip(zip(*_trainable(model)), allocation["dims"]):
             if k >= math.prod(shape):
@@ -659,38 +727,33 @@ class TensorSketchFeaturizer(FactorizedFeaturizer):
             elif len(shape) == 1:
                 slots.append(_VectorSketchSlot(name, shape, int(k), seed, device))
             else:
-                raise GradsimError(f"parameter {name} has shape {shape}: the tensorsketch projection handles matrices "
-                                   "and vectors only; use --projection countsketch")
+                raise GradsimError(
+                    f"parameter {name} has shape {shape}: the tensorsketch projection handles matrices "
+                    "and vectors only; use --projection countsketch"
+                )
         self._attach(model, device, dtype, batch_size, slots)
         self.exact = [isinstance(s, _Slot) for s in slots]
-        self.spec = {"kind": self.kind, "proj_dim": proj_dim, "seed": seed, "seed_rule": SEED_RULE,
-                     "sketch": "TensorSketch per matrix: (i, j) -> bucket (h_r(i) + h_c(j)) mod k_m, sign "
-                               "s_r(i) s_c(j); h_r, s_r, h_c, s_c drawn in that order from seed(name + ':tensorsketch')",
-                     "dims": int(self.layout.total), "exact_matrices": int(sum(self.exact)),
-                     "allocation_sha256": hashlib.sha256(json_bytes(allocation)).hexdigest(),
-                     "calibration_ids": allocation["calibration_ids"]}
 
 
-def json_bytes(obj) -> bytes:
-    import orjson
-
-    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-
-
-def make_projected_featurizer(cfg, lm, memory_bytes: int = 2**30, calibration: Optional[list[Encoded]] = None,
-                              allocation_path: Optional[Path] = None):
+def make_projected_featurizer(
+    cfg,
+    lm,
+    memory_bytes: int = 2**30,
+    calibration: Optional[list[Encoded]] = None,
+    allocation_path: Optional[Path] = None,
+):
     if cfg.projection == "trak":
         return TrakFeaturizer(lm.model, lm.device, cfg.dtype, cfg.proj_dim, cfg.seed, cfg.batch_size, memory_bytes)
     if cfg.projection in SKETCHES:
-        cls, fit = SKETCHES[cfg.projection]
+        cls = SKETCHES[cfg.projection]
 
         def create():
-            return make_allocation(lm.model, lm.device, cfg.dtype, cfg.proj_dim, calibration or [], fit)
+            return make_allocation(lm.model, lm.device, cfg.dtype, cfg.proj_dim, calibration or [], cls.fit)
 
         allocation = load_or_create_json(allocation_path, create) if allocation_path else create()
         return cls(lm.model, lm.device, cfg.dtype, cfg.proj_dim, cfg.seed, cfg.batch_size, allocation=allocation)
     return FactorizedFeaturizer(lm.model, lm.device, cfg.dtype, cfg.proj_dim, cfg.seed, cfg.batch_size)
 
 
-# Projections whose dims are shared by a calibrated allocation: featurizer class and how sizes are fitted.
-SKETCHES = {"countsketch": (CountSketchFeaturizer, "coprime"), "tensorsketch": (TensorSketchFeaturizer, "fft")}
+# Projections whose dims are shared by a calibrated allocation, by name.
+SKETCHES = {cls.kind: cls for cls in (CountSketchFeaturizer, TensorSketchFeaturizer)}

@@ -30,8 +30,15 @@ from .data import Dataset, load_dataset, partition_range
 from .encode import Encoded, encode
 from .errors import GradsimError
 from .features import FeatureStore, featurize, manifest_key, per_matrix_self_dots, progress_bar
-from .io import (append_jsonl, atomic_save_npz, atomic_write_json, atomic_write_jsonl, ensure_writable_dir, read_json,
-                 read_jsonl_tolerant)
+from .io import (
+    append_jsonl,
+    atomic_save_npz,
+    atomic_write_json,
+    atomic_write_jsonl,
+    ensure_writable_dir,
+    read_json,
+    read_jsonl_tolerant,
+)
 from .layout import RunPaths, allocation_file, feature_store_dir, run_dir
 from .memory import check_exact_fits, gradient_capacity
 from .metrics import true_rank
@@ -46,10 +53,15 @@ def code_version() -> str:
     """Package version plus git commit (with -dirty when the tree has changes)."""
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     return f"{__version__}+{commit}{'-dirty' if dirty else ''}" if commit else __version__
@@ -82,8 +94,13 @@ class Part:
     def record(self, queries: list[int], dots, qself, cself) -> None:
         """Log a finished block of queries (one .npz beside the progress log) and keep it."""
         name = f"block_{queries[0]:06d}_{len(queries):05d}.npz"
-        atomic_save_npz(self.paths.blocks / name, dots=np.stack(dots), qself=np.stack(qself), cself=np.stack(cself),
-                        index=np.array(queries))
+        atomic_save_npz(
+            self.paths.blocks / name,
+            dots=np.stack(dots),
+            qself=np.stack(qself),
+            cself=np.stack(cself),
+            index=np.array(queries),
+        )
         rec = {"kind": "block", "file": name}
         append_jsonl(self.paths.progress, rec)
         self.done.update(load_block(self.paths, rec))
@@ -98,8 +115,10 @@ def setting_configs(cfg: Config) -> list[Config]:
     if cfg.setting != "both":
         return [cfg]
     data = {"paraphrased": cfg.paraphrased_data, "model-generated": cfg.model_generated_data}
-    return [dataclasses.replace(cfg, setting=s, variant_data=data[s], paraphrased_data=None, model_generated_data=None)
-            for s in SETTINGS]
+    return [
+        dataclasses.replace(cfg, setting=s, variant_data=data[s], paraphrased_data=None, model_generated_data=None)
+        for s in SETTINGS
+    ]
 
 
 def prepare(cfg: Config) -> list[Part]:
@@ -109,18 +128,37 @@ def prepare(cfg: Config) -> list[Part]:
         data = load_dataset(c.original_data, c.variant_data, c.sample_size)
         c.original_data_sha256, c.variant_data_sha256 = data.original_sha256, data.variant_sha256
         n = len(data.queries)
+        if c.candidates == "bm25" and c.top_k > len(data.originals) - 1:
+            # Fewer candidates than asked: chance is then 1/len(data.originals), not 1/(top_k + 1)
+            # (results' baselines.random reports the real level).
+            log.warning(
+                "--top-k %d asks for more BM25 candidates than the %d other originals: each query gets %d "
+                "candidates, so chance is 1/%d, not 1/%d",
+                c.top_k,
+                len(data.originals) - 1,
+                len(data.originals),
+                len(data.originals),
+                c.top_k + 1,
+            )
         if cfg.setting == "both":  # the range applies to each setting's own queries, clipped to its length
             s, e = cfg.partition_start or 0, min(n if cfg.partition_end is None else cfg.partition_end, n)
             if s >= e:
-                log.info("%s: no queries in [%s, %s) (it has %d): skipped", c.setting, cfg.partition_start,
-                         cfg.partition_end, n)
+                log.info(
+                    "%s: no queries in [%s, %s) (it has %d): skipped",
+                    c.setting,
+                    cfg.partition_start,
+                    cfg.partition_end,
+                    n,
+                )
                 continue
             c = dataclasses.replace(c, partition_start=s, partition_end=e)
         s, e = partition_range(n, c.partition_start, c.partition_end)
         parts.append(Part(c, data, s, e, RunPaths(run_dir(c), s, e, (s, e) != (0, n))))
     if not parts:
-        raise GradsimError(f"partition [{cfg.partition_start}, {cfg.partition_end}) holds no query of either setting: "
-                           "lower --partition-start")
+        raise GradsimError(
+            f"partition [{cfg.partition_start}, {cfg.partition_end}) holds no query of either setting: "
+            "lower --partition-start"
+        )
     if len({p.data.original_sha256 for p in parts}) > 1:
         raise GradsimError("the two settings read different originals: give both the same --original-data")
     return parts
@@ -138,8 +176,17 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
         ensure_writable_dir(p.paths.part_dir if p.paths.partitioned else p.paths.run_dir)
     device = lm.device if lm is not None else resolve_device(cfg)
     for p in parts:
-        log.info("gradsim %s: model=%s device=%s dtype=%s %s queries=[%d, %d) of %d", __version__, cfg.model_name,
-                 device, cfg.dtype, p.cfg.setting, p.start, p.end, len(p.data.queries))
+        log.info(
+            "gradsim %s: model=%s device=%s dtype=%s %s queries=[%d, %d) of %d",
+            __version__,
+            cfg.model_name,
+            device,
+            cfg.dtype,
+            p.cfg.setting,
+            p.start,
+            p.end,
+            len(p.data.queries),
+        )
     if lm is None:
         if not cfg.use_random_projection:
             check_exact_fits(cfg, device)  # from the model's config alone, before its weights are loaded
@@ -153,7 +200,7 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
     todo = [p for p in parts if p.finished is None]
     if todo:
         for p in todo:
-            p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start:p.end]
+            p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start : p.end]
             resume(p)
         if cfg.use_random_projection:
             score_projected(todo, lm)
@@ -177,7 +224,9 @@ def finished_result(p: Part) -> Optional[dict]:
     if done.get("compat") == p.cfg.compat():
         log.info("already finished: %s", p.paths.results)
         return done
-    raise GradsimError(f"{p.paths.results} exists from a different configuration: use another --output-dir or remove it")
+    raise GradsimError(
+        f"{p.paths.results} exists from a different configuration: use another --output-dir or remove it"
+    )
 
 
 def resume(p: Part) -> None:
@@ -202,8 +251,10 @@ def resume(p: Part) -> None:
 
 def load_block(paths: RunPaths, rec: dict) -> dict[int, dict]:
     with np.load(paths.blocks / rec["file"]) as z:
-        return {int(qi): {"dots": z["dots"][i], "qself": z["qself"][i], "cself": z["cself"][i]}
-                for i, qi in enumerate(z["index"])}
+        return {
+            int(qi): {"dots": z["dots"][i], "qself": z["qself"][i], "cself": z["cself"][i]}
+            for i, qi in enumerate(z["index"])
+        }
 
 
 def encode_all(lm: LoadedModel, samples, max_length: int, what: str) -> list[Encoded]:
@@ -212,6 +263,7 @@ def encode_all(lm: LoadedModel, samples, max_length: int, what: str) -> list[Enc
 
 # Exact gradients: hold a block, stream the rest (no store)
 # --------------------------------------------------------------------------------------------
+
 
 def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
     from .gradients import GradientComputer
@@ -238,10 +290,18 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
     plan = make_plan(cands, [c[0] for c in cands], capacity)  # c[0]: the query's own original
     cost = Cost(shared_by=[p.cfg.setting for p in parts])
     cache = make_cache(cfg, lm.device, grad_bytes, parts[0].paths, cost)
-    log.info("exact: %d queries, %d originals, %s of %d gradients (%.2f GB each): %d blocks, %.2f passes per query "
-             "without keeping originals%s", len(owners), len(needed), plan.mode, capacity, grad_bytes / 2**30,
-             len(plan.blocks), plan.passes_per_query(),
-             f"; keeping originals in {cache.kind} up to {cache.budget / 2**30:.1f} GB" if cache else "")
+    log.info(
+        "exact: %d queries, %d originals, %s of %d gradients (%.2f GB each): %d blocks, %.2f passes per query "
+        "without keeping originals%s",
+        len(owners),
+        len(needed),
+        plan.mode,
+        capacity,
+        grad_bytes / 2**30,
+        len(plan.blocks),
+        plan.passes_per_query(),
+        f"; keeping originals in {cache.kind} up to {cache.budget / 2**30:.1f} GB" if cache else "",
+    )
     first_seen: set[int] = set()
 
     def on_gradient(enc: Encoded, role: str, seconds: float, q: Optional[int]) -> None:
@@ -283,10 +343,14 @@ def make_cache(cfg: Config, device: torch.device, grad_bytes: int, paths: RunPat
 # Projected features: originals once into a shared store, queries in blocks
 # --------------------------------------------------------------------------------------------
 
+
 def store_manifest(cfg: Config) -> dict:
     """What determines the originals' features besides the featurizer (the query side is excluded)."""
-    return {k: v for k, v in cfg.compat().items()
-            if k not in ("setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256")}
+    return {
+        k: v
+        for k, v in cfg.compat().items()
+        if k not in ("setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256")
+    }
 
 
 def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None):
@@ -307,9 +371,13 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
     for p in parts:
         p.featurizer_spec = featurizer.spec
     manifest = dict(store_manifest(cfg), featurizer=featurizer.spec)
-    store = FeatureStore.open(feature_store_dir(cfg.output_dir, manifest_key(manifest), "originals"), manifest,
-                              [s.id for s in data.originals], layout.total,
-                              max(1, min(256, memory_budget_bytes() // (layout.total * 4))))
+    store = FeatureStore.open(
+        feature_store_dir(cfg.output_dir, manifest_key(manifest), "originals"),
+        manifest,
+        [s.id for s in data.originals],
+        layout.total,
+        max(1, min(256, memory_budget_bytes() // (layout.total * 4))),
+    )
     row_of = {j: j for j in range(len(data.originals))}
     need = sorted({j for p in parts for qi in p.todo for j in p.cands[qi - p.start]})
     featurize_into_store(store, featurizer, lm, need, data, cfg, parts[0])
@@ -319,7 +387,7 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
         enc = dict(zip(todo, encode_all(lm, [p.data.queries[qi] for qi in todo], cfg.max_length, "queries")))
         bar = progress_bar(total=len(todo), desc=f"features ({p.cfg.setting} queries)", unit="sample")
         for b0 in range(0, len(todo), block):
-            block_q = todo[b0:b0 + block]
+            block_q = todo[b0 : b0 + block]
             feats, m = featurize(featurizer, [enc[qi] for qi in block_q], lm.device, cfg.dtype, "query", bar)
             q = torch.from_numpy(feats)
             qself = per_matrix_self_dots(layout, q)
@@ -333,7 +401,7 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
             else:
                 for i, qi in enumerate(block_q):
                     ofeats, oself = gather_rows(store, [row_of[j] for j in p.cands[qi - p.start]])
-                    dots.append(dense_dots(layout, q[i:i + 1], ofeats)[0])
+                    dots.append(dense_dots(layout, q[i : i + 1], ofeats)[0])
                     cself.append(oself)
             p.record(block_q, dots, list(qself), cself)
             for row in m:
@@ -379,6 +447,7 @@ def corpus_dots(store: FeatureStore, layout, q: torch.Tensor) -> tuple[np.ndarra
 # Baselines, results
 # --------------------------------------------------------------------------------------------
 
+
 def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     """(Q, C) scores of the baselines for this partition's queries and candidates."""
     from .baselines import RepresentationFeaturizer, candidate_scores
@@ -387,11 +456,23 @@ def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     cfg, data, cands = p.cfg, p.data, p.cands
     out = {"baseline_bm25": candidate_scores(bm25_scores(data), list(range(p.start, p.end)), cands)}
     rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype)
-    manifest = dict(model=cfg.model_name, revision=cfg.model_revision, template=cfg.chat_template_sha256,
-                    max_length=cfg.max_length, dtype=cfg.dtype, original_data_sha256=cfg.original_data_sha256,
-                    sample_size=cfg.sample_size, featurizer=rep.spec)
-    store = FeatureStore.open(feature_store_dir(cfg.output_dir, manifest_key(manifest), "representations"), manifest,
-                              [s.id for s in data.originals], rep.layout.total, 256)
+    manifest = dict(
+        model=cfg.model_name,
+        revision=cfg.model_revision,
+        template=cfg.chat_template_sha256,
+        max_length=cfg.max_length,
+        dtype=cfg.dtype,
+        original_data_sha256=cfg.original_data_sha256,
+        sample_size=cfg.sample_size,
+        featurizer=rep.spec,
+    )
+    store = FeatureStore.open(
+        feature_store_dir(cfg.output_dir, manifest_key(manifest), "representations"),
+        manifest,
+        [s.id for s in data.originals],
+        rep.layout.total,
+        256,
+    )
     needed = sorted({j for c in cands for j in c})
     featurize_into_store(store, rep, lm, needed, data, cfg, p, "representation")
     encs = [encode(lm.tokenizer, data.queries[qi], cfg.max_length) for qi in range(p.start, p.end)]
@@ -402,14 +483,14 @@ def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     dots = dense_dots(rep.layout, torch.from_numpy(qrep), orep)  # (Q, len(needed), 2)
     for m_, name in enumerate(rep.layout.names):
         full = np.full((p.end - p.start, len(data.originals)), np.nan)
-        full[:, needed] = cosine(dots[:, :, m_], qself[:, m_:m_ + 1], oself[None, :, m_])
+        full[:, needed] = cosine(dots[:, :, m_], qself[:, m_ : m_ + 1], oself[None, :, m_])
         out[f"baseline_{name}"] = np.stack([full[k, c] for k, c in enumerate(cands)]).astype(np.float32)
     return out
 
 
 def bm25_columns(p: Part) -> np.ndarray:
     """(Q, 1 + top_k) positions, within each query's full-corpus candidate list, of its BM25 candidates."""
-    bm25 = candidate_lists(p.data, "bm25", p.cfg.top_k)[p.start:p.end]
+    bm25 = candidate_lists(p.data, "bm25", p.cfg.top_k)[p.start : p.end]
     return np.array([[c.index(j) for j in b] for c, b in zip(p.cands, bm25)], dtype=np.int64)
 
 
@@ -418,9 +499,11 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
     order = list(range(start, end))
     corpus = cfg.candidates == "all"
     dtype = np.float32 if corpus else np.float64  # fp32 dots lose nothing: the matmuls are fp32
-    arrays = {"dots": np.stack([np.asarray(p.done[qi]["dots"], dtype=dtype) for qi in order]),
-              "qself": np.stack([np.asarray(p.done[qi]["qself"], dtype=np.float64) for qi in order]),
-              "cself": np.stack([np.asarray(p.done[qi]["cself"], dtype=dtype) for qi in order])}
+    arrays = {
+        "dots": np.stack([np.asarray(p.done[qi]["dots"], dtype=dtype) for qi in order]),
+        "qself": np.stack([np.asarray(p.done[qi]["qself"], dtype=np.float64) for qi in order]),
+        "cself": np.stack([np.asarray(p.done[qi]["cself"], dtype=dtype) for qi in order]),
+    }
     arrays.update(baselines)
     if corpus:
         arrays["bm25_columns"] = bm25_columns(p)
@@ -437,7 +520,9 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
             rec["top10_scores"] = whole[k][top]
         else:
             rec["candidates"], rec["scores"] = cand_ids, whole[k]
-            per_matrix = whole_and_per_matrix(dots[k:k + 1], qself[k:k + 1], cself[k:k + 1], cfg.computation_type)[1]
+            per_matrix = whole_and_per_matrix(
+                dots[k : k + 1], qself[k : k + 1], cself[k : k + 1], cfg.computation_type
+            )[1]
             rec["per_matrix"] = per_matrix[0]
             if cfg.computation_type == "dot-product":
                 rec["query_self"], rec["candidate_self"] = qself[k], cself[k]

@@ -42,7 +42,7 @@ def plan_blocks(cands: list[list[int]], groups: list[int], capacity: int) -> lis
     units: dict[int, list[int]] = {}
     for q, g in enumerate(groups):
         units.setdefault(g, []).append(q)
-    pending = [u[i:i + capacity] for u in units.values() for i in range(0, len(u), capacity)]
+    pending = [u[i : i + capacity] for u in units.values() for i in range(0, len(u), capacity)]
     cand_sets = [set(c) for c in cands]
     same = all(s == cand_sets[0] for s in cand_sets)  # every original for every query: order does not matter
     unit_sets = [set().union(*(cand_sets[q] for q in u)) for u in pending]

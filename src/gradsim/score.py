@@ -9,15 +9,22 @@ can be recomputed later without new gradients:
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from .gradients import ParamLayout
-from .metrics import RECALL_AT, component_of, layer_of, summarize, true_rank
+import numpy as np
+
+from .metrics import RECALL_AT, component_of, group_indices, layer_of, summarize_ranks
+
+if TYPE_CHECKING:  # scoring stored arrays (selection, analysis) needs numpy only
+    import torch
+
+    from .gradients import ParamLayout
 
 
 def dense_dots(layout: ParamLayout, q: torch.Tensor, o: torch.Tensor) -> np.ndarray:
     """(b, n, M) per-matrix dots of every query row with every original row (blockwise matmuls)."""
+    import torch
+
     out = np.empty((q.shape[0], o.shape[0], len(layout.names)), dtype=np.float64)
     for m, (_, lo, hi) in enumerate(layout.slices()):
         out[:, :, m] = torch.mm(q[:, lo:hi], o[:, lo:hi].T).double().cpu().numpy()
@@ -49,20 +56,15 @@ def subset_scores(dots, qself, cself, idx, computation_type: str) -> np.ndarray:
 def group_scores(names, dots, qself, cself, key, computation_type):
     """(group, (Q, C) scores) over groups of matrices sharing ``key(name)``, one group at a time
     (at full-corpus scale one (Q, C, M) temporary would not fit)."""
-    groups: dict[str, list[int]] = {}
-    for m, n in enumerate(names):
-        k = key(n)
-        if k is not None:
-            groups.setdefault(str(k), []).append(m)
-    for k, idx in groups.items():
-        yield k, subset_scores(dots, qself, cself, idx, computation_type)
+    for k, idx in group_indices(names, key).items():
+        yield str(k), subset_scores(dots, qself, cself, idx, computation_type)
 
 
 def summarize_scores(names, dots, qself, cself, computation_type: str) -> dict:
     """Retrieval metrics for the whole model, each matrix, each component type and each layer."""
-    out = {"whole_model": summarize(true_rank(subset_scores(dots, qself, cself, slice(None), computation_type)))}
+    out = {"whole_model": summarize_ranks(subset_scores(dots, qself, cself, slice(None), computation_type))}
     for label, key in (("per_matrix", str), ("per_component", component_of), ("per_layer", layer_of)):
-        out[label] = {k: summarize(true_rank(s)) for k, s in group_scores(names, dots, qself, cself, key, computation_type)}
+        out[label] = {k: summarize_ranks(s) for k, s in group_scores(names, dots, qself, cself, key, computation_type)}
     return out
 
 
@@ -80,11 +82,11 @@ def summarize_arrays(names, arrays: dict, computation_type: str) -> dict:
     recomputes them exactly): gradients, baselines (``baseline_<name>``: (Q, C) scores), and, when
     ``bm25_columns`` (Q, 1 + k) is present, the same for the BM25 protocol picked out of the corpus."""
     dots, qself, cself = arrays["dots"], arrays["qself"], arrays["cself"]
-    baselines = {k[len("baseline_"):]: v for k, v in arrays.items() if k.startswith("baseline_")}
+    baselines = {k[len("baseline_") :]: v for k, v in arrays.items() if k.startswith("baseline_")}
 
     def report(pick):
         base = {"random": random_expectation(pick(dots).shape[1])}
-        base.update({k: summarize(true_rank(pick(v))) for k, v in baselines.items()})
+        base.update({k: summarize_ranks(pick(v)) for k, v in baselines.items()})
         return summarize_scores(names, pick(dots), qself, pick(cself), computation_type), base
 
     out = dict(zip(("summary", "baselines"), report(lambda a: a)))

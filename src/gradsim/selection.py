@@ -16,21 +16,35 @@ from pathlib import Path
 
 import numpy as np
 
+from .combine import whole_run
 from .io import atomic_write_json, read_json
-from .metrics import summarize, true_rank
+from .layout import selection_file
+from .metrics import summarize_ranks
 from .score import cosine, subset_scores
 
 
 def split_queries(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A seeded random half of the queries to choose on, the other half to report on."""
     order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+    return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
 
 
-def greedy_select(names, dots, qself, cself, computation_type: str, choose: np.ndarray, report: np.ndarray,
-                  max_size: int | None = None) -> dict:
+def greedy_select(
+    names,
+    dots,
+    qself,
+    cself,
+    computation_type: str,
+    choose: np.ndarray,
+    report: np.ndarray,
+    max_size: int | None = None,
+) -> dict:
     """Add, one at a time, the matrix that most raises MRR (then top-1) on the ``choose`` queries;
     stop when nothing raises it. Each step's metrics on the held-out ``report`` queries are recorded."""
+
+    def held_out(idx) -> dict:
+        return summarize_ranks(subset_scores(dots[report], qself[report], cself[report], idx, computation_type))
+
     d, q, c = dots[choose], qself[choose], cself[choose]
     run_d = np.zeros(d.shape[:2], dtype=np.float64)
     run_q = np.zeros(q.shape[0], dtype=np.float64)
@@ -47,7 +61,7 @@ def greedy_select(names, dots, qself, cself, computation_type: str, choose: np.n
             s = run_d + d[..., m]
             if computation_type != "dot-product":
                 s = cosine(s, (run_q + q[:, m])[:, None], run_c + c[..., m])
-            r = summarize(true_rank(s))
+            r = summarize_ranks(s)
             key = (r["mrr"], r["top1"])
             if step is None or key > step[0]:
                 step = (key, m, r)
@@ -58,15 +72,12 @@ def greedy_select(names, dots, qself, cself, computation_type: str, choose: np.n
         run_d += d[..., m]
         run_q += q[:, m]
         run_c += c[..., m]
-        held = summarize(true_rank(subset_scores(dots[report], qself[report], cself[report], chosen, computation_type)))
-        path.append({"added": names[m], "choose": r, "held_out": held})
-    everything = slice(None)
+        path.append({"added": names[m], "choose": r, "held_out": held_out(chosen)})
     return {
         "chosen": [names[m] for m in chosen],
         "path": path,
         "held_out": path[-1]["held_out"] if path else None,
-        "full_gradient_held_out": summarize(true_rank(subset_scores(dots[report], qself[report], cself[report],
-                                                                    everything, computation_type))),
+        "full_gradient_held_out": held_out(slice(None)),
         "split": {"choose": choose.tolist(), "report": report.tolist()},
     }
 
@@ -74,18 +85,20 @@ def greedy_select(names, dots, qself, cself, computation_type: str, choose: np.n
 def select_run(run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size: int | None = None) -> dict:
     """Greedy selection on a finished run (results.json + scores.npz), written to selection[_bm25].json."""
     run_dir = Path(run_dir)
-    result = read_json(run_dir / "results.json")
-    with np.load(run_dir / "scores.npz") as z:
+    files = whole_run(run_dir)
+    result = read_json(files.results)
+    with np.load(files.scores) as z:
         dots, qself, cself = z["dots"], z["qself"], z["cself"]
         if protocol == "bm25":
             cols = z["bm25_columns"]
             dots = np.take_along_axis(dots, cols[..., None], axis=1)
             cself = np.take_along_axis(cself, cols[..., None], axis=1)
     choose, report = split_queries(dots.shape[0], seed)
-    out = greedy_select(result["parameter_names"], dots, qself, cself, result["config"]["computation_type"], choose,
-                        report, max_size)
+    out = greedy_select(
+        result["parameter_names"], dots, qself, cself, result["config"]["computation_type"], choose, report, max_size
+    )
     out.update(seed=seed, protocol=protocol, run=str(run_dir), num_candidates=int(dots.shape[1]))
-    atomic_write_json(run_dir / ("selection_bm25.json" if protocol == "bm25" else "selection.json"), out)
+    atomic_write_json(selection_file(run_dir, "bm25" if protocol == "bm25" else ""), out)
     return out
 
 
@@ -93,15 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gradsim.selection", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a finished run (or merged partitions): holds results.json and scores.npz")
     p.add_argument("--seed", type=int, default=0, help="seed of the half/half query split")
-    p.add_argument("--protocol", choices=("as-run", "bm25"), default="as-run",
-                   help="bm25: the BM25 top-k protocol picked out of a --candidates all run")
+    p.add_argument(
+        "--protocol",
+        choices=("as-run", "bm25"),
+        default="as-run",
+        help="bm25: the BM25 top-k protocol picked out of a --candidates all run",
+    )
     p.add_argument("--max-size", type=int, help="stop after this many matrices")
     a = p.parse_args(argv)
     out = select_run(Path(a.run_dir), a.seed, a.protocol, a.max_size)
     full, held = out["full_gradient_held_out"], out["held_out"] or {}
-    print(f"chose {len(out['chosen'])} matrices: {', '.join(out['chosen'][:8])}{' ...' if len(out['chosen']) > 8 else ''}")
-    print(f"held-out ({full['n']} queries): selected top-1 {held.get('top1', float('nan')):.3f} MRR "
-          f"{held.get('mrr', float('nan')):.3f} | full gradient top-1 {full['top1']:.3f} MRR {full['mrr']:.3f}")
+    print(
+        f"chose {len(out['chosen'])} matrices: {', '.join(out['chosen'][:8])}{' ...' if len(out['chosen']) > 8 else ''}"
+    )
+    print(
+        f"held-out ({full['n']} queries): selected top-1 {held.get('top1', float('nan')):.3f} MRR "
+        f"{held.get('mrr', float('nan')):.3f} | full gradient top-1 {full['top1']:.3f} MRR {full['mrr']:.3f}"
+    )
     return 0
 
 

@@ -41,17 +41,21 @@ def matrix_dots(layout: ParamLayout, a: torch.Tensor, b: torch.Tensor) -> np.nda
 class Cost:
     """What the exact path spent: reported in results.json (``cost``) and printed at the end."""
 
+    # backward passes, their tokens (forward + backward, every pass) and time
     query_passes: int = 0
     original_passes: int = 0
-    originals_reused: int = 0  # read back from the cache instead of recomputed
+    tokens: int = 0
+    seconds: float = 0.0
+    backward_seconds_per_token: Optional[float] = None
+    # the schedule: "hold-queries" or "hold-originals", and how many gradients the budget held
+    mode: str = ""
+    held_gradients: int = 0
+    shared_by: list[str] = field(default_factory=list)  # the settings whose queries shared this schedule
+    # originals kept between blocks and read back instead of recomputed
+    originals_reused: int = 0
     scratch_bytes_written: int = 0
     scratch_bytes_read: int = 0
     host_bytes_kept: int = 0
-    held_gradients: int = 0
-    mode: str = ""
-    seconds: float = 0.0
-    backward_seconds_per_token: Optional[float] = None
-    shared_by: list[str] = field(default_factory=list)
 
     def to_dict(self, num_queries: int) -> dict:
         d = dict(self.__dict__)
@@ -142,8 +146,14 @@ Done = tuple[int, np.ndarray, np.ndarray, np.ndarray]
 class ExactStream:
     """Runs a Plan: per-matrix dots and self-dots of each query with each of its candidates."""
 
-    def __init__(self, computer: GradientComputer, cost: Optional[Cost] = None, cache: Optional[OriginalCache] = None,
-                 progress=None, on_gradient: Optional[Callable[[Encoded, str, float, Optional[int]], None]] = None):
+    def __init__(
+        self,
+        computer: GradientComputer,
+        cost: Optional[Cost] = None,
+        cache: Optional[OriginalCache] = None,
+        progress=None,
+        on_gradient: Optional[Callable[[Encoded, str, float, Optional[int]], None]] = None,
+    ):
         self.computer, self.cache, self.progress, self.on_gradient = computer, cache, progress, on_gradient
         self.layout = computer.layout
         self.cost = cost if cost is not None else Cost()
@@ -163,6 +173,7 @@ class ExactStream:
         seconds = time.perf_counter() - t0
         self._seconds += seconds
         self._tokens += enc.num_tokens
+        self.cost.tokens += enc.num_tokens
         if role == "query":
             self.cost.query_passes += 1
         else:
@@ -182,8 +193,14 @@ class ExactStream:
     def seconds_per_token(self) -> Optional[float]:
         return self._seconds / self._tokens if self._tokens else None
 
-    def run(self, plan: Plan, queries: list[Encoded], cands: list[list[int]], originals: dict[int, Encoded],
-            on_done: Callable[[list[Done]], None]) -> Cost:
+    def run(
+        self,
+        plan: Plan,
+        queries: list[Encoded],
+        cands: list[list[int]],
+        originals: dict[int, Encoded],
+        on_done: Callable[[list[Done]], None],
+    ) -> Cost:
         t_start = time.perf_counter()
         dev = self.computer.device
         p = self.layout.total

@@ -1,0 +1,78 @@
+"""Inputs that used to give wrong numbers or unreadable files with no warning."""
+
+import logging
+import os
+import stat
+
+import orjson
+import pytest
+
+from gradsim.config import BUNDLED_DATA, Config
+from gradsim.data import load_dataset
+from gradsim.errors import GradsimError
+from gradsim.io import atomic_write_json
+from gradsim.run import run
+
+
+def write_jsonl(path, rows):
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return str(path)
+
+
+def test_variants_without_ids_and_a_missing_row_are_refused_not_linked_by_position(tmp_path):
+    originals = write_jsonl(
+        tmp_path / "o.jsonl", [{"conversations": [f"question {i}", f"answer {i}"]} for i in range(4)]
+    )
+    # A paraphrase of row 1 failed and was dropped: row 2's variant now sits at index 1.
+    variants = write_jsonl(tmp_path / "v.jsonl", [{"conversations": [f"q {i}", f"a {i}"]} for i in (0, 2, 3)])
+    with pytest.raises(GradsimError, match=r"3 of its 3 rows have no 'id'.*4 rows.*give every variant the 'id'"):
+        load_dataset(originals, variants)
+    # With as many rows, row numbers are the original study's own convention (lima_<row>).
+    same = write_jsonl(tmp_path / "w.jsonl", [{"conversations": [f"q {i}", f"a {i}"]} for i in range(4)])
+    assert [q.id for q in load_dataset(originals, same).queries] == ["lima_0", "lima_1", "lima_2", "lima_3"]
+    # Explicit ids link whatever is missing.
+    named = write_jsonl(tmp_path / "n.jsonl", [{"id": f"lima_{i}", "conversations": ["q", "a"]} for i in (0, 2, 3)])
+    assert [q.id for q in load_dataset(originals, named).queries] == ["lima_0", "lima_2", "lima_3"]
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+        assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+        os.umask(0o077)
+        atomic_write_json(tmp_path / "s.json", {"a": 1})
+        assert stat.S_IMODE((tmp_path / "s.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_top_k_beyond_the_corpus_warns_and_reports_the_real_chance(tiny, tmp_path, caplog):
+    cfg = Config(
+        device="cpu",
+        sample_size=3,
+        output_dir=str(tmp_path),
+        top_k=4,
+        baselines=False,
+        original_data=str(BUNDLED_DATA / "original.jsonl"),
+    )
+    with caplog.at_level(logging.WARNING, logger="gradsim"):
+        res = run(cfg, lm=tiny)
+    assert "--top-k 4 asks for more BM25 candidates than the 2 other originals" in caplog.text
+    assert "chance is 1/3, not 1/5" in caplog.text
+    assert res["baselines"]["random"]["top1"] == pytest.approx(1 / 3)
+    assert all(len(q["candidates"]) == 3 for q in res["queries"])
+
+
+def test_the_gradsim_command_lists_its_verbs_and_forwards_to_them(capsys):
+    from gradsim.cli import COMMANDS, gradsim_main
+
+    assert gradsim_main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("run", "paraphrase", "submit", "status", "combine", "select", "analyze"))
+    assert gradsim_main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        gradsim_main(["run", "--help"])
+    assert e.value.code == 0 and "--setting" in capsys.readouterr().out
+    assert gradsim_main(["memory", "512"]) == 0 and "AMD-OLMo-1B-SFT" in capsys.readouterr().out
+    assert set(COMMANDS) >= {"run", "submit", "status", "combine"}
