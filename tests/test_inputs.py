@@ -76,3 +76,18 @@ def test_the_gradsim_command_lists_its_verbs_and_forwards_to_them(capsys):
     assert e.value.code == 0 and "--setting" in capsys.readouterr().out
     assert gradsim_main(["memory", "512"]) == 0 and "AMD-OLMo-1B-SFT" in capsys.readouterr().out
     assert set(COMMANDS) >= {"run", "submit", "status", "combine"}
+
+
+def test_progress_in_a_log_is_a_line_per_item(capsys):
+    """stderr is not a terminal under pytest: every update is written at once."""
+    from gradsim.features import progress_bar
+
+    bar = progress_bar(total=3, desc="gradients", unit="pass")
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and all("gradients" in line for line in lines)  # one plain line per update
+    counts = [next(f"{i}/3" for i in range(4) if f"{i}/3" in line) for line in lines]
+    assert counts[:4] == ["0/3", "1/3", "2/3", "3/3"]

@@ -134,3 +134,22 @@ def test_bad_flags_are_refused_before_anything_is_submitted(tmp_path, monkeypatc
     assert compute_main([*study(tmp_path), "--time", "soon"]) == 2
     assert "--time" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_request_comes_from_the_models_estimate(tmp_path, caplog):
+    """Without --mem a task asks for what the model needs with an explicit budget of 2 held gradients
+    (the node's free memory says nothing about the job's share); a smaller --mem is warned about."""
+    import logging
+
+    from gradsim.slurm import Resources, parse_mem_gb, plan
+
+    argv = ["--setting", "paraphrased", "--output-dir", str(tmp_path), "--device", "cpu", "--max-length", "512"]
+    p = plan(argv, 2, "sbatch", Resources())
+    # embedded model: 134.5M params; weights + buffer + activations of 512 tokens + 2 held + 2 GB, rounded up
+    assert p.resources.mem == "5G"
+    assert p.argv[-2:] == ["--memory-gb", "1.00"]
+    with caplog.at_level(logging.WARNING, logger="gradsim"):
+        plan(argv, 2, "sbatch", Resources(mem="1G"))
+    assert "--mem 1G is below the 5 GB a task is estimated to need" in caplog.text
+    assert parse_mem_gb("512") == 0.5 and parse_mem_gb("32G") == 32 and parse_mem_gb("1T") == 1024
+    assert parse_mem_gb("4000M") == pytest.approx(3.906, abs=1e-3) and parse_mem_gb("lots") is None

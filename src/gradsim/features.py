@@ -77,11 +77,32 @@ def sample_metric(enc: Encoded, seconds: float, device: torch.device, dtype: str
 
 
 def progress_bar(*args, **kwargs):
-    """tqdm that also reports in logs and CI (a non-terminal), but there only every 30 s."""
+    """tqdm; in a log file or CI (stderr not a terminal) one line per finished item, so a log never
+    shows a count behind the work done (a Slurm task's log is read while it runs)."""
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("mininterval", 0.5 if sys.stderr.isatty() else 30.0)
+    tty = sys.stderr.isatty()
+    kwargs.setdefault("mininterval", 0.5 if tty else 0)
+    if not tty:
+        kwargs.setdefault("miniters", 1)
+        kwargs.setdefault("ascii", True)
+        kwargs.setdefault("file", _Lines(sys.stderr))
     return tqdm(*args, **kwargs)
+
+
+class _Lines:
+    """A stream for tqdm in logs: its carriage-return redraws become one line each."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for line in text.replace("\r", "\n").split("\n"):
+            if line.strip():
+                self.stream.write(line.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def manifest_key(manifest: dict) -> str:

@@ -15,6 +15,7 @@ from this file: clusters differ in partitions, accounts, GPUs and containers.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shlex
@@ -33,6 +34,8 @@ from .io import atomic_write_json, read_json
 from .layout import run_dir as run_dir_of
 from .layout import slurm_dir
 from .slurm_status import SUBMISSION, collect_status, format_status, partition_paths
+
+log = logging.getLogger("gradsim")
 
 TEMPLATE = REPO_ROOT / "slurm_scripts" / "batch_processing" / "job.sbatch.template"
 MAIN_PY = REPO_ROOT / "main.py"
@@ -369,7 +372,59 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
         todo.append((s, e))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     sub_dir = slurm_dir(Path(cfg.output_dir).resolve(), cfg.computation_type, run_dir.name) / f"{stamp}-{backend}"
+    passthrough, resources = size_memory(cfg, passthrough, resources)
     return Plan(backend, cfg, passthrough, run_dir, sub_dir, len(data.queries), ranges, todo, resources)
+
+
+# Exact gradients a task holds when --memory-gb is not given: on a shared node the free memory says
+# nothing about the job's allocation, so the tasks get an explicit budget that the request covers.
+TASK_HELD_GRADIENTS = 2
+
+
+def size_memory(cfg, passthrough: list[str], resources: Resources) -> tuple[list[str], Resources]:
+    """Ask Slurm for the host memory a task needs (model, gradient buffer, held gradients, activations,
+    2 GB for Python and the tokenizer), from the model's config; warn when a given --mem is below it."""
+    from dataclasses import replace
+
+    from .memory import GB, budget_gb, model_shape
+
+    shape = model_shape(cfg)
+    if shape is None:
+        return passthrough, resources
+    tokens = min(cfg.max_length or 2048, shape.context or 2048)
+    w = 2 if cfg.dtype == "bfloat16-weights" else 4
+    on_gpu = bool(resources.gpus) or str(cfg.device).startswith("cuda")
+    if cfg.use_random_projection:
+        need = shape.params * w * (1 if on_gpu else 2) + (0 if on_gpu else shape.activation_bytes(tokens, cfg.dtype))
+    elif on_gpu:
+        need = shape.params * w  # loaded on the host before it moves to the GPU
+    else:
+        budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
+        if budget is None:
+            budget = TASK_HELD_GRADIENTS * shape.params * w / GB
+            passthrough = [*passthrough, "--memory-gb", f"{budget:.2f}"]
+        need = shape.exact_bytes(tokens, cfg.dtype, held=0)["total"] + budget * GB
+    need_gb = int(-(-(need + 2 * GB) // GB))  # rounded up
+    if resources.mem is None:
+        log.info("asking Slurm for --mem %dG per task (the model's estimate; set --mem to change it)", need_gb)
+        return passthrough, replace(resources, mem=f"{need_gb}G")
+    given = parse_mem_gb(resources.mem)
+    if given is not None and given < need_gb:
+        log.warning(
+            "--mem %s is below the %d GB a task is estimated to need (gradsim memory): Slurm may kill it",
+            resources.mem,
+            need_gb,
+        )
+    return passthrough, resources
+
+
+def parse_mem_gb(mem: str) -> Optional[float]:
+    """Slurm's --mem value in GB (default unit MB), or None when it is not a plain size."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(mem), re.IGNORECASE)
+    if not m:
+        return None
+    scale = {"K": 1 / 2**20, "M": 1 / 1024, "": 1 / 1024, "G": 1, "T": 1024}[m.group(2).upper()]
+    return float(m.group(1)) * scale
 
 
 def strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
