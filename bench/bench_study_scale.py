@@ -11,8 +11,9 @@ missing) and the first --sample-size originals of the bundled sample with their 
         for the query and one for each of its candidates (its own original + the BM25 top-4 others;
         fewer when --sample-size < 5), nothing stored; per-matrix dot products on the flat gradient
         buffers (gradsim.gradients.GradientComputer), cosines from them. Peak RSS is this process's
-        ru_maxrss, read before (b) starts; bytes written from /proc/self/io.
-  (b)   gradsim itself, as a child process:
+        ru_maxrss; bytes written from /proc/self/io.
+  (b)   gradsim itself, as a child process, run first (while this process holds no model, so that
+        gradsim's default budget, a share of the free memory, is the machine's):
         uv run main.py --model DIR --setting both --sample-size N --no-baselines --max-length L --output-dir TMP -q
         Peak RSS is the child's (ru_maxrss of RUSAGE_CHILDREN in a wrapper that runs nothing else), bytes
         written are the run's "cost" object and the child's ru_oublock; tokens and passes come from the

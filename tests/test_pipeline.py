@@ -223,7 +223,7 @@ def test_kept_originals_on_scratch_disk_give_the_same_bytes(tiny, tmp_path):
     assert kept["cost"]["originals_reused"] > 0 and kept["cost"]["scratch_bytes_written"] > 0
     assert kept["cost"]["backward_passes"]["original"] < ref["cost"]["backward_passes"]["original"]
     assert kept["queries"] == ref["queries"]
-    assert not list((tmp_path / "kept").rglob(".scratch/*/*"))  # scratch removed at the end
+    assert not list((tmp_path / "kept").rglob(".scratch"))  # scratch removed at the end
 
 
 def test_bf16_weights_stream_bf16_gradients_with_fp32_dots(tiny, tmp_path):

@@ -133,10 +133,11 @@ class OriginalCache:
         for j in list(self.entries):
             self.drop(j)
         if self.kind == "disk":
-            try:
-                self.dir.rmdir()
-            except OSError:
-                pass
+            for d in (self.dir, self.dir.parent):  # this range's folder, then .scratch when no other range uses it
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 # A query's finished scores: position, (C, M) dots, (M,) self-dots, (C, M) candidates' self-dots.
