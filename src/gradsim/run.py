@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -67,9 +66,11 @@ def code_version() -> str:
     return f"{__version__}+{commit}{'-dirty' if dirty else ''}" if commit else __version__
 
 
-def memory_budget_bytes() -> int:
-    """Memory for feature blocks of the projected path (GRADSIM_MEMORY_GB, default 4)."""
-    return int(float(os.environ.get("GRADSIM_MEMORY_GB", "4")) * 2**30)
+def memory_budget_bytes(cfg: Config) -> int:
+    """Memory for feature blocks of the projected path: --memory-gb / GRADSIM_MEMORY_GB, default 4 GB."""
+    from .memory import GB, budget_gb
+
+    return int(budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", 4.0) * GB)
 
 
 @dataclass
@@ -361,7 +362,7 @@ def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None
         # The first originals of the whole dataset: the same for every partition and both settings.
         calibration = [encode(lm.tokenizer, s, cfg.max_length) for s in data.originals[:CALIBRATION_SAMPLES]]
         allocation_path = allocation_file(cfg.output_dir, cfg.projection, manifest_key(store_manifest(cfg)))
-    return make_projected_featurizer(cfg, lm, memory_budget_bytes() // 4, calibration, allocation_path)
+    return make_projected_featurizer(cfg, lm, memory_budget_bytes(cfg) // 4, calibration, allocation_path)
 
 
 def score_projected(parts: list[Part], lm: LoadedModel) -> None:
@@ -376,12 +377,12 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
         manifest,
         [s.id for s in data.originals],
         layout.total,
-        max(1, min(256, memory_budget_bytes() // (layout.total * 4))),
+        max(1, min(256, memory_budget_bytes(cfg) // (layout.total * 4))),
     )
     row_of = {j: j for j in range(len(data.originals))}
     need = sorted({j for p in parts for qi in p.todo for j in p.cands[qi - p.start]})
     featurize_into_store(store, featurizer, lm, need, data, cfg, parts[0])
-    block = max(1, min(256 if cfg.candidates == "all" else 64, memory_budget_bytes() // (layout.total * 4)))
+    block = max(1, min(256 if cfg.candidates == "all" else 64, memory_budget_bytes(cfg) // (layout.total * 4)))
     for p in parts:
         todo = p.todo
         enc = dict(zip(todo, encode_all(lm, [p.data.queries[qi] for qi in todo], cfg.max_length, "queries")))
