@@ -32,7 +32,8 @@ def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_pat
     monkeypatch.setattr(runmod, "code_version", lambda: "pinned-for-this-test")
     whole = run(cfg_for(tmp_path / "whole", batch_size=3, projection=projection, proj_dim=dim), lm=tiny)
     assert whole["summary"]["whole_model"]["n"] == 8
-    assert set(whole["baselines"]) == {"random", "bm25", "representation_response", "representation_all"}
+    reps = {f"representation_{p}" for p in ("response", "prompt", "all", "last")}
+    assert set(whole["baselines"]) == {"random", "bm25", *reps}
     assert whole["baselines"]["random"]["top1"] == pytest.approx(1 / 8)
     assert whole["bm25_protocol"]["baselines"]["random"]["top1"] == pytest.approx(1 / 4)
     scores = np.load(tmp_path / "whole" / "gradient-similarity" / f"paraphrased-all-{projection}{dim}" / "scores.npz")

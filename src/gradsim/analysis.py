@@ -280,6 +280,41 @@ def plot_baselines(runs: dict[str, Run], out_dir) -> Optional[Path]:
     return _save(fig, out_dir, "baselines.png")
 
 
+def load_targets(results_dir) -> tuple[Optional[dict], Optional[Path]]:
+    """The loss target x normalizer table (``gradsim targets``): the run's own if it made one, else the
+    committed table of the bundled data (docs/targets-bundled.json)."""
+    from .config import REPO_ROOT
+    from .io import read_json
+    from .layout import targets_file
+
+    for path in (targets_file(results_dir), REPO_ROOT / "docs" / "targets-bundled.json"):
+        if path.is_file():
+            return read_json(path), path
+    return None, None
+
+
+def plot_targets(table: dict, out_dir, protocol: str = "corpus") -> Path:
+    """Top-1 with its 95% interval per loss target x normalizer and per baseline, one panel per setting
+    (``protocol``: the prefix of the protocol shown, ``corpus`` or ``BM25``)."""
+    plt = _plt()
+    settings = list(dict.fromkeys(r["setting"] for r in table["rows"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 6), sharey=True, squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        rows = [r for r in table["rows"] if r["setting"] == setting and r["protocol"].startswith(protocol)]
+        labels = [
+            f"{r['method']} {r['target']}" + ("" if r["normalizer"] == "-" else f" {r['normalizer']}") for r in rows
+        ]
+        y = np.arange(len(rows))[::-1]
+        top1 = np.array([r["top1"] for r in rows])
+        ci = np.array([r["top1_ci"] or [r["top1"], r["top1"]] for r in rows])
+        colors = [{"gradient": "C0", "bm25": "C1", "representation": "C2"}.get(r["method"], "k") for r in rows]
+        ax.barh(y, top1, xerr=[top1 - ci[:, 0], ci[:, 1] - top1], color=colors, capsize=2)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xlim(0, 1.05)
+        ax.set_title(f"{setting}: top-1, {rows[0]['protocol']} (n={rows[0]['n']})")
+    return _save(fig, out_dir, f"targets_{protocol}.png")
+
+
 def greedy_selections(run: Run) -> dict[str, dict]:
     """The greedy matrix selections made on a run (``python -m gradsim.selection``): selection.json and
     selection_bm25.json beside its results, by protocol."""

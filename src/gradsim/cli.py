@@ -8,12 +8,8 @@ import sys
 from typing import Callable, Optional
 
 from .config import (
-    CANDIDATE_MODES,
-    COMPUTATION_TYPES,
-    DTYPES,
-    PROJECTIONS,
-    SETTING_CHOICES,
     Config,
+    add_options,
     add_quiet_flag,
     env_defaults,
     parse_flags,
@@ -28,98 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-sample gradient similarity between LIMA originals and their variants. "
         "Flags override .env (MT_MODEL_NAME, MT_DEVICE, MT_DTYPE, MT_SAMPLE_SIZE, USE_GPU).",
     )
-    p.add_argument(
-        "--setting",
-        default="paraphrased",
-        help=f"one of {', '.join(SETTING_CHOICES)} (both: one run "
-        "that writes what the two runs would, computing each candidate's gradient once for both)",
-    )
-    p.add_argument("--computation-type", default="gradient-similarity", help=f"one of {', '.join(COMPUTATION_TYPES)}")
-    p.add_argument(
-        "--candidates",
-        default="bm25",
-        help=f"{' or '.join(CANDIDATE_MODES)}: own original + BM25 top-k others (the study's protocol), "
-        "or every original",
-    )
-    p.add_argument(
-        "--top-k", type=int, default=4, help="BM25 candidates besides the true original (default 4: chance 1/5)"
-    )
-    p.add_argument(
-        "--use-random-projection", action="store_true", help="project gradients (see --projection, --proj-dim)"
-    )
-    p.add_argument(
-        "--projection", default="tensorsketch", help=f"one of {', '.join(PROJECTIONS)} (default tensorsketch)"
-    )
-    p.add_argument(
-        "--proj-dim",
-        type=int,
-        help="projected dimensions: in all for tensorsketch and countsketch (default "
-        "65536), per parameter matrix for factorized and trak (default 4096)",
-    )
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--partition-start", type=int, help="first query index of this partition")
-    p.add_argument("--partition-end", type=int, help="query index one past the end of this partition")
-    p.add_argument("--original-data", help="original samples: JSONL path or hub id (default: bundled sample)")
-    p.add_argument(
-        "--variant-data", help="variants (queries): JSONL path or hub id (default: bundled file of --setting)"
-    )
-    p.add_argument("--paraphrased-data", help="with --setting both: the paraphrased variants (default: bundled)")
-    p.add_argument(
-        "--model-generated-data", help="with --setting both: the model-generated variants (default: bundled)"
-    )
-    p.add_argument(
-        "--memory-gb",
-        type=float,
-        help="exact gradients held at once, in GB (GRADSIM_MEMORY_GB; default: "
-        "75%% of the free host memory on CPU, 90%% of the free GPU memory on CUDA, after the model)",
-    )
-    p.add_argument(
-        "--scratch-gb",
-        type=float,
-        help="disk for exact gradients of originals kept between blocks, used "
-        "only where reading one back is measured cheaper than recomputing it (GRADSIM_SCRATCH_GB; default 0)",
-    )
-    p.add_argument(
-        "--host-memory-gb",
-        type=float,
-        help="on CUDA: host RAM for kept originals' gradients, same rule (GRADSIM_HOST_MEMORY_GB; default 0)",
-    )
-    p.add_argument(
-        "--model", dest="model_name", help="HF model id or local directory (default: MT_MODEL_NAME or embedded)"
-    )
-    p.add_argument(
-        "--revision", help="hub branch, tag or commit of --model (default: main); the resolved commit is recorded"
-    )
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_const",
-        const=True,
-        help="run the model repository's own Python code (needed by some hub models; off by default)",
-    )
-    p.add_argument(
-        "--chat-template",
-        help="tulu (the original study's) or a Jinja file: replaces the model's own "
-        "template; required for a model without one",
-    )
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: MT_DEVICE, else CUDA when available and USE_GPU=1)")
-    p.add_argument(
-        "--dtype",
-        help=f"{', '.join(DTYPES)}: bfloat16 autocasts over fp32 weights and gradients, "
-        "bfloat16-weights stores weights and gradients in bf16 (default: MT_DTYPE or float32)",
-    )
-    p.add_argument("--sample-size", type=int, help="use only the first N originals (default: MT_SAMPLE_SIZE or all)")
-    p.add_argument(
-        "--max-length", type=int, help="truncate longer samples (flagged in the output); default: model context"
-    )
-    p.add_argument("--batch-size", type=int, default=1, help="samples per forward/backward where the method batches")
-    p.add_argument(
-        "--no-baselines",
-        dest="baselines",
-        action="store_const",
-        const=False,
-        help="skip the BM25 and representation-similarity baselines",
-    )
-    p.add_argument("--output-dir", help="where results go (default: data/)")
+    add_options(p)  # every flag from config.OPTIONS: types and defaults from Config
     add_quiet_flag(p)
     return p
 
@@ -137,7 +42,10 @@ def format_summary(result: dict) -> str:
     best = max(result["summary"]["per_matrix"].items(), key=lambda kv: (kv[1]["top1"], kv[1]["mrr"]))
     chance = (result.get("baselines") or {}).get("random", {}).get("top1")
     return (
-        f"{cfg['setting']} / {cfg['computation_type']} ({cfg['candidates']}, n={s['n']}): "
+        f"{cfg['setting']} / {cfg['computation_type']}"
+        + (f" / loss on {cfg['loss_on']}" if cfg.get("loss_on", "response") != "response" else "")
+        + (f" / {cfg['normalize']}" if cfg.get("normalize", "none") != "none" else "")
+        + f" ({cfg['candidates']}, n={s['n']}): "
         f"top-1 {s['top1']:.3f}  MRR {s['mrr']:.3f}  recall@5 {s['recall@5']:.3f}"
         + (f"  (chance top-1 {chance:.3f})" if chance is not None else "")
         + f"  | best matrix {best[0]} top-1 {best[1]['top1']:.3f}"
@@ -197,6 +105,7 @@ COMMANDS = {
     "select": ("gradsim.selection", "main", "greedy selection of parameter matrices on held-out queries"),
     "analyze": ("gradsim.analysis", "main", "figures and tables; runs the notebook headless"),
     "memory": ("gradsim.memory", "main", "memory the exact path needs per model size and dtype"),
+    "targets": ("gradsim.targets", "main", "loss target x normalizer table beside the baselines (issue 10)"),
 }
 
 

@@ -28,6 +28,9 @@ DEFAULT_PROJ_DIM = {"countsketch": 65536, "tensorsketch": 65536, "factorized": 4
 # float32; bfloat16: bf16 autocast over fp32 weights and gradients; bfloat16-weights: bf16 weights and
 # gradients (half the memory, for models that do not fit otherwise).
 DTYPES = ("float32", "bfloat16", "bfloat16-weights")
+LOSS_TARGETS = ("response", "prompt", "all")  # encode.py builds the labels of each
+# normalize.py: what each does and the order in which combined steps apply
+NORMALIZERS = ("none", "center", "unit", "center+unit", "adafactor", "adafactor+center", "adafactor+center+unit")
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +41,9 @@ VARIANT_FILES = {"paraphrased": "paraphrased.jsonl", "model-generated": "model_g
 COMPAT_FIELDS = (
     "setting",
     "computation_type",
+    "loss_on",
+    "normalize",
+    "damping",
     "candidates",
     "top_k",
     "model_name",
@@ -60,6 +66,9 @@ COMPAT_FIELDS = (
 class Config:
     setting: str = "paraphrased"
     computation_type: str = "gradient-similarity"
+    loss_on: str = "response"  # response (the study's), prompt or all: see encode.py
+    normalize: str = "none"  # normalize.NORMALIZERS: applied to each gradient before it is compared
+    damping: float = 1e-2  # relative damping of the adafactor normalizer's second moment
     candidates: str = "bm25"
     top_k: int = 4
     model_name: str = EMBEDDED_MODEL
@@ -120,6 +129,18 @@ class Config:
         check_at_least(0, ">= 0", (*memory, ("--host-memory-gb", self.host_memory_gb)))
         check_choice("--computation-type", self.computation_type, COMPUTATION_TYPES)
         check_choice("--candidates", self.candidates, CANDIDATE_MODES)
+        check_choice("--loss-on", self.loss_on, LOSS_TARGETS)
+        check_choice("--normalize", self.normalize, NORMALIZERS)
+        check_at_least(0, ">= 0", (("--damping", self.damping),))
+        if (
+            self.normalize != "none"
+            and self.use_random_projection
+            and self.projection in ("tensorsketch", "factorized")
+        ):
+            raise GradsimError(
+                f"--normalize {self.normalize} acts on the flat gradient, which --projection {self.projection} never "
+                "forms: use the exact path or --projection countsketch or trak"
+            )
         check_choice("--projection", self.projection, PROJECTIONS)
         check_choice("MT_DTYPE/--dtype", self.dtype, DTYPES)
         if self.revision is not None and not self.revision.strip():
@@ -151,6 +172,109 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> Config:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line flag of a Config field: its type and default come from the field, the help from here."""
+
+    field: str
+    help: str
+    flag: Optional[str] = None  # default: --<field with dashes>
+    const: Any = None  # a flag without a value sets the field to this (a bool field: True)
+
+
+# Every flag of the study (main.py / gradsim run), in --help order. Other commands pick theirs from here.
+OPTIONS = (
+    Option("setting", f"one of {', '.join(SETTING_CHOICES)} (both: one run that writes what the two runs would)"),
+    Option("computation_type", f"one of {', '.join(COMPUTATION_TYPES)}"),
+    Option("candidates", "bm25: own original + BM25 top-k others (the study's protocol); all: every original"),
+    Option("top_k", "BM25 candidates besides the true original (4: chance 1/5)"),
+    Option("use_random_projection", "project gradients (see --projection, --proj-dim)", const=True),
+    Option("projection", f"one of {', '.join(PROJECTIONS)}"),
+    Option(
+        "proj_dim",
+        "projected dimensions: in all for tensorsketch and countsketch (default 65536), per parameter matrix for "
+        "factorized and trak (default 4096)",
+    ),
+    Option(
+        "loss_on",
+        "the tokens whose loss the gradient is of: response (the study's), prompt (every prompt token after the "
+        "first, assistant header included) or all",
+    ),
+    Option(
+        "normalize",
+        "applied to each gradient before comparing: none, center (minus the originals' mean), unit (each matrix "
+        "to unit norm), adafactor (a factored second moment from the originals) or center+unit, adafactor+center, "
+        "adafactor+center+unit (exact path, countsketch, trak)",
+    ),
+    Option("damping", "relative damping of --normalize adafactor"),
+    Option("seed", "projection seed"),
+    Option("partition_start", "first query index of this partition"),
+    Option("partition_end", "query index one past the end of this partition"),
+    Option("original_data", "original samples: JSONL path or hub id (default: bundled sample)"),
+    Option("variant_data", "variants (queries): JSONL path or hub id (default: bundled file of --setting)"),
+    Option("paraphrased_data", "with --setting both: the paraphrased variants (default: bundled)"),
+    Option("model_generated_data", "with --setting both: the model-generated variants (default: bundled)"),
+    Option(
+        "memory_gb",
+        "exact gradients held at once, in GB (GRADSIM_MEMORY_GB; default: 75%% of the free host memory on CPU, "
+        "90%% of the free GPU memory on CUDA, after the model)",
+    ),
+    Option(
+        "scratch_gb",
+        "disk for exact gradients of originals kept between blocks, used only where reading one back is measured "
+        "cheaper than recomputing it (GRADSIM_SCRATCH_GB; default 0)",
+    ),
+    Option("host_memory_gb", "on CUDA: host RAM for kept originals' gradients, same rule (GRADSIM_HOST_MEMORY_GB)"),
+    Option("model_name", "HF model id or local directory (default: MT_MODEL_NAME or embedded)", flag="--model"),
+    Option("revision", "hub branch, tag or commit of --model (default: main); the resolved commit is recorded"),
+    Option(
+        "trust_remote_code",
+        "run the model repository's own Python code (needed by some hub models; off by default)",
+        const=True,
+    ),
+    Option(
+        "chat_template",
+        "tulu (the original study's) or a Jinja file: replaces the model's own template; required for a model "
+        "without one",
+    ),
+    Option("device", "cpu, cuda or cuda:N (default: MT_DEVICE, else CUDA when available and USE_GPU=1)"),
+    Option(
+        "dtype",
+        f"{', '.join(DTYPES)}: bfloat16 autocasts over fp32 weights and gradients, bfloat16-weights stores weights "
+        "and gradients in bf16 (default: MT_DTYPE or float32)",
+    ),
+    Option("sample_size", "use only the first N originals (default: MT_SAMPLE_SIZE or all)"),
+    Option("max_length", "truncate longer samples (flagged in the output); default: model context"),
+    Option("batch_size", "samples per forward/backward where the method batches"),
+    Option("baselines", "skip the BM25 and representation-similarity baselines", flag="--no-baselines", const=False),
+    Option("output_dir", "where results go (default: data/)"),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, fields: Optional[tuple[str, ...]] = None) -> None:
+    """Add the flags of these Config fields (default: all of OPTIONS) to parser. Each flag's default is
+    None (not given), so .env and then Config's own default apply; the help states Config's default."""
+    import typing
+
+    hints = typing.get_type_hints(Config)
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    by_field = {o.field: o for o in OPTIONS}
+    for name in fields or [o.field for o in OPTIONS]:
+        o = by_field[name]
+        flag = o.flag or "--" + name.replace("_", "-")
+        help_ = o.help
+        default = defaults[name]
+        if default not in (None, dataclasses.MISSING) and o.const is None and "default" not in help_:
+            help_ += f" (default: {default})"
+        if o.const is not None:
+            parser.add_argument(flag, dest=name, action="store_const", const=o.const, help=help_)
+            continue
+        kind = hints[name]
+        args = typing.get_args(kind)
+        kind = next((a for a in args if a is not type(None)), str) if args else kind
+        parser.add_argument(flag, dest=name, type=kind, help=help_)
 
 
 def check_choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -1,7 +1,15 @@
-"""Encode a sample with the model's chat template; loss only on the assistant turn.
+"""Encode a sample with the model's chat template, and choose which tokens the loss is taken on.
 
-As in open-instruct's SFT encoding, every token up to and including the assistant header is
-masked with -100, and the assistant's content plus its end-of-turn tokens are trained on.
+The conversation's rendering is split in two at the start of the answer: the prompt (everything up to
+and including the assistant header) and the response (the assistant's content plus its end-of-turn
+tokens). ``--loss-on`` picks the tokens whose next-token loss is averaged:
+- ``response`` (the study's, as in open-instruct's SFT encoding): the prompt is masked with -100;
+- ``prompt``: every prompt token after the first (the first is never predicted), the assistant header
+  included, so that prompt and response partition the predicted tokens of the conversation. Causal
+  attention means these losses never see the response, so the sequence is the prompt alone;
+- ``all``: both. Its gradient is the token-weighted mean of the other two,
+  (n_prompt g_prompt + n_response g_response) / (n_prompt + n_response), which ``combine_targets``
+  uses to get all three targets from two backward passes.
 
 The boundary is found in the rendering of the whole conversation, not from the generation prompt:
 templates such as Qwen3's (an empty <think> block before the last answer) or DeepSeek-R1's (a
@@ -17,6 +25,7 @@ from datetime import date
 
 import torch
 
+from .config import LOSS_TARGETS
 from .data import Sample
 from .errors import GradsimError
 
@@ -49,6 +58,8 @@ class Encoded:
     input_ids: torch.Tensor  # (T,) long
     labels: torch.Tensor  # (T,) long, -100 where no loss is taken
     truncated: bool
+    prompt_tokens: int = 0  # tokens of the prompt (up to and including the assistant header) in input_ids
+    loss_on: str = "response"
 
     @property
     def num_tokens(self) -> int:
@@ -105,20 +116,41 @@ def split_conversation(tokenizer, sample: Sample) -> tuple[str, str]:
     )
 
 
-def encode(tokenizer, sample: Sample, max_length: int) -> Encoded:
+def encode(tokenizer, sample: Sample, max_length: int, loss_on: str = "response") -> Encoded:
+    """The sample's tokens and labels for the loss target ``loss_on`` (module docstring), cut to max_length."""
+    if loss_on not in LOSS_TARGETS:
+        raise GradsimError(f"unknown --loss-on {loss_on!r}: choose one of {', '.join(LOSS_TARGETS)}")
     prefix_text, answer_text = split_conversation(tokenizer, sample)
     # Special tokens are already written out by the template: do not let the tokenizer add more.
     prefix_ids = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+    answer_ids = [] if loss_on == "prompt" else tokenizer(answer_text, add_special_tokens=False)["input_ids"]
     ids = prefix_ids + answer_ids
-    labels = [IGNORE_INDEX] * len(prefix_ids) + answer_ids
+    labels = (prefix_ids if loss_on != "response" else [IGNORE_INDEX] * len(prefix_ids)) + answer_ids
     truncated = len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    enc = Encoded(sample.id, torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), truncated)
+    enc = Encoded(
+        sample.id,
+        torch.tensor(ids, dtype=torch.long),
+        torch.tensor(labels, dtype=torch.long),
+        truncated,
+        min(len(prefix_ids), max_length),
+        loss_on,
+    )
     if enc.num_trained == 0:
+        what = "prompt" if loss_on == "prompt" else "response"
         raise GradsimError(
-            f"sample {sample.id}: no response token is left to train on ({len(prefix_ids)} prompt tokens, "
-            f"max length {max_length}): raise --max-length or shorten the prompt"
+            f"sample {sample.id}: no {what} token is left to train on with --loss-on {loss_on} "
+            f"({len(prefix_ids)} prompt tokens, max length {max_length}): raise --max-length, shorten the prompt "
+            "or choose another --loss-on"
         )
     return enc
+
+
+def combine_targets(g_prompt: torch.Tensor, n_prompt: int, g_response: torch.Tensor, n_response: int, out=None):
+    """The gradient of the loss on all tokens from those on the prompt and on the response (same sample):
+    the token-weighted mean, exact because each loss is a mean over its own tokens."""
+    n = n_prompt + n_response
+    out = torch.empty_like(g_prompt) if out is None else out
+    torch.mul(g_prompt, n_prompt / n, out=out)
+    return out.add_(g_response, alpha=n_response / n)

@@ -96,6 +96,7 @@ class GradientComputer:
             self.buffer[lo:hi].view(shape) for (_, lo, hi), shape in zip(self.layout.slices(), self.layout.shapes)
         ]
         self.backward_passes = 0
+        self.transform = None  # applied in place after each backward (a normalize.GradientNormalizer)
 
     def gradient(self, enc: Encoded) -> torch.Tensor:
         """The sample's gradient as a flat (P,) fp32 tensor. It is the reused buffer: copy it to keep it."""
@@ -108,6 +109,8 @@ class GradientComputer:
         # A parameter whose .grad was replaced (some optimizers/hooks do that) would break the views.
         for p, (_, lo, _hi) in zip(self.params, self.layout.slices()):
             assert p.grad.data_ptr() == self.buffer[lo:].data_ptr(), "parameter .grad detached from the buffer"
+        if self.transform is not None:
+            self.transform(self.buffer)
         return self.buffer
 
     def release(self) -> None:

@@ -8,7 +8,9 @@
     selection[_bm25].json                              greedy matrix selection
 <output-dir>/features/<key>/originals|representations  projected / representation feature stores (shared)
 <output-dir>/features/<projection>-allocations/<key>.json
+<output-dir>/features/normalizers/<key>.npz            --normalize state estimated from the originals
 <output-dir>/slurm/<computation-type>/<run name>/<stamp>-<backend>/   submissions
+<output-dir>/targets/targets.json                      the loss target x normalizer table (gradsim targets)
 """
 
 from __future__ import annotations
@@ -17,12 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def run_name(setting: str, candidates: str, use_random_projection: bool, projection: str, proj_dim: int) -> str:
+def run_name(
+    setting: str,
+    candidates: str,
+    use_random_projection: bool,
+    projection: str,
+    proj_dim: int,
+    loss_on="response",
+    normalize="none",
+) -> str:
     name = setting
     if candidates == "all":
         name += "-all"
     if use_random_projection:
         name += f"-{projection}{proj_dim}"
+    if loss_on != "response":  # the study's target keeps the original study's names
+        name += f"-loss-{loss_on}"
+    if normalize != "none":
+        name += f"-norm-{normalize}"
     return name
 
 
@@ -31,7 +45,15 @@ def run_dir(cfg) -> Path:
     return (
         Path(cfg.output_dir)
         / cfg.computation_type
-        / run_name(cfg.setting, cfg.candidates, cfg.use_random_projection, cfg.projection, cfg.proj_dim)
+        / run_name(
+            cfg.setting,
+            cfg.candidates,
+            cfg.use_random_projection,
+            cfg.projection,
+            cfg.proj_dim,
+            cfg.loss_on,
+            cfg.normalize,
+        )
     )
 
 
@@ -46,6 +68,15 @@ def feature_store_dir(output_dir, key: str, what: str) -> Path:
 
 def allocation_file(output_dir, projection: str, key: str) -> Path:
     return features_root(output_dir) / f"{projection}-allocations" / f"{key}.json"
+
+
+def normalizer_file(output_dir, key: str) -> Path:
+    """A normalizer's state estimated from the originals (shared by partitions and settings)."""
+    return features_root(output_dir) / "normalizers" / f"{key}.npz"
+
+
+def targets_file(output_dir) -> Path:
+    return Path(output_dir) / "targets" / "targets.json"
 
 
 def slurm_dir(output_dir, computation_type: str, name: str) -> Path:

@@ -87,6 +87,7 @@ class Part:
     metrics: list[dict] = field(default_factory=list)
     finished: Optional[dict] = None
     featurizer_spec: Optional[dict] = None
+    normalizer: Optional[dict] = None  # --normalize: what was applied (normalize.GradientNormalizer.to_dict)
 
     @property
     def todo(self) -> list[int]:
@@ -258,8 +259,9 @@ def load_block(paths: RunPaths, rec: dict) -> dict[int, dict]:
         }
 
 
-def encode_all(lm: LoadedModel, samples, max_length: int, what: str) -> list[Encoded]:
-    return [encode(lm.tokenizer, s, max_length) for s in progress_bar(samples, desc=f"encoding {what}", unit="sample")]
+def encode_all(lm: LoadedModel, samples, cfg: Config, what: str) -> list[Encoded]:
+    bar = progress_bar(samples, desc=f"encoding {what}", unit="sample")
+    return [encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on) for s in bar]
 
 
 # Exact gradients: hold a block, stream the rest (no store)
@@ -278,11 +280,14 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
     cands = [p.cands[qi - p.start] for p, qi in owners]
     if not owners:
         return Cost(shared_by=[p.cfg.setting for p in parts]).to_dict(0)
-    queries = encode_all(lm, [p.data.queries[qi] for p, qi in owners], cfg.max_length, "queries")
+    queries = encode_all(lm, [p.data.queries[qi] for p, qi in owners], cfg, "queries")
     needed = sorted({j for c in cands for j in c})
-    encs = dict(zip(needed, encode_all(lm, [originals[j] for j in needed], cfg.max_length, "originals")))
+    encs = dict(zip(needed, encode_all(lm, [originals[j] for j in needed], cfg, "originals")))
 
     computer = GradientComputer(lm.model, lm.device, cfg.dtype)
+    normalizer = attach_normalizer(cfg, lm, parts[0].data, computer)  # before the budget: it holds a mean
+    for p in parts:
+        p.normalizer = normalizer
     grad_bytes = computer.layout.total * computer.buffer.element_size()
     from .memory import shape_of_config
 
@@ -327,6 +332,32 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
     return cost.to_dict(len(owners))
 
 
+def attach_normalizer(cfg: Config, lm: LoadedModel, data: Dataset, computer) -> Optional[dict]:
+    """--normalize: estimate its state from every original (or load it, when another partition or
+    setting of this study already did) and apply it to each gradient the computer makes from now on."""
+    from .layout import normalizer_file
+    from .normalize import GradientNormalizer
+
+    if cfg.normalize == "none":
+        return None
+    norm = GradientNormalizer(cfg.normalize, computer.layout, cfg.damping)
+    drop = ("use_random_projection", "projection", "proj_dim", "seed")
+    path = normalizer_file(
+        cfg.output_dir, manifest_key({k: v for k, v in store_manifest(cfg).items() if k not in drop})
+    )
+    loaded = path.is_file()
+    if loaded:
+        with np.load(path) as z:
+            norm.load(z, lm.device)
+        log.info("--normalize %s: state from %s", cfg.normalize, path)
+    else:
+        bar = progress_bar(data.originals, desc=f"estimating --normalize {cfg.normalize}", unit="original")
+        norm.estimate((computer.gradient(encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on)) for s in bar), lm.device)
+        atomic_save_npz(path, **norm.state())
+    computer.transform = norm
+    return {**norm.to_dict(), "estimation_backward_passes": 0 if loaded else norm.count}
+
+
 def make_cache(cfg: Config, device: torch.device, grad_bytes: int, paths: RunPaths, cost):
     """Where originals may be kept between blocks, within its budget: host RAM beside a GPU, else scratch disk."""
     from .memory import budget_gb
@@ -360,7 +391,9 @@ def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None
     calibration, allocation_path = None, None
     if cfg.projection in SKETCHES and data is not None:
         # The first originals of the whole dataset: the same for every partition and both settings.
-        calibration = [encode(lm.tokenizer, s, cfg.max_length) for s in data.originals[:CALIBRATION_SAMPLES]]
+        calibration = [
+            encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on) for s in data.originals[:CALIBRATION_SAMPLES]
+        ]
         allocation_path = allocation_file(cfg.output_dir, cfg.projection, manifest_key(store_manifest(cfg)))
     return make_projected_featurizer(cfg, lm, memory_budget_bytes(cfg) // 4, calibration, allocation_path)
 
@@ -369,8 +402,9 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
     cfg, data = parts[0].cfg, parts[0].data
     featurizer = make_featurizer(cfg, lm, data)
     layout = featurizer.layout
+    normalizer = attach_normalizer(cfg, lm, data, featurizer.computer) if cfg.normalize != "none" else None
     for p in parts:
-        p.featurizer_spec = featurizer.spec
+        p.featurizer_spec, p.normalizer = featurizer.spec, normalizer
     manifest = dict(store_manifest(cfg), featurizer=featurizer.spec)
     store = FeatureStore.open(
         feature_store_dir(cfg.output_dir, manifest_key(manifest), "originals"),
@@ -385,7 +419,7 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
     block = max(1, min(256 if cfg.candidates == "all" else 64, memory_budget_bytes(cfg) // (layout.total * 4)))
     for p in parts:
         todo = p.todo
-        enc = dict(zip(todo, encode_all(lm, [p.data.queries[qi] for qi in todo], cfg.max_length, "queries")))
+        enc = dict(zip(todo, encode_all(lm, [p.data.queries[qi] for qi in todo], cfg, "queries")))
         bar = progress_bar(total=len(todo), desc=f"features ({p.cfg.setting} queries)", unit="sample")
         for b0 in range(0, len(todo), block):
             block_q = todo[b0 : b0 + block]
@@ -410,13 +444,19 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
         bar.close()
 
 
-def featurize_into_store(store, featurizer, lm, rows, data, cfg, part: Part, role: str = "original") -> None:
+def featurize_into_store(
+    store, featurizer, lm, rows, data, cfg, part: Part, role: str = "original", loss_on: Optional[str] = None
+) -> None:
+    """Featurize the originals ``rows`` not yet in the store; encoded for ``loss_on`` (default: the run's)."""
     wanted = {store.shard_of(r) for r in rows}
     todo = [(s, e) for (s, e) in store.shard_ranges() if (s, e) in wanted and not store.has_shard(s, e)]
     bar = progress_bar(total=sum(e - s for s, e in todo), desc=f"features ({role}s)", unit="sample")
     index = data.original_index()
     for s, e in todo:
-        encs = [encode(lm.tokenizer, data.originals[index[store.ids[r]]], cfg.max_length) for r in range(s, e)]
+        encs = [
+            encode(lm.tokenizer, data.originals[index[store.ids[r]]], cfg.max_length, loss_on or cfg.loss_on)
+            for r in range(s, e)
+        ]
         feats, m = featurize(featurizer, encs, lm.device, cfg.dtype, role, bar)
         store.write_shard(s, e, feats, per_matrix_self_dots(featurizer.layout, torch.from_numpy(feats)))
         for row in m:
@@ -451,12 +491,12 @@ def corpus_dots(store: FeatureStore, layout, q: torch.Tensor) -> tuple[np.ndarra
 
 def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     """(Q, C) scores of the baselines for this partition's queries and candidates."""
-    from .baselines import RepresentationFeaturizer, candidate_scores
+    from .baselines import POOLINGS, RepresentationFeaturizer, candidate_scores
     from .retrieval import bm25_scores
 
     cfg, data, cands = p.cfg, p.data, p.cands
     out = {"baseline_bm25": candidate_scores(bm25_scores(data), list(range(p.start, p.end)), cands)}
-    rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype)
+    rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype, POOLINGS)  # every pooling: one forward
     manifest = dict(
         model=cfg.model_name,
         revision=cfg.model_revision,
@@ -475,7 +515,8 @@ def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
         256,
     )
     needed = sorted({j for c in cands for j in c})
-    featurize_into_store(store, rep, lm, needed, data, cfg, p, "representation")
+    # Representations read the whole conversation whatever the loss target.
+    featurize_into_store(store, rep, lm, needed, data, cfg, p, "representation", "response")
     encs = [encode(lm.tokenizer, data.queries[qi], cfg.max_length) for qi in range(p.start, p.end)]
     qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
     p.metrics.extend(m)
@@ -539,6 +580,7 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "partition": {"start": start, "end": end, "num_queries": len(data.queries)},
         "score": "whole-model dot product" if cfg.computation_type == "dot-product" else "cosine similarity",
         "featurizer": p.featurizer_spec or {"kind": "exact"},
+        "normalizer": p.normalizer or {"normalizer": "none"},
         "parameter_names": names,
         "queries": queries,
     }
