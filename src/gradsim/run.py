@@ -16,6 +16,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,6 +40,7 @@ from .io import (
     read_jsonl_tolerant,
 )
 from .layout import RunPaths, allocation_file, feature_store_dir, run_dir
+from .lock import exit_on_sigterm, locked
 from .memory import check_exact_fits, gradient_capacity
 from .metrics import true_rank
 from .model import LoadedModel, load_model, resolve_device
@@ -192,6 +194,16 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
         if not cfg.use_random_projection:
             check_exact_fits(cfg, device)  # from the model's config alone, before its weights are loaded
         lm = load_model(cfg, device)
+    with ExitStack() as held:
+        held.enter_context(exit_on_sigterm())
+        for p in parts:  # one process per query range: its progress log, blocks and scratch are its own
+            held.enter_context(
+                locked(p.paths.lock, f"{p.cfg.setting} queries [{p.start}, {p.end}) of {p.paths.run_dir}")
+            )
+        return run_locked(cfg, parts, lm)
+
+
+def run_locked(cfg: Config, parts: list[Part], lm: LoadedModel) -> list[dict]:
     version = code_version()
     max_length = min(cfg.max_length or lm.context_length, lm.context_length)
     for p in parts:
@@ -418,7 +430,7 @@ def featurize_into_store(store, featurizer, lm, rows, data, cfg, part: Part, rol
     for s, e in todo:
         encs = [encode(lm.tokenizer, data.originals[index[store.ids[r]]], cfg.max_length) for r in range(s, e)]
         feats, m = featurize(featurizer, encs, lm.device, cfg.dtype, role, bar)
-        store.write_shard(s, e, feats, per_matrix_self_dots(featurizer.layout, torch.from_numpy(feats)))
+        store.write_shard(s, e, feats, lambda f: per_matrix_self_dots(featurizer.layout, torch.from_numpy(f)))
         for row in m:
             part.metric(row)
     bar.close()
