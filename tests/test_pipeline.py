@@ -120,9 +120,65 @@ def test_merge_refuses_gaps_overlaps_and_mixed_configs(tiny, tmp_path):
         merge_partitions(run_dir)
     (run_dir / "partitions" / "results_00002-00005.json").unlink()
     run(cfg_for(tmp_path, partition_start=3, partition_end=5, max_length=200), lm=tiny)
-    with pytest.raises(GradsimError, match="max_length"):
+    with pytest.raises(GradsimError, match=r"\(field max_length: 256 vs 200\): rerun it"):
         merge_partitions(run_dir)
     assert not (run_dir / "results.json").exists()
+
+
+def pin_code_version(monkeypatch, version: str) -> None:
+    import gradsim.run as runmod
+
+    monkeypatch.setattr(runmod, "code_version", lambda: version)
+
+
+def test_a_commit_mid_campaign_keeps_progress_results_and_partitions(tiny, tmp_path, monkeypatch, caplog):
+    """code_version is provenance, not configuration: resuming, finishing and combining work across
+    commits, and every version that computed the numbers is recorded."""
+    import logging
+
+    whole = run(cfg_for(tmp_path / "ref", baselines=False), lm=tiny)
+    pin_code_version(monkeypatch, "0.1+aaaa")
+    restore = interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)  # 2 queries per block
+    restore()
+    pin_code_version(monkeypatch, "0.1+bbbb-dirty")
+    resumed = run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
+    assert resumed["cost"]["backward_passes"]["query"] == 4  # the 4 queries logged by the first commit kept
+    assert resumed["queries"] == whole["queries"]
+    assert resumed["code_versions"] == ["0.1+aaaa", "0.1+bbbb-dirty"]
+    pin_code_version(monkeypatch, "0.1+cccc")
+    with caplog.at_level(logging.INFO, logger="gradsim"):
+        again = run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
+    assert "already finished" in caplog.text and again == resumed
+    # Partitions made by different commits combine, and the merged result names both.
+    for (s, e), version in zip([(0, 3), (3, 8)], ["0.1+aaaa", "0.1+bbbb"]):
+        pin_code_version(monkeypatch, version)
+        run(cfg_for(tmp_path / "parts", partition_start=s, partition_end=e, baselines=False), lm=tiny)
+    merged = merge_partitions(tmp_path / "parts" / "gradient-similarity" / "paraphrased")
+    assert merged["queries"] == whole["queries"]
+    assert merged["code_versions"] == ["0.1+aaaa", "0.1+bbbb"]
+    assert merged["config"]["code_version"] == "0.1+aaaa + 0.1+bbbb"
+
+
+def test_a_real_configuration_change_is_named_field_by_field(tiny, tmp_path, monkeypatch, caplog):
+    import logging
+
+    run(cfg_for(tmp_path, sample_size=4, baselines=False), lm=tiny)
+    with pytest.raises(GradsimError) as e:
+        run(cfg_for(tmp_path, sample_size=4, baselines=False, dtype="bfloat16"), lm=tiny)
+    assert "exists from a different configuration (field dtype: float32 vs bfloat16; stored vs this run)" in str(
+        e.value
+    )
+    restore = interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut", sample_size=4, memory_gb=0.013, baselines=False), lm=tiny)
+    restore()
+    with caplog.at_level(logging.WARNING, logger="gradsim"):
+        run(cfg_for(tmp_path / "cut", sample_size=4, memory_gb=0.013, baselines=False, seed=7), lm=tiny)
+    assert "another configuration (field seed: 42 vs 7; stored vs this run): starting this partition afresh" in (
+        caplog.text
+    )
 
 
 def test_resume_with_another_memory_budget_gives_the_same_bytes(tiny, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import SETTINGS, Config
+from .config import SETTINGS, Config, compat_differences
 from .data import Dataset, load_dataset, partition_range
 from .encode import Encoded, encode
 from .errors import GradsimError
@@ -89,6 +89,7 @@ class Part:
     metrics: list[dict] = field(default_factory=list)
     finished: Optional[dict] = None
     featurizer_spec: Optional[dict] = None
+    code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
 
     @property
     def todo(self) -> list[int]:
@@ -234,11 +235,13 @@ def finished_result(p: Part) -> Optional[dict]:
     if not p.paths.results.exists():
         return None
     done = read_json(p.paths.results)
-    if done.get("compat") == p.cfg.compat():
+    diff = compat_differences(done.get("compat"), p.cfg.compat())
+    if not diff:
         log.info("already finished: %s", p.paths.results)
         return done
     raise GradsimError(
-        f"{p.paths.results} exists from a different configuration: use another --output-dir or remove it"
+        f"{p.paths.results} exists from a different configuration ({diff}; stored vs this run): "
+        "use another --output-dir or remove it"
     )
 
 
@@ -246,13 +249,21 @@ def resume(p: Part) -> None:
     """Keep finished queries and sample metrics from an earlier attempt of this same partition."""
     p.paths.results.parent.mkdir(parents=True, exist_ok=True)
     progress = read_jsonl_tolerant(p.paths.progress)
-    if progress and progress[0].get("compat") != p.cfg.compat():
-        log.warning("progress file %s is from another configuration; starting this partition afresh", p.paths.progress)
+    diff = compat_differences(progress[0].get("compat"), p.cfg.compat()) if progress else ""
+    if diff:
+        log.warning(
+            "progress file %s is from another configuration (%s; stored vs this run): starting this partition afresh",
+            p.paths.progress,
+            diff,
+        )
         progress = []
     if not progress:
         p.paths.progress.unlink(missing_ok=True)
         shutil.rmtree(p.paths.blocks, ignore_errors=True)
-        append_jsonl(p.paths.progress, {"kind": "header", "compat": p.cfg.compat()})
+        append_jsonl(p.paths.progress, {"kind": "header", "compat": p.cfg.compat(), "code_version": p.cfg.code_version})
+    elif progress[0].get("code_version", p.cfg.code_version) != p.cfg.code_version:
+        log.info("resuming progress made by code %s (now %s)", progress[0]["code_version"], p.cfg.code_version)
+        p.code_versions.add(progress[0]["code_version"])
     for r in progress:
         if r.get("kind") == "block":
             p.done.update(load_block(p.paths, r))
@@ -553,6 +564,7 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "featurizer": p.featurizer_spec or {"kind": "exact"},
         "parameter_names": names,
         "queries": queries,
+        "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
     }
     if cost is not None:
         result["cost"] = cost
