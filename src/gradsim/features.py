@@ -148,6 +148,17 @@ class FeatureStore:
             atomic_write_json(mpath, full)
         return cls(root, full, ids, dim, shard_size)
 
+    def check_room(self, rows: int, row_bytes: int) -> None:
+        """Refuse, before computing them, ``rows`` features (fp32 features and their self-dots) that the
+        store's disk cannot hold."""
+        need, free = rows * row_bytes, shutil.disk_usage(self.root).free
+        if need > free:
+            raise GradsimError(
+                f"the feature store {self.root} needs {need / 2**30:.2f} GB more ({rows} samples x {self.dim} dims "
+                f"x 4 bytes) and its disk has {free / 2**30:.2f} GB free: free some space, pass another "
+                "--output-dir, or give a smaller --proj-dim"
+            )
+
     def shard_ranges(self) -> list[tuple[int, int]]:
         n = len(self.ids)
         return [(s, min(s + self.shard_size, n)) for s in range(0, n, self.shard_size)]

@@ -213,6 +213,10 @@ def run_locked(cfg: Config, parts: list[Part], lm: LoadedModel) -> list[dict]:
         p.finished = finished_result(p)
     todo = [p for p in parts if p.finished is None]
     if todo:
+        if cfg.use_random_projection:
+            from .projection import check_proj_dim
+
+            check_proj_dim(cfg, lm.model)
         for p in todo:
             p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start : p.end]
             resume(p)
@@ -436,6 +440,7 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
 def featurize_into_store(store, featurizer, lm, rows, data, cfg, part: Part, role: str = "original") -> None:
     wanted = {store.shard_of(r) for r in rows}
     todo = [(s, e) for (s, e) in store.shard_ranges() if (s, e) in wanted and not store.has_shard(s, e)]
+    store.check_room(sum(e - s for s, e in todo), store.dim * 4 + len(featurizer.layout.names) * 8)
     bar = progress_bar(total=sum(e - s for s, e in todo), desc=f"features ({role}s)", unit="sample")
     index = data.original_index()
     for s, e in todo:
