@@ -92,6 +92,17 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     merged["gradsim_version"] = merged["config"]["code_version"]
     merged["partition"] = {"start": 0, "end": total, "num_queries": total, "merged_from": [[s, e] for s, e in ranges]}
     merged["queries"] = [q for r in results for q in r["queries"]]
+    if all("truncated" in r for r in results):
+        # An original may be a candidate in several partitions: counted once.
+        originals = sorted({i for r in results for i in r["truncated"]["original_ids"]})
+        query_ids = [i for r in results for i in r["truncated"]["query_ids"]]
+        merged["truncated"] = {
+            **first["truncated"],
+            "queries": len(query_ids),
+            "originals": len(originals),
+            "query_ids": query_ids,
+            "original_ids": originals,
+        }
     merged.update(summarize_arrays(first["parameter_names"], scores, first["config"]["computation_type"]))
     out = whole_run(run_dir, total)
     atomic_save_npz(out.scores, **scores, query_index=np.arange(total))

@@ -86,7 +86,10 @@ class Part:
     paths: RunPaths
     cands: list[list[int]] = field(default_factory=list)  # per query of [start, end): indices into data.originals
     done: dict[int, dict] = field(default_factory=dict)
-    metrics: list[dict] = field(default_factory=list)
+    # Per-sample metric rows (metrics.jsonl), in groups as logged: a block's query rows ("block:<file>"),
+    # a feature shard's rows ("shard:<store>:<s>-<e>", the last attempt's), single rows ("row:<n>").
+    groups: dict[str, list[dict]] = field(default_factory=dict)
+    pending: list[dict] = field(default_factory=list)  # query rows of the block being computed
     finished: Optional[dict] = None
     featurizer_spec: Optional[dict] = None
     code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
@@ -95,8 +98,14 @@ class Part:
     def todo(self) -> list[int]:
         return [qi for qi in range(self.start, self.end) if qi not in self.done]
 
-    def record(self, queries: list[int], dots, qself, cself) -> None:
-        """Log a finished block of queries (one .npz beside the progress log) and keep it."""
+    @property
+    def metrics(self) -> list[dict]:
+        return [row for rows in self.groups.values() for row in rows] + self.pending
+
+    def record(self, queries: list[int], dots, qself, cself, metrics: list[dict] = ()) -> None:
+        """Log a finished block of queries (one .npz beside the progress log) and keep it, with the metric
+        rows of its queries (``metrics`` and those pending) in the same log line: a block and its rows
+        are durable together, so a resumed run neither loses nor repeats a query's row."""
         name = f"block_{queries[0]:06d}_{len(queries):05d}.npz"
         atomic_save_npz(
             self.paths.blocks / name,
@@ -105,13 +114,30 @@ class Part:
             cself=np.stack(cself),
             index=np.array(queries),
         )
-        rec = {"kind": "block", "file": name}
+        rec = {"kind": "block", "file": name, "metrics": [*self.pending, *metrics]}
         append_jsonl(self.paths.progress, rec)
+        self.pending = []
         self.done.update(load_block(self.paths, rec))
+        self.groups[f"block:{name}"] = rec["metrics"]
+
+    def query_metric(self, row: dict) -> None:
+        """A query's row, logged with its block (record)."""
+        self.pending.append(row)
 
     def metric(self, row: dict) -> None:
+        """A row logged now: an original's exact gradient (logged once per run: see score_exact)."""
         append_jsonl(self.paths.progress, {"kind": "metric", "metric": row})
-        self.metrics.append(row)
+        self.groups[f"row:{len(self.groups)}"] = [row]
+
+    def shard_metrics(self, key: str, rows: list[dict]) -> None:
+        """The rows of a feature shard, logged before the shard is written: a shard computed again after
+        a kill replaces them (the last attempt's rows count), so none is lost or repeated."""
+        append_jsonl(self.paths.progress, {"kind": "shard", "key": key, "metrics": rows})
+        self.groups[f"shard:{key}"] = rows
+
+    def add_metrics(self, rows: list[dict]) -> None:
+        """Rows computed after the last block (baselines): not logged, as they are recomputed on resume."""
+        self.groups[f"row:{len(self.groups)}"] = list(rows)
 
 
 def setting_configs(cfg: Config) -> list[Config]:
@@ -232,6 +258,7 @@ def run_locked(cfg: Config, parts: list[Part], lm: LoadedModel) -> list[dict]:
             p.paths.progress.unlink(missing_ok=True)
             shutil.rmtree(p.paths.blocks, ignore_errors=True)
             p.finished = read_json(p.paths.results)  # the result as stored
+            log_truncation(p.finished)
     return [p.finished for p in parts]
 
 
@@ -271,8 +298,11 @@ def resume(p: Part) -> None:
     for r in progress:
         if r.get("kind") == "block":
             p.done.update(load_block(p.paths, r))
+            p.groups[f"block:{r['file']}"] = r.get("metrics", [])
+        elif r.get("kind") == "shard":
+            p.groups[f"shard:{r['key']}"] = r["metrics"]
         elif r.get("kind") == "metric":
-            p.metrics.append(r["metric"])
+            p.groups[f"row:{len(p.groups)}"] = [r["metric"]]
     if p.done:
         log.info("resuming: %d of %d queries already scored (%s)", len(p.done), p.end - p.start, p.cfg.setting)
 
@@ -330,13 +360,15 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
         plan.passes_per_query(),
         f"; keeping originals in {cache.kind} up to {cache.budget / 2**30:.1f} GB" if cache else "",
     )
-    first_seen: set[int] = set()
+    # An original's row is logged the first time its gradient is computed in this run, or in an earlier
+    # attempt that was resumed (its row is in the progress log), as in an uninterrupted run.
+    first_seen = {r["id"] for r in parts[0].metrics if r.get("role") == "original"}
 
     def on_gradient(enc: Encoded, role: str, seconds: float, q: Optional[int]) -> None:
         from .features import sample_metric
 
         if role == "query":
-            owners[q][0].metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "query"))
+            owners[q][0].query_metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "query"))
         elif enc.id not in first_seen:
             first_seen.add(enc.id)
             parts[0].metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "original"))
@@ -431,9 +463,7 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
                     ofeats, oself = gather_rows(store, [row_of[j] for j in p.cands[qi - p.start]])
                     dots.append(dense_dots(layout, q[i : i + 1], ofeats)[0])
                     cself.append(oself)
-            p.record(block_q, dots, list(qself), cself)
-            for row in m:
-                p.metric(row)
+            p.record(block_q, dots, list(qself), cself, m)
         bar.close()
 
 
@@ -446,9 +476,8 @@ def featurize_into_store(store, featurizer, lm, rows, data, cfg, part: Part, rol
     for s, e in todo:
         encs = [encode(lm.tokenizer, data.originals[index[store.ids[r]]], cfg.max_length) for r in range(s, e)]
         feats, m = featurize(featurizer, encs, lm.device, cfg.dtype, role, bar)
+        part.shard_metrics(f"{store.root.name}:{s}-{e}", m)
         store.write_shard(s, e, feats, lambda f: per_matrix_self_dots(featurizer.layout, torch.from_numpy(f)))
-        for row in m:
-            part.metric(row)
     bar.close()
 
 
@@ -506,7 +535,7 @@ def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     featurize_into_store(store, rep, lm, needed, data, cfg, p, "representation")
     encs = [encode(lm.tokenizer, data.queries[qi], cfg.max_length) for qi in range(p.start, p.end)]
     qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
-    p.metrics.extend(m)
+    p.add_metrics(m)
     orep, oself = gather_rows(store, needed)
     qself = per_matrix_self_dots(rep.layout, torch.from_numpy(qrep))
     dots = dense_dots(rep.layout, torch.from_numpy(qrep), orep)  # (Q, len(needed), 2)
@@ -570,12 +599,50 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "parameter_names": names,
         "queries": queries,
         "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
+        "truncated": truncation(p, lm),
     }
     if cost is not None:
         result["cost"] = cost
     result.update(summarize_arrays(names, arrays, cfg.computation_type))
     result["_arrays"] = arrays
     return result
+
+
+def truncation(p: Part, lm: LoadedModel) -> dict:
+    """The samples of this range cut at --max-length (their gradients see only the first max_length
+    tokens): its queries, and the originals among their candidates."""
+    cfg, data = p.cfg, p.data
+    queries = [
+        data.queries[qi].id
+        for qi in range(p.start, p.end)
+        if encode(lm.tokenizer, data.queries[qi], cfg.max_length).truncated
+    ]
+    needed = sorted({j for c in p.cands for j in c})
+    originals = [
+        data.originals[j].id for j in needed if encode(lm.tokenizer, data.originals[j], cfg.max_length).truncated
+    ]
+    return {
+        "max_length": cfg.max_length,
+        "queries": len(queries),
+        "originals": len(originals),
+        "query_ids": queries,
+        "original_ids": originals,
+    }
+
+
+def log_truncation(result: dict) -> None:
+    t, setting = result["truncated"], result["config"]["setting"]
+    n = result["partition"]["end"] - result["partition"]["start"]
+    level = logging.WARNING if t["queries"] or t["originals"] else logging.INFO
+    log.log(
+        level,
+        "%s: %d of %d queries and %d originals (candidates) truncated at --max-length %d (ids in results.json)",
+        setting,
+        t["queries"],
+        n,
+        t["originals"],
+        t["max_length"],
+    )
 
 
 def write_outputs(p: Part, result: dict) -> None:
