@@ -26,10 +26,6 @@ def cfg_for(tmp_path, **kw):
 
 @pytest.mark.parametrize("projection,dim", [("factorized", 64), ("countsketch", 20000), ("tensorsketch", 20000)])
 def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_path, monkeypatch, projection, dim):
-    import gradsim.run as runmod
-
-    # Colleagues commit while this runs; a changed code version would (rightly) stop the merge.
-    monkeypatch.setattr(runmod, "code_version", lambda: "pinned-for-this-test")
     whole = run(cfg_for(tmp_path / "whole", batch_size=3, projection=projection, proj_dim=dim), lm=tiny)
     assert whole["summary"]["whole_model"]["n"] == 8
     reps = {f"representation_{p}" for p in ("response", "prompt", "all", "last")}
@@ -165,3 +161,50 @@ def test_exact_corpus_run_streams_and_its_bm25_columns_equal_the_bm25_run(tiny, 
     b = np.load(tmp_path / "gradient-similarity" / "paraphrased" / "scores.npz")
     picked = np.take_along_axis(z["dots"], z["bm25_columns"][..., None], axis=1)
     assert np.array_equal(picked, b["dots"].astype(np.float32))  # the same pairs, the same fp32 dots
+
+
+@pytest.mark.parametrize("projection", ["countsketch", "tensorsketch", "factorized", "trak"])
+def test_a_proj_dim_that_projects_nothing_is_refused(tiny, tmp_path, projection):
+    """Features as big as the gradient would be stored in the shared feature store: refused."""
+    from gradsim.errors import GradsimError
+    from gradsim.gradients import param_layout
+
+    layout = param_layout(tiny.model)
+    total = int(layout.total)
+    # trak and factorized: per matrix, so the largest matrix's size already keeps everything exact
+    dim = total if projection in ("countsketch", "tensorsketch") else max(hi - lo for _, lo, hi in layout.slices())
+    if projection == "factorized":
+        dim = 2**42  # split_dim: 2^21 x 2^21, above both sides of every matrix
+    with pytest.raises(GradsimError) as e:
+        run(cfg_for(tmp_path, projection=projection, proj_dim=dim, candidates="bm25"), lm=tiny)
+    msg = str(e.value)
+    assert f"--proj-dim {dim} " in msg and f"{total:,} trainable parameters" in msg and "\n" not in msg
+    assert "drop --use-random-projection for the exact path, or give a smaller --proj-dim" in msg
+    assert not (tmp_path / "features").exists()
+
+
+def test_feature_dims_match_the_featurizers(tiny):
+    from gradsim.gradients import param_layout
+    from gradsim.projection import FactorizedFeaturizer, TrakFeaturizer, feature_dims
+
+    shapes = param_layout(tiny.model).shapes
+    for k in (16, 64, 2048, 5000):
+        assert (
+            feature_dims("factorized", k, shapes)
+            == FactorizedFeaturizer(tiny.model, tiny.device, proj_dim=k).layout.total
+        )
+        assert feature_dims("trak", k, shapes) == TrakFeaturizer(tiny.model, tiny.device, proj_dim=k).layout.total
+
+
+def test_a_feature_store_the_disk_cannot_hold_is_refused(tiny, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from gradsim.errors import GradsimError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))  # 1 kB free
+    with pytest.raises(
+        GradsimError, match=r"the feature store .* needs 0\.\d+ GB more \(8 samples x \d+ dims x 4 bytes\)"
+    ):
+        run(cfg_for(tmp_path, proj_dim=64), lm=tiny)

@@ -120,9 +120,65 @@ def test_merge_refuses_gaps_overlaps_and_mixed_configs(tiny, tmp_path):
         merge_partitions(run_dir)
     (run_dir / "partitions" / "results_00002-00005.json").unlink()
     run(cfg_for(tmp_path, partition_start=3, partition_end=5, max_length=200), lm=tiny)
-    with pytest.raises(GradsimError, match="max_length"):
+    with pytest.raises(GradsimError, match=r"\(field max_length: 256 vs 200\): rerun it"):
         merge_partitions(run_dir)
     assert not (run_dir / "results.json").exists()
+
+
+def pin_code_version(monkeypatch, version: str) -> None:
+    import gradsim.run as runmod
+
+    monkeypatch.setattr(runmod, "code_version", lambda: version)
+
+
+def test_a_commit_mid_campaign_keeps_progress_results_and_partitions(tiny, tmp_path, monkeypatch, caplog):
+    """code_version is provenance, not configuration: resuming, finishing and combining work across
+    commits, and every version that computed the numbers is recorded."""
+    import logging
+
+    whole = run(cfg_for(tmp_path / "ref", baselines=False), lm=tiny)
+    pin_code_version(monkeypatch, "0.1+aaaa")
+    restore = interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)  # 2 queries per block
+    restore()
+    pin_code_version(monkeypatch, "0.1+bbbb-dirty")
+    resumed = run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
+    assert resumed["cost"]["backward_passes"]["query"] == 4  # the 4 queries logged by the first commit kept
+    assert resumed["queries"] == whole["queries"]
+    assert resumed["code_versions"] == ["0.1+aaaa", "0.1+bbbb-dirty"]
+    pin_code_version(monkeypatch, "0.1+cccc")
+    with caplog.at_level(logging.INFO, logger="gradsim"):
+        again = run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
+    assert "already finished" in caplog.text and again == resumed
+    # Partitions made by different commits combine, and the merged result names both.
+    for (s, e), version in zip([(0, 3), (3, 8)], ["0.1+aaaa", "0.1+bbbb"]):
+        pin_code_version(monkeypatch, version)
+        run(cfg_for(tmp_path / "parts", partition_start=s, partition_end=e, baselines=False), lm=tiny)
+    merged = merge_partitions(tmp_path / "parts" / "gradient-similarity" / "paraphrased")
+    assert merged["queries"] == whole["queries"]
+    assert merged["code_versions"] == ["0.1+aaaa", "0.1+bbbb"]
+    assert merged["config"]["code_version"] == "0.1+aaaa + 0.1+bbbb"
+
+
+def test_a_real_configuration_change_is_named_field_by_field(tiny, tmp_path, monkeypatch, caplog):
+    import logging
+
+    run(cfg_for(tmp_path, sample_size=4, baselines=False), lm=tiny)
+    with pytest.raises(GradsimError) as e:
+        run(cfg_for(tmp_path, sample_size=4, baselines=False, dtype="bfloat16"), lm=tiny)
+    assert "exists from a different configuration (field dtype: float32 vs bfloat16; stored vs this run)" in str(
+        e.value
+    )
+    restore = interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut", sample_size=4, memory_gb=0.013, baselines=False), lm=tiny)
+    restore()
+    with caplog.at_level(logging.WARNING, logger="gradsim"):
+        run(cfg_for(tmp_path / "cut", sample_size=4, memory_gb=0.013, baselines=False, seed=7), lm=tiny)
+    assert "another configuration (field seed: 42 vs 7; stored vs this run): starting this partition afresh" in (
+        caplog.text
+    )
 
 
 def test_resume_with_another_memory_budget_gives_the_same_bytes(tiny, tmp_path, monkeypatch):
@@ -243,3 +299,92 @@ def test_bf16_weights_stream_bf16_gradients_with_fp32_dots(tiny, tmp_path):
     for a, b in zip(half["queries"], full["queries"]):
         assert a["candidates"] == b["candidates"]
         assert np.allclose(a["scores"], b["scores"], atol=0.02)
+
+
+TIMING = ("seconds", "vram_alloc_mb", "vram_reserved_mb", "peak_rss_mb")
+
+
+def metric_rows(run_dir) -> list[tuple]:
+    """metrics.jsonl without its timing fields, as a sorted multiset."""
+    from gradsim.io import read_jsonl_tolerant
+
+    rows = read_jsonl_tolerant(run_dir / "metrics.jsonl")
+    return sorted(tuple(sorted((k, v) for k, v in r.items() if k not in TIMING)) for r in rows)
+
+
+def die_after(monkeypatch, owner, name: str, calls: int):
+    """Make the run die (as a kill would) right after the ``calls``-th call of owner.name has returned."""
+    real, n = getattr(owner, name), {"n": 0}
+
+    def dying(*a, **k):
+        out = real(*a, **k)
+        n["n"] += 1
+        if n["n"] == calls:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(owner, name, dying)
+    return lambda: monkeypatch.setattr(owner, name, real)
+
+
+def test_a_resumed_exact_run_keeps_every_metric_row_once(tiny, tmp_path, monkeypatch):
+    """Killed before a block is logged, or right after: the resumed run's metrics.jsonl has the rows of
+    an uninterrupted one (each query once, each original once), truncation included."""
+    import gradsim.run as runmod
+    from gradsim.data import load_dataset
+    from gradsim.encode import encode
+    from gradsim.retrieval import candidate_lists
+
+    whole = run(cfg_for(tmp_path / "ref", memory_gb=0.013, baselines=False), lm=tiny)
+    ref = metric_rows(tmp_path / "ref" / "gradient-similarity" / "paraphrased")
+    assert sum(dict(r)["role"] == "query" for r in ref) == 8
+    restore = interrupt_after(monkeypatch, 1)  # dies with block 2's gradients computed, before it is logged
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
+    restore()
+    restore = die_after(monkeypatch, runmod.Part, "record", 1)  # dies right after block 2 is logged
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
+    restore()
+    resumed = run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
+    assert resumed["cost"]["backward_passes"]["query"] == 4
+    assert metric_rows(tmp_path / "cut" / "gradient-similarity" / "paraphrased") == ref
+
+    # The truncated samples (the tiny model's context is 256 tokens) are counted in results.json.
+    data = load_dataset(str(BUNDLED_DATA / "original.jsonl"), str(BUNDLED_DATA / "paraphrased.jsonl"), 8)
+    needed = sorted({j for c in candidate_lists(data, "bm25", 3) for j in c})
+    cut = [s.id for s in data.queries if encode(tiny.tokenizer, s, 256).truncated]
+    cut_o = [data.originals[j].id for j in needed if encode(tiny.tokenizer, data.originals[j], 256).truncated]
+    assert 0 < len(cut_o) < len(needed)
+    want = {"max_length": 256, "queries": len(cut), "originals": len(cut_o), "query_ids": cut, "original_ids": cut_o}
+    assert whole["truncated"] == resumed["truncated"] == want
+    assert {dict(r)["id"] for r in ref if dict(r)["role"] == "query" and dict(r)["truncated"]} == set(cut)
+
+
+def test_a_resumed_projected_run_keeps_every_metric_row_once(tiny, tmp_path, monkeypatch, caplog):
+    """The report: killed after a query block was logged, its queries' rows were lost (they were
+    logged after it); likewise an original shard's rows. Both are now logged with (or before) what
+    they describe."""
+    import logging
+
+    import gradsim.run as runmod
+    from gradsim.features import FeatureStore
+
+    kw = dict(use_random_projection=True, projection="factorized", proj_dim=64, memory_gb=1e-5, baselines=False)
+    run(cfg_for(tmp_path / "ref", **kw), lm=tiny)
+    d = "paraphrased-factorized64"
+    ref = metric_rows(tmp_path / "ref" / "gradient-similarity" / d)
+    assert sum(dict(r)["role"] == "query" for r in ref) == 8 and sum(dict(r)["role"] == "original" for r in ref) > 2
+    restore = die_after(monkeypatch, FeatureStore, "write_shard", 2)  # after the 2nd shard of originals
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut", **kw), lm=tiny)
+    restore()
+    restore = die_after(monkeypatch, runmod.Part, "record", 1)  # after the first block of queries
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path / "cut", **kw), lm=tiny)
+    restore()
+    with caplog.at_level(logging.INFO, logger="gradsim"):
+        resumed = run(cfg_for(tmp_path / "cut", **kw), lm=tiny)
+    assert "resuming: 2 of 8 queries already scored" in caplog.text
+    assert metric_rows(tmp_path / "cut" / "gradient-similarity" / d) == ref
+    assert f"8 of 8 queries and {resumed['truncated']['originals']} originals (candidates) truncated" in caplog.text

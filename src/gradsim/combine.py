@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from .cli import format_summary
-from .config import COMPUTATION_TYPES, REPO_ROOT, redact
+from .config import COMPAT_FIELDS, COMPUTATION_TYPES, REPO_ROOT, compat_differences, redact
 from .errors import GradsimError
 from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
 from .layout import RunPaths
@@ -59,11 +59,11 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     results = [read_json(p) for _, _, p in parts]
     first = results[0]
     for (_, _, p), r in zip(parts, results):
-        if r["compat"] != first["compat"]:
-            diff = sorted(k for k in first["compat"] if r["compat"].get(k) != first["compat"][k])
+        diff = compat_differences(first["compat"], r["compat"])
+        if diff:
             raise GradsimError(
                 f"{p.name} was made with a different configuration than {parts[0][2].name} "
-                f"(differs in: {', '.join(diff)}): rerun it with the same settings or remove it"
+                f"({diff}): rerun it with the same settings or remove it"
             )
     total = first["partition"]["num_queries"]
     ranges = [(s, e) for s, e, _ in parts]
@@ -81,10 +81,28 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     scores = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0].files if k != "query_index"}
     metrics = [row for _, _, p in parts for row in read_jsonl_tolerant(RunPaths.sibling(p, "metrics"))]
 
+    # The code may have changed during a campaign (not a compat field): every version is recorded.
+    versions = sorted({v for r in results for v in r.get("code_versions", [r["config"].get("code_version")]) if v})
     merged = dict(first)
-    merged["config"] = dict(first["config"], partition_start=None, partition_end=None)
+    merged["compat"] = {k: first["compat"].get(k) for k in COMPAT_FIELDS}
+    merged["code_versions"] = versions
+    merged["config"] = dict(
+        first["config"], partition_start=None, partition_end=None, code_version=" + ".join(versions) or None
+    )
+    merged["gradsim_version"] = merged["config"]["code_version"]
     merged["partition"] = {"start": 0, "end": total, "num_queries": total, "merged_from": [[s, e] for s, e in ranges]}
     merged["queries"] = [q for r in results for q in r["queries"]]
+    if all("truncated" in r for r in results):
+        # An original may be a candidate in several partitions: counted once.
+        originals = sorted({i for r in results for i in r["truncated"]["original_ids"]})
+        query_ids = [i for r in results for i in r["truncated"]["query_ids"]]
+        merged["truncated"] = {
+            **first["truncated"],
+            "queries": len(query_ids),
+            "originals": len(originals),
+            "query_ids": query_ids,
+            "original_ids": originals,
+        }
     merged.update(summarize_arrays(first["parameter_names"], scores, first["config"]["computation_type"]))
     out = whole_run(run_dir, total)
     atomic_save_npz(out.scores, **scores, query_index=np.arange(total))

@@ -38,6 +38,8 @@ BUNDLED_DATA = REPO_ROOT / "data" / "lima_sample"
 VARIANT_FILES = {"paraphrased": "paraphrased.jsonl", "model-generated": "model_generated.jsonl"}
 
 # Fields that change the numbers: partitions (and feature shards) made with different values never mix.
+# code_version (the git commit) is not one: a commit during a cluster campaign must not throw away its
+# progress, partitions or feature store. It is recorded (config, results' code_versions) as provenance.
 COMPAT_FIELDS = (
     "setting",
     "computation_type",
@@ -58,7 +60,6 @@ COMPAT_FIELDS = (
     "original_data_sha256",
     "variant_data_sha256",
     "sample_size",
-    "code_version",
 )
 
 
@@ -275,6 +276,24 @@ def add_options(parser: argparse.ArgumentParser, fields: Optional[tuple[str, ...
         args = typing.get_args(kind)
         kind = next((a for a in args if a is not type(None)), str) if args else kind
         parser.add_argument(flag, dest=name, type=kind, help=help_)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else text[:12] + "..."
+
+
+def compat_differences(old: Optional[dict], new: Optional[dict], limit: int = 3) -> str:
+    """'' when two compat dicts agree on COMPAT_FIELDS (other keys, e.g. an older file's code_version,
+    are ignored); else what differs, old value first: ``field dtype: float32 vs bfloat16, ...``."""
+    old, new = old or {}, new or {}
+    # A field added since a file was written reads as its default there (e.g. loss_on: the study's response).
+    default = {f.name: f.default for f in dataclasses.fields(Config)}
+    diff = [k for k in COMPAT_FIELDS if old.get(k, default.get(k)) != new.get(k, default.get(k))]
+    listed = [f"field {k}: {_short(old.get(k))} vs {_short(new.get(k))}" for k in diff[:limit]]
+    if len(diff) > limit:
+        listed.append(f"{len(diff) - limit} more")
+    return ", ".join(listed)
 
 
 def check_choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -148,6 +148,17 @@ class FeatureStore:
             atomic_write_json(mpath, full)
         return cls(root, full, ids, dim, shard_size)
 
+    def check_room(self, rows: int, row_bytes: int) -> None:
+        """Refuse, before computing them, ``rows`` features (fp32 features and their self-dots) that the
+        store's disk cannot hold."""
+        need, free = rows * row_bytes, shutil.disk_usage(self.root).free
+        if need > free:
+            raise GradsimError(
+                f"the feature store {self.root} needs {need / 2**30:.2f} GB more ({rows} samples x {self.dim} dims "
+                f"x 4 bytes) and its disk has {free / 2**30:.2f} GB free: free some space, pass another "
+                "--output-dir, or give a smaller --proj-dim"
+            )
+
     def shard_ranges(self) -> list[tuple[int, int]]:
         n = len(self.ids)
         return [(s, min(s + self.shard_size, n)) for s in range(0, n, self.shard_size)]
@@ -158,9 +169,19 @@ class FeatureStore:
     def has_shard(self, s: int, e: int) -> bool:
         return self._path(s, e, "features").exists() and self._path(s, e, "selfdots").exists()
 
-    def write_shard(self, s: int, e: int, feats: np.ndarray, selfdots: np.ndarray) -> None:
-        for what, arr in (("selfdots", selfdots), ("features", feats)):  # features last: it marks completion
-            atomic_save_npy(self._path(s, e, what), arr)
+    def write_shard(self, s: int, e: int, feats: np.ndarray, selfdots_of: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Store rows [s, e): their features, and ``selfdots_of(features)``.
+
+        No lock is needed (partitions of one campaign share the store and may write one shard at once):
+        each file appears whole or not at all (rename), the first features written win (exclusive
+        create; a later writer's, equal up to rounding, are dropped) and the self-dots are computed from
+        the features that won, so a shard's two files always agree, whoever wrote them. A shard is
+        complete once both exist (has_shard): features without self-dots, left by a kill, are finished
+        by the next writer from the features already there."""
+        path = self._path(s, e, "features")
+        if not atomic_save_npy(path, feats, exclusive=True):
+            feats = np.load(path)
+        atomic_save_npy(self._path(s, e, "selfdots"), selfdots_of(feats), exclusive=True)
 
     def read_features(self, s: int, e: int) -> np.ndarray:
         return np.load(self._path(s, e, "features"), mmap_mode="r")

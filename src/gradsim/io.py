@@ -9,7 +9,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import orjson
@@ -38,11 +38,12 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_writer(path: Path, exclusive: bool = False):
+def atomic_writer(path: Path, exclusive: bool = False, outcome: Optional[list] = None):
     """A binary file handle whose content replaces ``path`` only when the block finishes without error.
 
     ``exclusive``: publish it only if ``path`` does not exist yet (a hard link, which fails if another
-    process got there first; then that file stays and this content is dropped)."""
+    process got there first; then that file stays and this content is dropped). ``outcome``: a list
+    that gets True if this content was published, False if it was dropped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -52,13 +53,16 @@ def atomic_writer(path: Path, exclusive: bool = False):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: collaborators should read results as usual
+        published = True
         if not exclusive:
             os.replace(tmp, path)
         else:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                pass
+                published = False
+        if outcome is not None:
+            outcome.append(published)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -98,9 +102,12 @@ def atomic_write_jsonl(path: Path, rows: Iterable[Any]) -> None:
     atomic_write_bytes(path, b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in rows))
 
 
-def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_writer(path) as f:
+def atomic_save_npy(path: Path, arr: np.ndarray, exclusive: bool = False) -> bool:
+    """Write arr to path atomically; ``exclusive``: only if path does not exist yet. Whether it was written."""
+    outcome: list[bool] = []
+    with atomic_writer(path, exclusive, outcome) as f:
         np.save(f, np.ascontiguousarray(arr))
+    return outcome[0]
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:

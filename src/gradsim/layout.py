@@ -4,6 +4,7 @@
     results.json scores.npz metrics.jsonl config.json  a finished, unpartitioned run (or merged partitions)
     partitions/results_SSSSS-EEEEE.json ...            the same files of one query range
     progress[_SSSSS-EEEEE].jsonl + _blocks/            resume log of an unfinished run and its block files
+    progress[_SSSSS-EEEEE].lock                        held while a process runs that range (lock.py)
     .scratch/                                          kept exact gradients (deleted when the run ends)
     selection[_bm25].json                              greedy matrix selection
 <output-dir>/features/<key>/originals|representations  projected / representation feature stores (shared)
@@ -115,6 +116,11 @@ class RunPaths:
     metrics = property(lambda self: self._file("metrics", ".jsonl"))
     config = property(lambda self: self._file("config", ".json"))
     progress = property(lambda self: self._file("progress", ".jsonl"))
+
+    @property
+    def lock(self) -> Path:
+        """Held by the one process running this range (its progress, blocks and scratch are its alone)."""
+        return self.progress.with_suffix(".lock")
 
     @property
     def blocks(self) -> Path:

@@ -16,6 +16,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import SETTINGS, Config
+from .config import SETTINGS, Config, compat_differences
 from .data import Dataset, load_dataset, partition_range
 from .encode import Encoded, encode
 from .errors import GradsimError
@@ -39,6 +40,7 @@ from .io import (
     read_jsonl_tolerant,
 )
 from .layout import RunPaths, allocation_file, feature_store_dir, run_dir
+from .lock import exit_on_sigterm, locked
 from .memory import check_exact_fits, gradient_capacity
 from .metrics import true_rank
 from .model import LoadedModel, load_model, resolve_device
@@ -84,17 +86,27 @@ class Part:
     paths: RunPaths
     cands: list[list[int]] = field(default_factory=list)  # per query of [start, end): indices into data.originals
     done: dict[int, dict] = field(default_factory=dict)
-    metrics: list[dict] = field(default_factory=list)
+    # Per-sample metric rows (metrics.jsonl), in groups as logged: a block's query rows ("block:<file>"),
+    # a feature shard's rows ("shard:<store>:<s>-<e>", the last attempt's), single rows ("row:<n>").
+    groups: dict[str, list[dict]] = field(default_factory=dict)
+    pending: list[dict] = field(default_factory=list)  # query rows of the block being computed
     finished: Optional[dict] = None
     featurizer_spec: Optional[dict] = None
     normalizer: Optional[dict] = None  # --normalize: what was applied (normalize.GradientNormalizer.to_dict)
+    code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
 
     @property
     def todo(self) -> list[int]:
         return [qi for qi in range(self.start, self.end) if qi not in self.done]
 
-    def record(self, queries: list[int], dots, qself, cself) -> None:
-        """Log a finished block of queries (one .npz beside the progress log) and keep it."""
+    @property
+    def metrics(self) -> list[dict]:
+        return [row for rows in self.groups.values() for row in rows] + self.pending
+
+    def record(self, queries: list[int], dots, qself, cself, metrics: list[dict] = ()) -> None:
+        """Log a finished block of queries (one .npz beside the progress log) and keep it, with the metric
+        rows of its queries (``metrics`` and those pending) in the same log line: a block and its rows
+        are durable together, so a resumed run neither loses nor repeats a query's row."""
         name = f"block_{queries[0]:06d}_{len(queries):05d}.npz"
         atomic_save_npz(
             self.paths.blocks / name,
@@ -103,13 +115,30 @@ class Part:
             cself=np.stack(cself),
             index=np.array(queries),
         )
-        rec = {"kind": "block", "file": name}
+        rec = {"kind": "block", "file": name, "metrics": [*self.pending, *metrics]}
         append_jsonl(self.paths.progress, rec)
+        self.pending = []
         self.done.update(load_block(self.paths, rec))
+        self.groups[f"block:{name}"] = rec["metrics"]
+
+    def query_metric(self, row: dict) -> None:
+        """A query's row, logged with its block (record)."""
+        self.pending.append(row)
 
     def metric(self, row: dict) -> None:
+        """A row logged now: an original's exact gradient (logged once per run: see score_exact)."""
         append_jsonl(self.paths.progress, {"kind": "metric", "metric": row})
-        self.metrics.append(row)
+        self.groups[f"row:{len(self.groups)}"] = [row]
+
+    def shard_metrics(self, key: str, rows: list[dict]) -> None:
+        """The rows of a feature shard, logged before the shard is written: a shard computed again after
+        a kill replaces them (the last attempt's rows count), so none is lost or repeated."""
+        append_jsonl(self.paths.progress, {"kind": "shard", "key": key, "metrics": rows})
+        self.groups[f"shard:{key}"] = rows
+
+    def add_metrics(self, rows: list[dict]) -> None:
+        """Rows computed after the last block (baselines): not logged, as they are recomputed on resume."""
+        self.groups[f"row:{len(self.groups)}"] = list(rows)
 
 
 def setting_configs(cfg: Config) -> list[Config]:
@@ -193,6 +222,16 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
         if not cfg.use_random_projection:
             check_exact_fits(cfg, device)  # from the model's config alone, before its weights are loaded
         lm = load_model(cfg, device)
+    with ExitStack() as held:
+        held.enter_context(exit_on_sigterm())
+        for p in parts:  # one process per query range: its progress log, blocks and scratch are its own
+            held.enter_context(
+                locked(p.paths.lock, f"{p.cfg.setting} queries [{p.start}, {p.end}) of {p.paths.run_dir}")
+            )
+        return run_locked(cfg, parts, lm)
+
+
+def run_locked(cfg: Config, parts: list[Part], lm: LoadedModel) -> list[dict]:
     version = code_version()
     max_length = min(cfg.max_length or lm.context_length, lm.context_length)
     for p in parts:
@@ -201,6 +240,10 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
         p.finished = finished_result(p)
     todo = [p for p in parts if p.finished is None]
     if todo:
+        if cfg.use_random_projection:
+            from .projection import check_proj_dim
+
+            check_proj_dim(cfg, lm.model)
         for p in todo:
             p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start : p.end]
             resume(p)
@@ -216,6 +259,7 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
             p.paths.progress.unlink(missing_ok=True)
             shutil.rmtree(p.paths.blocks, ignore_errors=True)
             p.finished = read_json(p.paths.results)  # the result as stored
+            log_truncation(p.finished)
     return [p.finished for p in parts]
 
 
@@ -223,11 +267,13 @@ def finished_result(p: Part) -> Optional[dict]:
     if not p.paths.results.exists():
         return None
     done = read_json(p.paths.results)
-    if done.get("compat") == p.cfg.compat():
+    diff = compat_differences(done.get("compat"), p.cfg.compat())
+    if not diff:
         log.info("already finished: %s", p.paths.results)
         return done
     raise GradsimError(
-        f"{p.paths.results} exists from a different configuration: use another --output-dir or remove it"
+        f"{p.paths.results} exists from a different configuration ({diff}; stored vs this run): "
+        "use another --output-dir or remove it"
     )
 
 
@@ -235,18 +281,29 @@ def resume(p: Part) -> None:
     """Keep finished queries and sample metrics from an earlier attempt of this same partition."""
     p.paths.results.parent.mkdir(parents=True, exist_ok=True)
     progress = read_jsonl_tolerant(p.paths.progress)
-    if progress and progress[0].get("compat") != p.cfg.compat():
-        log.warning("progress file %s is from another configuration; starting this partition afresh", p.paths.progress)
+    diff = compat_differences(progress[0].get("compat"), p.cfg.compat()) if progress else ""
+    if diff:
+        log.warning(
+            "progress file %s is from another configuration (%s; stored vs this run): starting this partition afresh",
+            p.paths.progress,
+            diff,
+        )
         progress = []
     if not progress:
         p.paths.progress.unlink(missing_ok=True)
         shutil.rmtree(p.paths.blocks, ignore_errors=True)
-        append_jsonl(p.paths.progress, {"kind": "header", "compat": p.cfg.compat()})
+        append_jsonl(p.paths.progress, {"kind": "header", "compat": p.cfg.compat(), "code_version": p.cfg.code_version})
+    elif progress[0].get("code_version", p.cfg.code_version) != p.cfg.code_version:
+        log.info("resuming progress made by code %s (now %s)", progress[0]["code_version"], p.cfg.code_version)
+        p.code_versions.add(progress[0]["code_version"])
     for r in progress:
         if r.get("kind") == "block":
             p.done.update(load_block(p.paths, r))
+            p.groups[f"block:{r['file']}"] = r.get("metrics", [])
+        elif r.get("kind") == "shard":
+            p.groups[f"shard:{r['key']}"] = r["metrics"]
         elif r.get("kind") == "metric":
-            p.metrics.append(r["metric"])
+            p.groups[f"row:{len(p.groups)}"] = [r["metric"]]
     if p.done:
         log.info("resuming: %d of %d queries already scored (%s)", len(p.done), p.end - p.start, p.cfg.setting)
 
@@ -308,13 +365,15 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
         plan.passes_per_query(),
         f"; keeping originals in {cache.kind} up to {cache.budget / 2**30:.1f} GB" if cache else "",
     )
-    first_seen: set[int] = set()
+    # An original's row is logged the first time its gradient is computed in this run, or in an earlier
+    # attempt that was resumed (its row is in the progress log), as in an uninterrupted run.
+    first_seen = {r["id"] for r in parts[0].metrics if r.get("role") == "original"}
 
     def on_gradient(enc: Encoded, role: str, seconds: float, q: Optional[int]) -> None:
         from .features import sample_metric
 
         if role == "query":
-            owners[q][0].metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "query"))
+            owners[q][0].query_metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "query"))
         elif enc.id not in first_seen:
             first_seen.add(enc.id)
             parts[0].metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "original"))
@@ -438,9 +497,7 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
                     ofeats, oself = gather_rows(store, [row_of[j] for j in p.cands[qi - p.start]])
                     dots.append(dense_dots(layout, q[i : i + 1], ofeats)[0])
                     cself.append(oself)
-            p.record(block_q, dots, list(qself), cself)
-            for row in m:
-                p.metric(row)
+            p.record(block_q, dots, list(qself), cself, m)
         bar.close()
 
 
@@ -450,6 +507,7 @@ def featurize_into_store(
     """Featurize the originals ``rows`` not yet in the store; encoded for ``loss_on`` (default: the run's)."""
     wanted = {store.shard_of(r) for r in rows}
     todo = [(s, e) for (s, e) in store.shard_ranges() if (s, e) in wanted and not store.has_shard(s, e)]
+    store.check_room(sum(e - s for s, e in todo), store.dim * 4 + len(featurizer.layout.names) * 8)
     bar = progress_bar(total=sum(e - s for s, e in todo), desc=f"features ({role}s)", unit="sample")
     index = data.original_index()
     for s, e in todo:
@@ -458,9 +516,8 @@ def featurize_into_store(
             for r in range(s, e)
         ]
         feats, m = featurize(featurizer, encs, lm.device, cfg.dtype, role, bar)
-        store.write_shard(s, e, feats, per_matrix_self_dots(featurizer.layout, torch.from_numpy(feats)))
-        for row in m:
-            part.metric(row)
+        part.shard_metrics(f"{store.root.name}:{s}-{e}", m)
+        store.write_shard(s, e, feats, lambda f: per_matrix_self_dots(featurizer.layout, torch.from_numpy(f)))
     bar.close()
 
 
@@ -519,7 +576,7 @@ def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     featurize_into_store(store, rep, lm, needed, data, cfg, p, "representation", "response")
     encs = [encode(lm.tokenizer, data.queries[qi], cfg.max_length) for qi in range(p.start, p.end)]
     qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
-    p.metrics.extend(m)
+    p.add_metrics(m)
     orep, oself = gather_rows(store, needed)
     qself = per_matrix_self_dots(rep.layout, torch.from_numpy(qrep))
     dots = dense_dots(rep.layout, torch.from_numpy(qrep), orep)  # (Q, len(needed), 2)
@@ -583,12 +640,51 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "normalizer": p.normalizer or {"normalizer": "none"},
         "parameter_names": names,
         "queries": queries,
+        "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
+        "truncated": truncation(p, lm),
     }
     if cost is not None:
         result["cost"] = cost
     result.update(summarize_arrays(names, arrays, cfg.computation_type))
     result["_arrays"] = arrays
     return result
+
+
+def truncation(p: Part, lm: LoadedModel) -> dict:
+    """The samples of this range cut at --max-length (their gradients see only the first max_length
+    tokens): its queries, and the originals among their candidates."""
+    cfg, data = p.cfg, p.data
+    queries = [
+        data.queries[qi].id
+        for qi in range(p.start, p.end)
+        if encode(lm.tokenizer, data.queries[qi], cfg.max_length).truncated
+    ]
+    needed = sorted({j for c in p.cands for j in c})
+    originals = [
+        data.originals[j].id for j in needed if encode(lm.tokenizer, data.originals[j], cfg.max_length).truncated
+    ]
+    return {
+        "max_length": cfg.max_length,
+        "queries": len(queries),
+        "originals": len(originals),
+        "query_ids": queries,
+        "original_ids": originals,
+    }
+
+
+def log_truncation(result: dict) -> None:
+    t, setting = result["truncated"], result["config"]["setting"]
+    n = result["partition"]["end"] - result["partition"]["start"]
+    level = logging.WARNING if t["queries"] or t["originals"] else logging.INFO
+    log.log(
+        level,
+        "%s: %d of %d queries and %d originals (candidates) truncated at --max-length %d (ids in results.json)",
+        setting,
+        t["queries"],
+        n,
+        t["originals"],
+        t["max_length"],
+    )
 
 
 def write_outputs(p: Part, result: dict) -> None:
