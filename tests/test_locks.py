@@ -108,7 +108,16 @@ def dead_pid() -> int:
     return p.pid
 
 
+def fake_squeue(tmp_path, monkeypatch, script: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\n" + script)
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
 def test_stale_locks_taken_over_live_or_foreign_ones_refused(tmp_path, monkeypatch, caplog):
+    fake_squeue(tmp_path, monkeypatch, "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
     lock = tmp_path / "progress.lock"
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -126,6 +135,22 @@ def test_stale_locks_taken_over_live_or_foreign_ones_refused(tmp_path, monkeypat
     with locked(lock, "this range"):
         assert orjson.loads(lock.read_bytes())["slurm_job"] == "77_3"
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("state, taken", [("RUNNING", False), ("PENDING", True), ("", True)])
+def test_another_nodes_lock_is_taken_over_when_squeue_says_its_job_ended(tmp_path, monkeypatch, state, taken):
+    """A cancelled task resubmitted to another node: its old lock names a job that no longer runs."""
+    fake_squeue(tmp_path, monkeypatch, f"[ \"$3\" = 12_0 ] && echo '{state}'\nexit 0\n")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "13")
+    lock = tmp_path / "progress.lock"
+    write_holder(lock, pid=1, host="node-elsewhere", started="2026-01-01T00:00:00+00:00", slurm_job="12_0")
+    if taken:
+        with locked(lock, "this range"):
+            assert orjson.loads(lock.read_bytes())["slurm_job"] == "13"
+    else:
+        with pytest.raises(GradsimError, match="in use by process 1 on node-elsewhere"):
+            acquire(lock, "this range")
 
 
 def test_concurrent_writers_of_one_shard_leave_agreeing_files(tmp_path):

@@ -5,8 +5,9 @@ adopt the other's live progress, or delete its scratch when it finishes. The loc
 {pid, host, started, slurm_job} naming its holder, and is held with fcntl.flock (released by the kernel when
 the process dies, however it dies; a killed run leaves the file behind). A second run is refused with a
 message naming the holder. A lock left behind by a dead process is taken over with a warning: on this
-host when its flock is free or its pid is gone, and on any host when it names this same Slurm job (a
-requeued task: Slurm runs one attempt of a job at a time). Any other lock from another host is refused,
+host when its flock is free or its pid is gone; on any host when it names this same Slurm job (a
+requeued task: Slurm runs one attempt of a job at a time), or a Slurm job that squeue says is no longer
+running (a cancelled task resubmitted to another node). Any other lock from another host is refused,
 since that process cannot be checked from here (and flock may not reach across nodes of a cluster file
 system): the message says to remove the file if that process is dead. A run ended by SIGTERM (scancel)
 releases its locks like one that fails (exit_on_sigterm); only SIGKILL leaves a lock file behind.
@@ -55,6 +56,26 @@ def slurm_job() -> Optional[str]:
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return env.get("SLURM_JOB_ID") or None
+
+
+# squeue states of a job whose processes may still run
+_LIVE_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING"}
+
+
+def slurm_job_ended(job: str) -> bool:
+    """Whether squeue says Slurm job ``job`` runs no more (False when squeue cannot tell)."""
+    import shutil
+    import subprocess
+
+    if not job or shutil.which("squeue") is None:
+        return False
+    try:
+        p = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if p.returncode != 0:
+        return "invalid job id" in p.stderr.lower()  # long gone from the controller's memory
+    return not {line.strip() for line in p.stdout.splitlines()} & _LIVE_STATES
 
 
 def _holder(fd: int) -> Optional[dict]:
@@ -111,7 +132,12 @@ def acquire(path: Path, what: str) -> int:
                 # On this host a free flock means its holder is gone (a live one, even this process
                 # through another descriptor, would hold it); without flock, the pid tells.
                 here = h.get("host") == host and isinstance(pid, int)
-                dead = (here and (flocked or not _alive(pid))) or (job is not None and h.get("slurm_job") == job)
+                theirs = h.get("slurm_job")
+                dead = (
+                    (here and (flocked or not _alive(pid)))
+                    or (job is not None and theirs == job)
+                    or (isinstance(theirs, str) and slurm_job_ended(theirs))
+                )
                 if not dead:
                     # flock held, yet a live holder named (another host, or no flock here): refuse
                     raise _refuse(path, h, what)

@@ -293,8 +293,8 @@ class Plan:
 
 
 # Fields a finished partition must share with a new submission for it to be skipped; the rest of
-# the compat fields (revision, template, code version) are known only once a task loads the model,
-# and combine checks them.
+# the compat fields (revision, template, the max length the model allows) are known only once a task
+# loads the model, and combine checks them all.
 SUBMIT_COMPAT = (
     "setting",
     "computation_type",
