@@ -142,9 +142,11 @@ class Part:
 
 
 def setting_configs(cfg: Config) -> list[Config]:
-    """One Config per setting: ``both`` gives the two that separate runs would have."""
+    """One Config per setting: ``both`` gives the two that separate runs would have. Always copies: what
+    the run finds out (data hashes, model revision, code version, resolved max length) is written into
+    these, never into the caller's Config."""
     if cfg.setting != "both":
-        return [cfg]
+        return [dataclasses.replace(cfg)]
     data = {"paraphrased": cfg.paraphrased_data, "model-generated": cfg.model_generated_data}
     return [
         dataclasses.replace(cfg, setting=s, variant_data=data[s], paraphrased_data=None, model_generated_data=None)
@@ -657,11 +659,13 @@ def truncation(p: Part, lm: LoadedModel) -> dict:
     queries = [
         data.queries[qi].id
         for qi in range(p.start, p.end)
-        if encode(lm.tokenizer, data.queries[qi], cfg.max_length).truncated
+        if encode(lm.tokenizer, data.queries[qi], cfg.max_length, cfg.loss_on).truncated
     ]
     needed = sorted({j for c in p.cands for j in c})
     originals = [
-        data.originals[j].id for j in needed if encode(lm.tokenizer, data.originals[j], cfg.max_length).truncated
+        data.originals[j].id
+        for j in needed
+        if encode(lm.tokenizer, data.originals[j], cfg.max_length, cfg.loss_on).truncated
     ]
     return {
         "max_length": cfg.max_length,
