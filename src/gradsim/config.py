@@ -46,6 +46,7 @@ COMPAT_FIELDS = (
     "loss_on",
     "normalize",
     "damping",
+    "matrices",
     "candidates",
     "top_k",
     "model_name",
@@ -70,6 +71,7 @@ class Config:
     loss_on: str = "response"  # response (the study's), prompt or all: see encode.py
     normalize: str = "none"  # normalize.NORMALIZERS: applied to each gradient before it is compared
     damping: float = 1e-2  # relative damping of the adafactor normalizer's second moment
+    matrices: Optional[str] = None  # matrices.py: a regex, a comma list or a selection JSON (None: all)
     candidates: str = "bm25"
     top_k: int = 4
     model_name: str = EMBEDDED_MODEL
@@ -133,11 +135,15 @@ class Config:
         check_choice("--loss-on", self.loss_on, LOSS_TARGETS)
         check_choice("--normalize", self.normalize, NORMALIZERS)
         check_at_least(0, ">= 0", (("--damping", self.damping),))
-        if (
-            self.normalize != "none"
-            and self.use_random_projection
-            and self.projection in ("tensorsketch", "factorized")
-        ):
+        if self.matrices is not None and not self.matrices.strip():
+            raise GradsimError("--matrices is empty: give a regular expression, a comma list or a selection JSON")
+        hooked = self.use_random_projection and self.projection in ("tensorsketch", "factorized")
+        if self.matrices is not None and hooked:
+            raise GradsimError(
+                f"--matrices restricts the exact gradient, which --projection {self.projection} never forms: use "
+                "the exact path or --projection countsketch or trak"
+            )
+        if self.normalize != "none" and hooked:
             raise GradsimError(
                 f"--normalize {self.normalize} acts on the flat gradient, which --projection {self.projection} never "
                 "forms: use the exact path or --projection countsketch or trak"
@@ -210,6 +216,12 @@ OPTIONS = (
         "adafactor+center+unit (exact path, countsketch, trak)",
     ),
     Option("damping", "relative damping of --normalize adafactor"),
+    Option(
+        "matrices",
+        "only these parameter matrices: a regular expression over names, a comma-separated list, or a selection "
+        "JSON of gradsim select; weight gradients are formed for those alone and the backward stops below the "
+        "lowest (exact path, countsketch, trak; default: all)",
+    ),
     Option("seed", "projection seed"),
     Option("partition_start", "first query index of this partition"),
     Option("partition_end", "query index one past the end of this partition"),

@@ -1,6 +1,6 @@
 """Where things live on disk: the one owner of every file and folder name a run writes.
 
-<output-dir>/<computation-type>/<run name>/            one run (one setting)
+<output-dir>/<computation-type>/<run name>/            one run (one setting): layout.run_name
     results.json scores.npz metrics.jsonl config.json  a finished, unpartitioned run (or merged partitions)
     partitions/results_SSSSS-EEEEE.json ...            the same files of one query range
     progress[_SSSSS-EEEEE].jsonl + _blocks/            resume log of an unfinished run and its block files
@@ -28,6 +28,7 @@ def run_name(
     proj_dim: int,
     loss_on="response",
     normalize="none",
+    matrices=None,
 ) -> str:
     name = setting
     if candidates == "all":
@@ -38,6 +39,10 @@ def run_name(
         name += f"-loss-{loss_on}"
     if normalize != "none":
         name += f"-norm-{normalize}"
+    if matrices is not None:
+        from .matrices import spec_tag
+
+        name += f"-matrices-{spec_tag(matrices)}"
     return name
 
 
@@ -54,6 +59,7 @@ def run_dir(cfg) -> Path:
             cfg.proj_dim,
             cfg.loss_on,
             cfg.normalize,
+            cfg.matrices,
         )
     )
 

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, matrices
 from .config import SETTINGS, Config, compat_differences
 from .data import Dataset, load_dataset, partition_range
 from .encode import Encoded, encode
@@ -242,27 +242,44 @@ def run_locked(cfg: Config, parts: list[Part], lm: LoadedModel) -> list[dict]:
         p.finished = finished_result(p)
     todo = [p for p in parts if p.finished is None]
     if todo:
-        if cfg.use_random_projection:
-            from .projection import check_proj_dim
-
-            check_proj_dim(cfg, lm.model)
-        for p in todo:
-            p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start : p.end]
-            resume(p)
-        if cfg.use_random_projection:
-            score_projected(todo, lm)
-            cost = None
-        else:
-            cost = score_exact(todo, lm)
-        for p in todo:
-            baselines = baseline_scores(p, lm) if p.cfg.baselines else {}
-            result = assemble(p, lm, baselines, cost)
-            write_outputs(p, result)
-            p.paths.progress.unlink(missing_ok=True)
-            shutil.rmtree(p.paths.blocks, ignore_errors=True)
-            p.finished = read_json(p.paths.results)  # the result as stored
-            log_truncation(p.finished)
+        with matrices.only(lm.model, selected_matrices(cfg, lm)):
+            score_parts(cfg, todo, lm)
     return [p.finished for p in parts]
+
+
+def selected_matrices(cfg: Config, lm: LoadedModel) -> Optional[list[str]]:
+    """--matrices resolved against the model's trainable parameters (None: all of them)."""
+    if cfg.matrices is None:
+        return None
+    from .gradients import param_layout
+
+    chosen = matrices.resolve(cfg.matrices, param_layout(lm.model).names, lm.model_id)
+    log.info("--matrices: %d of the model's parameter matrices", len(chosen))
+    return chosen
+
+
+def score_parts(cfg: Config, todo: list[Part], lm: LoadedModel) -> None:
+    """Score the unfinished parts (with --matrices, only those matrices), then write their results."""
+    if cfg.use_random_projection:
+        from .projection import check_proj_dim
+
+        check_proj_dim(cfg, lm.model)
+    for p in todo:
+        p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start : p.end]
+        resume(p)
+    if cfg.use_random_projection:
+        score_projected(todo, lm)
+        cost = None
+    else:
+        cost = score_exact(todo, lm)
+    for p in todo:
+        baselines = baseline_scores(p, lm) if p.cfg.baselines else {}
+        result = assemble(p, lm, baselines, cost)
+        write_outputs(p, result)
+        p.paths.progress.unlink(missing_ok=True)
+        shutil.rmtree(p.paths.blocks, ignore_errors=True)
+        p.finished = read_json(p.paths.results)  # the result as stored
+        log_truncation(p.finished)
 
 
 def finished_result(p: Part) -> Optional[dict]:

@@ -98,6 +98,7 @@ def select_run(run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size:
         result["parameter_names"], dots, qself, cself, result["config"]["computation_type"], choose, report, max_size
     )
     out.update(seed=seed, protocol=protocol, run=str(run_dir), num_candidates=int(dots.shape[1]))
+    out["model"] = result.get("model", {}).get("id")  # --matrices refuses a selection of another model
     atomic_write_json(selection_file(run_dir, "bm25" if protocol == "bm25" else ""), out)
     return out
 
