@@ -91,3 +91,20 @@ def test_progress_in_a_log_is_a_line_per_item(capsys):
     assert "\r" not in err and all("gradients" in line for line in lines)  # one plain line per update
     counts = [next(f"{i}/3" for i in range(4) if f"{i}/3" in line) for line in lines]
     assert counts[:4] == ["0/3", "1/3", "2/3", "3/3"]
+
+
+def test_a_prompt_longer_than_max_length_fails_before_anything_is_written(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = Config(
+        device="cpu",
+        sample_size=3,
+        output_dir=str(out),
+        max_length=8,
+        baselines=False,
+        original_data=str(BUNDLED_DATA / "original.jsonl"),
+    )
+    with pytest.raises(GradsimError, match=r"no response token is left to train on .*raise --max-length") as e:
+        run(cfg, lm=tiny)
+    assert "\n" not in str(e.value)
+    assert not out.exists()  # no progress log, lock or empty folder
+    assert "encoding" not in capsys.readouterr().err  # no progress bar was open when it failed
