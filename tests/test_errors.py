@@ -99,6 +99,13 @@ def test_sample_size_must_be_positive(tmp_path, capsys, monkeypatch, value):
     assert code == 2 and "MT_SAMPLE_SIZE" in err and not outdir.exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_sample_size_flag_is_named_as_given(tmp_path, capsys, monkeypatch, value):
+    code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, f"--sample-size={value}")
+    assert code == 2 and err.count("\n") == 0 and not outdir.exists()
+    assert err.startswith(f"error: --sample-size must be a positive integer, got {value}") and "MT_" not in err, err
+
+
 def test_hub_dataset_unreachable_says_how_to_use_the_bundled_sample(tmp_path, capsys, monkeypatch):
     code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--original-data", "GAIR/lima")
     assert code == 2 and "bundled sample" in err and SECRET not in err and not outdir.exists()

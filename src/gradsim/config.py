@@ -155,7 +155,11 @@ class Config:
         if self.top_k < 1:
             raise GradsimError(f"--top-k must be at least 1, got {self.top_k}")
         if self.sample_size is not None and self.sample_size < 1:
-            raise GradsimError(f"MT_SAMPLE_SIZE must be a positive integer, got {self.sample_size!r}")
+            # MT_SAMPLE_SIZE is checked, under its own name, where it is read (env_defaults).
+            raise GradsimError(
+                f"--sample-size must be a positive integer, got {self.sample_size!r}: give e.g. 10, or drop it "
+                "to use all samples"
+            )
         if self.max_length is not None and self.max_length < 2:
             raise GradsimError(f"--max-length must be at least 2 tokens, got {self.max_length}")
         check_at_least(1, "a positive integer", (("--proj-dim", self.proj_dim), ("--batch-size", self.batch_size)))
