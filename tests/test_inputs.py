@@ -108,3 +108,19 @@ def test_a_prompt_longer_than_max_length_fails_before_anything_is_written(tiny, 
     assert "\n" not in str(e.value)
     assert not out.exists()  # no progress log, lock or empty folder
     assert "encoding" not in capsys.readouterr().err  # no progress bar was open when it failed
+
+
+def test_a_file_that_is_not_utf8_names_line_column_and_byte(tmp_path):
+    from gradsim.data import load_samples
+
+    path = tmp_path / "latin1.jsonl"
+    ok = orjson.dumps({"conversations": ["q", "a"]})
+    path.write_bytes(ok + b"\n" + '{"conversations": ["caf\u00e9 \u00e0 la", "a"]}\n'.encode("latin-1"))
+    with pytest.raises(GradsimError) as e:
+        load_samples(str(path))
+    # Column in characters: 'é' is the 24th character of line 2.
+    assert str(e.value) == f"{path}: line 2 is not UTF-8 text (byte 0xe9 at column 24): save the file as UTF-8"
+    # Valid multi-byte characters before the bad byte count as one column each.
+    path.write_bytes('{"conversations": ["\u00fc", "'.encode() + b"\xff" + b'"]}\n')
+    with pytest.raises(GradsimError, match=r"line 1 is not UTF-8 text \(byte 0xff at column 26\)"):
+        load_samples(str(path))

@@ -70,12 +70,27 @@ def _parse_row(row: Any, where: str, index: int) -> Sample:
     return Sample(sid, prompt, response, positional)
 
 
+def _check_utf8(raw: bytes, path: Path) -> None:
+    """A file that is not UTF-8: where, in the user's terms (line, column in characters, the byte)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[line_start : e.start].decode("utf-8")) + 1
+        raise GradsimError(
+            f"{path}: line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}): "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[Any]:
     rows = []
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise GradsimError(f"cannot read {path} ({e.strerror}): check the path") from None
+    _check_utf8(raw, path)
     for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
