@@ -124,3 +124,26 @@ def test_a_file_that_is_not_utf8_names_line_column_and_byte(tmp_path):
     path.write_bytes('{"conversations": ["\u00fc", "'.encode() + b"\xff" + b'"]}\n')
     with pytest.raises(GradsimError, match=r"line 1 is not UTF-8 text \(byte 0xff at column 26\)"):
         load_samples(str(path))
+
+
+def test_sharegpt_rows_are_read_like_lima_rows(tmp_path):
+    from gradsim.data import load_samples
+
+    sharegpt = [
+        {"id": "a", "conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "r1"}]},
+        {
+            "id": "b",
+            "conversations": [
+                {"from": "system", "value": "be brief"},
+                {"from": "human", "value": "q2"},
+                {"from": "gpt", "value": "r2"},
+            ],
+        },
+    ]
+    lima = [{"id": "a", "conversations": ["q1", "r1"]}, {"id": "b", "conversations": ["q2", "r2"]}]
+    assert load_samples(write_jsonl(tmp_path / "s.jsonl", sharegpt)) == load_samples(
+        write_jsonl(tmp_path / "l.jsonl", lima)
+    )
+    bad = [{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "r"}]}]
+    with pytest.raises(GradsimError, match=r"row 0 \(lima_0\) has ShareGPT roles \['bot'\]: use human, gpt"):
+        load_samples(write_jsonl(tmp_path / "b.jsonl", bad))

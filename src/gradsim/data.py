@@ -3,8 +3,10 @@
 Accepted row formats (local JSONL or a Hugging Face hub dataset):
 - LIMA: ``{"conversations": ["user", "assistant", ...], "id"?: ...}``
 - messages (Tulu-v2 mixture): ``{"messages": [{"role": "user", "content": ...}, ...], "id"?: ...}``
-Only the first user/assistant exchange is used (the study is single-turn). A row without ``id``
-gets ``lima_<row index>``.
+- ShareGPT: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}], "id"?: ...}``
+  (roles human -> user, gpt -> assistant)
+System turns are dropped and only the first user/assistant exchange is used (the study is single-turn).
+A row without ``id`` gets ``lima_<row index>``.
 """
 
 from __future__ import annotations
@@ -31,32 +33,49 @@ class Sample:
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _turns(row: dict, where: str, index: int, sid: str) -> tuple[list[str], list[Any]]:
+    """(roles, contents) of a row in any accepted format, system turns included."""
+    if "conversations" in row:
+        turns = row["conversations"]
+        if isinstance(turns, list) and all(isinstance(t, str) for t in turns):  # LIMA
+            return ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))], turns
+        if isinstance(turns, list) and all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+            unknown = sorted({str(t["from"]) for t in turns if t["from"] not in SHAREGPT_ROLES})
+            if unknown:
+                raise GradsimError(
+                    f"{where}: row {index} ({sid}) has ShareGPT roles {unknown}: use human, gpt (and system)"
+                )
+            return [SHAREGPT_ROLES[t["from"]] for t in turns], [t["value"] for t in turns]
+        raise GradsimError(
+            f"{where}: row {index} ({sid}) 'conversations' must be a list of strings (LIMA) "
+            "or of {from, value} objects (ShareGPT)"
+        )
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise GradsimError(f"{where}: row {index} ({sid}) 'messages' must be a list of {{role, content}} objects")
+        return [m["role"] for m in msgs], [m["content"] for m in msgs]
+    raise GradsimError(
+        f"{where}: row {index} ({sid}) has neither 'conversations' nor 'messages': "
+        "use LIMA, ShareGPT or messages format"
+    )
+
+
 def _parse_row(row: Any, where: str, index: int) -> Sample:
     if not isinstance(row, dict):
         raise GradsimError(f"{where}: row {index} is not a JSON object: each line must hold one LIMA row")
     positional = row.get("id") is None
     sid = f"lima_{index}" if positional else str(row["id"])
-    if "conversations" in row:
-        turns = row["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-            raise GradsimError(f"{where}: row {index} ({sid}) 'conversations' must be a list of strings")
-        roles = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-        contents = turns
-    elif "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise GradsimError(f"{where}: row {index} ({sid}) 'messages' must be a list of {{role, content}} objects")
-        msgs = [m for m in msgs if m["role"] != "system"]
-        roles = [m["role"] for m in msgs]
-        contents = [m["content"] for m in msgs]
-        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
-        if roles != expected:
-            raise GradsimError(
-                f"{where}: row {index} ({sid}) has roles {roles}, not alternating user/assistant: fix or drop the row"
-            )
-    else:
+    roles, contents = _turns(row, where, index, sid)
+    kept = [(r, c) for r, c in zip(roles, contents) if r != "system"]
+    roles, contents = [r for r, _ in kept], [c for _, c in kept]
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
+    if roles != expected:
         raise GradsimError(
-            f"{where}: row {index} ({sid}) has neither 'conversations' nor 'messages': use LIMA or messages format"
+            f"{where}: row {index} ({sid}) has roles {roles}, not alternating user/assistant: fix or drop the row"
         )
     if len(contents) < 2:
         raise GradsimError(
