@@ -147,3 +147,81 @@ def test_sharegpt_rows_are_read_like_lima_rows(tmp_path):
     bad = [{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "r"}]}]
     with pytest.raises(GradsimError, match=r"row 0 \(lima_0\) has ShareGPT roles \['bot'\]: use human, gpt"):
         load_samples(write_jsonl(tmp_path / "b.jsonl", bad))
+
+
+def bundled_rows(name="original.jsonl"):
+    return [orjson.loads(line) for line in (BUNDLED_DATA / name).read_bytes().splitlines() if line.strip()]
+
+
+def messages_rows():
+    """The bundled originals in messages format, a system turn in front of every other row."""
+    out = []
+    for i, r in enumerate(bundled_rows()):
+        msgs = [
+            {"role": "user", "content": r["conversations"][0]},
+            {"role": "assistant", "content": r["conversations"][1]},
+        ]
+        out.append({"id": r["id"], "messages": ([{"role": "system", "content": "hi"}] if i % 2 else []) + msgs})
+    return out
+
+
+def test_local_files_in_other_formats_give_the_same_samples(tmp_path):
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gradsim.data import load_samples, samples_sha256
+
+    expected = load_samples(str(BUNDLED_DATA / "original.jsonl"))
+    rows = bundled_rows()
+    jsonl = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    # Rows of every format in one file: a schema inferred from the first rows would break on the others.
+    mixed = [r if i % 3 == 0 else m for i, (r, m) in enumerate(zip(rows, messages_rows()))]
+    mixed[1] = {
+        "id": rows[1]["id"],
+        "conversations": [{"from": "human", "value": rows[1]["conversations"][0]}]
+        + [{"from": "gpt", "value": rows[1]["conversations"][1]}],
+    }
+    files = {
+        "bom.jsonl": codecs_bom() + jsonl,
+        "array.json": orjson.dumps(rows),
+        "pretty.json": json.dumps(rows, indent=2, ensure_ascii=False).encode(),
+        "bom-pretty.json": codecs_bom() + json.dumps(mixed, indent=4).encode(),
+        "rows.jsonl.gz": gzip.compress(jsonl),
+        "mixed.jsonl": b"".join(orjson.dumps(r) + b"\n" for r in mixed),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    pq.write_table(pa.Table.from_pylist(messages_rows()), tmp_path / "messages.parquet")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for name in [*files, "rows.parquet", "messages.parquet"]:
+        got = load_samples(str(tmp_path / name))
+        assert got == expected and samples_sha256(got) == samples_sha256(expected), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no cache written beside the data
+
+
+def codecs_bom():
+    import codecs
+
+    return codecs.BOM_UTF8
+
+
+def test_a_broken_json_array_or_parquet_names_the_file_and_line(tmp_path):
+    from gradsim.data import load_samples
+
+    path = tmp_path / "broken.json"
+    path.write_bytes(b'[\n  {"conversations": ["q", "a"]},\n  {"conversations" ["q", "a"]}\n]\n')
+    with pytest.raises(GradsimError, match=rf"^{path}:3 is not valid JSON \(.* at column \d+\): fix the line"):
+        load_samples(str(path))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(GradsimError, match=r"cannot read .*bad.parquet as parquet \(.*\): check the file") as e:
+        load_samples(str(tmp_path / "bad.parquet"))
+    assert "\n" not in str(e.value)
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(GradsimError, match=r"bad.jsonl.gz is not a valid gz file"):
+        load_samples(str(tmp_path / "bad.jsonl.gz"))
+    with pytest.raises(GradsimError, match=r"^data file .*nope.parquet does not exist: check the path"):
+        load_samples(str(tmp_path / "nope.parquet"))

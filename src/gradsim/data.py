@@ -1,6 +1,15 @@
 """Load LIMA-format data: original samples and their variants (queries), linked by stable ids.
 
-Accepted row formats (local JSONL or a Hugging Face hub dataset):
+Files: JSON text (JSON Lines or one JSON array of rows, one line or pretty-printed; .jsonl, .json,
+.ndjson, optionally .gz/.bz2/.xz; a UTF-8 BOM is skipped) is read here with orjson; any other local
+format the ``datasets`` library reads (Parquet, Arrow, CSV/TSV, ...) through ``datasets.load_dataset``
+into a temporary cache (offline, nothing written beside the data); a hub id through the hub. JSON text
+is not read through ``datasets`` on purpose: importing it alone takes about 2 s (a 48-row file takes
+10 ms here), and its json builder infers one Arrow schema for all rows, which does not hold for a file
+that mixes LIMA, ShareGPT and messages rows. Either way every row gets the same checks, and the content
+hash (samples_sha256) is of the parsed samples, so it does not depend on the file's format.
+
+Accepted row formats (local file or a Hugging Face hub dataset):
 - LIMA: ``{"conversations": ["user", "assistant", ...], "id"?: ...}``
 - messages (Tulu-v2 mixture): ``{"messages": [{"role": "user", "content": ...}, ...], "id"?: ...}``
 - ShareGPT: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}], "id"?: ...}``
@@ -11,6 +20,7 @@ A row without ``id`` gets ``lima_<row index>``.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,25 +113,107 @@ def _check_utf8(raw: bytes, path: Path) -> None:
         ) from None
 
 
-def _read_jsonl(path: Path) -> list[Any]:
-    rows = []
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSIONS = (".gz", ".bz2", ".xz")
+TABULAR_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv")  # read through datasets (any other it knows, too)
+
+
+def _decompress(raw: bytes, path: Path) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}[path.suffix]
+    try:
+        return opener(raw)
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as e:
+        raise GradsimError(f"{path} is not a valid {path.suffix[1:]} file ({e}): check the file") from None
+
+
+def _read_json_text(path: Path) -> list[Any]:
+    """JSON Lines, or one JSON array of rows (on one line or pretty-printed); a UTF-8 BOM is skipped."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise GradsimError(f"cannot read {path} ({e.strerror}): check the path") from None
+    if path.suffix in COMPRESSIONS:
+        raw = _decompress(raw, path)
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     _check_utf8(raw, path)
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
+    if raw.lstrip()[:1] == b"[":
         try:
-            rows.append(orjson.loads(line))
+            rows = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise GradsimError(
-                f"{path}:{lineno} is not valid JSON ({e}): fix the line; the file must be JSON Lines"
+                f"{path}:{e.lineno} is not valid JSON ({e.msg} at column {e.colno}): fix the line; "
+                "the file must be a JSON array of rows, or JSON Lines"
             ) from None
+    else:
+        rows = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(orjson.loads(line))
+            except orjson.JSONDecodeError as e:
+                raise GradsimError(
+                    f"{path}:{lineno} is not valid JSON ({e}): fix the line; the file must be JSON Lines"
+                ) from None
     if not rows:
         raise GradsimError(f"{path} holds no rows: give a JSONL file with one LIMA row per line")
     return rows
+
+
+def _datasets_builder(path: Path) -> Optional[tuple[str, dict]]:
+    """The packaged ``datasets`` builder for a file that is not JSON text, or None."""
+    name = path.name.lower()
+    for c in COMPRESSIONS:
+        name = name.removesuffix(c)
+    suffix = Path(name).suffix
+    if not suffix or suffix in JSON_SUFFIXES:
+        return None
+    try:
+        from datasets.packaged_modules import _EXTENSION_TO_MODULE as known
+    except ImportError:  # a datasets without the private table: the common formats
+        known = {
+            ".parquet": ("parquet", {}),
+            ".arrow": ("arrow", {}),
+            ".csv": ("csv", {}),
+            ".tsv": ("csv", {"sep": "\t"}),
+        }
+    return known.get(suffix)
+
+
+def _read_with_datasets(path: Path, builder: str, kwargs: dict) -> list[Any]:
+    """Rows of a file in any format ``datasets`` reads, through a temporary cache (nothing is written beside
+    the data, nothing is fetched: packaged builders work offline). Columns a row lacks come back as None
+    and are dropped, as in JSON."""
+    import tempfile
+
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="gradsim-data-") as cache:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, **kwargs)
+            rows = ds.to_list()
+            del ds
+    except Exception as e:  # each builder raises its own types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GradsimError(f"cannot read {path} as {builder} ({msg}): check the file, or give it as JSONL") from None
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    rows = [{k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r for r in rows]
+    if not rows:
+        raise GradsimError(f"{path} holds no rows: give a file with one LIMA row per record")
+    return rows
+
+
+def _read_local(path: Path) -> list[Any]:
+    builder = _datasets_builder(path)
+    return _read_json_text(path) if builder is None else _read_with_datasets(path, *builder)
 
 
 def _load_hub(name: str) -> list[Any]:
@@ -146,11 +238,13 @@ def _load_hub(name: str) -> list[Any]:
 
 def load_samples(source: str) -> list[Sample]:
     path = Path(source)
-    looks_like_file = path.suffix in (".jsonl", ".json") or path.exists() or source.startswith((".", "/"))
+    suffixes = set(path.suffixes) & {*JSON_SUFFIXES, *COMPRESSIONS, *TABULAR_SUFFIXES}
+    looks_like_file = bool(suffixes) or path.exists() or source.startswith((".", "/", "~"))
     if looks_like_file:
+        path = path.expanduser()
         if not path.exists():
             raise GradsimError(f"data file {source} does not exist: check the path (or use a hub id such as GAIR/lima)")
-        rows = _read_jsonl(path)
+        rows = _read_local(path)
     else:
         rows = _load_hub(source)
     samples = [_parse_row(r, source, i) for i, r in enumerate(rows)]
