@@ -225,3 +225,53 @@ def test_a_broken_json_array_or_parquet_names_the_file_and_line(tmp_path):
         load_samples(str(tmp_path / "bad.jsonl.gz"))
     with pytest.raises(GradsimError, match=r"^data file .*nope.parquet does not exist: check the path"):
         load_samples(str(tmp_path / "nope.parquet"))
+
+
+def multi_turn_originals(tmp_path):
+    """The bundled originals; row 0 with a second exchange, row 1 with a system message, row 2 with both."""
+    rows = messages_rows()
+    rows[0]["messages"] = [m for m in rows[0]["messages"] if m["role"] != "system"]
+    rows[0]["messages"] += [{"role": "user", "content": "and then?"}, {"role": "assistant", "content": "then."}]
+    rows[1]["messages"] = [{"role": "system", "content": "be brief"}] + rows[1]["messages"][-2:]
+    rows[2]["messages"] = [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}]
+    rows[2]["messages"] += [m for m in messages_rows()[2]["messages"] if m["role"] != "system"]
+    rows[2]["messages"] += [{"role": "user", "content": "more"}]
+    for r in rows[3:]:
+        r["messages"] = [m for m in r["messages"] if m["role"] != "system"]
+    return write_jsonl(tmp_path / "multi.jsonl", rows)
+
+
+def test_turns_and_system_messages_left_out_are_counted_and_logged(tmp_path, caplog):
+    originals = multi_turn_originals(tmp_path)
+    variants = str(BUNDLED_DATA / "paraphrased.jsonl")
+    with caplog.at_level(logging.WARNING, logger="gradsim"):
+        data = load_dataset(originals, variants)
+    assert data.dropped["original"] == {
+        "rows_with_later_turns": 2,
+        "later_turns": 3,
+        "rows_with_system_messages": 2,
+        "system_messages": 3,
+    }
+    assert set(data.dropped["variant"].values()) == {0}
+    assert caplog.text.count("only the first exchange") == 1
+    assert f"{originals}: only the first exchange of each row is used: 2 of its 48 rows have later turns" in caplog.text
+    # The samples (and their hash) are those of the single-turn file.
+    bundled = load_dataset(str(BUNDLED_DATA / "original.jsonl"), variants)
+    assert data.originals == bundled.originals and data.original_sha256 == bundled.original_sha256
+    # Counted over the samples used.
+    assert load_dataset(originals, variants, sample_size=1).dropped["original"]["later_turns"] == 2
+
+
+def test_results_report_what_the_data_held_beyond_the_first_exchange(tiny, tmp_path):
+    cfg = Config(
+        device="cpu",
+        sample_size=3,
+        output_dir=str(tmp_path / "out"),
+        top_k=2,
+        baselines=False,
+        original_data=multi_turn_originals(tmp_path),
+    )
+    res = run(cfg, lm=tiny)
+    assert res["data_dropped"]["original"]["later_turns"] == 3
+    assert res["data_dropped"]["original"]["system_messages"] == 3
+    assert res["data_dropped"]["variant"]["later_turns"] == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,8 @@ import orjson
 from .config import hf_token, redact
 from .errors import GradsimError
 
+log = logging.getLogger("gradsim")
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -38,6 +41,10 @@ class Sample:
     prompt: str
     response: str
     positional_id: bool = field(default=False, compare=False)  # no "id" in the row: lima_<row index>
+    # What the row held beyond the sample (the study is single-turn): turns after the first exchange, and
+    # system messages. Not part of the sample (nor of its equality or content hash): counted in Dataset.dropped.
+    later_turns: int = field(default=0, compare=False)
+    system_messages: int = field(default=0, compare=False)
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
@@ -81,6 +88,7 @@ def _parse_row(row: Any, where: str, index: int) -> Sample:
     sid = f"lima_{index}" if positional else str(row["id"])
     roles, contents = _turns(row, where, index, sid)
     kept = [(r, c) for r, c in zip(roles, contents) if r != "system"]
+    system = len(roles) - len(kept)
     roles, contents = [r for r, _ in kept], [c for _, c in kept]
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
     if roles != expected:
@@ -96,7 +104,7 @@ def _parse_row(row: Any, where: str, index: int) -> Sample:
         raise GradsimError(f"{where}: row {index} ({sid}) has an empty user prompt: fix or drop the row")
     if not isinstance(response, str) or not response.strip():
         raise GradsimError(f"{where}: row {index} ({sid}) has an empty response: fix or drop the row")
-    return Sample(sid, prompt, response, positional)
+    return Sample(sid, prompt, response, positional, len(contents) - 2, system)
 
 
 def _check_utf8(raw: bytes, path: Path) -> None:
@@ -232,7 +240,12 @@ def _load_hub(name: str) -> list[Any]:
     if rows and "dataset" in rows[0] and "messages" in rows[0]:
         # Tulu-v2 mixture: keep the LIMA subset, and drop multi-turn rows as the study did.
         rows = [r for r in rows if str(r.get("dataset", "")).startswith("lima")]
+        lima = len(rows)
         rows = [r for r in rows if len([m for m in r["messages"] if m["role"] != "system"]) == 2]
+        if len(rows) < lima:
+            log.info(
+                "%s: %d of its %d LIMA rows are multi-turn: skipped, as the study did", name, lima - len(rows), lima
+            )
     return rows
 
 
@@ -256,12 +269,40 @@ def load_samples(source: str) -> list[Sample]:
     return samples
 
 
+def dropped_counts(samples: list[Sample]) -> dict[str, int]:
+    """What the rows of these samples held that the study does not use (it is single-turn)."""
+    return {
+        "rows_with_later_turns": sum(s.later_turns > 0 for s in samples),
+        "later_turns": sum(s.later_turns for s in samples),
+        "rows_with_system_messages": sum(s.system_messages > 0 for s in samples),
+        "system_messages": sum(s.system_messages for s in samples),
+    }
+
+
+def log_dropped(source: str, samples: list[Sample]) -> dict[str, int]:
+    counts = dropped_counts(samples)
+    if counts["later_turns"] or counts["system_messages"]:
+        log.warning(
+            "%s: only the first exchange of each row is used: %d of its %d rows have later turns (%d turns left "
+            "out), %d rows have system messages (%d left out)",
+            source,
+            counts["rows_with_later_turns"],
+            len(samples),
+            counts["later_turns"],
+            counts["rows_with_system_messages"],
+            counts["system_messages"],
+        )
+    return counts
+
+
 @dataclass
 class Dataset:
     originals: list[Sample]
     queries: list[Sample]  # the variants, each linked to the original with the same id
     original_sha256: str = ""
     variant_sha256: str = ""
+    # Per file ("original", "variant"), of the samples used: turns and system messages left out (dropped_counts).
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def original_index(self) -> dict[str, int]:
         return {s.id: i for i, s in enumerate(self.originals)}
@@ -290,7 +331,8 @@ def load_dataset(original_source: str, variant_source: str, sample_size: Optiona
         originals = originals[:sample_size]
         keep = {s.id for s in originals}
         queries = [q for q in queries if q.id in keep]
-    return Dataset(originals, queries, samples_sha256(originals), samples_sha256(queries))
+    dropped = {"original": log_dropped(original_source, originals), "variant": log_dropped(variant_source, queries)}
+    return Dataset(originals, queries, samples_sha256(originals), samples_sha256(queries), dropped)
 
 
 def samples_sha256(samples: list[Sample]) -> str:

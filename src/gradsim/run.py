@@ -663,6 +663,7 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "queries": queries,
         "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
         "truncated": truncation(p, lm),
+        "data_dropped": data.dropped,  # turns and system messages of the rows the study does not use
     }
     if cost is not None:
         result["cost"] = cost
