@@ -217,8 +217,10 @@ OPTIONS = (
     Option("seed", "projection seed"),
     Option("partition_start", "first query index of this partition"),
     Option("partition_end", "query index one past the end of this partition"),
-    Option("original_data", "original samples: JSONL path or hub id (default: bundled sample)"),
-    Option("variant_data", "variants (queries): JSONL path or hub id (default: bundled file of --setting)"),
+    Option(
+        "original_data", "original samples: local file (JSONL, JSON, Parquet, ...) or hub id (default: bundled sample)"
+    ),
+    Option("variant_data", "variants (queries): local file or hub id (default: bundled file of --setting)"),
     Option("paraphrased_data", "with --setting both: the paraphrased variants (default: bundled)"),
     Option("model_generated_data", "with --setting both: the model-generated variants (default: bundled)"),
     Option(
