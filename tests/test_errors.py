@@ -99,6 +99,13 @@ def test_sample_size_must_be_positive(tmp_path, capsys, monkeypatch, value):
     assert code == 2 and "MT_SAMPLE_SIZE" in err and not outdir.exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_sample_size_flag_is_named_as_given(tmp_path, capsys, monkeypatch, value):
+    code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, f"--sample-size={value}")
+    assert code == 2 and err.count("\n") == 0 and not outdir.exists()
+    assert err.startswith(f"error: --sample-size must be a positive integer, got {value}") and "MT_" not in err, err
+
+
 def test_hub_dataset_unreachable_says_how_to_use_the_bundled_sample(tmp_path, capsys, monkeypatch):
     code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--original-data", "GAIR/lima")
     assert code == 2 and "bundled sample" in err and SECRET not in err and not outdir.exists()
@@ -118,3 +125,36 @@ def test_real_process_exit_code_and_single_line(tmp_path):
         "error: unknown --setting 'nope': choose one of paraphrased, model-generated, both"
     ]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/models/x", "./models/x", "models/org/x", "~/no-such-model-dir"])
+def test_a_missing_model_directory_is_not_sent_to_the_hub(tmp_path, capsys, monkeypatch, model):
+    import gradsim.model
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(gradsim.model, "hub_reachable", no_hub)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--model", model)
+    assert code == 2 and err.count("\n") == 0 and not outdir.exists(), err
+    assert err == f"error: model directory {model} does not exist: check the path, or give a hub id ORG/NAME"
+
+
+def test_a_hub_model_without_the_hub_fails_at_once(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import gradsim.model
+
+    def refused(*a, **k):
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    gradsim.model.hub_reachable.cache_clear()
+    try:
+        code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--model", "no-such-org/no-such-model")
+    finally:
+        gradsim.model.hub_reachable.cache_clear()
+    assert code == 2 and err.count("\n") == 0 and not outdir.exists(), err
+    assert "cannot be reached" in err and "HF_HUB_OFFLINE=1" in err and "local model directory" in err

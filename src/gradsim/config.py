@@ -161,7 +161,11 @@ class Config:
         if self.top_k < 1:
             raise GradsimError(f"--top-k must be at least 1, got {self.top_k}")
         if self.sample_size is not None and self.sample_size < 1:
-            raise GradsimError(f"MT_SAMPLE_SIZE must be a positive integer, got {self.sample_size!r}")
+            # MT_SAMPLE_SIZE is checked, under its own name, where it is read (env_defaults).
+            raise GradsimError(
+                f"--sample-size must be a positive integer, got {self.sample_size!r}: give e.g. 10, or drop it "
+                "to use all samples"
+            )
         if self.max_length is not None and self.max_length < 2:
             raise GradsimError(f"--max-length must be at least 2 tokens, got {self.max_length}")
         check_at_least(1, "a positive integer", (("--proj-dim", self.proj_dim), ("--batch-size", self.batch_size)))
@@ -225,8 +229,10 @@ OPTIONS = (
     Option("seed", "projection seed"),
     Option("partition_start", "first query index of this partition"),
     Option("partition_end", "query index one past the end of this partition"),
-    Option("original_data", "original samples: JSONL path or hub id (default: bundled sample)"),
-    Option("variant_data", "variants (queries): JSONL path or hub id (default: bundled file of --setting)"),
+    Option(
+        "original_data", "original samples: local file (JSONL, JSON, Parquet, ...) or hub id (default: bundled sample)"
+    ),
+    Option("variant_data", "variants (queries): local file or hub id (default: bundled file of --setting)"),
     Option("paraphrased_data", "with --setting both: the paraphrased variants (default: bundled)"),
     Option("model_generated_data", "with --setting both: the model-generated variants (default: bundled)"),
     Option(

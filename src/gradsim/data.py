@@ -1,15 +1,28 @@
 """Load LIMA-format data: original samples and their variants (queries), linked by stable ids.
 
-Accepted row formats (local JSONL or a Hugging Face hub dataset):
+Files: JSON text (JSON Lines or one JSON array of rows, one line or pretty-printed; .jsonl, .json,
+.ndjson, optionally .gz/.bz2/.xz; a UTF-8 BOM is skipped) is read here with orjson; any other local
+format the ``datasets`` library reads (Parquet, Arrow, CSV/TSV, ...) through ``datasets.load_dataset``
+into a temporary cache (offline, nothing written beside the data); a hub id through the hub. JSON text
+is not read through ``datasets`` on purpose: importing it alone takes about 2 s (a 48-row file takes
+10 ms here), and its json builder infers one Arrow schema for all rows, which does not hold for a file
+that mixes LIMA, ShareGPT and messages rows. Either way every row gets the same checks, and the content
+hash (samples_sha256) is of the parsed samples, so it does not depend on the file's format.
+
+Accepted row formats (local file or a Hugging Face hub dataset):
 - LIMA: ``{"conversations": ["user", "assistant", ...], "id"?: ...}``
 - messages (Tulu-v2 mixture): ``{"messages": [{"role": "user", "content": ...}, ...], "id"?: ...}``
-Only the first user/assistant exchange is used (the study is single-turn). A row without ``id``
-gets ``lima_<row index>``.
+- ShareGPT: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}], "id"?: ...}``
+  (roles human -> user, gpt -> assistant)
+System turns are dropped and only the first user/assistant exchange is used (the study is single-turn).
+A row without ``id`` gets ``lima_<row index>``.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +32,8 @@ import orjson
 from .config import hf_token, redact
 from .errors import GradsimError
 
+log = logging.getLogger("gradsim")
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -26,9 +41,44 @@ class Sample:
     prompt: str
     response: str
     positional_id: bool = field(default=False, compare=False)  # no "id" in the row: lima_<row index>
+    # What the row held beyond the sample (the study is single-turn): turns after the first exchange, and
+    # system messages. Not part of the sample (nor of its equality or content hash): counted in Dataset.dropped.
+    later_turns: int = field(default=0, compare=False)
+    system_messages: int = field(default=0, compare=False)
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _turns(row: dict, where: str, index: int, sid: str) -> tuple[list[str], list[Any]]:
+    """(roles, contents) of a row in any accepted format, system turns included."""
+    if "conversations" in row:
+        turns = row["conversations"]
+        if isinstance(turns, list) and all(isinstance(t, str) for t in turns):  # LIMA
+            return ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))], turns
+        if isinstance(turns, list) and all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+            unknown = sorted({str(t["from"]) for t in turns if t["from"] not in SHAREGPT_ROLES})
+            if unknown:
+                raise GradsimError(
+                    f"{where}: row {index} ({sid}) has ShareGPT roles {unknown}: use human, gpt (and system)"
+                )
+            return [SHAREGPT_ROLES[t["from"]] for t in turns], [t["value"] for t in turns]
+        raise GradsimError(
+            f"{where}: row {index} ({sid}) 'conversations' must be a list of strings (LIMA) "
+            "or of {from, value} objects (ShareGPT)"
+        )
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise GradsimError(f"{where}: row {index} ({sid}) 'messages' must be a list of {{role, content}} objects")
+        return [m["role"] for m in msgs], [m["content"] for m in msgs]
+    raise GradsimError(
+        f"{where}: row {index} ({sid}) has neither 'conversations' nor 'messages': "
+        "use LIMA, ShareGPT or messages format"
+    )
 
 
 def _parse_row(row: Any, where: str, index: int) -> Sample:
@@ -36,27 +86,14 @@ def _parse_row(row: Any, where: str, index: int) -> Sample:
         raise GradsimError(f"{where}: row {index} is not a JSON object: each line must hold one LIMA row")
     positional = row.get("id") is None
     sid = f"lima_{index}" if positional else str(row["id"])
-    if "conversations" in row:
-        turns = row["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-            raise GradsimError(f"{where}: row {index} ({sid}) 'conversations' must be a list of strings")
-        roles = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-        contents = turns
-    elif "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise GradsimError(f"{where}: row {index} ({sid}) 'messages' must be a list of {{role, content}} objects")
-        msgs = [m for m in msgs if m["role"] != "system"]
-        roles = [m["role"] for m in msgs]
-        contents = [m["content"] for m in msgs]
-        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
-        if roles != expected:
-            raise GradsimError(
-                f"{where}: row {index} ({sid}) has roles {roles}, not alternating user/assistant: fix or drop the row"
-            )
-    else:
+    roles, contents = _turns(row, where, index, sid)
+    kept = [(r, c) for r, c in zip(roles, contents) if r != "system"]
+    system = len(roles) - len(kept)
+    roles, contents = [r for r, _ in kept], [c for _, c in kept]
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
+    if roles != expected:
         raise GradsimError(
-            f"{where}: row {index} ({sid}) has neither 'conversations' nor 'messages': use LIMA or messages format"
+            f"{where}: row {index} ({sid}) has roles {roles}, not alternating user/assistant: fix or drop the row"
         )
     if len(contents) < 2:
         raise GradsimError(
@@ -67,27 +104,124 @@ def _parse_row(row: Any, where: str, index: int) -> Sample:
         raise GradsimError(f"{where}: row {index} ({sid}) has an empty user prompt: fix or drop the row")
     if not isinstance(response, str) or not response.strip():
         raise GradsimError(f"{where}: row {index} ({sid}) has an empty response: fix or drop the row")
-    return Sample(sid, prompt, response, positional)
+    return Sample(sid, prompt, response, positional, len(contents) - 2, system)
 
 
-def _read_jsonl(path: Path) -> list[Any]:
-    rows = []
+def _check_utf8(raw: bytes, path: Path) -> None:
+    """A file that is not UTF-8: where, in the user's terms (line, column in characters, the byte)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[line_start : e.start].decode("utf-8")) + 1
+        raise GradsimError(
+            f"{path}: line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}): "
+            "save the file as UTF-8"
+        ) from None
+
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSIONS = (".gz", ".bz2", ".xz")
+TABULAR_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv")  # read through datasets (any other it knows, too)
+
+
+def _decompress(raw: bytes, path: Path) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}[path.suffix]
+    try:
+        return opener(raw)
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as e:
+        raise GradsimError(f"{path} is not a valid {path.suffix[1:]} file ({e}): check the file") from None
+
+
+def _read_json_text(path: Path) -> list[Any]:
+    """JSON Lines, or one JSON array of rows (on one line or pretty-printed); a UTF-8 BOM is skipped."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise GradsimError(f"cannot read {path} ({e.strerror}): check the path") from None
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
+    if path.suffix in COMPRESSIONS:
+        raw = _decompress(raw, path)
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    _check_utf8(raw, path)
+    if raw.lstrip()[:1] == b"[":
         try:
-            rows.append(orjson.loads(line))
+            rows = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise GradsimError(
-                f"{path}:{lineno} is not valid JSON ({e}): fix the line; the file must be JSON Lines"
+                f"{path}:{e.lineno} is not valid JSON ({e.msg} at column {e.colno}): fix the line; "
+                "the file must be a JSON array of rows, or JSON Lines"
             ) from None
+    else:
+        rows = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(orjson.loads(line))
+            except orjson.JSONDecodeError as e:
+                raise GradsimError(
+                    f"{path}:{lineno} is not valid JSON ({e}): fix the line; the file must be JSON Lines"
+                ) from None
     if not rows:
         raise GradsimError(f"{path} holds no rows: give a JSONL file with one LIMA row per line")
     return rows
+
+
+def _datasets_builder(path: Path) -> Optional[tuple[str, dict]]:
+    """The packaged ``datasets`` builder for a file that is not JSON text, or None."""
+    name = path.name.lower()
+    for c in COMPRESSIONS:
+        name = name.removesuffix(c)
+    suffix = Path(name).suffix
+    if not suffix or suffix in JSON_SUFFIXES:
+        return None
+    try:
+        from datasets.packaged_modules import _EXTENSION_TO_MODULE as known
+    except ImportError:  # a datasets without the private table: the common formats
+        known = {
+            ".parquet": ("parquet", {}),
+            ".arrow": ("arrow", {}),
+            ".csv": ("csv", {}),
+            ".tsv": ("csv", {"sep": "\t"}),
+        }
+    return known.get(suffix)
+
+
+def _read_with_datasets(path: Path, builder: str, kwargs: dict) -> list[Any]:
+    """Rows of a file in any format ``datasets`` reads, through a temporary cache (nothing is written beside
+    the data, nothing is fetched: packaged builders work offline). Columns a row lacks come back as None
+    and are dropped, as in JSON."""
+    import tempfile
+
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="gradsim-data-") as cache:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, **kwargs)
+            rows = ds.to_list()
+            del ds
+    except Exception as e:  # each builder raises its own types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GradsimError(f"cannot read {path} as {builder} ({msg}): check the file, or give it as JSONL") from None
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    rows = [{k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r for r in rows]
+    if not rows:
+        raise GradsimError(f"{path} holds no rows: give a file with one LIMA row per record")
+    return rows
+
+
+def _read_local(path: Path) -> list[Any]:
+    builder = _datasets_builder(path)
+    return _read_json_text(path) if builder is None else _read_with_datasets(path, *builder)
 
 
 def _load_hub(name: str) -> list[Any]:
@@ -106,17 +240,24 @@ def _load_hub(name: str) -> list[Any]:
     if rows and "dataset" in rows[0] and "messages" in rows[0]:
         # Tulu-v2 mixture: keep the LIMA subset, and drop multi-turn rows as the study did.
         rows = [r for r in rows if str(r.get("dataset", "")).startswith("lima")]
+        lima = len(rows)
         rows = [r for r in rows if len([m for m in r["messages"] if m["role"] != "system"]) == 2]
+        if len(rows) < lima:
+            log.info(
+                "%s: %d of its %d LIMA rows are multi-turn: skipped, as the study did", name, lima - len(rows), lima
+            )
     return rows
 
 
 def load_samples(source: str) -> list[Sample]:
     path = Path(source)
-    looks_like_file = path.suffix in (".jsonl", ".json") or path.exists() or source.startswith((".", "/"))
+    suffixes = set(path.suffixes) & {*JSON_SUFFIXES, *COMPRESSIONS, *TABULAR_SUFFIXES}
+    looks_like_file = bool(suffixes) or path.exists() or source.startswith((".", "/", "~"))
     if looks_like_file:
+        path = path.expanduser()
         if not path.exists():
             raise GradsimError(f"data file {source} does not exist: check the path (or use a hub id such as GAIR/lima)")
-        rows = _read_jsonl(path)
+        rows = _read_local(path)
     else:
         rows = _load_hub(source)
     samples = [_parse_row(r, source, i) for i, r in enumerate(rows)]
@@ -128,12 +269,40 @@ def load_samples(source: str) -> list[Sample]:
     return samples
 
 
+def dropped_counts(samples: list[Sample]) -> dict[str, int]:
+    """What the rows of these samples held that the study does not use (it is single-turn)."""
+    return {
+        "rows_with_later_turns": sum(s.later_turns > 0 for s in samples),
+        "later_turns": sum(s.later_turns for s in samples),
+        "rows_with_system_messages": sum(s.system_messages > 0 for s in samples),
+        "system_messages": sum(s.system_messages for s in samples),
+    }
+
+
+def log_dropped(source: str, samples: list[Sample]) -> dict[str, int]:
+    counts = dropped_counts(samples)
+    if counts["later_turns"] or counts["system_messages"]:
+        log.warning(
+            "%s: only the first exchange of each row is used: %d of its %d rows have later turns (%d turns left "
+            "out), %d rows have system messages (%d left out)",
+            source,
+            counts["rows_with_later_turns"],
+            len(samples),
+            counts["later_turns"],
+            counts["rows_with_system_messages"],
+            counts["system_messages"],
+        )
+    return counts
+
+
 @dataclass
 class Dataset:
     originals: list[Sample]
     queries: list[Sample]  # the variants, each linked to the original with the same id
     original_sha256: str = ""
     variant_sha256: str = ""
+    # Per file ("original", "variant"), of the samples used: turns and system messages left out (dropped_counts).
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def original_index(self) -> dict[str, int]:
         return {s.id: i for i, s in enumerate(self.originals)}
@@ -162,7 +331,8 @@ def load_dataset(original_source: str, variant_source: str, sample_size: Optiona
         originals = originals[:sample_size]
         keep = {s.id for s in originals}
         queries = [q for q in queries if q.id in keep]
-    return Dataset(originals, queries, samples_sha256(originals), samples_sha256(queries))
+    dropped = {"original": log_dropped(original_source, originals), "variant": log_dropped(variant_source, queries)}
+    return Dataset(originals, queries, samples_sha256(originals), samples_sha256(queries), dropped)
 
 
 def samples_sha256(samples: list[Sample]) -> str:

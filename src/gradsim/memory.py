@@ -97,7 +97,10 @@ def model_shape(cfg: Config) -> Optional[ModelShape]:
         source, kwargs = str(embedded_model_dir()[0]), {}
     else:
         source = cfg.model_name
+        from .model import model_source_kwargs
+
         kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "token": hf_token()}
+        kwargs.update(model_source_kwargs(source, cfg.revision))  # a missing path or no hub: fails here, at once
     try:
         return shape_of_config(AutoConfig.from_pretrained(source, **kwargs))
     except Exception as e:  # unknown id, no network, remote code not trusted: load_model says which

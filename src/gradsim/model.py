@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -175,6 +176,61 @@ def select_chat_template(tokenizer, choice: Optional[str], model_name: str) -> s
     return template
 
 
+def looks_like_path(name: str) -> bool:
+    """A --model that can only be a local directory: a hub id is exactly ORG/NAME (or NAME)."""
+    return (
+        name.startswith(("/", "~", "."))
+        or "\\" in name
+        or name.endswith("/")
+        or name.count("/") > 1
+        or Path(name).expanduser().exists()
+    )
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint opens (once per process). Behind a proxy, assumed
+    reachable: the proxy decides."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def model_source_kwargs(name: str, revision: Optional[str] = None) -> dict:
+    """Check --model before anything contacts the hub, and the from_pretrained arguments that follow.
+
+    A path that does not exist fails at once (never sent to the hub as an id). A hub id while the hub
+    cannot be reached loads from the local cache when it is there (local_files_only), and otherwise fails
+    at once instead of retrying for a minute."""
+    if looks_like_path(name):
+        if not Path(name).expanduser().exists():
+            raise GradsimError(f"model directory {name} does not exist: check the path, or give a hub id ORG/NAME")
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        return {}
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):
+        log.info("the Hugging Face hub cannot be reached: loading %s from the local cache", name)
+        return {"local_files_only": True}
+    raise GradsimError(
+        f"cannot load model {name!r}: the Hugging Face hub ({constants.ENDPOINT}) cannot be reached and the "
+        "model is not in the local cache: give a local model directory, or download it where the hub is "
+        "reachable and set HF_HUB_OFFLINE=1"
+    )
+
+
 def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,6 +252,7 @@ def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedMode
                 "check out that revision there and drop --revision, or give a hub id"
             )
         kwargs = {"token": hf_token(), "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        kwargs.update(model_source_kwargs(source, cfg.revision))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=weights_dtype(cfg.dtype), **kwargs)

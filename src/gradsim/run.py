@@ -224,6 +224,7 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
         if not cfg.use_random_projection:
             check_exact_fits(cfg, device)  # from the model's config alone, before its weights are loaded
         lm = load_model(cfg, device)
+    check_encodable(parts, lm)  # bad input (a prompt longer than --max-length) before anything is written
     with ExitStack() as held:
         held.enter_context(exit_on_sigterm())
         for p in parts:  # one process per query range: its progress log, blocks and scratch are its own
@@ -233,9 +234,27 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
         return run_locked(cfg, parts, lm)
 
 
+def resolved_max_length(cfg: Config, lm: LoadedModel) -> int:
+    return min(cfg.max_length or lm.context_length, lm.context_length)
+
+
+def check_encodable(parts: list[Part], lm: LoadedModel) -> None:
+    """Encode every sample a run may encode (all originals: shards, calibration and --normalize read
+    them; the queries of each range), for the run's loss target and for the baselines' (the response),
+    so that a sample that cannot be encoded ends the run before it writes anything (no progress log, no
+    empty folder) and its error is not printed on a progress bar's line."""
+    cfg = parts[0].cfg
+    max_length = resolved_max_length(cfg, lm)
+    targets = dict.fromkeys([cfg.loss_on] + (["response"] if cfg.baselines else []))
+    samples = list(parts[0].data.originals) + [q for p in parts for q in p.data.queries[p.start : p.end]]
+    for loss_on in targets:
+        for s in samples:
+            encode(lm.tokenizer, s, max_length, loss_on)
+
+
 def run_locked(cfg: Config, parts: list[Part], lm: LoadedModel) -> list[dict]:
     version = code_version()
-    max_length = min(cfg.max_length or lm.context_length, lm.context_length)
+    max_length = resolved_max_length(cfg, lm)
     for p in parts:
         p.cfg.model_revision, p.cfg.chat_template_sha256 = lm.revision, lm.chat_template_sha256
         p.cfg.code_version, p.cfg.max_length = version, max_length
@@ -661,6 +680,7 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "queries": queries,
         "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
         "truncated": truncation(p, lm),
+        "data_dropped": data.dropped,  # turns and system messages of the rows the study does not use
     }
     if cost is not None:
         result["cost"] = cost
