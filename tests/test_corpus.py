@@ -24,6 +24,7 @@ def cfg_for(tmp_path, **kw):
     return Config(**base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("projection,dim", [("factorized", 64), ("countsketch", 20000), ("tensorsketch", 20000)])
 def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_path, monkeypatch, projection, dim):
     whole = run(cfg_for(tmp_path / "whole", batch_size=3, projection=projection, proj_dim=dim), lm=tiny)
@@ -150,6 +151,7 @@ def test_representation_baseline_is_the_mean_final_hidden_state(tiny, samples):
     assert torch.allclose(v[d:], h.mean(0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_exact_corpus_run_streams_and_its_bm25_columns_equal_the_bm25_run(tiny, tmp_path):
     """Exact --candidates all holds a block of queries and streams every original past it (no store);
     the BM25 protocol picked out of it equals the BM25 run itself."""

@@ -111,6 +111,7 @@ def test_hub_dataset_unreachable_says_how_to_use_the_bundled_sample(tmp_path, ca
     assert code == 2 and "bundled sample" in err and SECRET not in err and not outdir.exists()
 
 
+@pytest.mark.slow
 def test_real_process_exit_code_and_single_line(tmp_path):
     env = dict(os.environ, HF_TOKEN=SECRET)
     p = subprocess.run(

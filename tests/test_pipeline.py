@@ -11,6 +11,9 @@ from gradsim.errors import GradsimError
 from gradsim.io import read_json
 from gradsim.run import run
 
+# Every test here runs the study end to end (tiny model): `-m 'not slow'` leaves them to the full suite.
+pytestmark = pytest.mark.slow
+
 
 def cfg_for(tmp_path, **kw):
     base = dict(device="cpu", sample_size=8, output_dir=str(tmp_path), top_k=3)

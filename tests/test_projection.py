@@ -106,6 +106,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_two_processes_build_bit_identical_projections():
     here = {"__name__": "in_process"}
     exec(_DIGEST, here)
@@ -260,6 +261,7 @@ print(h.hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_sketch_hashes_and_signs_are_bit_identical_across_processes():
     env = dict(os.environ, PYTHONHASHSEED="123")
     runs = [
@@ -316,6 +318,7 @@ def test_tensorsketch_equals_the_sketch_of_the_autograd_gradient(tiny, samples, 
         check_tensorsketch(f, tiny, enc, 3, 1e-4)
 
 
+@pytest.mark.slow
 def test_tensorsketch_on_the_embedded_model(embedded, samples):
     """The real model (tied 49,152 x 576 embedding, 30 layers) at the default size, one short sample."""
     encs = [encode(embedded.tokenizer, s, 128) for s in samples[:2]]
@@ -324,6 +327,7 @@ def test_tensorsketch_on_the_embedded_model(embedded, samples):
     check_tensorsketch(f, embedded, encs[1], 11, 1e-3)
 
 
+@pytest.mark.slow
 def test_tensorsketch_batched_equals_one_at_a_time_and_is_unbiased(tiny, samples, tiny_calibration):
     encs = [encode(tiny.tokenizer, s, n) for s, n in zip(samples[:3], (256, 200, 150))]
     f = TensorSketchFeaturizer(tiny.model, tiny.device, proj_dim=4000, seed=1, calibration=tiny_calibration)

@@ -20,7 +20,7 @@ import pytest
 import submitit
 from conftest import require_live_slurm
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # The jobs run in a fresh interpreter where this test module is not importable (tests/ is not a
 # package), so submitit's cloudpickle must carry the functions and classes below by value.

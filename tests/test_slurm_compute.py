@@ -23,7 +23,7 @@ from conftest import require_live_slurm
 from gradsim.io import read_json, read_jsonl_tolerant
 from gradsim.slurm_status import collect_status, format_status, queries_scored
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]

@@ -106,6 +106,7 @@ def reference_normalized(G_o: torch.Tensor, G_q: torch.Tensor, layout, steps, da
     return torch.nn.functional.normalize(G_q, dim=1) @ torch.nn.functional.normalize(G_o, dim=1).T
 
 
+@pytest.mark.slow
 def test_targets_and_normalizers_equal_plain_torch_on_exact_gradients(tiny, samples):
     """TargetSketcher with more dims per matrix than any matrix has keeps every gradient exact; each
     (target, normalizer) score matrix must equal plain torch on HF-loss gradients (``all`` computed
