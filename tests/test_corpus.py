@@ -5,6 +5,7 @@ import pytest
 
 from gradsim.combine import merge_partitions
 from gradsim.config import Config
+from gradsim.errors import GradsimError
 from gradsim.io import read_jsonl_tolerant
 from gradsim.run import run
 
@@ -210,3 +211,20 @@ def test_a_feature_store_the_disk_cannot_hold_is_refused(tiny, tmp_path, monkeyp
         GradsimError, match=r"the feature store .* needs 0\.\d+ GB more \(8 samples x \d+ dims x 4 bytes\)"
     ):
         run(cfg_for(tmp_path, proj_dim=64), lm=tiny)
+
+
+@pytest.mark.slow
+def test_combine_refuses_partitions_projected_differently(tiny, tmp_path):
+    """Two partitions whose trak features came from different projectors (e.g. a CUDA node with fast_jl
+    and a CPU node) are not merged: the refusal names the featurizer field."""
+    import json
+
+    for s, e in [(0, 4), (4, 8)]:
+        run(cfg_for(tmp_path, projection="trak", proj_dim=32, partition_start=s, partition_end=e), lm=tiny)
+    run_dir = tmp_path / "gradient-similarity" / "paraphrased-all-trak32"
+    second = sorted((run_dir / "partitions").glob("results_*.json"))[1]
+    r = json.loads(second.read_text())
+    r["featurizer"] = {**r["featurizer"], "projector": "CudaProjector (fast_jl)", "device_type": "cuda"}
+    second.write_text(json.dumps(r))
+    with pytest.raises(GradsimError, match="projected differently .*featurizer device_type: cpu vs cuda"):
+        merge_partitions(run_dir)

@@ -350,3 +350,14 @@ def test_tensorsketch_refuses_an_allocation_made_for_countsketch(tiny, tiny_cali
     alloc = make_allocation(tiny.model, tiny.device, "float32", 4000, tiny_calibration)
     with pytest.raises(GradsimError, match="tensorsketch allocation was made for another"):
         TensorSketchFeaturizer(tiny.model, tiny.device, proj_dim=4000, allocation=alloc)
+
+
+def test_trak_projection_does_not_depend_on_the_memory_budget(tiny, samples):
+    """traker's BasicProjector seeds each block of columns apart, so its block size must not follow the
+    memory budget (it did: features then changed with GRADSIM_MEMORY_GB); what it does depend on is recorded."""
+    enc = encode(tiny.tokenizer, samples[0], 256)
+    big = TrakFeaturizer(tiny.model, tiny.device, proj_dim=64, seed=5, memory_bytes=2**30)
+    small = TrakFeaturizer(tiny.model, tiny.device, proj_dim=64, seed=5, memory_bytes=4096)
+    assert torch.equal(big.features(enc), small.features(enc))
+    assert big.spec == small.spec
+    assert big.spec["projector"] == "BasicProjector" and big.spec["device_type"] == "cpu"

@@ -65,6 +65,14 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
                 f"{p.name} was made with a different configuration than {parts[0][2].name} "
                 f"({diff}): rerun it with the same settings or remove it"
             )
+        if r.get("featurizer") != first.get("featurizer"):
+            a, b = first.get("featurizer") or {}, r.get("featurizer") or {}
+            fields = [k for k in sorted({*a, *b}) if a.get(k) != b.get(k)][:3]
+            listed = ", ".join(f"featurizer {k}: {a.get(k)} vs {b.get(k)}" for k in fields)
+            raise GradsimError(
+                f"{p.name} was projected differently than {parts[0][2].name} ({listed}): rerun it where the "
+                "others ran (same device type and projector) or remove it"
+            )
     total = first["partition"]["num_queries"]
     ranges = [(s, e) for s, e, _ in parts]
     for (s1, e1), (s2, e2) in zip(ranges, ranges[1:]):

@@ -394,18 +394,29 @@ def uses_cuda_projector(device, proj_dim: int) -> bool:
     return True
 
 
-def trak_projector(grad_dim: int, proj_dim: int, seed: int, device, memory_bytes: int):
-    """The traker projector for one matrix: CudaProjector with fast_jl on CUDA, else BasicProjector.
+# BasicProjector seeds each block of columns separately, so its block size changes the projection: it is a
+# function of the matrix's size alone (at most TRAK_BLOCK_BYTES of Gaussian entries per block), never of the
+# memory budget or the machine, so every process projects a matrix the same way on a given device type.
+TRAK_BLOCK_BYTES = 2**30
+
+
+def trak_block_size(grad_dim: int, proj_dim: int) -> int:
+    return int(max(1, min(proj_dim, TRAK_BLOCK_BYTES // (4 * grad_dim))))
+
+
+def trak_projector(grad_dim: int, proj_dim: int, seed: int, device, memory_bytes: int = 0):
+    """The traker projector for one matrix: CudaProjector with fast_jl on CUDA, else BasicProjector with
+    the block size of trak_block_size (``memory_bytes`` is ignored: the projection must not depend on it).
 
     BasicProjector regenerates its Gaussian matrix block by block on every call unless one block
-    holds it all; the block is as large as memory_bytes allows, so small matrices are generated once.
+    holds it all (matrices of up to 2^30 / (4 proj_dim) entries).
     """
     from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 
     trak_seed = seed % 2**31  # fast_jl takes a C int; BasicProjector adds block offsets to it
     if uses_cuda_projector(device, proj_dim):
         return CudaProjector(grad_dim, proj_dim, trak_seed, ProjectionType.rademacher, device, max_batch_size=8)
-    block = int(max(1, min(proj_dim, memory_bytes // (4 * grad_dim))))
+    block = trak_block_size(grad_dim, proj_dim)
     return BasicProjector(
         grad_dim, proj_dim, trak_seed, ProjectionType.normal, device, block_size=block, dtype=torch.float32
     )
@@ -430,7 +441,10 @@ class TrakFeaturizer:
             "proj_dim": proj_dim,
             "seed": seed,
             "seed_rule": SEED_RULE + " % 2**31",
-            "projector": "CudaProjector (CUDA + fast_jl) else BasicProjector, per parameter matrix",
+            # What the numbers depend on besides the seed: a store or a merge never mixes features of two of these.
+            "projector": "CudaProjector (fast_jl)" if self.cuda_projector else "BasicProjector",
+            "device_type": self.device.type,
+            "block_rule": "" if self.cuda_projector else f"min(proj_dim, {TRAK_BLOCK_BYTES} // (4 x matrix entries))",
             "dims": int(self.layout.total),
             "scale": "1/sqrt(proj_dim) (traker's projectors are unscaled)",
         }
