@@ -34,23 +34,10 @@ if str(ROOT / "src") not in sys.path:
     sys.path.append(str(ROOT / "src"))
 
 
-def matmul_peak(device, reps: int = 5, n: int = 2048) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 def main() -> int:
     import numpy as np
     import torch
+    from bench_study_scale import matmul_gflops  # the other benches' peak: best of 2048^3 fp32 matmuls
 
     from gradsim import matrices
     from gradsim.config import Config
@@ -92,6 +79,10 @@ def main() -> int:
     }
     samples = load_samples(str(ROOT / "data" / "lima_sample" / "original.jsonl"))[: args.samples]
     encs = [encode(lm.tokenizer, s, min(args.max_length, lm.context_length)) for s in samples]
+
+    def matmul_peak(device) -> float:
+        return matmul_gflops(device)["fp32_gflops"] * 1e9
+
     peak_before = matmul_peak(device)
     params = sum(p.numel() for p in lm.model.parameters())
 

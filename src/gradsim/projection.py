@@ -531,11 +531,17 @@ def allocate_dims(shares: np.ndarray, shapes: list[tuple[int, ...]], total: int,
         active &= ~full
     for m, shape in enumerate(shapes):
         if k[m] < numel[m]:
-            if fit == "fft":
-                k[m] = smooth_at_most(int(k[m]))
-            else:
-                while k[m] > 1 and any(math.gcd(int(k[m]), d) != 1 for d in shape):
-                    k[m] -= 1
+            k[m] = fitted_dims(int(k[m]), shape, fit)
+    return k
+
+
+def fitted_dims(k: int, shape: tuple[int, ...], fit: str) -> int:
+    """The largest size <= k a sketch of this matrix can use: coprime to its sides (countsketch's mod-k
+    buckets) or 2-3-5-smooth (tensorsketch's FFTs)."""
+    if fit == "fft":
+        return smooth_at_most(k)
+    while k > 1 and any(math.gcd(k, d) != 1 for d in shape):
+        k -= 1
     return k
 
 

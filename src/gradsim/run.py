@@ -93,6 +93,7 @@ class Part:
     finished: Optional[dict] = None
     featurizer_spec: Optional[dict] = None
     normalizer: Optional[dict] = None  # --normalize: what was applied (normalize.GradientNormalizer.to_dict)
+    cut: dict[str, set[str]] = field(default_factory=dict)  # ids cut at --max-length (check_encodable)
     code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
 
     @property
@@ -242,14 +243,19 @@ def check_encodable(parts: list[Part], lm: LoadedModel) -> None:
     """Encode every sample a run may encode (all originals: shards, calibration and --normalize read
     them; the queries of each range), for the run's loss target and for the baselines' (the response),
     so that a sample that cannot be encoded ends the run before it writes anything (no progress log, no
-    empty folder) and its error is not printed on a progress bar's line."""
+    empty folder) and its error is not printed on a progress bar's line.
+    The samples cut at --max-length for the run's target are kept on each part (Part.cut) for results.json."""
     cfg = parts[0].cfg
     max_length = resolved_max_length(cfg, lm)
-    targets = dict.fromkeys([cfg.loss_on] + (["response"] if cfg.baselines else []))
-    samples = list(parts[0].data.originals) + [q for p in parts for q in p.data.queries[p.start : p.end]]
-    for loss_on in targets:
-        for s in samples:
-            encode(lm.tokenizer, s, max_length, loss_on)
+
+    def cut(samples, loss_on: str) -> set[str]:
+        return {s.id for s in samples if encode(lm.tokenizer, s, max_length, loss_on).truncated}
+
+    originals = cut(parts[0].data.originals, cfg.loss_on)
+    for p in parts:
+        p.cut = {"originals": originals, "queries": cut(p.data.queries[p.start : p.end], cfg.loss_on)}
+    if cfg.baselines and cfg.loss_on != "response":
+        cut([*parts[0].data.originals, *(q for p in parts for q in p.data.queries[p.start : p.end])], "response")
 
 
 def run_locked(cfg: Config, parts: list[Part], lm: LoadedModel) -> list[dict]:
@@ -679,7 +685,7 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "parameter_names": names,
         "queries": queries,
         "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
-        "truncated": truncation(p, lm),
+        "truncated": truncation(p),
         "data_dropped": data.dropped,  # turns and system messages of the rows the study does not use
     }
     if cost is not None:
@@ -689,21 +695,13 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
     return result
 
 
-def truncation(p: Part, lm: LoadedModel) -> dict:
+def truncation(p: Part) -> dict:
     """The samples of this range cut at --max-length (their gradients see only the first max_length
     tokens): its queries, and the originals among their candidates."""
     cfg, data = p.cfg, p.data
-    queries = [
-        data.queries[qi].id
-        for qi in range(p.start, p.end)
-        if encode(lm.tokenizer, data.queries[qi], cfg.max_length, cfg.loss_on).truncated
-    ]
+    queries = [data.queries[qi].id for qi in range(p.start, p.end) if data.queries[qi].id in p.cut["queries"]]
     needed = sorted({j for c in p.cands for j in c})
-    originals = [
-        data.originals[j].id
-        for j in needed
-        if encode(lm.tokenizer, data.originals[j], cfg.max_length, cfg.loss_on).truncated
-    ]
+    originals = [data.originals[j].id for j in needed if data.originals[j].id in p.cut["originals"]]
     return {
         "max_length": cfg.max_length,
         "queries": len(queries),

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import SETTINGS, Config, add_options, add_quiet_flag, env_defaults, parse_flags
+from .config import LOSS_TARGETS, SETTINGS, Config, add_options, add_quiet_flag, env_defaults, parse_flags
 from .encode import combine_targets, encode
 from .errors import GradsimError
 from .features import progress_bar
@@ -44,23 +44,19 @@ from .normalize import (
 
 log = logging.getLogger("gradsim")
 
-TARGETS = ("response", "prompt", "all")
+TARGETS = LOSS_TARGETS  # all three from two backward passes per sample
 KINDS = ("raw", "adafactor")  # features as they are, and scaled by the second moment
 DEFAULT_LAYERS = (-1,)
 
 
 def per_matrix_allocation(model, dims_per_matrix: int) -> dict:
     """A countsketch allocation giving every matrix the same dims (kept exact when it has fewer entries)."""
-    from .projection import _trainable, allocate_dims
+    from .projection import _trainable, fitted_dims
 
     names, shapes = _trainable(model)
     numel = [math.prod(s) for s in shapes]
-    # allocate_dims with equal shares and a total that gives each matrix at least dims_per_matrix: it
-    # keeps small matrices exact and lowers each sketched size to be coprime with the matrix's sides.
-    dims = [
-        int(n) if n <= dims_per_matrix else int(allocate_dims(np.ones(1), [s], dims_per_matrix)[0])
-        for n, s in zip(numel, shapes)
-    ]
+    # Small matrices exact; a sketched size lowered to be coprime with the matrix's sides (countsketch's rule).
+    dims = [n if n <= dims_per_matrix else fitted_dims(dims_per_matrix, s, "coprime") for n, s in zip(numel, shapes)]
     return {
         "total": int(sum(dims)),
         "calibration_ids": [],
@@ -155,7 +151,9 @@ def bootstrap(ranks: np.ndarray, resamples: int, seed: int) -> dict:
 
 def protocol_ranks(full: np.ndarray, cands: list[list[int]]) -> np.ndarray:
     """Rank of each query's true original (first in its candidate list) among its candidates."""
-    return true_rank(np.stack([full[q, c] for q, c in enumerate(cands)]))
+    from .baselines import candidate_scores
+
+    return true_rank(candidate_scores(full, list(range(len(cands))), cands))
 
 
 def random_rows(num_candidates: int, n: int) -> dict:
