@@ -427,8 +427,10 @@ class TrakFeaturizer:
 
     kind = "trak"
 
-    def __init__(self, model, device, dtype="float32", proj_dim=4096, seed=42, batch_size=1, memory_bytes=2**30):
-        self.computer = GradientComputer(model, device, dtype)
+    def __init__(
+        self, model, device, dtype="float32", proj_dim=4096, seed=42, batch_size=1, memory_bytes=2**30, computer=None
+    ):
+        self.computer = computer or GradientComputer(model, device, dtype)
         self.device, self.batch_size, self.proj_dim = torch.device(device), batch_size, proj_dim
         self.cuda_projector = uses_cuda_projector(self.device, proj_dim)
         full = self.computer.layout
@@ -660,8 +662,10 @@ class CountSketchFeaturizer(_CalibratedSketch):
     fit = "coprime"
     sketch_rule = "CountSketch per matrix: sign from the seed, bucket = flat index mod k_m"
 
-    def _build(self, model, device, dtype, seed, batch_size, allocation, sign_cache_bytes: int = 2**30) -> None:
-        self.computer = GradientComputer(model, device, dtype)
+    def _build(
+        self, model, device, dtype, seed, batch_size, allocation, sign_cache_bytes: int = 2**30, computer=None
+    ) -> None:
+        self.computer = computer or GradientComputer(model, device, dtype)
         self.device, self.batch_size, self.seed = device, batch_size, seed
         full = self.full = self.computer.layout
         self.dims = [int(d) for d in allocation["dims"]]

@@ -1,0 +1,61 @@
+"""One backward, many sizes: each size's features equal the featurizer built and run alone, and the
+whole multi-size featurization costs one backward pass per sample."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradsim.encode import encode
+from gradsim.errors import GradsimError
+from gradsim.multisize import make_multi_size
+from gradsim.projection import SKETCHES, FactorizedFeaturizer, TrakFeaturizer, make_allocation
+
+SIZES = {"tensorsketch": [256, 1024, 4096], "countsketch": [256, 1024, 4096], "factorized": [16, 64], "trak": [8, 32]}
+
+
+def alone(kind, tiny, k, seed, allocation):
+    if kind in SKETCHES:
+        cls = SKETCHES[kind]
+        return cls(tiny.model, tiny.device, "float32", k, seed, allocation=allocation)
+    if kind == "trak":
+        return TrakFeaturizer(tiny.model, tiny.device, "float32", k, seed)
+    return FactorizedFeaturizer(tiny.model, tiny.device, "float32", k, seed)
+
+
+@pytest.mark.parametrize("kind", list(SIZES))
+def test_each_size_equals_the_featurizer_alone(tiny, samples, kind):
+    encs = [encode(tiny.tokenizer, s, 256) for s in samples[:2]]
+    calibration = encs if kind in SKETCHES else None
+    multi = make_multi_size(kind, tiny.model, tiny.device, SIZES[kind], seed=5, calibration=calibration)
+    feats = torch.stack([multi.features(e) for e in encs])
+    assert multi.backward_passes == len(encs)  # one pass per sample for all sizes
+    parts = multi.split(feats)
+    assert len(parts) == len(SIZES[kind])
+    for k, got in zip(SIZES[kind], parts):
+        allocation = None
+        if kind in SKETCHES:  # what a run of this size alone would calibrate on the same samples
+            allocation = make_allocation(tiny.model, tiny.device, "float32", k, encs, SKETCHES[kind].fit)
+        f = alone(kind, tiny, k, 5, allocation)
+        want = torch.stack([f.features(e) for e in encs])
+        assert got.shape == want.shape, (kind, k)
+        scale = want.abs().max().item()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * scale), f"{kind} size {k}: {(got - want).abs().max()}"
+    if kind in SKETCHES:  # the sizes differ: the smaller ones are not the larger truncated
+        assert parts[0].shape[1] < parts[-1].shape[1]
+
+
+def test_batched_multi_size_equals_one_at_a_time(tiny, samples):
+    encs = [encode(tiny.tokenizer, s, n) for s, n in zip(samples[:3], (256, 200, 150))]
+    multi = make_multi_size("tensorsketch", tiny.model, tiny.device, [256, 2048], seed=1, batch_size=3, calibration=encs)
+    batched = multi.features_batch(encs)
+    assert multi.backward_passes == 1
+    for i, e in enumerate(encs):
+        single = multi.features(e)
+        assert torch.allclose(batched[i], single, rtol=1e-4, atol=1e-5 * single.abs().max().item())
+
+
+def test_bad_sizes_and_kinds_are_refused(tiny):
+    with pytest.raises(GradsimError, match="unknown projection"):
+        make_multi_size("gaussian", tiny.model, tiny.device, [64])
+    with pytest.raises(GradsimError, match="positive"):
+        make_multi_size("factorized", tiny.model, tiny.device, [0, 64])
