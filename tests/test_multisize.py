@@ -1,7 +1,6 @@
 """One backward, many sizes: each size's features equal the featurizer built and run alone, and the
 whole multi-size featurization costs one backward pass per sample."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -44,9 +43,39 @@ def test_each_size_equals_the_featurizer_alone(tiny, samples, kind):
         assert parts[0].shape[1] < parts[-1].shape[1]
 
 
+@pytest.mark.parametrize(
+    "family", [{"countsketch": [256, 1024], "trak": [8]}, {"tensorsketch": [512], "factorized": [16]}]
+)
+def test_one_pass_serves_several_projections_of_a_family(tiny, samples, family):
+    encs = [encode(tiny.tokenizer, s, 256) for s in samples[:2]]
+    multi = make_multi_size(family, tiny.model, tiny.device, seed=5, calibration=encs)
+    feats = torch.stack([multi.features(e) for e in encs])
+    assert multi.backward_passes == len(encs)
+    got = multi.split(feats)
+    i = 0
+    for kind, sizes in family.items():
+        for k in sizes:
+            allocation = (
+                make_allocation(tiny.model, tiny.device, "float32", k, encs, SKETCHES[kind].fit)
+                if kind in SKETCHES
+                else None
+            )
+            want = torch.stack([alone(kind, tiny, k, 5, allocation).features(e) for e in encs])
+            assert torch.allclose(got[i], want, rtol=1e-5, atol=1e-6 * want.abs().max().item()), (kind, k)
+            i += 1
+
+
+def test_a_mixed_family_is_refused(tiny, samples):
+    encs = [encode(tiny.tokenizer, s, 256) for s in samples[:1]]
+    with pytest.raises(GradsimError, match="not a mix"):
+        make_multi_size({"countsketch": [256], "tensorsketch": [256]}, tiny.model, tiny.device, calibration=encs)
+
+
 def test_batched_multi_size_equals_one_at_a_time(tiny, samples):
     encs = [encode(tiny.tokenizer, s, n) for s, n in zip(samples[:3], (256, 200, 150))]
-    multi = make_multi_size("tensorsketch", tiny.model, tiny.device, [256, 2048], seed=1, batch_size=3, calibration=encs)
+    multi = make_multi_size(
+        "tensorsketch", tiny.model, tiny.device, [256, 2048], seed=1, batch_size=3, calibration=encs
+    )
     batched = multi.features_batch(encs)
     assert multi.backward_passes == 1
     for i, e in enumerate(encs):

@@ -33,6 +33,7 @@ from .projection import (
 )
 
 KINDS = ("tensorsketch", "countsketch", "factorized", "trak")
+GRADIENT_KINDS = ("countsketch", "trak")  # from the exact gradient; the others are formed in the hooks
 
 
 class _MultiSlot:
@@ -78,16 +79,18 @@ class _HookedSizes(FactorizedFeaturizer):
 
 
 class MultiSizeFeaturizer:
-    """A projection's features at several sizes from one pass per sample (module docstring).
+    """Projections' features at several sizes from one pass per sample (module docstring).
 
-    ``parts``: featurizers of one kind, built alone for each size (make_multi_size builds them). The
-    features are the parts' features laid end to end; ``split(features)`` gives one array per size."""
+    ``parts``: featurizers built alone for each size (make_multi_size builds them), of one family: all
+    formed in the hooks (factorized, tensorsketch), or all from one shared exact gradient (countsketch,
+    trak). The features are the parts' features end to end; ``split(features)`` gives one array a part."""
 
     def __init__(self, parts: list):
-        kinds = {p.kind for p in parts}
-        if len(kinds) != 1:
-            raise GradsimError(f"a multi-size featurizer takes one projection, got {sorted(kinds)}")
-        self.kind, self.parts = kinds.pop(), parts
+        if not parts:
+            raise GradsimError("a multi-size featurizer needs at least one size")
+        self.parts = parts
+        self.kinds = list(dict.fromkeys(p.kind for p in parts))
+        self.kind = "+".join(self.kinds)
         self.dims = [int(p.layout.total) for p in parts]
         self.bases = [int(b) for b in np.concatenate([[0], np.cumsum(self.dims)[:-1]])]
         names = [f"{i}:{n}" for i, p in enumerate(parts) for n in p.layout.names]
@@ -96,13 +99,16 @@ class MultiSizeFeaturizer:
         self.layout = ParamLayout(names, shapes, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
         self.spec = {"kind": f"{self.kind} (multi-size)", "parts": [p.spec for p in parts]}
         self.batch_size = parts[0].batch_size
+        hooked = [isinstance(p, FactorizedFeaturizer) for p in parts]
         self.hooked = None
-        if isinstance(parts[0], FactorizedFeaturizer):  # factorized, tensorsketch
+        if all(hooked):  # factorized, tensorsketch: every part's slots filled in one forward/backward
             self.hooked = _HookedSizes(parts, self.layout, self.bases)
-        else:  # countsketch, trak: one gradient, sketched or projected at every size
-            computers = {id(p.computer) for p in parts}
-            if len(computers) != 1:
-                raise GradsimError("the parts of a multi-size countsketch or trak must share one GradientComputer")
+        elif any(hooked) or len({id(p.computer) for p in parts}) != 1:
+            raise GradsimError(
+                f"{self.kind}: one pass serves hook-formed sketches (factorized, tensorsketch) or sketches of one "
+                "shared exact gradient (countsketch, trak), not a mix"
+            )
+        else:
             self.computer = parts[0].computer
 
     @property
@@ -126,15 +132,15 @@ class MultiSizeFeaturizer:
         return out
 
     def split(self, feats):
-        """(n, sum of dims) -> one (n, dims) view per size, in the order of the parts."""
+        """(n, sum of dims) -> one (n, dims) view per part, in the order of the parts."""
         return [feats[:, b : b + d] for b, d in zip(self.bases, self.dims)]
 
 
 def make_multi_size(
-    kind: str,
+    kind,
     model: nn.Module,
     device,
-    sizes: list[int],
+    sizes=None,
     dtype: str = "float32",
     seed: int = 42,
     batch_size: int = 1,
@@ -142,30 +148,32 @@ def make_multi_size(
     allocation: Optional[dict] = None,
 ) -> MultiSizeFeaturizer:
     """The parts for ``sizes`` (each --proj-dim as that projection reads it: total dims for the sketches,
-    dims per matrix for factorized and trak), and the featurizer that fills them in one pass.
+    dims per matrix for factorized and trak), and the featurizer that fills them in one pass. ``kind``
+    is one projection (with ``sizes``) or {projection: sizes} for several of one family.
 
     The sketches' allocations share one calibration (the squared-norm shares are measured once, on
     ``calibration``, or taken from ``allocation``): each size's allocation is the one make_allocation
     gives for that size."""
-    if kind not in KINDS:
-        raise GradsimError(f"unknown projection {kind!r}: choose from {', '.join(KINDS)}")
-    sizes = sorted(set(int(s) for s in sizes))
-    if not sizes or sizes[0] < 1:
-        raise GradsimError(f"projection sizes must be positive integers, got {sizes}")
-    if kind in SKETCHES:
-        cls = SKETCHES[kind]
-        base = allocation or make_allocation(model, device, dtype, sizes[0], calibration or [], cls.fit)
-        shapes = _trainable(model)[1]
-        allocations = [
-            dict(base, total=k, dims=[int(d) for d in allocate_dims(np.array(base["shares"]), shapes, k, cls.fit)])
-            for k in sizes
-        ]
-        computer = GradientComputer(model, device, dtype) if kind == "countsketch" else None
-        extra = {"computer": computer} if computer is not None else {}
-        parts = [cls(model, device, dtype, k, seed, batch_size, allocation=a, **extra) for k, a in zip(sizes, allocations)]
-    elif kind == "trak":
-        computer = GradientComputer(model, device, dtype)
-        parts = [TrakFeaturizer(model, device, dtype, k, seed, batch_size, computer=computer) for k in sizes]
-    else:
-        parts = [FactorizedFeaturizer(model, device, dtype, k, seed, batch_size) for k in sizes]
+    wanted = {kind: sizes} if isinstance(kind, str) else dict(kind)
+    parts, computer = [], None
+    for k, ks in wanted.items():
+        if k not in KINDS:
+            raise GradsimError(f"unknown projection {k!r}: choose from {', '.join(KINDS)}")
+        ks = sorted(set(int(s) for s in ks or ()))
+        if not ks or ks[0] < 1:
+            raise GradsimError(f"{k}: projection sizes must be positive integers, got {ks}")
+        if k in GRADIENT_KINDS and computer is None:
+            computer = GradientComputer(model, device, dtype)  # one exact gradient for every size and kind
+        if k in SKETCHES:
+            cls = SKETCHES[k]
+            first = allocation or make_allocation(model, device, dtype, ks[0], calibration or [], cls.fit)
+            shapes, shares = _trainable(model)[1], np.array(first["shares"])
+            extra = {"computer": computer} if k == "countsketch" else {}
+            for size in ks:  # make_allocation's allocation for this size, from the one calibration
+                a = dict(first, total=size, dims=[int(d) for d in allocate_dims(shares, shapes, size, cls.fit)])
+                parts.append(cls(model, device, dtype, size, seed, batch_size, allocation=a, **extra))
+        elif k == "trak":
+            parts += [TrakFeaturizer(model, device, dtype, s, seed, batch_size, computer=computer) for s in ks]
+        else:
+            parts += [FactorizedFeaturizer(model, device, dtype, s, seed, batch_size) for s in ks]
     return MultiSizeFeaturizer(parts)
