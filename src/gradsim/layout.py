@@ -86,6 +86,12 @@ def targets_file(output_dir) -> Path:
     return Path(output_dir) / "targets" / "targets.json"
 
 
+def frontier_files(output_dir) -> tuple[Path, Path]:
+    """The frontier's table (JSON) and figure (PNG), under ``output_dir`` (default: beside the runs)."""
+    root = Path(output_dir)
+    return root / "frontier.json", root / "frontier.png"
+
+
 def slurm_dir(output_dir, computation_type: str, name: str) -> Path:
     return Path(output_dir) / "slurm" / computation_type / name
 

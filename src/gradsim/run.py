@@ -672,7 +672,8 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         queries.append(rec)
     from .gradients import param_layout
 
-    names = param_layout(lm.model).names
+    layout = param_layout(lm.model)
+    names = layout.names
     result = {
         "gradsim_version": cfg.code_version,
         "config": cfg.to_dict(),
@@ -683,6 +684,7 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "featurizer": p.featurizer_spec or {"kind": "exact"},
         "normalizer": p.normalizer or {"normalizer": "none"},
         "parameter_names": names,
+        "parameter_numel": [int(n) for n in np.diff(layout.offsets)],  # storage per matrix (frontier.py)
         "queries": queries,
         "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
         "truncated": truncation(p),
