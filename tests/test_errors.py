@@ -59,6 +59,8 @@ def case_rows(tmp_path):
     [
         (["--setting", "summarised"], "unknown --setting 'summarised'"),
         (["--computation-type", "l2"], "unknown --computation-type 'l2'"),
+        (["--turns", "every"], "unknown --turns 'every': choose one of first, all"),
+        (["--turns", "all", "--loss-on", "prompt"], "--turns all trains every assistant turn"),
         (["--partition-start", "5", "--partition-end", "5"], "is empty"),
         (["--partition-start", "0", "--partition-end", "4800"], "outside the data"),
         (["--device", "cuda"], "CUDA is not available"),

@@ -275,3 +275,55 @@ def test_results_report_what_the_data_held_beyond_the_first_exchange(tiny, tmp_p
     assert res["data_dropped"]["original"]["later_turns"] == 3
     assert res["data_dropped"]["original"]["system_messages"] == 3
     assert res["data_dropped"]["variant"]["later_turns"] == 0
+
+
+def test_turns_all_uses_every_answered_turn_and_counts_only_what_is_left_out(tmp_path, caplog):
+    originals = multi_turn_originals(tmp_path)
+    variants = str(BUNDLED_DATA / "paraphrased.jsonl")
+    first = load_dataset(originals, variants)
+    with caplog.at_level(logging.WARNING, logger="gradsim"):
+        data = load_dataset(originals, variants, turns="all")
+    # Row 0's second exchange is used; row 2's last user turn has no answer: it alone is left out.
+    assert data.dropped["original"] == {
+        "rows_with_later_turns": 1,
+        "later_turns": 1,
+        "rows_with_system_messages": 2,
+        "system_messages": 3,
+    }
+    assert first.dropped["original"]["later_turns"] == 3
+    assert "every answered turn is used: 1 of its 48 rows have a last user turn without answer" in caplog.text
+    assert [m["content"] for m in data.originals[0].messages("all")][2:] == ["and then?", "then."]
+    assert len(data.originals[2].messages("all")) == 2
+    # The hash tells the inputs apart: the later turns are in it; single-exchange data hashes the same either way.
+    assert data.original_sha256 != first.original_sha256
+    assert data.variant_sha256 == first.variant_sha256
+    bundled = str(BUNDLED_DATA / "original.jsonl")
+    assert (
+        load_dataset(bundled, variants, turns="all").original_sha256 == load_dataset(bundled, variants).original_sha256
+    )
+
+
+def test_turns_all_reaches_the_parser_the_run_name_and_the_results(tiny, tmp_path):
+    from gradsim.cli import build_parser, config_from_args
+    from gradsim.layout import run_dir
+    from gradsim.run import store_manifest
+
+    assert "--turns" in build_parser().format_help()
+    cfg = config_from_args(["--turns", "all", "--device", "cpu"])
+    assert cfg.turns == "all" and "turns" in cfg.compat()
+    assert run_dir(cfg).name == "paraphrased-turns-all" and run_dir(Config()).name == "paraphrased"
+    # Feature stores made before --turns existed keep their keys; --turns all gets its own.
+    assert "turns" not in store_manifest(Config()) and store_manifest(cfg)["turns"] == "all"
+    cfg = Config(
+        device="cpu",
+        sample_size=3,
+        output_dir=str(tmp_path / "out"),
+        top_k=2,
+        baselines=False,
+        original_data=multi_turn_originals(tmp_path),
+        turns="all",
+    )
+    res = run(cfg, lm=tiny)
+    assert res["compat"]["turns"] == "all"
+    assert res["data_dropped"]["original"]["later_turns"] == 1  # row 2's unanswered last user turn
+    assert (tmp_path / "out" / "gradient-similarity" / "paraphrased-turns-all" / "results.json").is_file()

@@ -317,6 +317,45 @@ def test_qwen3_template_trains_on_the_answer_only(tok):
         encode(tok, Sample("q", s.prompt, "<think>add</think>It is 4."), 512)
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, "tulu", "rewrites"])
+def test_turns_all_trains_each_answer_or_refuses_a_template_that_rewrites_earlier_turns(family, tok):
+    from gradsim.data import _parse_row
+
+    # Qwen3's renders an answer differently once another turn follows (its empty <think> block), as does this.
+    rewrites = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and not loop.last %}(earlier) {% endif %}{{ m.content }}<|im_end|>\n"
+        "{% endfor %}"
+    )
+    templates = {f: t for f, (t, _) in FAMILIES.items()} | {"tulu": TULU_TEMPLATE, "rewrites": rewrites}
+    tok.chat_template = templates[family]
+    s = _parse_row({"id": "m", "conversations": ["What is 2+2?", "It is 4.", "And 3+3?", "Six."]}, "test", 0)
+    refused = {
+        "qwen3": "the chat template renders the conversation up to assistant turn 1 differently",
+        "rewrites": "the chat template renders the conversation up to assistant turn 1 differently",
+        # This tokenizer (not Llama 3's own) reads the header's "\n\n" as one token alone, but as two
+        # ("\n", "\n") when the answer's first word follows it.
+        "llama": "the tokenizer merges tokens across the start of assistant turn 1",
+    }
+    if family in refused:
+        with pytest.raises(GradsimError, match=f"^sample m: {refused[family]}") as e:
+            encode(tok, s, 512, "response", "all")
+        assert "\n" not in str(e.value)
+        return
+    enc = encode(tok, s, 512, "response", "all")
+    runs, cur = [], []
+    for t, lab in zip(enc.input_ids.tolist(), enc.labels.tolist()):
+        if lab != IGNORE_INDEX:
+            cur.append(t)
+        elif cur:
+            runs, cur = runs + [tok.decode(cur)], []
+    runs += [tok.decode(cur)] if cur else []
+    if family == "tulu":
+        assert runs == [f"It is 4.{tok.eos_token}\n", f"Six.{tok.eos_token}\n"]
+    else:
+        assert runs == [trained_text(family, "It is 4.", tok), trained_text(family, "Six.", tok)]
+
+
 def test_non_prefix_template_is_handled(tok):
     tok.chat_template = DEEPSEEK_R1_TEMPLATE
     s = Sample("d", "Name a prime.", "Seven.")

@@ -44,6 +44,7 @@ def format_summary(result: dict) -> str:
     return (
         f"{cfg['setting']} / {cfg['computation_type']}"
         + (f" / loss on {cfg['loss_on']}" if cfg.get("loss_on", "response") != "response" else "")
+        + (" / all turns" if cfg.get("turns", "first") != "first" else "")
         + (f" / {cfg['normalize']}" if cfg.get("normalize", "none") != "none" else "")
         + f" ({cfg['candidates']}, n={s['n']}): "
         f"top-1 {s['top1']:.3f}  MRR {s['mrr']:.3f}  recall@5 {s['recall@5']:.3f}"

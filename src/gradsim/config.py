@@ -29,6 +29,8 @@ DEFAULT_PROJ_DIM = {"countsketch": 65536, "tensorsketch": 65536, "factorized": 4
 # gradients (half the memory, for models that do not fit otherwise).
 DTYPES = ("float32", "bfloat16", "bfloat16-weights")
 LOSS_TARGETS = ("response", "prompt", "all")  # encode.py builds the labels of each
+# first: each row's first user/assistant exchange (the study's); all: every turn, each assistant turn trained
+TURNS = ("first", "all")
 # normalize.py: what each does and the order in which combined steps apply
 NORMALIZERS = ("none", "center", "unit", "center+unit", "adafactor", "adafactor+center", "adafactor+center+unit")
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
@@ -44,6 +46,7 @@ COMPAT_FIELDS = (
     "setting",
     "computation_type",
     "loss_on",
+    "turns",
     "normalize",
     "damping",
     "matrices",
@@ -69,6 +72,7 @@ class Config:
     setting: str = "paraphrased"
     computation_type: str = "gradient-similarity"
     loss_on: str = "response"  # response (the study's), prompt or all: see encode.py
+    turns: str = "first"  # first (the study's) or all: which turns of each row are used, see data.py/encode.py
     normalize: str = "none"  # normalize.NORMALIZERS: applied to each gradient before it is compared
     damping: float = 1e-2  # relative damping of the adafactor normalizer's second moment
     matrices: Optional[str] = None  # matrices.py: a regex, a comma list or a selection JSON (None: all)
@@ -133,6 +137,12 @@ class Config:
         check_choice("--computation-type", self.computation_type, COMPUTATION_TYPES)
         check_choice("--candidates", self.candidates, CANDIDATE_MODES)
         check_choice("--loss-on", self.loss_on, LOSS_TARGETS)
+        check_choice("--turns", self.turns, TURNS)
+        if self.turns == "all" and self.loss_on != "response":
+            raise GradsimError(
+                f"--turns all trains every assistant turn, which --loss-on {self.loss_on} does not: "
+                "use --loss-on response with --turns all"
+            )
         check_choice("--normalize", self.normalize, NORMALIZERS)
         check_at_least(0, ">= 0", (("--damping", self.damping),))
         if self.matrices is not None and not self.matrices.strip():
@@ -212,6 +222,11 @@ OPTIONS = (
         "loss_on",
         "the tokens whose loss the gradient is of: response (the study's), prompt (every prompt token after the "
         "first, assistant header included) or all",
+    ),
+    Option(
+        "turns",
+        "first: each row's first user/assistant exchange (the study's); all: the whole conversation, every "
+        "assistant turn trained and every other turn masked (with --loss-on response)",
     ),
     Option(
         "normalize",

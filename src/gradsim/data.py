@@ -14,7 +14,12 @@ Accepted row formats (local file or a Hugging Face hub dataset):
 - messages (Tulu-v2 mixture): ``{"messages": [{"role": "user", "content": ...}, ...], "id"?: ...}``
 - ShareGPT: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}], "id"?: ...}``
   (roles human -> user, gpt -> assistant)
-System turns are dropped and only the first user/assistant exchange is used (the study is single-turn).
+System turns are dropped. Only the first user/assistant exchange is used (the study is single-turn)
+unless ``--turns all``: then each row's whole conversation is used, every assistant turn trained and
+every other turn masked (encode.py). This holds for the variants (queries) as for the originals: a
+variant is encoded with its own whole conversation, usually one exchange (a paraphrase), so an
+original's later turns are compared against whatever later turns its variant has, if any. A last
+user turn with no answer has no loss and is left out (and counted) either way.
 A row without ``id`` gets ``lima_<row index>``.
 """
 
@@ -29,7 +34,7 @@ from typing import Any, Optional
 
 import orjson
 
-from .config import hf_token, redact
+from .config import TURNS, hf_token, redact
 from .errors import GradsimError
 
 log = logging.getLogger("gradsim")
@@ -45,9 +50,26 @@ class Sample:
     # system messages. Not part of the sample (nor of its equality or content hash): counted in Dataset.dropped.
     later_turns: int = field(default=0, compare=False)
     system_messages: int = field(default=0, compare=False)
+    # The turns after the first exchange, as (role, content), alternating user/assistant (system turns
+    # dropped): used by --turns all only, so (like later_turns) not part of equality.
+    rest: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
-    def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
+    @property
+    def used_rest(self) -> tuple[tuple[str, str], ...]:
+        """The later turns --turns all uses: all but a last user turn that has no answer (it has no loss)."""
+        return self.rest[: len(self.rest) // 2 * 2]
+
+    def messages(self, turns: str = "first") -> list[dict[str, str]]:
+        """The conversation encoded: the first exchange, or (``turns="all"``) every user/assistant turn."""
+        first = [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
+        if turns == "first":
+            return first
+        if turns != "all":
+            raise GradsimError(f"unknown --turns {turns!r}: choose one of {', '.join(TURNS)}")
+        for k, (role, content) in enumerate(self.used_rest, 3):
+            if not isinstance(content, str) or not content.strip():
+                raise GradsimError(f"sample {self.id}: turn {k} ({role}) is empty or not text: fix or drop the row")
+        return first + [{"role": r, "content": c} for r, c in self.used_rest]
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -104,7 +126,8 @@ def _parse_row(row: Any, where: str, index: int) -> Sample:
         raise GradsimError(f"{where}: row {index} ({sid}) has an empty user prompt: fix or drop the row")
     if not isinstance(response, str) or not response.strip():
         raise GradsimError(f"{where}: row {index} ({sid}) has an empty response: fix or drop the row")
-    return Sample(sid, prompt, response, positional, len(contents) - 2, system)
+    rest = tuple(zip(roles[2:], contents[2:]))
+    return Sample(sid, prompt, response, positional, len(contents) - 2, system, rest)
 
 
 def _check_utf8(raw: bytes, path: Path) -> None:
@@ -224,7 +247,7 @@ def _read_local(path: Path) -> list[Any]:
     return _read_json_text(path) if builder is None else _read_with_datasets(path, *builder)
 
 
-def _load_hub(name: str) -> list[Any]:
+def _load_hub(name: str, turns: str = "first") -> list[Any]:
     """Load a dataset from the Hugging Face hub (GAIR/lima, or a Tulu-style mixture filtered to LIMA)."""
     try:
         import datasets
@@ -238,8 +261,10 @@ def _load_hub(name: str) -> list[Any]:
         ) from None
     rows = list(ds)
     if rows and "dataset" in rows[0] and "messages" in rows[0]:
-        # Tulu-v2 mixture: keep the LIMA subset, and drop multi-turn rows as the study did.
+        # Tulu-v2 mixture: keep the LIMA subset, and (unless --turns all) drop multi-turn rows as the study did.
         rows = [r for r in rows if str(r.get("dataset", "")).startswith("lima")]
+        if turns == "all":
+            return rows
         lima = len(rows)
         rows = [r for r in rows if len([m for m in r["messages"] if m["role"] != "system"]) == 2]
         if len(rows) < lima:
@@ -249,7 +274,7 @@ def _load_hub(name: str) -> list[Any]:
     return rows
 
 
-def load_samples(source: str) -> list[Sample]:
+def load_samples(source: str, turns: str = "first") -> list[Sample]:
     path = Path(source)
     suffixes = set(path.suffixes) & {*JSON_SUFFIXES, *COMPRESSIONS, *TABULAR_SUFFIXES}
     looks_like_file = bool(suffixes) or path.exists() or source.startswith((".", "/", "~"))
@@ -259,7 +284,7 @@ def load_samples(source: str) -> list[Sample]:
             raise GradsimError(f"data file {source} does not exist: check the path (or use a hub id such as GAIR/lima)")
         rows = _read_local(path)
     else:
-        rows = _load_hub(source)
+        rows = _load_hub(source, turns)
     samples = [_parse_row(r, source, i) for i, r in enumerate(rows)]
     seen: set[str] = set()
     for s in samples:
@@ -269,25 +294,28 @@ def load_samples(source: str) -> list[Sample]:
     return samples
 
 
-def dropped_counts(samples: list[Sample]) -> dict[str, int]:
-    """What the rows of these samples held that the study does not use (it is single-turn)."""
+def dropped_counts(samples: list[Sample], turns: str = "first") -> dict[str, int]:
+    """What the rows of these samples held that the run does not use: system messages, and the turns
+    after the first exchange (with ``turns="all"``, only a last user turn that has no answer)."""
+    later = [s.later_turns if turns == "first" else len(s.rest) - len(s.used_rest) for s in samples]
     return {
-        "rows_with_later_turns": sum(s.later_turns > 0 for s in samples),
-        "later_turns": sum(s.later_turns for s in samples),
+        "rows_with_later_turns": sum(n > 0 for n in later),
+        "later_turns": sum(later),
         "rows_with_system_messages": sum(s.system_messages > 0 for s in samples),
         "system_messages": sum(s.system_messages for s in samples),
     }
 
 
-def log_dropped(source: str, samples: list[Sample]) -> dict[str, int]:
-    counts = dropped_counts(samples)
+def log_dropped(source: str, samples: list[Sample], turns: str = "first") -> dict[str, int]:
+    counts = dropped_counts(samples, turns)
     if counts["later_turns"] or counts["system_messages"]:
         log.warning(
-            "%s: only the first exchange of each row is used: %d of its %d rows have later turns (%d turns left "
-            "out), %d rows have system messages (%d left out)",
+            "%s: %s: %d of its %d rows have %s (%d turns left out), %d rows have system messages (%d left out)",
             source,
+            "only the first exchange of each row is used" if turns == "first" else "every answered turn is used",
             counts["rows_with_later_turns"],
             len(samples),
+            "later turns" if turns == "first" else "a last user turn without answer",
             counts["later_turns"],
             counts["rows_with_system_messages"],
             counts["system_messages"],
@@ -308,9 +336,15 @@ class Dataset:
         return {s.id: i for i, s in enumerate(self.originals)}
 
 
-def load_dataset(original_source: str, variant_source: str, sample_size: Optional[int] = None) -> Dataset:
-    originals = load_samples(original_source)
-    queries = load_samples(variant_source)
+def load_dataset(
+    original_source: str, variant_source: str, sample_size: Optional[int] = None, turns: str = "first"
+) -> Dataset:
+    """The originals and their variants; ``turns`` (--turns) decides what of each row is used (and so
+    what the content hashes and the dropped counts cover)."""
+    if turns not in TURNS:
+        raise GradsimError(f"unknown --turns {turns!r}: choose one of {', '.join(TURNS)}")
+    originals = load_samples(original_source, turns)
+    queries = load_samples(variant_source, turns)
     unnamed = sum(q.positional_id for q in queries)
     if unnamed and len(queries) != len(originals):
         # Ids by row index link the i-th variant to the i-th original: once a row is missing (a failed
@@ -331,15 +365,20 @@ def load_dataset(original_source: str, variant_source: str, sample_size: Optiona
         originals = originals[:sample_size]
         keep = {s.id for s in originals}
         queries = [q for q in queries if q.id in keep]
-    dropped = {"original": log_dropped(original_source, originals), "variant": log_dropped(variant_source, queries)}
-    return Dataset(originals, queries, samples_sha256(originals), samples_sha256(queries), dropped)
+    dropped = {
+        "original": log_dropped(original_source, originals, turns),
+        "variant": log_dropped(variant_source, queries, turns),
+    }
+    return Dataset(originals, queries, samples_sha256(originals, turns), samples_sha256(queries, turns), dropped)
 
 
-def samples_sha256(samples: list[Sample]) -> str:
-    """Content hash of the samples used (so results from different paths to the same data still match)."""
+def samples_sha256(samples: list[Sample], turns: str = "first") -> str:
+    """Content hash of the samples used (so results from different paths to the same data still match).
+    With ``turns="all"`` a row's later turns are part of it; a single-exchange row hashes the same either way."""
     h = hashlib.sha256()
     for s in samples:
-        h.update(orjson.dumps([s.id, s.prompt, s.response]) + b"\n")
+        later = [list(t) for t in s.used_rest] if turns == "all" else []
+        h.update(orjson.dumps([s.id, s.prompt, s.response, *([later] if later else [])]) + b"\n")
     return h.hexdigest()
 
 

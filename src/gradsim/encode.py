@@ -15,6 +15,15 @@ The boundary is found in the rendering of the whole conversation, not from the g
 templates such as Qwen3's (an empty <think> block before the last answer) or DeepSeek-R1's (a
 generation prompt the conversation does not contain) render the prompt differently with and
 without the answer. Anything such a template inserts before the answer is masked like the header.
+
+``--turns all`` (a row's whole conversation; ``loss_on`` response only) trains every assistant turn
+as open-instruct's SFT encoding does: each assistant message's content and its end-of-turn tokens,
+everything else (user turns, headers) masked. The conversation is tokenized whole; each assistant turn
+is located by rendering the conversation up to it (split as above) and tokenizing that prefix, which
+must be a prefix of the whole conversation's text and tokens. A template that renders earlier turns
+differently once later ones follow (Qwen3 drops earlier reasoning), or a tokenizer that merges tokens
+across a turn's boundary, breaks that and is refused. A sample of one exchange is encoded as with
+``--turns first``. Truncation is the same: the tokens past max_length are cut, labels with them.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from datetime import date
 
 import torch
 
-from .config import LOSS_TARGETS
+from .config import LOSS_TARGETS, TURNS
 from .data import Sample
 from .errors import GradsimError
 
@@ -58,7 +67,9 @@ class Encoded:
     input_ids: torch.Tensor  # (T,) long
     labels: torch.Tensor  # (T,) long, -100 where no loss is taken
     truncated: bool
-    prompt_tokens: int = 0  # tokens of the prompt (up to and including the assistant header) in input_ids
+    # tokens of the prompt (up to and including the assistant header) in input_ids; with --turns all, the
+    # tokens before the first assistant turn's answer
+    prompt_tokens: int = 0
     loss_on: str = "response"
 
     @property
@@ -87,15 +98,17 @@ def render(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:
     )
 
 
-def split_conversation(tokenizer, sample: Sample) -> tuple[str, str]:
-    """(masked text, trained text) whose concatenation is the rendering of the whole conversation.
+def split_conversation(tokenizer, sample: Sample, messages: list[dict[str, str]] | None = None) -> tuple[str, str]:
+    """(masked text, trained text) whose concatenation is the rendering of the whole conversation
+    (``messages``, ending with an assistant turn; default: the sample's first exchange).
 
-    The trained text is the answer as the template renders it (e.g. trimmed) and what follows it: the
-    end-of-turn tokens. The template is rendered once more with a placeholder for the answer; the answer
-    is located only if everything around the placeholder is rendered identically with the real answer."""
+    The trained text is the last answer as the template renders it (e.g. trimmed) and what follows it:
+    the end-of-turn tokens. The template is rendered once more with a placeholder for the answer; the
+    answer is located only if everything around the placeholder is rendered identically with the real
+    answer."""
     from jinja2 import TemplateError
 
-    messages = sample.messages()
+    messages = sample.messages() if messages is None else messages
     marked = messages[:-1] + [{**messages[-1], "content": PLACEHOLDER}]
     # A template that reorders turns could put the prompt after the answer, where it would be trained on.
     order = [{**m, "content": PROMPT_PLACEHOLDER} for m in messages[:-1]] + marked[-1:]
@@ -116,16 +129,62 @@ def split_conversation(tokenizer, sample: Sample) -> tuple[str, str]:
     )
 
 
-def encode(tokenizer, sample: Sample, max_length: int, loss_on: str = "response") -> Encoded:
-    """The sample's tokens and labels for the loss target ``loss_on`` (module docstring), cut to max_length."""
+def assistant_spans(tokenizer, sample: Sample) -> tuple[list[int], list[tuple[int, int]]]:
+    """The tokens of the sample's whole conversation, and the [start, end) token span of each assistant
+    turn's trained tokens (its answer and end-of-turn tokens), found from the renderings of the
+    conversation up to each assistant turn (module docstring)."""
+    messages = sample.messages("all")
+    full = render(tokenizer, messages)
+    # Special tokens are already written out by the template: do not let the tokenizer add more.
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+
+    def tokens_before(text: str, turn: int, where: str) -> int:
+        head = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids[: len(head)] != head:
+            raise GradsimError(
+                f"sample {sample.id}: the tokenizer merges tokens across the {where} of assistant turn {turn} "
+                "(the tokens of the text before it are not a prefix of the conversation's), so --turns all "
+                "cannot mask the turns apart: use --turns first or another --chat-template"
+            )
+        return len(head)
+
+    spans = []
+    for k in range(1, len(messages), 2):  # the assistant turns (data.py checked the roles alternate)
+        turn = len(spans) + 1
+        before, answer = split_conversation(tokenizer, sample, messages[: k + 1])
+        if not full.startswith(before + answer):
+            raise GradsimError(
+                f"sample {sample.id}: the chat template renders the conversation up to assistant turn {turn} "
+                "differently once later turns follow, so --turns all cannot locate each assistant turn: use "
+                "--turns first or another --chat-template"
+            )
+        spans.append((tokens_before(before, turn, "start"), tokens_before(before + answer, turn, "end")))
+    return ids, spans
+
+
+def encode(tokenizer, sample: Sample, max_length: int, loss_on: str = "response", turns: str = "first") -> Encoded:
+    """The sample's tokens and labels for the loss target ``loss_on`` and the turns ``turns`` (module
+    docstring), cut to max_length."""
     if loss_on not in LOSS_TARGETS:
         raise GradsimError(f"unknown --loss-on {loss_on!r}: choose one of {', '.join(LOSS_TARGETS)}")
-    prefix_text, answer_text = split_conversation(tokenizer, sample)
-    # Special tokens are already written out by the template: do not let the tokenizer add more.
-    prefix_ids = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-    answer_ids = [] if loss_on == "prompt" else tokenizer(answer_text, add_special_tokens=False)["input_ids"]
-    ids = prefix_ids + answer_ids
-    labels = (prefix_ids if loss_on != "response" else [IGNORE_INDEX] * len(prefix_ids)) + answer_ids
+    if turns not in TURNS:
+        raise GradsimError(f"unknown --turns {turns!r}: choose one of {', '.join(TURNS)}")
+    if turns == "all" and loss_on != "response":
+        raise GradsimError(f"--turns all trains every assistant turn: use it with --loss-on response, not {loss_on}")
+    if turns == "all" and sample.used_rest:
+        ids, spans = assistant_spans(tokenizer, sample)
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[start:end] = ids[start:end]
+        n_prompt = spans[0][0]
+    else:
+        prefix_text, answer_text = split_conversation(tokenizer, sample)
+        # Special tokens are already written out by the template: do not let the tokenizer add more.
+        prefix_ids = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+        answer_ids = [] if loss_on == "prompt" else tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+        ids = prefix_ids + answer_ids
+        labels = (prefix_ids if loss_on != "response" else [IGNORE_INDEX] * len(prefix_ids)) + answer_ids
+        n_prompt = len(prefix_ids)
     truncated = len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
@@ -134,14 +193,14 @@ def encode(tokenizer, sample: Sample, max_length: int, loss_on: str = "response"
         torch.tensor(ids, dtype=torch.long),
         torch.tensor(labels, dtype=torch.long),
         truncated,
-        min(len(prefix_ids), max_length),
+        min(n_prompt, max_length),
         loss_on,
     )
     if enc.num_trained == 0:
         what = "prompt" if loss_on == "prompt" else "response"
         raise GradsimError(
             f"sample {sample.id}: no {what} token is left to train on with --loss-on {loss_on} "
-            f"({len(prefix_ids)} prompt tokens, max length {max_length}): raise --max-length, shorten the prompt "
+            f"({n_prompt} prompt tokens, max length {max_length}): raise --max-length, shorten the prompt "
             "or choose another --loss-on"
         )
     return enc

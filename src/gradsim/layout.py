@@ -29,6 +29,7 @@ def run_name(
     loss_on="response",
     normalize="none",
     matrices=None,
+    turns="first",
 ) -> str:
     name = setting
     if candidates == "all":
@@ -37,6 +38,8 @@ def run_name(
         name += f"-{projection}{proj_dim}"
     if loss_on != "response":  # the study's target keeps the original study's names
         name += f"-loss-{loss_on}"
+    if turns != "first":  # likewise the study's first exchange
+        name += f"-turns-{turns}"
     if normalize != "none":
         name += f"-norm-{normalize}"
     if matrices is not None:
@@ -60,6 +63,7 @@ def run_dir(cfg) -> Path:
             cfg.loss_on,
             cfg.normalize,
             cfg.matrices,
+            cfg.turns,
         )
     )
 

@@ -159,7 +159,7 @@ def prepare(cfg: Config) -> list[Part]:
     cfg.validate()
     parts = []
     for c in setting_configs(cfg):
-        data = load_dataset(c.original_data, c.variant_data, c.sample_size)
+        data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns)
         c.original_data_sha256, c.variant_data_sha256 = data.original_sha256, data.variant_sha256
         n = len(data.queries)
         if c.candidates == "bm25" and c.top_k > len(data.originals) - 1:
@@ -249,7 +249,7 @@ def check_encodable(parts: list[Part], lm: LoadedModel) -> None:
     max_length = resolved_max_length(cfg, lm)
 
     def cut(samples, loss_on: str) -> set[str]:
-        return {s.id for s in samples if encode(lm.tokenizer, s, max_length, loss_on).truncated}
+        return {s.id for s in samples if encode(lm.tokenizer, s, max_length, loss_on, cfg.turns).truncated}
 
     originals = cut(parts[0].data.originals, cfg.loss_on)
     for p in parts:
@@ -362,7 +362,7 @@ def load_block(paths: RunPaths, rec: dict) -> dict[int, dict]:
 
 def encode_all(lm: LoadedModel, samples, cfg: Config, what: str) -> list[Encoded]:
     bar = progress_bar(samples, desc=f"encoding {what}", unit="sample")
-    return [encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on) for s in bar]
+    return [encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on, cfg.turns) for s in bar]
 
 
 # Exact gradients: hold a block, stream the rest (no store)
@@ -455,7 +455,9 @@ def attach_normalizer(cfg: Config, lm: LoadedModel, data: Dataset, computer) -> 
         log.info("--normalize %s: state from %s", cfg.normalize, path)
     else:
         bar = progress_bar(data.originals, desc=f"estimating --normalize {cfg.normalize}", unit="original")
-        norm.estimate((computer.gradient(encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on)) for s in bar), lm.device)
+        norm.estimate(
+            (computer.gradient(encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on, cfg.turns)) for s in bar), lm.device
+        )
         atomic_save_npz(path, **norm.state())
     computer.transform = norm
     return {**norm.to_dict(), "estimation_backward_passes": 0 if loaded else norm.count}
@@ -480,11 +482,13 @@ def make_cache(cfg: Config, device: torch.device, grad_bytes: int, paths: RunPat
 
 
 def store_manifest(cfg: Config) -> dict:
-    """What determines the originals' features besides the featurizer (the query side is excluded)."""
+    """What determines the originals' features besides the featurizer (the query side is excluded).
+    --turns first, the study's, is left out so that stores made before --turns existed keep their keys."""
     return {
         k: v
         for k, v in cfg.compat().items()
         if k not in ("setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256")
+        and not (k == "turns" and v == "first")
     }
 
 
@@ -495,7 +499,8 @@ def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None
     if cfg.projection in SKETCHES and data is not None:
         # The first originals of the whole dataset: the same for every partition and both settings.
         calibration = [
-            encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on) for s in data.originals[:CALIBRATION_SAMPLES]
+            encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on, cfg.turns)
+            for s in data.originals[:CALIBRATION_SAMPLES]
         ]
         allocation_path = allocation_file(cfg.output_dir, cfg.projection, manifest_key(store_manifest(cfg)))
     return make_projected_featurizer(cfg, lm, memory_budget_bytes(cfg) // 4, calibration, allocation_path)
@@ -556,7 +561,7 @@ def featurize_into_store(
     index = data.original_index()
     for s, e in todo:
         encs = [
-            encode(lm.tokenizer, data.originals[index[store.ids[r]]], cfg.max_length, loss_on or cfg.loss_on)
+            encode(lm.tokenizer, data.originals[index[store.ids[r]]], cfg.max_length, loss_on or cfg.loss_on, cfg.turns)
             for r in range(s, e)
         ]
         feats, m = featurize(featurizer, encs, lm.device, cfg.dtype, role, bar)
@@ -618,7 +623,9 @@ def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     needed = sorted({j for c in cands for j in c})
     # Representations read the whole conversation whatever the loss target.
     featurize_into_store(store, rep, lm, needed, data, cfg, p, "representation", "response")
-    encs = [encode(lm.tokenizer, data.queries[qi], cfg.max_length) for qi in range(p.start, p.end)]
+    encs = [
+        encode(lm.tokenizer, data.queries[qi], cfg.max_length, "response", cfg.turns) for qi in range(p.start, p.end)
+    ]
     qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
     p.add_metrics(m)
     orep, oself = gather_rows(store, needed)
@@ -688,7 +695,7 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "queries": queries,
         "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
         "truncated": truncation(p),
-        "data_dropped": data.dropped,  # turns and system messages of the rows the study does not use
+        "data_dropped": data.dropped,  # turns (with --turns first) and system messages of the rows left unused
     }
     if cost is not None:
         result["cost"] = cost

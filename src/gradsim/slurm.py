@@ -349,7 +349,7 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
             "compute.py submits one setting per job array: run it once with --setting paraphrased "
             "and once with --setting model-generated (or run --setting both on one node)"
         )
-    data = load_dataset(cfg.original_data, cfg.variant_data, cfg.sample_size)
+    data = load_dataset(cfg.original_data, cfg.variant_data, cfg.sample_size, cfg.turns)
     start, end = partition_range(len(data.queries), cfg.partition_start, cfg.partition_end)
     # The tasks get their own range; drop the user's overall range from what they are passed.
     passthrough = strip_flags(argv_main, ("--partition-start", "--partition-end"))
