@@ -104,6 +104,11 @@ COMMANDS = {
     "status": ("gradsim.slurm_status", "status_main", "done / running / pending / failed partitions (status.py)"),
     "combine": ("gradsim.combine", "combine_main", "merge finished partitions (combine_all.sh)"),
     "select": ("gradsim.selection", "main", "greedy selection of parameter matrices on held-out queries"),
+    "frontier": (
+        "gradsim.frontier",
+        "main",
+        "select or project? quality against storage per sample, as table and figure",
+    ),
     "analyze": ("gradsim.analysis", "main", "figures and tables; runs the notebook headless"),
     "memory": ("gradsim.memory", "main", "memory the exact path needs per model size and dtype"),
     "targets": ("gradsim.targets", "main", "loss target x normalizer table beside the baselines (issue 10)"),

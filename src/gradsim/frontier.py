@@ -21,6 +21,7 @@ family (factorized and tensorsketch share the hooks' pass, countsketch and trak 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -44,7 +45,18 @@ HOOKED = ("tensorsketch", "factorized")  # formed in the forward/backward hooks:
 GRADIENT = ("countsketch", "trak")  # from the exact gradient: one backward for both
 BEST_K = (1, 2, 4, 8, 16, 32)
 # Fields two runs of one frontier must share: the model, the originals and how samples become gradients.
-SHARED = ("model_name", "revision", "original_data_sha256", "sample_size", "max_length", "loss_on", "dtype", "seed")
+SHARED = (
+    "model_name",
+    "revision",
+    "original_data_sha256",
+    "sample_size",
+    "max_length",
+    "loss_on",
+    "turns",
+    "dtype",
+    "seed",
+    "computation_type",
+)
 
 
 @dataclass
@@ -84,6 +96,11 @@ def load_exact_run(path: Path) -> ExactRun:
         raise GradsimError(
             f"{path} is a {kind} run: the frontier selects matrices from exact per-matrix scores and projects "
             "itself; give it exact runs (main.py without --use-random-projection)"
+        )
+    if result["config"].get("normalize", "none") != "none":
+        raise GradsimError(
+            f"{path} is normalized (--normalize {result['config']['normalize']}): the frontier's projections are of "
+            "raw gradients; give runs without --normalize"
         )
     if result["config"].get("matrices"):
         raise GradsimError(f"{path} scored only --matrices {result['config']['matrices']}: give a full-model run")
@@ -196,7 +213,7 @@ def per_matrix_arrays(feats_q: np.ndarray, feats_o: np.ndarray, layout) -> tuple
     return dots, qself, oself
 
 
-def project_runs(runs: list[ExactRun], sizes: dict, device: Optional[str], batch_size: int) -> dict:
+def project_runs(runs: list[ExactRun], sizes: dict, device: Optional[str], batch_size: int, lm=None) -> dict:
     """{kind: [{"proj_dim", "dims", "spec", "arrays": {setting: (dots (Q, N, M), qself, oself)}}]}: the
     runs' queries and their originals featurized once per family (multisize.py), every size of every
     kind of the family in that one pass. Rows and columns are in the data's order (query i, original j)."""
@@ -209,12 +226,14 @@ def project_runs(runs: list[ExactRun], sizes: dict, device: Optional[str], batch
 
     raw = dict(runs[0].result["config"], **({"device": device} if device else {}))
     cfg = Config.from_dict(raw)
-    lm = load_model(cfg, resolve_device(cfg))
+    lm = lm or load_model(cfg, resolve_device(cfg))
     max_length = min(cfg.max_length or lm.context_length, lm.context_length)
     data = {r.setting: _dataset(r, load_dataset) for r in runs}
     originals = data[runs[0].setting].originals
-    enc_o = [encode(lm.tokenizer, s, max_length, cfg.loss_on) for s in originals]
-    enc_q = {s: [encode(lm.tokenizer, q, max_length, cfg.loss_on) for q in d.queries] for s, d in data.items()}
+    enc_o = [encode(lm.tokenizer, s, max_length, cfg.loss_on, cfg.turns) for s in originals]
+    enc_q = {
+        s: [encode(lm.tokenizer, q, max_length, cfg.loss_on, cfg.turns) for q in d.queries] for s, d in data.items()
+    }
     out = {}
     for family in ([k for k in sizes if k not in GRADIENT_KINDS], [k for k in sizes if k in GRADIENT_KINDS]):
         if not family:
@@ -330,7 +349,10 @@ def frontier(
     max_size: int = 16,
     device: Optional[str] = None,
     batch_size: int = 1,
+    lm=None,
 ) -> dict:
+    """The frontier of exact runs (one per setting): the table frontier.json holds (module docstring).
+    ``lm``: the runs' model, already loaded (default: loaded from the runs' config)."""
     started = time.time()
     from . import __version__
 
@@ -355,7 +377,7 @@ def frontier(
             extra = {int(round(s["greedy_final"]["floats"])) for s in selections.values()}
             # (within the sizes asked for: a subset of millions of floats is not a size worth a sketch)
             proj_sizes[k] = sorted(set(proj_sizes[k]) | {e for e in extra if 0 < e <= max(sizes)})
-    projected = project_runs(runs, proj_sizes, device, batch_size) if proj_sizes else {}
+    projected = project_runs(runs, proj_sizes, device, batch_size, lm) if proj_sizes else {}
     data = {}
     if projected:
         from .data import load_dataset
@@ -436,10 +458,17 @@ def plot(result: dict, path: Path) -> None:
         raise GradsimError(
             f"the frontier's figure needs matplotlib ({e}): uv sync (dev group) or pip install matplotlib"
         ) from None
-    cells = [(s, p) for s, per in result["settings"].items() for p in per]
-    fig, axes = plt.subplots(1, len(cells), figsize=(5.2 * len(cells), 4.2), squeeze=False)
+    settings = list(result["settings"])
+    protos = list(dict.fromkeys(p for per in result["settings"].values() for p in per))
+    fig, axes = plt.subplots(
+        len(settings), len(protos), figsize=(5.6 * len(protos), 4.0 * len(settings)), squeeze=False
+    )
     colors = {"tensorsketch": "C0", "countsketch": "C1", "factorized": "C2", "trak": "C4"}
-    for ax, (setting, proto) in zip(axes[0], cells):
+    for (i, setting), (j, proto) in itertools.product(enumerate(settings), enumerate(protos)):
+        ax = axes[i][j]
+        if proto not in result["settings"][setting]:
+            ax.set_visible(False)
+            continue
         e = result["settings"][setting][proto]
         g = e["greedy"]
         if g:
@@ -483,10 +512,11 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{setting}, {proto}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     with atomic_writer(path) as f:
-        fig.savefig(f, format="png", dpi=110)
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
