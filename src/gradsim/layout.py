@@ -29,12 +29,15 @@ def run_name(
     loss_on="response",
     normalize="none",
     matrices=None,
+    allocation="norm",
 ) -> str:
     name = setting
     if candidates == "all":
         name += "-all"
     if use_random_projection:
         name += f"-{projection}{proj_dim}"
+    if allocation != "norm":  # the default keeps the names runs had before --allocation existed
+        name += f"-alloc-{allocation}"
     if loss_on != "response":  # the study's target keeps the original study's names
         name += f"-loss-{loss_on}"
     if normalize != "none":
@@ -60,6 +63,7 @@ def run_dir(cfg) -> Path:
             cfg.loss_on,
             cfg.normalize,
             cfg.matrices,
+            getattr(cfg, "allocation", "norm"),
         )
     )
 
