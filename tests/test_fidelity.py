@@ -146,3 +146,49 @@ def test_noisy_flags_in_the_results_of_a_tiny_projected_run(tiny, tmp_path):
     # The exact path states no projection error.
     exact = run(Config(**kw), lm=tiny)
     assert "per_matrix_fidelity" not in exact
+
+    # The analysis marks the noisy matrices of the projected run, and none of the exact one.
+    from gradsim import analysis
+    from gradsim.metrics import component_of
+
+    runs = analysis.load_runs(tmp_path)
+    proj, ex = runs["paraphrased-countsketch4000-alloc-norm-floor"], runs["paraphrased"]
+    assert analysis.noisy_matrices(proj) == fid["noisy"] and analysis.noisy_matrices(ex) == []
+    rows = analysis.per_matrix_rows(proj)
+    assert {r["matrix"] for r in rows if r["noisy"] == "NOISY"} == set(fid["noisy"])
+    assert "noisy" not in analysis.per_matrix_rows(ex)[0]
+    assert f"{len(fid['noisy'])} of {len(per)} matrices too noisy to rank" in analysis.fidelity_note(proj)
+    assert "no projection error" in analysis.fidelity_note(ex)
+    layers, comps, _ = analysis.layer_component_grid(proj)
+    cells = analysis.noisy_cells(proj, layers, comps)
+    assert cells.any() and not analysis.noisy_cells(ex, layers, comps).any()
+    sd = analysis.group_predicted_sd(proj, component_of)
+    assert set(comps) < set(sd) and sd["norm"] == 0.0  # norm vectors kept exact; sd also has the embedding
+    assert all(0 < v < 1 for c, v in sd.items() if c != "norm")
+    assert analysis.group_predicted_sd(ex, component_of) == {}
+    assert analysis.plot_heatmap(proj, tmp_path).stat().st_size > 1000
+
+
+def test_factorized_and_trak_state_their_per_matrix_error(tiny):
+    from gradsim.projection import KRONECKER_EXCESS, FactorizedFeaturizer, TrakFeaturizer, per_matrix_fidelity
+
+    f = FactorizedFeaturizer(tiny.model, tiny.device, proj_dim=64)  # 8 x 8: the 32-wide sides are sketched
+    fid = per_matrix_fidelity(f)
+    assert fid["prediction"] == "lower bound" and "allocation" not in fid
+    per = fid["matrices"]
+    q = per["model.layers.0.self_attn.q_proj.weight"]
+    assert q["dims"] == 64 and not q["exact"] and q["predicted_sd"] == pytest.approx(1 / 8)
+    norm = per["model.layers.0.input_layernorm.weight"]  # 32 entries <= 64: kept exact
+    assert norm["exact"] and norm["predicted_sd"] == 0 and not norm["noisy"]
+    for m in per.values():  # flagged with the Kronecker sketch's measured excess over the bound
+        assert m["noisy"] == (Z90 * KRONECKER_EXCESS * m["predicted_sd"] > NOISY_P90)
+    # 4096 = 64 x 64: a lower bound of 1/64, flagged (3.3/64 x 1.645 > 0.05) where an i.i.d. sketch would not be.
+    big = per_matrix_fidelity(FactorizedFeaturizer(tiny.model, tiny.device, proj_dim=4096))
+    emb = big["matrices"]["model.embed_tokens.weight"]
+    assert emb["dims"] == 64 * 32 and emb["noisy"] and Z90 * emb["predicted_sd"] < NOISY_P90
+    t = per_matrix_fidelity(TrakFeaturizer(tiny.model, tiny.device, proj_dim=2048))
+    assert t["prediction"] == "estimate"
+    for name, m in t["matrices"].items():
+        numel = math.prod(dict(tiny.model.named_parameters())[name].shape)
+        assert m["exact"] == (numel <= 2048) and m["dims"] == min(numel, 2048)
+        assert m["noisy"] == (not m["exact"] and 2048 < dims_for_noise())
