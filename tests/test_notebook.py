@@ -17,7 +17,8 @@ NOTEBOOK = ROOT / "notebooks" / "analysis.ipynb"
 
 @pytest.fixture(scope="module")
 def results(tiny, tmp_path_factory):
-    """Both settings run end to end on the tiny model over the first 6 bundled originals."""
+    """Both settings run end to end on the tiny model over the first 6 bundled originals, and a projected
+    paraphrased run (its per-matrix fidelity is shown)."""
     from gradsim.config import Config
     from gradsim.run import run
     from gradsim.selection import select_run
@@ -25,6 +26,8 @@ def results(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     for setting in ("paraphrased", "model-generated"):
         run(Config(setting=setting, device="cpu", output_dir=str(out), sample_size=6), lm=tiny)
+    projected = dict(use_random_projection=True, projection="countsketch", proj_dim=4000, baselines=False)
+    run(Config(device="cpu", output_dir=str(out), sample_size=6, **projected), lm=tiny)
     for setting in ("paraphrased", "model-generated"):  # the greedy curves' input
         select_run(out / "gradient-similarity" / setting, max_size=4)
     return out
@@ -72,7 +75,10 @@ def test_notebook_runs_headless_and_saves_figures(results):
         assert (figures / setting / f"heatmap_{setting}_top1.png").exists()
     nb = nbformat.read(figures / "analysis.executed.ipynb", as_version=4)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "2 runs under" in text and "model-generated" in text
+    assert "3 runs under" in text and "model-generated" in text
+    # The projected run's per-matrix scores are marked; the exact runs' carry no projection error.
+    assert "paraphrased-countsketch4000: " in text and "matrices too noisy to rank" in text and "NOISY" in text
+    assert "paraphrased: exact gradients: per-matrix scores carry no projection error" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert images >= 8
     # The committed notebook is untouched.

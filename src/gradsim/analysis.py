@@ -124,6 +124,67 @@ def layer_component_grid(run: Run, metric: str = "top1") -> tuple[list[int], lis
     return layers, comps, grid
 
 
+def fidelity(run: Run) -> Optional[dict]:
+    """The run's per_matrix_fidelity (projected runs; None for exact gradients, whose scores have no error)."""
+    return run.result.get("per_matrix_fidelity")
+
+
+def noisy_matrices(run: Run) -> list[str]:
+    """Matrices whose projected per-matrix score is too noisy to rank (predicted p90 cosine error > 0.05)."""
+    return list((fidelity(run) or {}).get("noisy", []))
+
+
+def per_matrix_rows(run: Run, metric: str = "top1") -> list[dict]:
+    """One row per matrix, best first: its metric, and for a projected run its dims, predicted cosine-error sd
+    and whether it is too noisy to rank (noisy rows are kept, marked, not hidden)."""
+    per, fid = run.result["summary"]["per_matrix"], (fidelity(run) or {}).get("matrices", {})
+    rows = []
+    for name in run.names:
+        row = {"matrix": name, LABELS[metric]: per[name][metric]}
+        if fid:
+            f = fid[name]
+            row.update(dims=f["dims"], exact=f["exact"], sd=f["predicted_sd"], noisy="NOISY" if f["noisy"] else "")
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r[LABELS[metric]])
+
+
+def group_predicted_sd(run: Run, key) -> dict:
+    """For each group of matrices (``key(name)`` -> group or None), the predicted sd of its cosine's error from
+    projection: sqrt(sum_m |a_m|^2 |b_m|^2 sd_m^2) / (|a| |b|) over the group's matrices (sd_m the matrix's
+    predicted sd at cosine 0, matrices sketched independently), from the stored self-dots, median over the
+    run's (query, candidate) pairs. Empty for an exact run."""
+    fid = fidelity(run)
+    if fid is None:
+        return {}
+    sd2 = np.array([fid["matrices"][n]["predicted_sd"] ** 2 for n in run.names])
+    q, c = run.arrays["qself"][:, None, :], run.arrays["cself"]  # (Q, 1, M), (Q, C, M)
+    out = {}
+    for g, idx in group_indices(run.names, key).items():
+        num = (q[..., idx] * c[..., idx] * sd2[idx]).sum(-1)
+        den = q[..., idx].sum(-1) * c[..., idx].sum(-1)
+        out[g] = float(np.median(np.sqrt(num / np.maximum(den, 1e-300))))
+    return out
+
+
+def fidelity_note(run: Run) -> str:
+    """One line on how far the run's per-matrix scores can be trusted."""
+    fid = fidelity(run)
+    if fid is None:
+        return f"{run.name}: exact gradients: per-matrix scores carry no projection error"
+    c, sd = fid["counts"], fid.get("predicted_sd_sketched")
+    spread = (
+        f"; sketched matrices' predicted cosine-error sd median {sd['median']:.3f}, worst {sd['worst']:.3f}"
+        if sd
+        else ""
+    )
+    return (
+        f"{run.name}: {c['noisy']} of {c['matrices']} matrices too noisy to rank ({fid['noisy_if']}); "
+        f"{c['exact']} kept exact{spread}"
+        + (f" ({fid['prediction']})" if fid.get("prediction") == "lower bound" else "")
+        + (f"; allocation {fid['allocation']}" if "allocation" in fid else "")
+    )
+
+
 def true_vs_others(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """Whole-model similarity of each query to its true original, and to every other candidate."""
     s = run.scores()
@@ -209,11 +270,26 @@ def plot_layers(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path:
     return _save(fig, out_dir, f"layers_{metric}.png")
 
 
+def noisy_cells(run: Run, layers: list[int], comps: list[str]) -> np.ndarray:
+    """(layers, components) True where any matrix of the cell is too noisy to rank (noisy_matrices)."""
+    cells = np.zeros((len(layers), len(comps)), dtype=bool)
+    for name in noisy_matrices(run):
+        layer, comp = layer_of(name), component_of(name)
+        if layer in layers and comp in comps:
+            cells[layers.index(layer), comps.index(comp)] = True
+    return cells
+
+
 def plot_heatmap(run: Run, out_dir, metric: str = "top1") -> Path:
+    """One cell per layer x component; a projected run's cells holding a matrix too noisy to rank are crossed."""
     plt = _plt()
     layers, comps, grid = layer_component_grid(run, metric)
     fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(comps), 1.2 + 0.22 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+    ys, xs = np.nonzero(noisy_cells(run, layers, comps))
+    if len(xs):
+        ax.scatter(xs, ys, marker="x", s=12, c="red", linewidths=0.8, label="too noisy to rank")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.25, 1.0))
     ax.set_xticks(np.arange(len(comps)), comps)
     ax.set_yticks(np.arange(len(layers)), layers, fontsize=7)
     ax.set_xlabel("component")

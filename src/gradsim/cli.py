@@ -41,6 +41,7 @@ def format_summary(result: dict) -> str:
     cfg = result["config"]
     best = max(result["summary"]["per_matrix"].items(), key=lambda kv: (kv[1]["top1"], kv[1]["mrr"]))
     chance = (result.get("baselines") or {}).get("random", {}).get("top1")
+    noisy = set((result.get("per_matrix_fidelity") or {}).get("noisy", []))
     return (
         f"{cfg['setting']} / {cfg['computation_type']}"
         + (f" / loss on {cfg['loss_on']}" if cfg.get("loss_on", "response") != "response" else "")
@@ -50,6 +51,7 @@ def format_summary(result: dict) -> str:
         f"top-1 {s['top1']:.3f}  MRR {s['mrr']:.3f}  recall@5 {s['recall@5']:.3f}"
         + (f"  (chance top-1 {chance:.3f})" if chance is not None else "")
         + f"  | best matrix {best[0]} top-1 {best[1]['top1']:.3f}"
+        + (" (noisy: its projection's predicted p90 cosine error > 0.05)" if best[0] in noisy else "")
     )
 
 

@@ -23,8 +23,11 @@ SETTING_CHOICES = SETTINGS + ("both",)
 COMPUTATION_TYPES = ("gradient-similarity", "dot-product")
 CANDIDATE_MODES = ("bm25", "all")
 PROJECTIONS = ("countsketch", "tensorsketch", "factorized", "trak")
+SKETCHED = ("countsketch", "tensorsketch")  # --proj-dim in all, shared among the matrices by --allocation
 # --proj-dim when not given: total dims for the sketches, per parameter matrix for factorized and trak.
 DEFAULT_PROJ_DIM = {"countsketch": 65536, "tensorsketch": 65536, "factorized": 4096, "trak": 4096}
+# How countsketch and tensorsketch share --proj-dim among the matrices (projection.allocate_dims).
+ALLOCATIONS = ("norm", "norm-floor", "sqrt", "uniform")
 # float32; bfloat16: bf16 autocast over fp32 weights and gradients; bfloat16-weights: bf16 weights and
 # gradients (half the memory, for models that do not fit otherwise).
 DTYPES = ("float32", "bfloat16", "bfloat16-weights")
@@ -61,6 +64,7 @@ COMPAT_FIELDS = (
     "use_random_projection",
     "projection",
     "proj_dim",
+    "allocation",
     "original_data_sha256",
     "variant_data_sha256",
     "sample_size",
@@ -99,6 +103,7 @@ class Config:
     use_random_projection: bool = False
     projection: str = "tensorsketch"
     proj_dim: Optional[int] = None  # None: DEFAULT_PROJ_DIM of the projection
+    allocation: str = "norm"  # ALLOCATIONS: how the sketches share --proj-dim among the matrices
     batch_size: int = 1
     baselines: bool = True  # BM25 and representation similarity on the same queries (forward passes only)
     # Budgets of the exact path (they change the schedule, never the numbers). None: from the environment
@@ -159,6 +164,12 @@ class Config:
                 "forms: use the exact path or --projection countsketch or trak"
             )
         check_choice("--projection", self.projection, PROJECTIONS)
+        check_choice("--allocation", self.allocation, ALLOCATIONS)
+        if self.allocation != "norm" and not (self.use_random_projection and self.projection in SKETCHED):
+            raise GradsimError(
+                f"--allocation {self.allocation} shares the dims of --projection countsketch or tensorsketch: add "
+                "--use-random-projection with one of them, or drop --allocation"
+            )
         check_choice("MT_DTYPE/--dtype", self.dtype, DTYPES)
         if self.revision is not None and not self.revision.strip():
             raise GradsimError("--revision is empty: give a branch, tag or commit of the hub model, or drop it")
@@ -217,6 +228,12 @@ OPTIONS = (
         "proj_dim",
         "projected dimensions: in all for tensorsketch and countsketch (default 65536), per parameter matrix for "
         "factorized and trak (default 4096)",
+    ),
+    Option(
+        "allocation",
+        "how tensorsketch and countsketch share --proj-dim among the matrices: norm (by calibrated gradient-norm "
+        "share), norm-floor (the same, every matrix at least half the uniform share), sqrt (by the square root "
+        "of its entries) or uniform; results.json states each matrix's predicted error (per_matrix_fidelity)",
     ),
     Option(
         "loss_on",

@@ -30,12 +30,15 @@ def run_name(
     normalize="none",
     matrices=None,
     turns="first",
+    allocation="norm",
 ) -> str:
     name = setting
     if candidates == "all":
         name += "-all"
     if use_random_projection:
         name += f"-{projection}{proj_dim}"
+    if allocation != "norm":  # the default keeps the names runs had before --allocation existed
+        name += f"-alloc-{allocation}"
     if loss_on != "response":  # the study's target keeps the original study's names
         name += f"-loss-{loss_on}"
     if turns != "first":  # likewise the study's first exchange
@@ -64,6 +67,7 @@ def run_dir(cfg) -> Path:
             cfg.normalize,
             cfg.matrices,
             cfg.turns,
+            cfg.allocation,
         )
     )
 

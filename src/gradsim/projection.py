@@ -511,29 +511,78 @@ def smooth_at_most(k: int) -> int:
     return best
 
 
-def allocate_dims(shares: np.ndarray, shapes: list[tuple[int, ...]], total: int, fit: str = "coprime") -> np.ndarray:
-    """Dims per matrix for a sketch of `total` dims, in proportion to `shares` (mixed with the
-    matrices' shares of entries), water-filled: a matrix offered at least its number of entries is kept
-    exact and the rest is shared again. Sketched sizes are then lowered to fit the sketch: coprime to the
-    matrix's sides (countsketch's mod-k buckets) or 2-3-5-smooth (tensorsketch's FFTs)."""
+# How --proj-dim is shared among the matrices (--allocation; config.ALLOCATIONS). Each rule gives every
+# matrix a weight, dims go in proportion to it, water-filled (a matrix offered at least its number of entries
+# is kept exact and the rest is shared again); norm-floor also gives every sketched matrix at least
+# FLOOR_FRACTION x total / number of matrices (or all its entries, when fewer).
+ALLOCATION_WEIGHTS = {
+    "norm": f"{SHARE_MIX} x squared-norm share + {1 - SHARE_MIX:.1f} x share of entries",
+    "norm-floor": f"{SHARE_MIX} x squared-norm share + {1 - SHARE_MIX:.1f} x share of entries",
+    "sqrt": "square root of the number of entries",
+    "uniform": "equal",
+}
+FLOOR_FRACTION = 0.5
+
+
+def allocation_floor(rule: str, total: int, num_matrices: int) -> int:
+    """The fewest dims a sketched matrix gets under ``rule`` before fitting (0: no floor)."""
+    return int(FLOOR_FRACTION * total / max(num_matrices, 1)) if rule == "norm-floor" else 0
+
+
+def allocation_weights(rule: str, shares: np.ndarray, numel: np.ndarray) -> np.ndarray:
+    if rule in ("norm", "norm-floor"):
+        shares = np.asarray(shares, dtype=np.float64)
+        return SHARE_MIX * shares / max(shares.sum(), 1e-300) + (1 - SHARE_MIX) * numel / numel.sum()
+    if rule == "sqrt":
+        return np.sqrt(numel)
+    if rule == "uniform":
+        return np.ones_like(numel)
+    raise GradsimError(f"unknown --allocation {rule!r}: choose one of {', '.join(ALLOCATION_WEIGHTS)}")
+
+
+def allocate_dims(
+    shares: np.ndarray, shapes: list[tuple[int, ...]], total: int, fit: str = "coprime", rule: str = "norm"
+) -> np.ndarray:
+    """Dims per matrix for a sketch of `total` dims, in proportion to the weights of ``rule`` (norm: `shares`
+    mixed with the matrices' shares of entries), water-filled: a matrix offered at least its number of entries
+    is kept exact and the rest is shared again. Under norm-floor a matrix offered less than the floor (fitted
+    up, at most its entries) is pinned there and the rest is shared again. Sketched sizes are then lowered to
+    fit the sketch: coprime to the matrix's sides (countsketch's mod-k buckets) or 2-3-5-smooth (tensorsketch's
+    FFTs); a pinned floor is already such a size, so a fitted size never falls below it."""
     numel = np.array([math.prod(s) for s in shapes], dtype=np.float64)
-    shares = np.asarray(shares, dtype=np.float64)
-    w = SHARE_MIX * shares / max(shares.sum(), 1e-300) + (1 - SHARE_MIX) * numel / numel.sum()
+    w = allocation_weights(rule, shares, numel)
+    floor_at = allocation_floor(rule, total, len(shapes))
+    floor = np.array([min(int(n), fitted_up(floor_at, s, fit)) if floor_at else 0 for n, s in zip(numel, shapes)])
     k = np.zeros(len(shapes), dtype=np.int64)
     active = np.ones(len(shapes), dtype=bool)
     budget = float(total)
     while active.any():
         offer = np.maximum(1.0, np.floor(budget * w / w[active].sum()))
         full = active & (offer >= numel)
-        if not full.any():
+        if full.any():
+            k[full] = numel[full].astype(np.int64)
+            budget -= numel[full].sum()
+            active &= ~full
+            continue
+        low = active & (offer < floor)
+        if not low.any():
             k[active] = offer[active].astype(np.int64)
             break
-        k[full] = numel[full].astype(np.int64)
-        budget -= numel[full].sum()
-        active &= ~full
+        k[low] = floor[low]
+        budget -= floor[low].sum()
+        active &= ~low
+    if budget < 0:
+        raise GradsimError(f"--proj-dim {total} is too small for --allocation {rule}'s floor of {floor_at} dims")
     for m, shape in enumerate(shapes):
         if k[m] < numel[m]:
             k[m] = fitted_dims(int(k[m]), shape, fit)
+    return k
+
+
+def fitted_up(k: int, shape: tuple[int, ...], fit: str) -> int:
+    """The smallest size >= k a sketch of this matrix can use (see fitted_dims)."""
+    while fitted_dims(k, shape, fit) != k:
+        k += 1
     return k
 
 
@@ -565,24 +614,52 @@ def calibration_shares(model: nn.Module, device, dtype: str, encs: list[Encoded]
 
 
 def make_allocation(
-    model: nn.Module, device, dtype: str, total: int, calibration: list[Encoded], fit: str = "coprime"
+    model: nn.Module,
+    device,
+    dtype: str,
+    total: int,
+    calibration: list[Encoded],
+    fit: str = "coprime",
+    rule: str = "norm",
 ) -> dict:
     if not calibration:
         raise GradsimError("the sketch projections need calibration samples (the first originals): none given")
     names, shares = calibration_shares(model, device, dtype, calibration)
     shapes = [tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad]
+    return allocation_from_shares(names, shapes, shares, total, [e.id for e in calibration], fit, rule)
+
+
+def allocation_from_shares(
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+    shares,
+    total: int,
+    calibration_ids: list[str],
+    fit: str = "coprime",
+    rule: str = "norm",
+) -> dict:
+    """The allocation of make_allocation from the calibration's norm shares (one calibration serves every
+    rule and size)."""
     shares = [float(f"{x:.6g}") for x in shares]  # what is stored is what every process uses
-    dims = allocate_dims(np.array(shares), shapes, total, fit)
+    dims = allocate_dims(np.array(shares), shapes, total, fit, rule)
     lowered = "to coprime with the matrix's sides" if fit == "coprime" else "to 2-3-5-smooth sizes"
+    floor = allocation_floor(rule, total, len(shapes))
+    floored = (
+        f", every matrix at least {floor} dims ({FLOOR_FRACTION} x total / {len(shapes)} matrices, fitted up; "
+        "all its entries when fewer)"
+        if floor
+        else ""
+    )
     return {
         "total": total,
-        "calibration_ids": [e.id for e in calibration],
-        "names": names,
+        "calibration_ids": list(calibration_ids),
+        "names": list(names),
         "fit": fit,
+        "allocation": rule,
+        "floor": floor,
         "shares": shares,
         "dims": [int(d) for d in dims],
-        "rule": f"{SHARE_MIX} x squared-norm share + "
-        f"{1 - SHARE_MIX:.1f} x share of entries, water-filled, lowered {lowered}",
+        "rule": f"{ALLOCATION_WEIGHTS[rule]}, water-filled{floored}, lowered {lowered}",
     }
 
 
@@ -595,19 +672,21 @@ def checked_allocation(
     fit: str,
     allocation: Optional[dict],
     calibration: Optional[list[Encoded]],
+    rule: str = "norm",
 ) -> dict:
-    """The given allocation, or a new one from calibration; refused if made for another model or size."""
+    """The given allocation, or a new one from calibration; refused if made for another model, size or rule."""
     if allocation is None:
         if not calibration:
             raise GradsimError(f"the {kind} projection needs calibration samples or an allocation")
-        allocation = make_allocation(model, device, dtype, proj_dim, calibration, fit)
+        allocation = make_allocation(model, device, dtype, proj_dim, calibration, fit, rule)
     if (
         allocation["names"] != _trainable(model)[0]
         or allocation["total"] != proj_dim
         or allocation.get("fit", "coprime") != fit
+        or allocation.get("allocation", "norm") != rule
     ):
         raise GradsimError(
-            f"the {kind} allocation was made for another model, --proj-dim or projection: delete "
+            f"the {kind} allocation was made for another model, --proj-dim, projection or --allocation: delete "
             f"features/{kind}-allocations/ under the output dir to recalibrate"
         )
     return allocation
@@ -632,10 +711,11 @@ class _CalibratedSketch:
         batch_size: int = 1,
         allocation: Optional[dict] = None,
         calibration: Optional[list[Encoded]] = None,
+        rule: str = "norm",
         **options,
     ):
         allocation = self.allocation = checked_allocation(
-            self.kind, model, device, dtype, proj_dim, self.fit, allocation, calibration
+            self.kind, model, device, dtype, proj_dim, self.fit, allocation, calibration, rule
         )
         self._build(model, device, dtype, seed, batch_size, allocation, **options)
         self.spec = {
@@ -799,13 +879,93 @@ def make_projected_featurizer(
     if cfg.projection in SKETCHES:
         cls = SKETCHES[cfg.projection]
 
+        rule = getattr(cfg, "allocation", "norm")
+
         def create():
-            return make_allocation(lm.model, lm.device, cfg.dtype, cfg.proj_dim, calibration or [], cls.fit)
+            return make_allocation(lm.model, lm.device, cfg.dtype, cfg.proj_dim, calibration or [], cls.fit, rule)
 
         allocation = load_or_create_json(allocation_path, create) if allocation_path else create()
-        return cls(lm.model, lm.device, cfg.dtype, cfg.proj_dim, cfg.seed, cfg.batch_size, allocation=allocation)
+        return cls(
+            lm.model, lm.device, cfg.dtype, cfg.proj_dim, cfg.seed, cfg.batch_size, allocation=allocation, rule=rule
+        )
     return FactorizedFeaturizer(lm.model, lm.device, cfg.dtype, cfg.proj_dim, cfg.seed, cfg.batch_size)
 
 
 # Projections whose dims are shared by a calibrated allocation, by name.
 SKETCHES = {cls.kind: cls for cls in (CountSketchFeaturizer, TensorSketchFeaturizer)}
+
+
+# ---- per-matrix fidelity -------------------------------------------------------------------------------------
+
+NOISY_P90 = 0.05  # a matrix's score is flagged noisy when its predicted 90th-percentile cosine error exceeds this
+Z90 = 1.645  # two-sided 90% of a normal error: P(|e| <= 1.645 sd) = 0.9
+# factorized's per-matrix cosine error over the i.i.d. bound 1/sqrt(k_rows k_cols): 3.3x measured on the embedded
+# model at 64 x 64 (bench/bench_fidelity.py, docs/benchmarks.md). Its noisy flags use the bound times this.
+KRONECKER_EXCESS = 3.3
+
+
+def predicted_cosine_sd(k: int, exact: bool) -> float:
+    """The sd of a matrix's cosine error when it is sketched to k dims: sqrt((1 + c^2) / k) for the dot of unit
+    vectors with true cosine c under an i.i.d. JL sketch (CountSketch's Var <Sa, Sb> <= (|a|^2 |b|^2 + <a,b>^2)/k),
+    and (1 - c^2) / sqrt(k) once the sketched norms divide it out (the cosine); both are 1 / sqrt(k) at c = 0,
+    the cosine's largest, so that is what is stated. A matrix kept exact has no error."""
+    return 0.0 if exact else 1.0 / math.sqrt(max(int(k), 1))
+
+
+def dims_for_noise(threshold: float = NOISY_P90) -> int:
+    """The fewest dims whose predicted p90 cosine error is at most ``threshold``."""
+    return math.ceil((Z90 / threshold) ** 2)
+
+
+def per_matrix_fidelity(featurizer) -> dict:
+    """Each matrix's dims, whether it is kept exact, the predicted sd of its cosine error and whether its
+    score is too noisy to rank (predicted p90 error over NOISY_P90), for a projected run's results.json."""
+    names, sizes = featurizer.layout.names, np.diff(featurizer.layout.offsets)
+    kind = featurizer.kind
+    excess = 1.0
+    if kind in SKETCHES or kind == "trak":
+        exact = list(featurizer.exact) if kind in SKETCHES else [not p for p in featurizer.projected]
+        bound = "estimate"
+        model = (
+            "i.i.d. JL-like sketch of k dims per matrix: sd 1/sqrt(k), the cosine's at c = 0 (smaller for |c| > 0); "
+            + ("TensorSketch's variance is within a small constant of CountSketch's" if kind == "tensorsketch" else "")
+        ).rstrip("; ")
+        noisy_if = f"{Z90} x predicted sd > {NOISY_P90} (sketched to fewer than {dims_for_noise()} dims)"
+    else:
+        exact = [s.rows is None and s.cols is None for s in featurizer.slots.values()]
+        bound = "lower bound"
+        excess = KRONECKER_EXCESS
+        model = (
+            "sd 1/sqrt(k_rows k_cols) of an i.i.d. sketch of the same size: a lower bound, as the Kronecker sketch of "
+            f"a near-low-rank per-sample gradient has a larger variance ({KRONECKER_EXCESS}x measured on the embedded "
+            "model at 64 x 64, benchmarks.md)"
+        )
+        noisy_if = f"{Z90} x {KRONECKER_EXCESS} x predicted sd > {NOISY_P90} (the measured Kronecker excess)"
+    sd = [predicted_cosine_sd(int(k), e) for k, e in zip(sizes, exact)]
+    noisy = [Z90 * excess * s > NOISY_P90 for s in sd]
+    out = {
+        "error_model": model,
+        "prediction": bound,
+        "noisy_if": noisy_if,
+        "matrices": {
+            n: {"dims": int(k), "exact": bool(e), "predicted_sd": round(s, 6), "noisy": bool(z)}
+            for n, k, e, s, z in zip(names, sizes, exact, sd, noisy)
+        },
+        "counts": {
+            "matrices": len(names),
+            "exact": int(sum(exact)),
+            "sketched": len(names) - int(sum(exact)),
+            "noisy": int(sum(noisy)),
+        },
+        "noisy": [n for n, z in zip(names, noisy) if z],
+    }
+    if kind in SKETCHES:
+        out["allocation"] = featurizer.allocation.get("allocation", "norm")
+    sketched_sd = sorted(s for s, e in zip(sd, exact) if not e)
+    if sketched_sd:
+        out["predicted_sd_sketched"] = {
+            "median": round(float(np.median(sketched_sd)), 6),
+            "p90": round(float(np.percentile(sketched_sd, 90)), 6),
+            "worst": round(sketched_sd[-1], 6),
+        }
+    return out

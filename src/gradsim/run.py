@@ -92,6 +92,7 @@ class Part:
     pending: list[dict] = field(default_factory=list)  # query rows of the block being computed
     finished: Optional[dict] = None
     featurizer_spec: Optional[dict] = None
+    fidelity: Optional[dict] = None  # projected runs: projection.per_matrix_fidelity of the featurizer
     normalizer: Optional[dict] = None  # --normalize: what was applied (normalize.GradientNormalizer.to_dict)
     cut: dict[str, set[str]] = field(default_factory=dict)  # ids cut at --max-length (check_encodable)
     code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
@@ -482,14 +483,15 @@ def make_cache(cfg: Config, device: torch.device, grad_bytes: int, paths: RunPat
 
 
 def store_manifest(cfg: Config) -> dict:
-    """What determines the originals' features besides the featurizer (the query side is excluded).
-    --turns first, the study's, is left out so that stores made before --turns existed keep their keys."""
-    return {
-        k: v
-        for k, v in cfg.compat().items()
-        if k not in ("setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256")
-        and not (k == "turns" and v == "first")
-    }
+    """What determines the originals' features besides the featurizer (the query side is excluded). The
+    defaults of options added later (--turns first, --allocation norm) are left out, so that stores and
+    allocation files made before those options existed keep their keys."""
+    drop = {"setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256"}
+    if cfg.turns == "first":
+        drop.add("turns")
+    if cfg.allocation == "norm":
+        drop.add("allocation")
+    return {k: v for k, v in cfg.compat().items() if k not in drop}
 
 
 def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None):
@@ -507,12 +509,15 @@ def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None
 
 
 def score_projected(parts: list[Part], lm: LoadedModel) -> None:
+    from .projection import per_matrix_fidelity
+
     cfg, data = parts[0].cfg, parts[0].data
     featurizer = make_featurizer(cfg, lm, data)
     layout = featurizer.layout
     normalizer = attach_normalizer(cfg, lm, data, featurizer.computer) if cfg.normalize != "none" else None
+    fidelity = per_matrix_fidelity(featurizer)
     for p in parts:
-        p.featurizer_spec, p.normalizer = featurizer.spec, normalizer
+        p.featurizer_spec, p.normalizer, p.fidelity = featurizer.spec, normalizer, fidelity
     manifest = dict(store_manifest(cfg), featurizer=featurizer.spec)
     store = FeatureStore.open(
         feature_store_dir(cfg.output_dir, manifest_key(manifest), "originals"),
@@ -699,6 +704,8 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
     }
     if cost is not None:
         result["cost"] = cost
+    if p.fidelity is not None:  # the per-matrix scores' predicted error (exact runs have none)
+        result["per_matrix_fidelity"] = p.fidelity
     result.update(summarize_arrays(names, arrays, cfg.computation_type))
     result["_arrays"] = arrays
     return result
