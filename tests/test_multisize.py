@@ -12,10 +12,10 @@ from gradsim.projection import SKETCHES, FactorizedFeaturizer, TrakFeaturizer, m
 SIZES = {"tensorsketch": [256, 1024, 4096], "countsketch": [256, 1024, 4096], "factorized": [16, 64], "trak": [8, 32]}
 
 
-def alone(kind, tiny, k, seed, allocation):
+def alone(kind, tiny, k, seed, allocation, rule="norm"):
     if kind in SKETCHES:
         cls = SKETCHES[kind]
-        return cls(tiny.model, tiny.device, "float32", k, seed, allocation=allocation)
+        return cls(tiny.model, tiny.device, "float32", k, seed, allocation=allocation, rule=rule)
     if kind == "trak":
         return TrakFeaturizer(tiny.model, tiny.device, "float32", k, seed)
     return FactorizedFeaturizer(tiny.model, tiny.device, "float32", k, seed)
@@ -88,3 +88,16 @@ def test_bad_sizes_and_kinds_are_refused(tiny):
         make_multi_size("gaussian", tiny.model, tiny.device, [64])
     with pytest.raises(GradsimError, match="positive"):
         make_multi_size("factorized", tiny.model, tiny.device, [0, 64])
+
+
+def test_an_allocation_rule_reaches_every_size(tiny, samples):
+    encs = [encode(tiny.tokenizer, s, 256) for s in samples[:2]]
+    multi = make_multi_size(
+        "countsketch", tiny.model, tiny.device, [512, 2048], seed=2, calibration=encs, rule="norm-floor"
+    )
+    got = multi.split(torch.stack([multi.features(e) for e in encs]))
+    for k, g in zip([512, 2048], got):
+        a = make_allocation(tiny.model, tiny.device, "float32", k, encs, "coprime", "norm-floor")
+        assert multi.parts[[512, 2048].index(k)].allocation["dims"] == a["dims"]
+        want = torch.stack([alone("countsketch", tiny, k, 2, a, "norm-floor").features(e) for e in encs])
+        assert torch.allclose(g, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 from .combine import whole_run
-from .config import Config
+from .config import ALLOCATIONS, Config
 from .errors import GradsimError
 from .io import atomic_write_json, atomic_writer, read_json
 from .layout import frontier_files
@@ -213,7 +213,9 @@ def per_matrix_arrays(feats_q: np.ndarray, feats_o: np.ndarray, layout) -> tuple
     return dots, qself, oself
 
 
-def project_runs(runs: list[ExactRun], sizes: dict, device: Optional[str], batch_size: int, lm=None) -> dict:
+def project_runs(
+    runs: list[ExactRun], sizes: dict, device: Optional[str], batch_size: int, lm=None, rule: str = "norm"
+) -> dict:
     """{kind: [{"proj_dim", "dims", "spec", "arrays": {setting: (dots (Q, N, M), qself, oself)}}]}: the
     runs' queries and their originals featurized once per family (multisize.py), every size of every
     kind of the family in that one pass. Rows and columns are in the data's order (query i, original j)."""
@@ -246,6 +248,7 @@ def project_runs(runs: list[ExactRun], sizes: dict, device: Optional[str], batch
             seed=cfg.seed,
             batch_size=batch_size,
             calibration=enc_o[:CALIBRATION_SAMPLES],
+            rule=rule,
         )
         n = len(enc_o) + sum(len(v) for v in enc_q.values())
         bar = progress_bar(total=n, desc=f"features ({multi.kind}: {len(multi.parts)} sizes, one pass)", unit="sample")
@@ -350,6 +353,7 @@ def frontier(
     device: Optional[str] = None,
     batch_size: int = 1,
     lm=None,
+    allocation: str = "norm",
 ) -> dict:
     """The frontier of exact runs (one per setting): the table frontier.json holds (module docstring).
     ``lm``: the runs' model, already loaded (default: loaded from the runs' config)."""
@@ -362,7 +366,14 @@ def frontier(
         "gradsim_version": __version__,
         "runs": [str(r.path) for r in runs],
         "model": runs[0].result["model"],
-        "config": {"splits": splits, "max_size": max_size, "kinds": kinds, "sizes": sizes, "batch_size": batch_size},
+        "config": {
+            "splits": splits,
+            "max_size": max_size,
+            "kinds": kinds,
+            "sizes": sizes,
+            "batch_size": batch_size,
+            "allocation": allocation,
+        },
         "interval": "2.5-97.5 percentiles over the random choose/report splits (selection, select-then-project)",
         "storage": "floats per sample; bytes at fp32 (how features are stored)",
         "settings": {},
@@ -377,7 +388,7 @@ def frontier(
             extra = {int(round(s["greedy_final"]["floats"])) for s in selections.values()}
             # (within the sizes asked for: a subset of millions of floats is not a size worth a sketch)
             proj_sizes[k] = sorted(set(proj_sizes[k]) | {e for e in extra if 0 < e <= max(sizes)})
-    projected = project_runs(runs, proj_sizes, device, batch_size, lm) if proj_sizes else {}
+    projected = project_runs(runs, proj_sizes, device, batch_size, lm, allocation) if proj_sizes else {}
     data = {}
     if projected:
         from .data import load_dataset
@@ -539,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=int, default=10, help="random choose/report splits of the queries")
     p.add_argument("--max-size", type=int, default=16, help="largest greedy subset (matrices)")
     p.add_argument("--device", help="device for the projection pass (default: the runs' own)")
+    p.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="norm",
+        help="how the sketches share their dims among the matrices (as main.py's --allocation)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="samples per forward/backward (hook-formed sketches)")
     return p
 
@@ -564,7 +581,7 @@ def _main(argv: Optional[list[str]]) -> int:
     if not sizes or sizes[0] < 1 or a.splits < 1 or a.max_size < 1:
         raise GradsimError("--sizes, --splits and --max-size must be positive")
     out_dir = a.output_dir or Path(a.run_dirs[0]).resolve().parent / "frontier"
-    result = frontier(a.run_dirs, kinds, sizes, a.splits, a.max_size, a.device, a.batch_size)
+    result = frontier(a.run_dirs, kinds, sizes, a.splits, a.max_size, a.device, a.batch_size, allocation=a.allocation)
     table, figure = frontier_files(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot(result, figure)

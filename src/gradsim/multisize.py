@@ -28,8 +28,8 @@ from .projection import (
     FactorizedFeaturizer,
     TrakFeaturizer,
     _trainable,
-    allocate_dims,
-    make_allocation,
+    allocation_from_shares,
+    calibration_shares,
 )
 
 KINDS = ("tensorsketch", "countsketch", "factorized", "trak")
@@ -146,6 +146,7 @@ def make_multi_size(
     batch_size: int = 1,
     calibration: Optional[list[Encoded]] = None,
     allocation: Optional[dict] = None,
+    rule: str = "norm",
 ) -> MultiSizeFeaturizer:
     """The parts for ``sizes`` (each --proj-dim as that projection reads it: total dims for the sketches,
     dims per matrix for factorized and trak), and the featurizer that fills them in one pass. ``kind``
@@ -153,9 +154,10 @@ def make_multi_size(
 
     The sketches' allocations share one calibration (the squared-norm shares are measured once, on
     ``calibration``, or taken from ``allocation``): each size's allocation is the one make_allocation
-    gives for that size."""
+    gives for that size and allocation ``rule``."""
     wanted = {kind: sizes} if isinstance(kind, str) else dict(kind)
-    parts, computer = [], None
+    parts, computer, shares = [], None, None
+    names, shapes = _trainable(model)
     for k, ks in wanted.items():
         if k not in KINDS:
             raise GradsimError(f"unknown projection {k!r}: choose from {', '.join(KINDS)}")
@@ -166,12 +168,22 @@ def make_multi_size(
             computer = GradientComputer(model, device, dtype)  # one exact gradient for every size and kind
         if k in SKETCHES:
             cls = SKETCHES[k]
-            first = allocation or make_allocation(model, device, dtype, ks[0], calibration or [], cls.fit)
-            shapes, shares = _trainable(model)[1], np.array(first["shares"])
+            if allocation is None and shares is None:  # one calibration for every size and sketch
+                if not calibration:
+                    raise GradsimError(f"the {k} projection needs calibration samples or an allocation")
+                shares = calibration_shares(model, device, dtype, calibration)[1]
             extra = {"computer": computer} if k == "countsketch" else {}
-            for size in ks:  # make_allocation's allocation for this size, from the one calibration
-                a = dict(first, total=size, dims=[int(d) for d in allocate_dims(shares, shapes, size, cls.fit)])
-                parts.append(cls(model, device, dtype, size, seed, batch_size, allocation=a, **extra))
+            for size in ks:  # make_allocation's allocation for this size and rule, from the one calibration
+                a = allocation_from_shares(
+                    names,
+                    shapes,
+                    allocation["shares"] if allocation else shares,
+                    size,
+                    allocation["calibration_ids"] if allocation else [e.id for e in calibration],
+                    cls.fit,
+                    rule,
+                )
+                parts.append(cls(model, device, dtype, size, seed, batch_size, allocation=a, rule=rule, **extra))
         elif k == "trak":
             parts += [TrakFeaturizer(model, device, dtype, s, seed, batch_size, computer=computer) for s in ks]
         else:
