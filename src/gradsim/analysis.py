@@ -369,6 +369,24 @@ def load_targets(results_dir) -> tuple[Optional[dict], Optional[Path]]:
     return None, None
 
 
+def load_frontier(results_dir, computation_type: str = "gradient-similarity") -> tuple[Optional[dict], Optional[Path]]:
+    """The frontier (``gradsim frontier``): beside the runs (its default place, or ``<results dir>/frontier``)
+    if one was made, else the committed frontier of the bundled data (docs/frontier/frontier.json)."""
+    from .config import REPO_ROOT
+    from .io import read_json
+    from .layout import frontier_files
+
+    for root in (
+        Path(results_dir) / computation_type / "frontier",
+        Path(results_dir) / "frontier",
+        REPO_ROOT / "docs" / "frontier",
+    ):
+        path = frontier_files(root)[0]
+        if path.is_file():
+            return read_json(path), path
+    return None, None
+
+
 def plot_targets(table: dict, out_dir, protocol: str = "corpus") -> Path:
     """Top-1 with its 95% interval per loss target x normalizer and per baseline, one panel per setting
     (``protocol``: the prefix of the protocol shown, ``corpus`` or ``BM25``)."""
