@@ -31,3 +31,16 @@ def test_greedy_finds_the_informative_matrices_and_reports_held_out():
     idx = [names.index(n) for n in out["chosen"]]
     s = subset_scores(dots[report], qself[report], cself[report], idx, "gradient-similarity")
     assert out["held_out"]["top1"] == float((s.argmax(1) == 0).mean())
+
+
+def test_ties_go_to_the_smaller_matrix():
+    """Matrices 1 and 3 carry the same signal (copies): with sizes, greedy adds the smaller one first."""
+    dots, qself, cself = synthetic()
+    dots[..., 3], qself[..., 3], cself[..., 3] = dots[..., 1], qself[..., 1], cself[..., 1]
+    names = [f"m{i}" for i in range(5)]
+    choose, report = split_queries(dots.shape[0], seed=1)
+    first = greedy_select(names, dots, qself, cself, "gradient-similarity", choose, report, 1)
+    assert first["chosen"] == ["m1"]  # without sizes: the first in order
+    sizes = np.array([10, 500, 10, 20, 10])
+    small = greedy_select(names, dots, qself, cself, "gradient-similarity", choose, report, 1, sizes)
+    assert small["chosen"] == ["m3"]

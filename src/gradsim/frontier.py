@@ -153,7 +153,7 @@ def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BES
     final, full, best, chosen = [], [], {k: [] for k in best_k if k <= len(names)}, []
     for seed in range(splits):
         choose, report = split_queries(dots.shape[0], seed)
-        g = greedy_select(names, dots, qself, cself, ctype, choose, report, max_size)
+        g = greedy_select(names, dots, qself, cself, ctype, choose, report, max_size, numel)
         idx = [names.index(n) for n in g["chosen"]]
         chosen.append(idx)
         for k, step in enumerate(g["path"], 1):
@@ -166,7 +166,7 @@ def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BES
             summarize_ranks(subset_scores(dots[choose], qself[choose], cself[choose], [m], ctype))
             for m in range(len(names))
         ]
-        order = sorted(range(len(names)), key=lambda m: (-own[m]["mrr"], -own[m]["top1"], m))
+        order = sorted(range(len(names)), key=lambda m: (-own[m]["mrr"], -own[m]["top1"], numel[m], m))
         for k in best:
             r = summarize_ranks(subset_scores(dots[report], qself[report], cself[report], order[:k], ctype))
             best[k].append((numel[order[:k]].sum(), r["top1"], r["mrr"]))

@@ -38,9 +38,12 @@ def greedy_select(
     choose: np.ndarray,
     report: np.ndarray,
     max_size: int | None = None,
+    sizes=None,
 ) -> dict:
     """Add, one at a time, the matrix that most raises MRR (then top-1) on the ``choose`` queries;
-    stop when nothing raises it. Each step's metrics on the held-out ``report`` queries are recorded."""
+    stop when nothing raises it. Each step's metrics on the held-out ``report`` queries are recorded.
+    ``sizes`` (entries per matrix): among matrices that raise it equally, the smallest is added (without
+    them, the first in parameter order)."""
 
     def held_out(idx) -> dict:
         return summarize_ranks(subset_scores(dots[report], qself[report], cself[report], idx, computation_type))
@@ -62,12 +65,13 @@ def greedy_select(
             if computation_type != "dot-product":
                 s = cosine(s, (run_q + q[:, m])[:, None], run_c + c[..., m])
             r = summarize_ranks(s)
-            key = (r["mrr"], r["top1"])
+            key = (r["mrr"], r["top1"], -sizes[m] if sizes is not None else 0)
             if step is None or key > step[0]:
                 step = (key, m, r)
-        if step is None or step[0] <= best:
+        if step is None or step[0][:2] <= best:
             break
-        best, m, r = step
+        key, m, r = step
+        best = key[:2]
         chosen.append(m)
         run_d += d[..., m]
         run_q += q[:, m]
@@ -94,8 +98,17 @@ def select_run(run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size:
             dots = np.take_along_axis(dots, cols[..., None], axis=1)
             cself = np.take_along_axis(cself, cols[..., None], axis=1)
     choose, report = split_queries(dots.shape[0], seed)
+    sizes = result.get("parameter_numel")  # ties go to the smaller matrix (runs that recorded sizes)
     out = greedy_select(
-        result["parameter_names"], dots, qself, cself, result["config"]["computation_type"], choose, report, max_size
+        result["parameter_names"],
+        dots,
+        qself,
+        cself,
+        result["config"]["computation_type"],
+        choose,
+        report,
+        max_size,
+        np.array(sizes) if sizes else None,
     )
     out.update(seed=seed, protocol=protocol, run=str(run_dir), num_candidates=int(dots.shape[1]))
     out["model"] = result.get("model", {}).get("id")  # --matrices refuses a selection of another model
