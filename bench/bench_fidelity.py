@@ -20,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_featurize  # noqa: E402  (the machine description every bench shares)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "lima_sample" / "original.jsonl"
@@ -84,20 +86,8 @@ def compare(exact_gram: np.ndarray, gram: np.ndarray, fid: dict) -> dict:
 
 
 def machine_info() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "loadavg_before": list(os.getloadavg()),
-    }
+    """bench_featurize's machine description, with the load average before the run."""
+    return {**bench_featurize.machine_info(), "loadavg_before": list(os.getloadavg())}
 
 
 def run(args) -> dict:

@@ -204,22 +204,20 @@ def per_matrix_arrays(feats_q: np.ndarray, feats_o: np.ndarray, layout) -> tuple
     subset scores follow exactly, as for an exact run's scores.npz."""
     import torch
 
+    from .features import per_matrix_self_dots
     from .score import dense_dots
 
     q, o = torch.from_numpy(np.ascontiguousarray(feats_q)), torch.from_numpy(np.ascontiguousarray(feats_o))
-    dots = dense_dots(layout, q, o)
-    qself = np.stack([(feats_q[:, lo:hi].astype(np.float64) ** 2).sum(1) for _, lo, hi in layout.slices()], 1)
-    oself = np.stack([(feats_o[:, lo:hi].astype(np.float64) ** 2).sum(1) for _, lo, hi in layout.slices()], 1)
-    return dots, qself, oself
+    return dense_dots(layout, q, o), per_matrix_self_dots(layout, q), per_matrix_self_dots(layout, o)
 
 
 def project_runs(
-    runs: list[ExactRun], sizes: dict, device: Optional[str], batch_size: int, lm=None, rule: str = "norm"
+    runs: list[ExactRun], data: dict, sizes: dict, device: Optional[str], batch_size: int, lm=None, rule: str = "norm"
 ) -> dict:
     """{kind: [{"proj_dim", "dims", "spec", "arrays": {setting: (dots (Q, N, M), qself, oself)}}]}: the
     runs' queries and their originals featurized once per family (multisize.py), every size of every
-    kind of the family in that one pass. Rows and columns are in the data's order (query i, original j)."""
-    from .data import load_dataset
+    kind of the family in that one pass. Rows and columns are in the data's order (query i, original j);
+    ``data``: each setting's dataset (load_datasets)."""
     from .encode import encode
     from .features import featurize, progress_bar
     from .model import load_model, resolve_device
@@ -230,7 +228,6 @@ def project_runs(
     cfg = Config.from_dict(raw)
     lm = lm or load_model(cfg, resolve_device(cfg))
     max_length = min(cfg.max_length or lm.context_length, lm.context_length)
-    data = {r.setting: _dataset(r, load_dataset) for r in runs}
     originals = data[runs[0].setting].originals
     enc_o = [encode(lm.tokenizer, s, max_length, cfg.loss_on, cfg.turns) for s in originals]
     enc_q = {
@@ -269,15 +266,21 @@ def project_runs(
     return out
 
 
-def _dataset(run: ExactRun, load_dataset):
-    c = run.result["config"]
-    data = load_dataset(c["original_data"], c["variant_data"], c.get("sample_size"))
-    if data.original_sha256 != c.get("original_data_sha256") or data.variant_sha256 != c.get("variant_data_sha256"):
-        raise GradsimError(
-            f"the data files of {run.path} changed since it ran ({c['original_data']}, {c['variant_data']}): "
-            "run it again"
-        )
-    return data
+def load_datasets(runs: list[ExactRun]) -> dict:
+    """Each run's dataset by setting, refused if its files changed since the run."""
+    from .data import load_dataset
+
+    out = {}
+    for run in runs:
+        c = run.result["config"]
+        data = load_dataset(c["original_data"], c["variant_data"], c.get("sample_size"))
+        if data.original_sha256 != c.get("original_data_sha256") or data.variant_sha256 != c.get("variant_data_sha256"):
+            raise GradsimError(
+                f"the data files of {run.path} changed since it ran ({c['original_data']}, {c['variant_data']}): "
+                "run it again"
+            )
+        out[run.setting] = data
+    return out
 
 
 def candidate_protocols(run: ExactRun, data) -> dict:
@@ -388,12 +391,8 @@ def frontier(
             extra = {int(round(s["greedy_final"]["floats"])) for s in selections.values()}
             # (within the sizes asked for: a subset of millions of floats is not a size worth a sketch)
             proj_sizes[k] = sorted(set(proj_sizes[k]) | {e for e in extra if 0 < e <= max(sizes)})
-    projected = project_runs(runs, proj_sizes, device, batch_size, lm, allocation) if proj_sizes else {}
-    data = {}
-    if projected:
-        from .data import load_dataset
-
-        data = {r.setting: _dataset(r, load_dataset) for r in runs}
+    data = load_datasets(runs) if proj_sizes else {}
+    projected = project_runs(runs, data, proj_sizes, device, batch_size, lm, allocation) if proj_sizes else {}
     for r in runs:
         per = {}
         for proto, pick in r.protocols().items():
@@ -426,36 +425,20 @@ def format_table(result: dict) -> str:
 
             for name, ref in e["references"].items():
                 row(name, ref.get("floats"), ref["top1"], ref["mrr"])
-            g = e["greedy_final"]
-            row(
-                f"greedy ({g['matrices']:.1f} matrices, held-out)",
-                g["floats"],
-                g["top1"]["mean"],
-                g["mrr"]["mean"],
-                g["top1"]["ci"],
-            )
-            f = e["full_gradient_held_out"]
-            row("full gradient (held-out halves)", f["floats"], f["top1"]["mean"], f["mrr"]["mean"], f["top1"]["ci"])
+
+            def held(label, p):  # a point over splits: its mean and interval
+                row(label, p["floats"], p["top1"]["mean"], p["mrr"]["mean"], p["top1"]["ci"])
+
+            held(f"greedy ({e['greedy_final']['matrices']:.1f} matrices, held-out)", e["greedy_final"])
+            held("full gradient (held-out halves)", e["full_gradient_held_out"])
             for p in e["best_k"]:
-                row(
-                    f"best-{p['matrices']} matrices (held-out)",
-                    p["floats"],
-                    p["top1"]["mean"],
-                    p["mrr"]["mean"],
-                    p["top1"]["ci"],
-                )
+                held(f"best-{p['matrices']} matrices (held-out)", p)
             for kind, pts in e.get("projection", {}).items():
                 for p in pts:
                     row(f"{kind} {p['proj_dim']}", p["floats"], p["top1"], p["mrr"])
             for kind, pts in e.get("select_then_project", {}).items():
                 for p in pts:
-                    row(
-                        f"greedy -> {kind} {p['proj_dim']}",
-                        p["floats"],
-                        p["top1"]["mean"],
-                        p["mrr"]["mean"],
-                        p["top1"]["ci"],
-                    )
+                    held(f"greedy -> {kind} {p['proj_dim']}", p)
     return "\n".join(lines)
 
 
