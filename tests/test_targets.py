@@ -177,16 +177,15 @@ def test_an_unknown_normalizer_and_too_few_originals_are_refused(tiny, samples):
 def test_table_scores_equal_a_main_run_with_that_loss_target(tiny, tmp_path, loss_on):
     """Targets from one featurization (``all`` combined from prompt and response) against separate exact
     runs of the study with --loss-on: the same whole-model cosines for every query and original."""
-    import argparse
-
     from gradsim.config import Config
     from gradsim.data import load_dataset
     from gradsim.retrieval import candidate_lists
     from gradsim.run import run
     from gradsim.score import subset_scores
+    from gradsim.targets import TargetOptions
 
     common = dict(device="cpu", sample_size=4, output_dir=str(tmp_path), top_k=3)
-    opts = argparse.Namespace(dims_per_matrix=10**8, bootstrap=50, layers=[-1, 1])
+    opts = TargetOptions(dims_per_matrix=10**8, bootstrap=50, layers=[-1, 1])
     table = run_targets_for_test(Config(setting="both", **common), opts, tiny)
     for setting in ("paraphrased", "model-generated"):
         cfg = Config(setting=setting, candidates="all", loss_on=loss_on, baselines=False, **common)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from typing import Callable, Optional
@@ -16,10 +15,11 @@ from .config import (
     redact,
 )
 from .errors import GradsimError
+from .options import Parser, from_args
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="main.py",
         description="Per-sample gradient similarity between LIMA originals and their variants. "
         "Flags override .env (MT_MODEL_NAME, MT_DEVICE, MT_DTYPE, MT_SAMPLE_SIZE, USE_GPU).",
@@ -30,10 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: Optional[list[str]] = None) -> Config:
-    args = parse_flags(build_parser(), argv)
-    values = env_defaults()
-    values.update({k: v for k, v in args.items() if v is not None})
-    return Config(**values)
+    return from_args(Config, parse_flags(build_parser(), argv), fallback=env_defaults())
 
 
 def format_summary(result: dict) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import GradsimError
+from .options import Option, Parser
 
 SETTINGS = ("paraphrased", "model-generated")
 # "both": one run over both settings, writing what two runs would; a candidate's gradient serves both.
@@ -206,16 +207,6 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@dataclass(frozen=True)
-class Option:
-    """A command-line flag of a Config field: its type and default come from the field, the help from here."""
-
-    field: str
-    help: str
-    flag: Optional[str] = None  # default: --<field with dashes>
-    const: Any = None  # a flag without a value sets the field to this (a bool field: True)
-
-
 # Every flag of the study (main.py / gradsim run), in --help order. Other commands pick theirs from here.
 OPTIONS = (
     Option("setting", f"one of {', '.join(SETTING_CHOICES)} (both: one run that writes what the two runs would)"),
@@ -304,28 +295,11 @@ OPTIONS = (
 )
 
 
-def add_options(parser: argparse.ArgumentParser, fields: Optional[tuple[str, ...]] = None) -> None:
+def add_options(parser: Parser, fields: Optional[tuple[str, ...]] = None) -> None:
     """Add the flags of these Config fields (default: all of OPTIONS) to parser. Each flag's default is
     None (not given), so .env and then Config's own default apply; the help states Config's default."""
-    import typing
-
-    hints = typing.get_type_hints(Config)
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     by_field = {o.field: o for o in OPTIONS}
-    for name in fields or [o.field for o in OPTIONS]:
-        o = by_field[name]
-        flag = o.flag or "--" + name.replace("_", "-")
-        help_ = o.help
-        default = defaults[name]
-        if default not in (None, dataclasses.MISSING) and o.const is None and "default" not in help_:
-            help_ += f" (default: {default})"
-        if o.const is not None:
-            parser.add_argument(flag, dest=name, action="store_const", const=o.const, help=help_)
-            continue
-        kind = hints[name]
-        args = typing.get_args(kind)
-        kind = next((a for a in args if a is not type(None)), str) if args else kind
-        parser.add_argument(flag, dest=name, type=kind, help=help_)
+    parser.add_options(Config, [by_field[name] for name in fields] if fields else OPTIONS)
 
 
 def _short(value: Any) -> str:

@@ -19,10 +19,10 @@ configuration, model revision, code version and seeds that reproduce it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -41,12 +41,26 @@ from .normalize import (
     normalized_features,
     parse_normalizer,
 )
+from .options import Parser, from_args, option
 
 log = logging.getLogger("gradsim")
 
 TARGETS = LOSS_TARGETS  # all three from two backward passes per sample
 KINDS = ("raw", "adafactor")  # features as they are, and scaled by the second moment
 DEFAULT_LAYERS = (-1,)
+
+
+@dataclass
+class TargetOptions:
+    """The options of gradsim targets beside the study's (Config)."""
+
+    dims_per_matrix: int = option("CountSketch dims per matrix", default=2048)
+    bootstrap: int = option("bootstrap resamples for the intervals", default=2000)
+    layers: list[int] = option(
+        "hidden-state layers for representation similarity (-1: last, after the final norm; 0: embeddings)",
+        default_factory=lambda: list(DEFAULT_LAYERS),
+        nargs="+",
+    )
 
 
 def per_matrix_allocation(model, dims_per_matrix: int) -> dict:
@@ -163,7 +177,7 @@ def random_rows(num_candidates: int, n: int) -> dict:
     return {"n": n, "top1": e["top1"], "mrr": e["mrr"], "top1_ci": None, "mrr_ci": None}
 
 
-def run_targets(cfg: Config, opts: argparse.Namespace, lm=None) -> dict:
+def run_targets(cfg: Config, opts: TargetOptions, lm=None) -> dict:
     from . import __version__
     from .baselines import RepresentationFeaturizer
     from .data import load_dataset
@@ -288,23 +302,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="gradsim targets",
         description="Loss target (response, prompt, all) x normalizer, beside BM25, representation similarity and "
         "random, for both settings: 1-of-(k+1) BM25 candidates and the whole corpus.",
     )
     shared = ("model_name", "original_data", "paraphrased_data", "model_generated_data", "sample_size")
     add_options(p, (*shared, "max_length", "top_k", "device", "dtype", "seed", "damping", "output_dir"))
-    p.add_argument("--dims-per-matrix", type=int, default=2048, help="CountSketch dims per matrix (default 2048)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
-    p.add_argument(
-        "--layers",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_LAYERS),
-        help="hidden-state layers for representation similarity (-1: last, after the final norm; 0: embeddings)",
-    )
+    p.add_options(TargetOptions)
     add_quiet_flag(p)
     return p
 
@@ -316,12 +322,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     @reports_errors
     def inner(argv):
         args = parse_flags(build_parser(), argv)
-        opts = argparse.Namespace(**{k: args.pop(k) for k in ("dims_per_matrix", "bootstrap", "layers")})
+        opts = from_args(TargetOptions, args)
         if opts.dims_per_matrix < 1 or opts.bootstrap < 1:
             raise GradsimError("--dims-per-matrix and --bootstrap must be positive integers")
-        values = env_defaults()
-        values.update({k: v for k, v in args.items() if v is not None})
-        cfg = Config(setting="both", **values)
+        cfg = from_args(Config, args, fallback={**env_defaults(), "setting": "both"})
         out = targets_file(cfg.output_dir)
         result = run_targets(cfg, opts)
         result.pop("_scores")
