@@ -16,7 +16,6 @@ The settings, prompt and model are recorded in ``<name>.provenance.json``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
@@ -47,6 +46,7 @@ from .errors import GradsimError
 from .generate import GenParams, LocalBackend, OpenAIBackend, degenerate_reason
 from .io import append_jsonl, atomic_write_json, atomic_write_jsonl, json_sha256, read_json, read_jsonl_tolerant
 from .model import LoadedModel, load_model, resolve_device
+from .options import Parser, from_args, option
 
 log = logging.getLogger("gradsim")
 
@@ -86,28 +86,50 @@ def paraphrase_messages(text: str, part: str) -> list[dict[str, str]]:
 
 @dataclass
 class Options:
-    dataset_type: str = "both"
-    backend: str = "local"
-    original_data: str = str(BUNDLED_DATA / "original.jsonl")
-    output_dir: Optional[str] = None
-    paraphrased_output: Optional[str] = None
-    model_generated_output: Optional[str] = None
-    paraphraser_model: Optional[str] = None
-    model: str = EMBEDDED_MODEL  # the analysed model (MT_MODEL_NAME): answers the model-generated prompts
-    limit: Optional[int] = None
-    seed: int = 42
-    max_new_tokens: Optional[int] = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    retry_temperature: float = 0.7
-    batch_size: int = 8
-    device: str = "auto"
-    rate_limit: float = 0.0
-    max_retries: int = 5
-    retry_backoff: float = 1.0
-    timeout: float = 120.0
-    overwrite: bool = False
-    retry_failed: bool = False
+    """The options of paraphrase.py (gradsim paraphrase)."""
+
+    dataset_type: str = option(f"one of {', '.join(DATASET_TYPES)}", default="both")
+    backend: str = option(
+        "local (transformers on this machine) or openai (OPENAI_BASE_URL / OPENAI_API_KEY endpoint)", default="local"
+    )
+    original_data: str = option(
+        "originals: JSONL path or hub id",
+        default=str(BUNDLED_DATA / "original.jsonl"),
+        default_help="the bundled sample",
+    )
+    output_dir: Optional[str] = option(
+        "where paraphrased.jsonl / model_generated.jsonl go (default: the folder of --original-data)", default=None
+    )
+    paraphrased_output: Optional[str] = option(
+        "paraphrased JSONL path: written by 'paraphrased', read by 'model-generated'", default=None
+    )
+    model_generated_output: Optional[str] = option("model-generated JSONL path", default=None)
+    paraphraser_model: Optional[str] = option(
+        "paraphrasing LLM: HF id/dir (local, default embedded SmolLM2-135M-Instruct) "
+        "or the endpoint's model name (openai, default gpt-4o-mini)",
+        default=None,
+    )
+    model: str = option(
+        "the analysed model that answers the model-generated prompts "
+        "(default: MT_MODEL_NAME or the embedded model); for openai, the served model's name",
+        default=EMBEDDED_MODEL,
+    )
+    limit: Optional[int] = option("only the first N originals", default=None)
+    seed: int = option("seed of sampling and of the retries (each row's: this plus its position)", default=42)
+    max_new_tokens: Optional[int] = option("default 768 (paraphrased), 512 (model-generated)", default=None)
+    temperature: float = option("paraphrasing temperature (0: greedy)", default=0.0)
+    top_p: float = option("paraphrasing nucleus sampling (with --temperature > 0)", default=1.0)
+    retry_temperature: float = option("sampling temperature of the one retry after a degenerate output", default=0.7)
+    batch_size: int = option("rows per generate() call (local) / per write chunk", default=8)
+    device: str = option("cpu, cuda or cuda:N for the local backend", default="auto", default_help="MT_DEVICE or auto")
+    rate_limit: float = option("openai: max requests per second (0: unlimited)", default=0.0)
+    max_retries: int = option("openai: retries of connection errors, 429 and 5xx", default=5)
+    retry_backoff: float = option("openai: first retry delay in s (doubles each time)", default=1.0)
+    timeout: float = option("openai: seconds per request", default=120.0)
+    overwrite: bool = option("replace an existing dataset instead of resuming it", default=False, const=True)
+    retry_failed: bool = option(
+        "try the rows in the failures file again (useful where generation is not repeatable)", default=False, const=True
+    )
 
     def validate(self) -> Options:
         check_choice("--dataset-type", self.dataset_type, DATASET_TYPES)
@@ -445,79 +467,22 @@ def run(opts: Options, lm: Optional[LoadedModel] = None) -> dict[str, dict]:
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="paraphrase.py",
         description="Build the variant datasets: 'paraphrased' (user and assistant messages paraphrased separately "
         "by an LLM) and 'model-generated' (the paraphrased prompt + the analysed model's greedy answer). "
         "Resumable: rerun the same command after an interruption.",
     )
-    p.add_argument("--dataset-type", default="both", help=f"one of {', '.join(DATASET_TYPES)} (default both)")
-    p.add_argument(
-        "--backend",
-        default="local",
-        help="local (transformers on this machine) or openai (OPENAI_BASE_URL / OPENAI_API_KEY endpoint)",
-    )
-    p.add_argument(
-        "--original-data",
-        default=str(BUNDLED_DATA / "original.jsonl"),
-        help="originals: JSONL path or hub id (default: the bundled sample)",
-    )
-    p.add_argument(
-        "--output-dir",
-        help="where paraphrased.jsonl / model_generated.jsonl go (default: the folder of --original-data)",
-    )
-    p.add_argument(
-        "--paraphrased-output", help="paraphrased JSONL path: written by 'paraphrased', read by 'model-generated'"
-    )
-    p.add_argument("--model-generated-output", help="model-generated JSONL path")
-    p.add_argument(
-        "--paraphraser-model",
-        help="paraphrasing LLM: HF id/dir (local, default embedded SmolLM2-135M-Instruct) "
-        "or the endpoint's model name (openai, default gpt-4o-mini)",
-    )
-    p.add_argument(
-        "--model",
-        help="the analysed model that answers the model-generated prompts "
-        "(default: MT_MODEL_NAME or the embedded model); for openai, the served model's name",
-    )
-    p.add_argument("--limit", type=int, help="only the first N originals")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--max-new-tokens", type=int, help="default 768 (paraphrased), 512 (model-generated)")
-    p.add_argument("--temperature", type=float, default=0.0, help="paraphrasing temperature (0: greedy; default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="paraphrasing nucleus sampling (with --temperature > 0)")
-    p.add_argument(
-        "--retry-temperature",
-        type=float,
-        default=0.7,
-        help="sampling temperature of the one retry after a degenerate output",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="rows per generate() call (local) / per write chunk")
-    p.add_argument("--device", help="cpu, cuda or cuda:N for the local backend (default: MT_DEVICE or auto)")
-    p.add_argument("--rate-limit", type=float, default=0.0, help="openai: max requests per second (0: unlimited)")
-    p.add_argument("--max-retries", type=int, default=5, help="openai: retries of connection errors, 429 and 5xx")
-    p.add_argument(
-        "--retry-backoff", type=float, default=1.0, help="openai: first retry delay in s (doubles each time)"
-    )
-    p.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset instead of resuming it")
-    p.add_argument(
-        "--retry-failed",
-        action="store_true",
-        help="try the rows in the failures file again (useful where generation is not repeatable)",
-    )
+    p.add_options(Options)
     add_quiet_flag(p)
     return p
 
 
 def options_from_args(argv: Optional[list[str]] = None) -> Options:
     args = parse_flags(build_parser(), argv)
-    env = env_defaults()
-    if args.get("model") is None:
-        args["model"] = env.get("model_name", EMBEDDED_MODEL)
-    if args.get("device") is None:
-        args["device"] = env.get("device", "auto")
-    return Options(**{k: v for k, v in args.items() if v is not None})
+    env = env_defaults()  # MT_MODEL_NAME and MT_DEVICE, as main.py reads them
+    return from_args(Options, args, fallback={"model": env.get("model_name"), "device": env.get("device")})
 
 
 @reports_errors
