@@ -6,9 +6,9 @@ unpartitioned run: missing or overlapping query ranges, or partitions made with 
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +19,7 @@ from .config import COMPAT_FIELDS, COMPUTATION_TYPES, REPO_ROOT, compat_differen
 from .errors import GradsimError
 from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
 from .layout import RunPaths
+from .options import Parser, from_args, option, positionals
 from .score import summarize_arrays
 
 _PART = re.compile(r"results_(\d+)-(\d+)\.json$")
@@ -195,24 +196,32 @@ def combine_run(run_dir: Path) -> tuple[dict, bool]:
     return merge_partitions(run_dir), True
 
 
-def combine_main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+@dataclass
+class CombineOptions:
+    """The options of combine.py (gradsim combine, combine_all.sh)."""
+
+    run_dirs: list[str] = positionals(
+        "run directories (<output-dir>/<computation-type>/<run>)", "every run with partitions under --output-dir"
+    )
+    output_dir: Optional[str] = option("where to look for runs", default=None, default_help="data/")
+
+
+def build_parser() -> Parser:
+    p = Parser(
         prog="combine.py",
         description="Merge the finished partitions of one run, or of "
         "every run under an output dir, into results.json/scores.npz/metrics.jsonl; refuse "
         "with the reason when partitions are missing, overlap or differ in configuration.",
     )
-    p.add_argument(
-        "run_dirs",
-        nargs="*",
-        help="run directories (<output-dir>/<computation-type>/<run>); "
-        "default: every run with partitions under --output-dir",
-    )
-    p.add_argument("--output-dir", help="where to look for runs (default: data/)")
-    args = p.parse_args(argv)
-    run_dirs = [Path(d) for d in args.run_dirs] or find_run_dirs(Path(args.output_dir or REPO_ROOT / "data"))
+    p.add_options(CombineOptions)
+    return p
+
+
+def combine_main(argv: Optional[list[str]] = None) -> int:
+    opts = from_args(CombineOptions, build_parser().parse_args(argv))
+    run_dirs = [Path(d) for d in opts.run_dirs] or find_run_dirs(Path(opts.output_dir or REPO_ROOT / "data"))
     if not run_dirs:
-        print(f"no runs with partitions under {args.output_dir or REPO_ROOT / 'data'}", file=sys.stderr)
+        print(f"no runs with partitions under {opts.output_dir or REPO_ROOT / 'data'}", file=sys.stderr)
         return 1
     failed = 0
     for d in run_dirs:

@@ -21,7 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +33,7 @@ from .errors import GradsimError
 from .io import atomic_write_json, read_json
 from .layout import run_dir as run_dir_of
 from .layout import slurm_dir
+from .options import Parser, env_values, from_args, option
 from .slurm_status import SUBMISSION, collect_status, format_status, partition_paths
 
 log = logging.getLogger("gradsim")
@@ -87,10 +88,6 @@ def time_minutes(spec: str) -> int:
     return total
 
 
-def _split_list(raw: Optional[str]) -> list[str]:
-    return [x.strip() for x in (raw or "").split(";") if x.strip()]
-
-
 def sbatch_option(raw: str) -> tuple[str, Any]:
     """'#SBATCH --constraint=a100', '--constraint=a100', '--exclusive' or 'constraint=a100' -> (key, value)."""
     s = raw.strip()
@@ -104,23 +101,42 @@ def sbatch_option(raw: str) -> tuple[str, Any]:
 
 @dataclass
 class Resources:
-    """What a task asks Slurm for, and how it is started. None means: the cluster's default."""
+    """What a task asks Slurm for, and how it is started. None means: the cluster's default. Each option's
+    default: its GRADSIM_SLURM_<NAME> (environment, then .env), else the value here."""
 
-    partition: Optional[str] = None
-    time: str = "01:00:00"
-    mem: Optional[str] = None
-    cpus_per_task: Optional[int] = None
-    gpus: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    sbatch_extra: list[str] = field(default_factory=list)
-    setup: list[str] = field(default_factory=list)
-    container: Optional[str] = None
-    python: str = sys.executable
-    max_parallel: Optional[int] = None
-    max_requeues: int = 5
+    partition: Optional[str] = option("Slurm partition", default=None, env="GRADSIM_SLURM_PARTITION")
+    time: str = option("time limit per task, e.g. 90 or 04:00:00", default="01:00:00", env="GRADSIM_SLURM_TIME")
+    mem: Optional[str] = option("memory per task, e.g. 32G", default=None, env="GRADSIM_SLURM_MEM")
+    cpus_per_task: Optional[int] = option("CPUs per task", default=None, env="GRADSIM_SLURM_CPUS_PER_TASK")
+    gpus: Optional[str] = option(
+        "GPUs per task as --gres=gpu:<this>, e.g. 1 or a100:1", default=None, env="GRADSIM_SLURM_GPUS"
+    )
+    account: Optional[str] = option("account to charge", default=None, env="GRADSIM_SLURM_ACCOUNT")
+    qos: Optional[str] = option("quality of service", default=None, env="GRADSIM_SLURM_QOS")
+    sbatch_extra: list[str] = option(
+        "extra #SBATCH option, e.g. --constraint=a100; repeatable", default_factory=list, env="GRADSIM_SLURM_EXTRA"
+    )
+    setup: list[str] = option(
+        "shell line run before each task, e.g. 'module load cuda'; repeatable",
+        default_factory=list,
+        env="GRADSIM_SLURM_SETUP",
+    )
+    container: Optional[str] = option(
+        "prefix of the task command, e.g. 'apptainer exec --nv img.sif'", default=None, env="GRADSIM_SLURM_CONTAINER"
+    )
+    python: str = option(
+        "python on the compute nodes", default=sys.executable, env="GRADSIM_SLURM_PYTHON", default_help="this one"
+    )
+    max_parallel: Optional[int] = option(
+        "at most this many tasks at once, as array %%N", default=None, env="GRADSIM_SLURM_MAX_PARALLEL"
+    )
+    max_requeues: int = option(
+        "requeues after time limits before a task gives up", default=5, env="GRADSIM_SLURM_MAX_REQUEUES"
+    )
     signal_delay_s: int = 120
-    job_name: Optional[str] = None
+    job_name: Optional[str] = option(
+        "Slurm job name", default=None, env="GRADSIM_SLURM_JOB_NAME", default_help="gradsim-<run>"
+    )
 
     def sbatch_options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [("time", self.time)]
@@ -140,106 +156,26 @@ class Resources:
         return f"{self.container} {python}" if self.container else python
 
 
-RESOURCE_ENV = {
-    "partition": "PARTITION",
-    "time": "TIME",
-    "mem": "MEM",
-    "cpus_per_task": "CPUS_PER_TASK",
-    "gpus": "GPUS",
-    "account": "ACCOUNT",
-    "qos": "QOS",
-    "sbatch_extra": "EXTRA",
-    "setup": "SETUP",
-    "container": "CONTAINER",
-    "python": "PYTHON",
-    "max_parallel": "MAX_PARALLEL",
-    "max_requeues": "MAX_REQUEUES",
-    "job_name": "JOB_NAME",
-}
+RESOURCES_TITLE = (
+    "Slurm resources (default: GRADSIM_SLURM_<NAME> from the environment or .env, else the cluster's default)"
+)
 
 
-def add_resource_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        "Slurm resources (default: GRADSIM_SLURM_<NAME> from the environment or .env, else the cluster's default)"
-    )
-    g.add_argument("--partition", dest="slurm_partition", help="Slurm partition (GRADSIM_SLURM_PARTITION)")
-    g.add_argument(
-        "--time",
-        dest="slurm_time",
-        help="time limit per task, e.g. 90 or 04:00:00 (GRADSIM_SLURM_TIME; default 01:00:00)",
-    )
-    g.add_argument("--mem", dest="slurm_mem", help="memory per task, e.g. 32G (GRADSIM_SLURM_MEM)")
-    g.add_argument(
-        "--cpus-per-task", dest="slurm_cpus_per_task", type=int, help="CPUs per task (GRADSIM_SLURM_CPUS_PER_TASK)"
-    )
-    g.add_argument(
-        "--gpus", dest="slurm_gpus", help="GPUs per task as --gres=gpu:<this>, e.g. 1 or a100:1 (GRADSIM_SLURM_GPUS)"
-    )
-    g.add_argument("--account", dest="slurm_account", help="account to charge (GRADSIM_SLURM_ACCOUNT)")
-    g.add_argument("--qos", dest="slurm_qos", help="quality of service (GRADSIM_SLURM_QOS)")
-    g.add_argument(
-        "--sbatch-extra",
-        dest="slurm_sbatch_extra",
-        action="append",
-        help="extra #SBATCH option, e.g. --constraint=a100; repeatable (GRADSIM_SLURM_EXTRA, ';'-separated)",
-    )
-    g.add_argument(
-        "--setup",
-        dest="slurm_setup",
-        action="append",
-        help="shell line run before each task, e.g. 'module load cuda'; repeatable "
-        "(GRADSIM_SLURM_SETUP, ';'-separated)",
-    )
-    g.add_argument(
-        "--container",
-        dest="slurm_container",
-        help="prefix of the task command, e.g. 'apptainer exec --nv img.sif' (GRADSIM_SLURM_CONTAINER)",
-    )
-    g.add_argument(
-        "--python", dest="slurm_python", help="python on the compute nodes (GRADSIM_SLURM_PYTHON; default: this one)"
-    )
-    g.add_argument(
-        "--max-parallel",
-        dest="slurm_max_parallel",
-        type=int,
-        help="at most this many tasks at once (array %%N; GRADSIM_SLURM_MAX_PARALLEL)",
-    )
-    g.add_argument(
-        "--max-requeues",
-        dest="slurm_max_requeues",
-        type=int,
-        help="requeues after time limits before a task gives up (GRADSIM_SLURM_MAX_REQUEUES; default 5)",
-    )
-    g.add_argument(
-        "--job-name", dest="slurm_job_name", help="Slurm job name (GRADSIM_SLURM_JOB_NAME; default gradsim-<run>)"
-    )
-
-
-def resources_from(args: argparse.Namespace) -> Resources:
-    """Flags over GRADSIM_SLURM_* (environment over .env) over the defaults of Resources."""
+def slurm_environ() -> dict[str, str]:
+    """The environment over .env (read, not loaded): where GRADSIM_SLURM_* settings come from."""
     from dotenv import dotenv_values
 
     dotenv = {k: v for k, v in dotenv_values(Path.cwd() / ".env").items() if v is not None}
-    res = Resources()
-    for name, env in RESOURCE_ENV.items():
-        flag = getattr(args, f"slurm_{name}", None)
-        raw = os.environ.get(f"GRADSIM_SLURM_{env}", dotenv.get(f"GRADSIM_SLURM_{env}", "")).strip()
-        if name in ("sbatch_extra", "setup"):
-            value = flag if flag else _split_list(raw)
-        elif flag is not None:
-            value = flag
-        elif raw:
-            value = raw
-        else:
-            continue
-        if name in ("cpus_per_task", "max_parallel", "max_requeues"):
-            try:
-                value = int(value)
-            except ValueError:
-                raise GradsimError(f"GRADSIM_SLURM_{env}={raw!r} is not an integer") from None
-            if value < (0 if name == "max_requeues" else 1):
-                raise GradsimError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        setattr(res, name, value)
+    return {**dotenv, **os.environ}
+
+
+def resources_from(args: argparse.Namespace | dict) -> Resources:
+    """Flags over GRADSIM_SLURM_* (environment over .env) over the defaults of Resources."""
+    res = from_args(Resources, args, fallback=env_values(Resources, slurm_environ()))
+    for name in ("cpus_per_task", "max_parallel", "max_requeues"):
+        value = getattr(res, name)
+        if value is not None and value < (0 if name == "max_requeues" else 1):
+            raise GradsimError(f"--{name.replace('_', '-')} must be positive, got {value}")
     time_minutes(res.time)  # refuse a malformed time before anything is submitted
     for x in res.sbatch_extra:
         sbatch_option(x)
@@ -335,13 +271,14 @@ def _abs_if_path(v: str) -> str:
 
 
 def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Resources) -> Plan:
-    from .cli import build_parser, config_from_args
+    from .cli import build_parser as study_parser
+    from .cli import config_from_args
     from .data import load_dataset, partition_range
 
     if backend not in BACKENDS:
         raise GradsimError(f"unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     argv_main = _absolute_paths(argv_main)
-    parsed = build_parser().parse_args(argv_main)  # a typo in a flag fails here, not in N jobs
+    parsed = study_parser().parse_args(argv_main)  # a typo in a flag fails here, not in N jobs
     cfg = config_from_args(argv_main)
     cfg.validate()
     if cfg.setting == "both":
@@ -592,8 +529,18 @@ def _slurm(cmd: list[str], check: bool = True) -> str:
     return proc.stdout
 
 
-def build_compute_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+@dataclass
+class ComputeOptions:
+    """compute.py's own options (gradsim submit); every other flag is main.py's, passed through to the tasks."""
+
+    num_partitions: int = option("number of array tasks", default=10)
+    backend: str = option(" or ".join(BACKENDS), default="submitit", env="GRADSIM_SLURM_BACKEND")
+    dry_run: bool = option("print the exact script and command; submit nothing", default=False, const=True)
+    status: bool = option("show the status of this run's partitions instead of submitting", default=False, const=True)
+
+
+def build_parser() -> Parser:
+    p = Parser(
         prog="compute.py",
         allow_abbrev=False,  # an abbreviation must not swallow one of main.py's flags
         description="Split a run's queries into N contiguous partitions and submit them as one Slurm job array. "
@@ -601,29 +548,21 @@ def build_compute_parser() -> argparse.ArgumentParser:
         "through to the tasks.",
         epilog="Then: status.py (or compute.py ... --status) to watch, combine.py / combine_all.sh to merge.",
     )
-    p.add_argument("--num-partitions", type=int, default=10, help="number of array tasks (default 10)")
-    p.add_argument(
-        "--backend",
-        default=os.environ.get("GRADSIM_SLURM_BACKEND", "submitit"),
-        help=f"{' or '.join(BACKENDS)} (GRADSIM_SLURM_BACKEND; default submitit)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the exact script and command; submit nothing")
-    p.add_argument(
-        "--status", action="store_true", help="show the status of this run's partitions instead of submitting"
-    )
-    add_resource_flags(p)
+    p.add_options(ComputeOptions)
+    p.add_options(Resources, title=RESOURCES_TITLE)
     return p
 
 
 def compute_main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_compute_parser()
+    parser = build_parser()
     args, main_argv = parser.parse_known_args(argv)
     if "-h" in main_argv or "--help" in main_argv:
         parser.print_help()
         return 0
     try:
-        if args.status:
+        opts = from_args(ComputeOptions, args, fallback=env_values(ComputeOptions, slurm_environ()))
+        if opts.status:
             from .cli import config_from_args
 
             cfg = config_from_args(strip_flags(_absolute_paths(main_argv), ("--partition-start", "--partition-end")))
@@ -631,12 +570,12 @@ def compute_main(argv: Optional[list[str]] = None) -> int:
             print(format_status(collect_status([jobs_dir])))
             return 0
         res = resources_from(args)
-        p = plan(main_argv, args.num_partitions, args.backend, res)
-        record = submit(p, dry_run=args.dry_run)
+        p = plan(main_argv, opts.num_partitions, opts.backend, res)
+        record = submit(p, dry_run=opts.dry_run)
     except GradsimError as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
-    print_submission(p, record, args.dry_run)
+    print_submission(p, record, opts.dry_run)
     return 0
 
 

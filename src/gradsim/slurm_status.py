@@ -8,20 +8,18 @@ log, and shows the tail of a failed task's log. It only reads: nothing here subm
 
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .config import REPO_ROOT
 from .io import read_json, read_jsonl_tolerant
 from .layout import RunPaths
+from .options import Parser, from_args, option, positionals
 
 SUBMISSION = "submission.json"  # the record compute.py leaves in each submission folder
-PATHS_HELP = (
-    "a submission folder, a run's jobs folder (<output-dir>/slurm/<type>/<run>) or an output dir (default: data/)"
-)
 # squeue/sacct states, as status reports them. A requeued task is PENDING again (or REQUEUED briefly).
 PENDING_STATES = {
     "PENDING",
@@ -202,12 +200,27 @@ def format_status(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class StatusOptions:
+    """The options of status.py (gradsim status)."""
+
+    paths: list[str] = positionals(
+        "a submission folder, a run's jobs folder (<output-dir>/slurm/<type>/<run>) or an output dir", "data/"
+    )
+    output_dir: Optional[str] = option(
+        "look at every submission under <output-dir>/slurm", default=None, default_help="data/"
+    )
+    lines: int = option("log lines to show for a failed partition", default=15)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="status.py", description=__doc__.split("\n\n")[0])
+    p.add_options(StatusOptions)
+    return p
+
+
 def status_main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="status.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="*", help=PATHS_HELP)
-    p.add_argument("--output-dir", help="look at every submission under <output-dir>/slurm (default: data/)")
-    p.add_argument("--lines", type=int, default=15, help="log lines to show for a failed partition")
-    args = p.parse_args(argv)
-    paths = [Path(x) for x in args.paths] or [Path(args.output_dir or REPO_ROOT / "data") / "slurm"]
-    print(format_status(collect_status(paths, args.lines)))
+    opts = from_args(StatusOptions, build_parser().parse_args(argv))
+    paths = [Path(x) for x in opts.paths] or [Path(opts.output_dir or REPO_ROOT / "data") / "slurm"]
+    print(format_status(collect_status(paths, opts.lines)))
     return 0
