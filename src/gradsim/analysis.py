@@ -20,6 +20,7 @@ from .errors import GradsimError
 from .io import read_json
 from .layout import RunPaths, selection_file
 from .metrics import component_of, component_order, group_indices, layer_of, summarize_ranks
+from .options import Parser, from_args, option
 from .score import random_expectation, subset_scores
 
 SETTING_ORDER = ("paraphrased", "model-generated")
@@ -508,17 +509,29 @@ def execute_notebook(
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-    import sys
+@dataclass
+class AnalyzeOptions:
+    """The options of gradsim analyze (python -m gradsim.analysis)."""
 
-    p = argparse.ArgumentParser(
+    execute: str = option("the notebook to run, e.g. notebooks/analysis.ipynb", metavar="NOTEBOOK")
+    results_dir: Optional[str] = option(
+        "an --output-dir of main.py", default=None, default_help="GRADSIM_RESULTS_DIR or data/"
+    )
+    computation_type: str = option("the runs' --computation-type", default="gradient-similarity")
+
+
+def build_parser() -> Parser:
+    p = Parser(
         prog="python -m gradsim.analysis", description="Execute the analysis notebook headless on finished runs."
     )
-    p.add_argument("--execute", required=True, metavar="NOTEBOOK", help="e.g. notebooks/analysis.ipynb")
-    p.add_argument("--results-dir", help="an --output-dir of main.py (default: GRADSIM_RESULTS_DIR or data/)")
-    p.add_argument("--computation-type", default="gradient-similarity")
-    args = p.parse_args(argv)
+    p.add_options(AnalyzeOptions)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import sys
+
+    args = from_args(AnalyzeOptions, build_parser().parse_args(argv))
     try:
         out = execute_notebook(args.execute, args.results_dir, args.computation_type)
     except GradsimError as e:

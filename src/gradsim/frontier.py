@@ -20,7 +20,6 @@ family (factorized and tensorsketch share the hooks' pass, countsketch and trak 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import sys
@@ -37,6 +36,7 @@ from .errors import GradsimError
 from .io import atomic_write_json, atomic_writer, read_json
 from .layout import frontier_files
 from .metrics import summarize_ranks
+from .options import Parser, from_args, option
 from .score import random_expectation, subset_scores
 from .selection import greedy_select, split_queries
 
@@ -514,32 +514,37 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradsim frontier", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", type=Path, help="exact runs (one per setting) of one model and data")
-    p.add_argument("--output-dir", type=Path, help="where frontier.json and frontier.png go (default: beside the runs)")
-    p.add_argument(
-        "--projections",
-        default="tensorsketch,countsketch,factorized",
-        help="comma list of tensorsketch, countsketch, factorized, trak, or none (trak regenerates its Gaussian "
+@dataclass
+class FrontierOptions:
+    """The options of gradsim frontier (python -m gradsim.frontier)."""
+
+    run_dirs: list[Path] = option("exact runs (one per setting) of one model and data", positional=True, nargs="+")
+    output_dir: Optional[Path] = option(
+        "where frontier.json and frontier.png go", default=None, default_help="beside the runs"
+    )
+    projections: str = option(
+        "comma list of tensorsketch, countsketch, factorized, trak, or none (trak regenerates its Gaussian "
         "matrices on every call: slow on a CPU, fast with fast_jl on CUDA)",
+        default="tensorsketch,countsketch,factorized",
     )
-    p.add_argument(
-        "--sizes",
+    sizes: str = option(
+        "total dims per sample to project to (comma list); factorized and trak: the nearest power of two per matrix",
         default=",".join(str(s) for s in DEFAULT_SIZES),
-        help="total dims per sample to project to (comma list); factorized and trak: the nearest power of two "
-        "per matrix",
     )
-    p.add_argument("--splits", type=int, default=10, help="random choose/report splits of the queries")
-    p.add_argument("--max-size", type=int, default=16, help="largest greedy subset (matrices)")
-    p.add_argument("--device", help="device for the projection pass (default: the runs' own)")
-    p.add_argument(
-        "--allocation",
-        choices=ALLOCATIONS,
+    splits: int = option("random choose/report splits of the queries", default=10)
+    max_size: int = option("largest greedy subset (matrices)", default=16)
+    device: Optional[str] = option("device for the projection pass", default=None, default_help="the runs' own")
+    allocation: str = option(
+        "how the sketches share their dims among the matrices (as main.py's --allocation)",
         default="norm",
-        help="how the sketches share their dims among the matrices (as main.py's --allocation)",
+        choices=ALLOCATIONS,
     )
-    p.add_argument("--batch-size", type=int, default=1, help="samples per forward/backward (hook-formed sketches)")
+    batch_size: int = option("samples per forward/backward (hook-formed sketches)", default=1)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="gradsim frontier", description=__doc__.split("\n\n")[0])
+    p.add_options(FrontierOptions)
     return p
 
 
@@ -550,7 +555,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _main(argv: Optional[list[str]]) -> int:
-    a = build_parser().parse_args(argv)
+    a = from_args(FrontierOptions, build_parser().parse_args(argv))
     kinds = [] if a.projections.strip() == "none" else [k.strip() for k in a.projections.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("tensorsketch", "countsketch", "factorized", "trak")]
     if bad:

@@ -23,6 +23,7 @@ import torch
 
 from .config import EMBEDDED_MODEL, Config, hf_token
 from .errors import GradsimError
+from .options import Parser, from_args, positionals
 
 log = logging.getLogger("gradsim")
 
@@ -199,11 +200,24 @@ def memory_table(tokens: int = 2048) -> str:
     return "\n".join(rows)
 
 
+@dataclass
+class MemoryOptions:
+    """The options of gradsim memory (python -m gradsim.memory)."""
+
+    tokens: list[int] = positionals("sample lengths in tokens, one table each", default_factory=lambda: [512, 2048])
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        prog="python -m gradsim.memory", description="GB the exact path needs on the device per model and dtype."
+    )
+    p.add_options(MemoryOptions)
+    return p
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Print the table for the given token counts (default 512 and 2048)."""
-    import sys
-
-    for t in map(int, (sys.argv[1:] if argv is None else argv) or ["512", "2048"]):
+    for t in from_args(MemoryOptions, build_parser().parse_args(argv)).tokens:
         print(f"\nExact path, GB on the device for samples of {t} tokens (one held gradient):\n")
         print(memory_table(t))
     return 0

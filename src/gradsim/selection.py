@@ -10,8 +10,8 @@ per-matrix dots and self-dots a run stores in scores.npz.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from .combine import whole_run
 from .io import atomic_write_json, read_json
 from .layout import selection_file
 from .metrics import summarize_ranks
+from .options import Parser, from_args, option
 from .score import cosine, subset_scores
 
 
@@ -116,18 +117,28 @@ def select_run(run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gradsim.selection", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="a finished run (or merged partitions): holds results.json and scores.npz")
-    p.add_argument("--seed", type=int, default=0, help="seed of the half/half query split")
-    p.add_argument(
-        "--protocol",
-        choices=("as-run", "bm25"),
+@dataclass
+class SelectOptions:
+    """The options of gradsim select (python -m gradsim.selection)."""
+
+    run_dir: str = option("a finished run (or merged partitions): holds results.json and scores.npz", positional=True)
+    seed: int = option("seed of the half/half query split", default=0)
+    protocol: str = option(
+        "bm25: the BM25 top-k protocol picked out of a --candidates all run",
         default="as-run",
-        help="bm25: the BM25 top-k protocol picked out of a --candidates all run",
+        choices=("as-run", "bm25"),
     )
-    p.add_argument("--max-size", type=int, help="stop after this many matrices")
-    a = p.parse_args(argv)
+    max_size: int | None = option("stop after this many matrices", default=None)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m gradsim.selection", description=__doc__.split("\n\n")[0])
+    p.add_options(SelectOptions)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = from_args(SelectOptions, build_parser().parse_args(argv))
     out = select_run(Path(a.run_dir), a.seed, a.protocol, a.max_size)
     full, held = out["full_gradient_held_out"], out["held_out"] or {}
     print(
