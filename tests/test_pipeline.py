@@ -112,6 +112,27 @@ def test_resume_skips_finished_queries(tiny, tmp_path, monkeypatch):
     assert not (out / "progress.jsonl").exists()
 
 
+def test_resume_after_a_torn_progress_line_keeps_the_blocks_logged_after_it(tiny, tmp_path, monkeypatch):
+    """A kill mid-append (Slurm's SIGKILL after KillWait) leaves a torn last line in the progress log; what
+    the next attempt logs after it must still count when a third attempt resumes."""
+    from gradsim.io import read_jsonl_tolerant
+
+    whole = run(cfg_for(tmp_path / "ref"), lm=tiny)
+    out = tmp_path / "cut" / "gradient-similarity" / "paraphrased"
+    for _ in range(2):  # two attempts, each killed after logging one block of 2 queries
+        restore = interrupt_after(monkeypatch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg_for(tmp_path / "cut", memory_gb=0.013), lm=tiny)
+        restore()
+        with open(out / "progress.jsonl", "ab") as f:
+            f.write(b'{"kind": "block", "file": "blo')  # the line the kill tore
+    resumed = run(cfg_for(tmp_path / "cut", memory_gb=0.013), lm=tiny)
+    assert resumed["queries"] == whole["queries"]
+    assert resumed["cost"]["backward_passes"]["query"] == 4  # the 2 logged blocks (4 queries) were not redone
+    rows = read_jsonl_tolerant(out / "metrics.jsonl")
+    assert sorted(r["id"] for r in rows if r["role"] == "query") == sorted(q["id"] for q in whole["queries"])
+
+
 def test_merge_refuses_gaps_overlaps_and_mixed_configs(tiny, tmp_path):
     for s, e in [(0, 3), (5, 8)]:
         run(cfg_for(tmp_path, partition_start=s, partition_end=e), lm=tiny)

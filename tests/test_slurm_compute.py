@@ -21,7 +21,7 @@ import pytest
 from conftest import require_live_slurm
 
 from gradsim.io import read_json, read_jsonl_tolerant
-from gradsim.slurm_status import collect_status, format_status, queries_scored
+from gradsim.slurm_status import collect_status, format_status, partition_paths, queries_scored
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -251,6 +251,91 @@ def test_sbatch_array_pending_then_done_combines_to_the_unpartitioned_run(study_
     before = digests(run_dir)
     script("combine_all.sh", "--output-dir", out)
     assert digests(run_dir) == before
+
+
+def scored_ids(run_dir: Path, s: int, e: int, reference: dict) -> set[str]:
+    """The ids of the queries of [s, e) whose block is in the range's progress log (finished, durable)."""
+    import numpy as np
+
+    paths = partition_paths(run_dir, s, e)
+    ids = {q["index"]: q["id"] for q in reference["queries"]}
+    out = set()
+    for r in read_jsonl_tolerant(paths.progress):
+        if r.get("kind") == "block":
+            with np.load(paths.blocks / r["file"]) as z:
+                out.update(ids[int(qi)] for qi in z["index"])
+    return out
+
+
+def sbatch_task_survives(study_args, reference, tmp_path, preempt: Callable[[str], None]) -> str:
+    """Submit the study as an sbatch array (each query slowed down), ``preempt`` task [2, 4) once it has
+    finished a query, then check that it came back, resumed without computing a finished query again,
+    and that the partitions combine to the unpartitioned run. Returns that task's log up to its attempt 2."""
+    out = tmp_path / "out"
+    run_dir = out / "gradient-similarity" / "paraphrased"
+    pythonpath = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))
+    slow = {"GRADSIM_TEST_SLOWDOWN": "8", "PYTHONPATH": pythonpath}
+    args = [*study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "sbatch", *RESOURCES]
+    jobs = submitted_jobs(script("compute.py", *args, env=slow).stdout)
+    assert sorted(jobs) == RANGES
+    victim = jobs[(2, 4)]
+    wait_until(lambda: scored_ids(run_dir, 2, 4, reference), 400, "partition [2, 4) to score a query")
+    # Finished (its block logged) before the signal; one more may finish before it lands.
+    finished = scored_ids(run_dir, 2, 4, reference)
+    preempt(victim)
+
+    wait_statuses(out, {r: "done" for r in RANGES})
+    (log_path,) = (out / "slurm").rglob(f"{victim}.log")
+    text = log_path.read_text()
+    # The first attempt's lines are still there (--open-mode=append), followed by the second's.
+    first, sep, second = text.partition(f"job {victim} attempt 2")
+    assert f"job {victim} attempt 1" in first and sep, text
+    assert "attempt 3" not in second, text
+    m = re.search(r"resuming: (\d+) of 2 queries already scored", second)
+    assert m and int(m.group(1)) >= len(finished) >= 1, text
+    again = re.findall(r"test slowdown: featurized queries (\S+)", second)
+    assert not set(again) & finished, f"finished before the signal, computed again: {set(again) & finished}\n{text}"
+    assert len(again) == len(set(again)) == 2 - int(m.group(1)), text  # only what the first attempt left
+    # Either way the task ended on SIGTERM, through Python's exit path (its lock released), not by SIGKILL.
+    assert "SIGTERM: stopping" in first, text
+    assert "taking over the lock" not in second, text
+
+    proc = script("combine.py", run_dir)
+    assert "merged 3 partitions" in proc.stdout
+    assert_same_study(run_dir, reference)  # none lost
+    metrics = read_jsonl_tolerant(run_dir / "metrics.jsonl")
+    query_ids = [r["id"] for r in metrics if r["role"] == "query"]
+    assert sorted(query_ids) == sorted(q["id"] for q in reference["queries"])  # each query's row once
+    return first
+
+
+def test_sbatch_task_requeued_by_sigterm_resumes(study_args, reference, tmp_path):
+    """`scontrol requeue` ends a running task the way a preemption with PreemptMode=REQUEUE does. The
+    SIGTERM that preemption sends when GraceTime starts goes to srun steps only (job_signal without
+    KILL_FULL_JOB, like a plain `scancel --signal=TERM`, which reaches neither the batch shell nor its
+    children here), and these tasks have none. When GraceTime is over, slurmd gets REQUEST_KILL_PREEMPTED,
+    which it handles by notifying srun steps and then through the same terminate path as the
+    REQUEST_TERMINATE_JOB of `scontrol requeue`: SIGCONT and SIGTERM to every process of the job, the batch
+    shell and Python alike, then SIGKILL after KillWait; slurmctld requeues the job either way. So this
+    sends the task exactly the signals a preempted one gets, without a preemptor job, which would also
+    preempt whatever else runs on the shared test cluster."""
+
+    def requeue(job: str) -> None:
+        subprocess.run(["scontrol", "requeue", job], check=True)
+
+    first = sbatch_task_survives(study_args, reference, tmp_path, requeue)
+    assert "gradsim: USR2" not in first, first
+
+
+def test_sbatch_task_requeues_itself_on_usr2(study_args, reference, tmp_path):
+    """USR2 is what `#SBATCH --signal=B:USR2@<delay>` sends the batch shell before the time limit: its
+    trap requeues the task (`scontrol requeue`, which then ends it as above)."""
+
+    def usr2(job: str) -> None:
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)
+
+    first = sbatch_task_survives(study_args, reference, tmp_path, usr2)
+    assert "gradsim: USR2 (time limit or preemption): requeueing" in first, first
 
 
 @pytest.mark.parametrize("backend", ["submitit", "sbatch"])

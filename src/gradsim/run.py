@@ -338,9 +338,14 @@ def resume(p: Part) -> None:
         p.paths.progress.unlink(missing_ok=True)
         shutil.rmtree(p.paths.blocks, ignore_errors=True)
         append_jsonl(p.paths.progress, {"kind": "header", "compat": p.cfg.compat(), "code_version": p.cfg.code_version})
-    elif progress[0].get("code_version", p.cfg.code_version) != p.cfg.code_version:
-        log.info("resuming progress made by code %s (now %s)", progress[0]["code_version"], p.cfg.code_version)
-        p.code_versions.add(progress[0]["code_version"])
+    else:
+        # A kill mid-append (SIGKILL after Slurm's KillWait, a node crash) can leave a torn last line. The
+        # reader stops there, so a line appended after it would be invisible to the next resume: the block
+        # it logs would be computed again. Rewrite the log without it, so appends start on a line boundary.
+        atomic_write_jsonl(p.paths.progress, progress)
+        if progress[0].get("code_version", p.cfg.code_version) != p.cfg.code_version:
+            log.info("resuming progress made by code %s (now %s)", progress[0]["code_version"], p.cfg.code_version)
+            p.code_versions.add(progress[0]["code_version"])
     for r in progress:
         if r.get("kind") == "block":
             p.done.update(load_block(p.paths, r))
