@@ -7,7 +7,7 @@ import torch
 from gradsim.encode import encode
 from gradsim.errors import GradsimError
 from gradsim.multisize import make_multi_size
-from gradsim.projection import SKETCHES, FactorizedFeaturizer, TrakFeaturizer, make_allocation
+from gradsim.projection import SKETCHES, FactorizedFeaturizer, TrakFeaturizer, _TensorSketchSlot, make_allocation
 
 SIZES = {"tensorsketch": [256, 1024, 4096], "countsketch": [256, 1024, 4096], "factorized": [16, 64], "trak": [8, 32]}
 
@@ -28,6 +28,11 @@ def test_each_size_equals_the_featurizer_alone(tiny, samples, kind):
     multi = make_multi_size(kind, tiny.model, tiny.device, SIZES[kind], seed=5, calibration=calibration)
     feats = torch.stack([multi.features(e) for e in encs])
     assert multi.backward_passes == len(encs)  # one pass per sample for all sizes
+    if kind == "tensorsketch":  # slots through the FFT, and slots sketched directly from one shared weight gradient
+        assert {s.direct for p in multi.parts for s in p.slots.values() if isinstance(s, _TensorSketchSlot)} == {
+            False,
+            True,
+        }
     parts = multi.split(feats)
     assert len(parts) == len(SIZES[kind])
     for k, got in zip(SIZES[kind], parts):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_gradients import reference_gradients
 
+from gradsim import projection
 from gradsim.encode import encode
 from gradsim.errors import GradsimError
 from gradsim.gradients import GradientComputer
@@ -21,6 +22,7 @@ from gradsim.projection import (
     FactorizedFeaturizer,
     TensorSketchFeaturizer,
     TrakFeaturizer,
+    _TensorSketchSlot,
     allocate_dims,
     make_allocation,
     smooth_at_most,
@@ -315,8 +317,14 @@ def check_tensorsketch(f, lm, enc, seed, rtol):
         assert err <= rtol * want.abs().max().item() + 1e-9, f"{name}: max abs error {err}"
 
 
-def test_tensorsketch_equals_the_sketch_of_the_autograd_gradient(tiny, samples, tiny_calibration):
+@pytest.mark.parametrize("ratio", [0, projection.DIRECT_RATIO, 10**9], ids=["fft", "default", "direct"])
+def test_tensorsketch_equals_the_sketch_of_the_autograd_gradient(tiny, samples, tiny_calibration, monkeypatch, ratio):
+    """Every matrix through the FFT (ratio 0), every one directly from its weight gradient (10^9), and the
+    default mix: each the same sketch as the definition."""
+    monkeypatch.setattr(projection, "DIRECT_RATIO", ratio)
     f = TensorSketchFeaturizer(tiny.model, tiny.device, proj_dim=20_000, seed=3, calibration=tiny_calibration)
+    direct = {s.direct for s in f.slots.values() if isinstance(s, _TensorSketchSlot)}
+    assert direct == ({False} if ratio == 0 else {True} if ratio == 10**9 else {False, True})
     assert f.layout.names == GradientComputer(tiny.model, tiny.device).layout.names
     assert f.layout.total <= 20_000 and any(f.exact) and not all(f.exact)
     assert all(smooth_at_most(hi - lo) == hi - lo for (_, lo, hi), e in zip(f.layout.slices(), f.exact) if not e)

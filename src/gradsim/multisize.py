@@ -30,6 +30,7 @@ from .projection import (
     _trainable,
     allocation_from_shares,
     calibration_shares,
+    weight_gradient,
 )
 
 KINDS = ("tensorsketch", "countsketch", "factorized", "trak")
@@ -50,8 +51,13 @@ class _MultiSlot:
         return [s.project_cols(x) for s in self.slots]
 
     def add_outer(self, out: torch.Tensor, lefts: list, rights: list) -> None:
+        grad = None  # the weight gradient, formed once for every size sketched directly from it
         for s, left, right in zip(self.slots, lefts, rights):
-            s.add_outer(out, left, right)
+            if getattr(s, "direct", False):
+                grad = weight_gradient(left, right) if grad is None else grad
+                s.add_gradient(out, grad)
+            else:
+                s.add_outer(out, left, right)
 
     def add_vector(self, out: torch.Tensor, v: torch.Tensor) -> None:
         for s in self.slots:

@@ -45,7 +45,11 @@ and the backward skips every weight-gradient matmul as factorized does. Its inne
 with a variance within a small constant of CountSketch's (measured on LIMA gradients: whole-model cosine
 error 0.0027 against countsketch's 0.0025 at 65,536 dims), far below the Kronecker sketch's. The tied
 embedding's two uses, norm weights (CountSketched or exact) and padding_idx follow the factorized rules;
-sketch sizes are rounded down to 2-3-5-smooth numbers, which the FFT is fast on.
+sketch sizes are rounded down to 2-3-5-smooth numbers, which the FFT is fast on. The FFT's cost grows with
+k_m and the direct way's (form the weight gradient, add each entry into its bucket) with the matrix's
+entries, so a matrix whose k_m exceeds 1/DIRECT_RATIO of its entries is sketched directly: the same sketch
+(same hashes and signs, equal up to float rounding), chosen from the matrix's shape and k_m alone, so a
+matrix is sketched the same way in every run (measured in bench/bench_tensorsketch.py).
 """
 
 from __future__ import annotations
@@ -156,21 +160,48 @@ def _signed_hash(n: int, k: int, gen: torch.Generator, device) -> tuple[torch.Te
     return h.to(device), s.to(device), (h + k * (s < 0)).to(device)
 
 
+# A matrix is TensorSketched directly (weight gradient, then each entry into its bucket) when its k exceeds
+# 1/DIRECT_RATIO of its entries: measured on one core of the 2-core EPYC VM at 300 tokens, the FFT way costs
+# 0.3-0.9 ms up to k = 1,024, 5-9 ms at 4,096 and 40-53 ms at 16,384 (192-1,536 x 576 matrices), the direct
+# way 1.0, 3.0 and 12 ms for 110k, 331k and 885k entries whatever k is.
+DIRECT_RATIO = 128
+
+
+def weight_gradient(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """(B, rows, cols) fp32 sum over tokens of left_t^T right_t: a linear layer's per-sample weight gradient."""
+    with torch.autocast(device_type=left.device.type, enabled=False):
+        return torch.bmm(left.float().transpose(1, 2), right.float())
+
+
 class _TensorSketchSlot:
-    """A (rows x cols) matrix TensorSketched to k dims (module docstring); the hooks' products live in
-    the Fourier domain: rows and cols sides are rfft'd CountSketches, add_outer sums their products."""
+    """A (rows x cols) matrix TensorSketched to k dims (module docstring). Either in the Fourier domain:
+    rows and cols sides are rfft'd CountSketches and add_outer sums their products; or, where k is large
+    for the matrix (``direct``), from the weight gradient: add_outer forms it and add_gradient adds each
+    entry into its bucket. Both give the same sketch."""
 
     def __init__(self, name, shape, k: int, seed: int, device):
         self.name, self.shape, self.size = name, shape, k
         gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, f"{name}:tensorsketch"))
         self.h_rows, self.s_rows, self.h2_rows = _signed_hash(shape[0], k, gen, device)
         self.h_cols, self.s_cols, self.h2_cols = _signed_hash(shape[1], k, gen, device)
+        self.direct = k * DIRECT_RATIO > shape[0] * shape[1]
 
     def project_rows(self, g: torch.Tensor) -> torch.Tensor:
+        if self.direct:
+            return g
         return torch.fft.rfft(_count_sketch(g, self.h2_rows, self.size), dim=-1)
 
     def project_cols(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direct:
+            return x
         return torch.fft.rfft(_count_sketch(x, self.h2_cols, self.size), dim=-1)
+
+    def add_gradient(self, out: torch.Tensor, grad: torch.Tensor) -> None:
+        """out[:, slice] += the sketch of each sample's weight gradient grad (B, rows, cols) fp32."""
+        bucket = self.h_rows[:, None] + self.h_cols[None, :]
+        bucket = torch.where(bucket >= self.size, bucket - self.size, bucket).flatten()
+        signed = grad * (self.s_rows[:, None] * self.s_cols[None, :])
+        out[:, self.lo : self.lo + self.size].index_add_(1, bucket, signed.flatten(1))
 
     def add_embedding(
         self, out: torch.Tensor, tok: torch.Tensor, keep: torch.Tensor, g: torch.Tensor, num_embeddings: int
@@ -182,7 +213,10 @@ class _TensorSketchSlot:
             out[:, self.lo : self.lo + self.size].scatter_add_(1, bucket.flatten(1), vals.flatten(1))
 
     def add_outer(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-        out[:, self.lo : self.lo + self.size] += torch.fft.irfft((left * right).sum(1), n=self.size, dim=-1)
+        if self.direct:
+            self.add_gradient(out, weight_gradient(left, right))
+        else:
+            out[:, self.lo : self.lo + self.size] += torch.fft.irfft((left * right).sum(1), n=self.size, dim=-1)
 
 
 class _VectorSketchSlot:
