@@ -25,24 +25,8 @@ ALLOCATION_KEY = "d5222e182bb50e76"
 NORMALIZER_KEY = "627256870fa75c52"
 # The originals' store is keyed by these (the query side and the defaults of later options left out)
 # and the featurizer's spec, whose calibrated allocation is numbers: its key is checked by derivation.
-STORE_FIELDS = (
-    "loss_on",
-    "normalize",
-    "damping",
-    "matrices",
-    "model_name",
-    "model_revision",
-    "chat_template_sha256",
-    "max_length",
-    "dtype",
-    "seed",
-    "use_random_projection",
-    "projection",
-    "proj_dim",
-    "allocation",
-    "original_data_sha256",
-    "sample_size",
-)
+QUERY_SIDE = ("setting", "computation_type", "candidates", "top_k", "variant_data_sha256")
+STORE_FIELDS = tuple(k for k in COMPAT_FIELDS if k not in QUERY_SIDE and k != "turns")  # --turns first: left out
 
 
 def expected_config(setting: str, out: str) -> dict:
