@@ -94,7 +94,7 @@ class Part:
     and the progress so far."""
 
     cfg: Config  # this setting's (setting_configs): what the user asked for
-    prov: Provenance  # what the run found out (provenance)
+    prov: Provenance  # what the run found out (Part.of)
     lm: LoadedModel
     data: Dataset
     start: int
