@@ -313,7 +313,7 @@ def test_turns_all_reaches_the_parser_the_run_name_and_the_results(tiny, tmp_pat
     assert cfg.turns == "all" and "turns" in cfg.compat()
     assert run_dir(cfg).name == "paraphrased-turns-all" and run_dir(Config()).name == "paraphrased"
     # Feature stores made before --turns existed keep their keys; --turns all gets its own.
-    assert "turns" not in store_manifest(Config()) and store_manifest(cfg)["turns"] == "all"
+    assert "turns" not in store_manifest(Config().compat()) and store_manifest(cfg.compat())["turns"] == "all"
     cfg = Config(
         device="cpu",
         sample_size=3,

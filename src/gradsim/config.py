@@ -1,7 +1,9 @@
 """The run configuration: one typed object built from .env and command-line flags (flags win).
 
-It is written beside every output, and partition results are only merged when the fields that
-decide the numbers (``COMPAT_FIELDS``) agree.
+``Config`` is what the user asked for, validated once and never changed; ``Provenance`` is what a run
+found out (the model's commit, the data's hashes, the token limit in force). Both are written beside
+every output as one dict (``Config.to_record``), and partition results are only merged when the fields that
+decide the numbers (``COMPAT_FIELDS``, of either) agree.
 """
 
 from __future__ import annotations
@@ -72,8 +74,11 @@ COMPAT_FIELDS = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """What the user asked for. Frozen: a run derives per-setting copies (dataclasses.replace) and keeps
+    what it finds out in a Provenance, so the caller's Config is never changed."""
+
     setting: str = "paraphrased"
     computation_type: str = "gradient-similarity"
     loss_on: str = "response"  # response (the study's), prompt or all: see encode.py
@@ -112,24 +117,22 @@ class Config:
     memory_gb: Optional[float] = None
     scratch_gb: Optional[float] = None
     host_memory_gb: Optional[float] = None
-    # Filled in once the model and data are loaded (they are part of what makes results comparable).
-    model_revision: Optional[str] = None
-    chat_template_sha256: Optional[str] = None
-    code_version: Optional[str] = None
-    original_data_sha256: Optional[str] = None
-    variant_data_sha256: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """The defaults that depend on other fields (the bundled variants, --proj-dim), set once here."""
+        resolved: dict[str, Any] = {}
         if self.setting == "both":
-            self.paraphrased_data = self.paraphrased_data or str(BUNDLED_DATA / VARIANT_FILES["paraphrased"])
-            self.model_generated_data = self.model_generated_data or str(
+            resolved["paraphrased_data"] = self.paraphrased_data or str(BUNDLED_DATA / VARIANT_FILES["paraphrased"])
+            resolved["model_generated_data"] = self.model_generated_data or str(
                 BUNDLED_DATA / VARIANT_FILES["model-generated"]
             )
         elif self.variant_data is None:
-            self.variant_data = str(BUNDLED_DATA / VARIANT_FILES.get(self.setting, "paraphrased.jsonl"))
+            resolved["variant_data"] = str(BUNDLED_DATA / VARIANT_FILES.get(self.setting, "paraphrased.jsonl"))
         if self.proj_dim is None:
-            self.proj_dim = DEFAULT_PROJ_DIM.get(self.projection, 4096)
+            resolved["proj_dim"] = DEFAULT_PROJ_DIM.get(self.projection, 4096)
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
 
     def validate(self) -> Config:
         check_choice("--setting", self.setting, SETTING_CHOICES)
@@ -195,16 +198,48 @@ class Config:
         check_at_least(0, ">= 0", partition)
         return self
 
-    def compat(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in COMPAT_FIELDS}
+    def to_record(self, prov: Optional[Provenance] = None) -> dict[str, Any]:
+        """This Config with what a run found out, as results' and config.json's "config": the keys, their
+        order and values of the one object that held both before they were split (``extra`` last, the
+        provenance just before it, max_length the resolved one where the run knows it)."""
+        out = dataclasses.asdict(self)
+        extra = out.pop("extra")
+        found = dataclasses.asdict(prov or Provenance())
+        if found["max_length"] is None:  # not resolved yet: what was asked for
+            del found["max_length"]
+        out.update(found)
+        out["extra"] = extra
+        return out
+
+    def compat(self, prov: Optional[Provenance] = None) -> dict[str, Any]:
+        """The fields of to_record() that decide the numbers (COMPAT_FIELDS)."""
+        record = self.to_record(prov)
+        return {k: record[k] for k in COMPAT_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields of this Config alone (to_record() adds the provenance)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
+        """The Config of a record (results' "config", old or new): provenance keys are left out, so
+        max_length is the one the run resolved."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a run found out rather than was asked: it identifies what the numbers were computed from.
+    All but code_version are COMPAT_FIELDS (code_version is recorded: a commit during a campaign keeps
+    its partitions and stores)."""
+
+    model_revision: Optional[str] = None  # the commit --revision resolved to (LoadedModel.revision)
+    chat_template_sha256: Optional[str] = None
+    code_version: Optional[str] = None  # run.code_version(): package version and git commit
+    original_data_sha256: Optional[str] = None
+    variant_data_sha256: Optional[str] = None
+    max_length: Optional[int] = None  # --max-length resolved against the model's context (None: not yet)
 
 
 # Every flag of the study (main.py / gradsim run), in --help order. Other commands pick theirs from here.

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, matrices
-from .config import SETTINGS, Config, compat_differences
+from .config import SETTINGS, Config, Provenance, compat_differences
 from .data import Dataset, load_dataset, partition_range
 from .encode import Encoded, encode
 from .errors import GradsimError
@@ -75,15 +75,32 @@ def memory_budget_bytes(cfg: Config) -> int:
     return int(budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", 4.0) * GB)
 
 
-@dataclass
-class Part:
-    """One setting's share of a run: its config, data, query range, files and progress so far."""
+@dataclass(frozen=True)
+class Share:
+    """One setting's share of a run, as planned before the model is loaded: its Config (setting_configs),
+    data, query range and files."""
 
     cfg: Config
     data: Dataset
     start: int
     end: int
     paths: RunPaths
+
+
+@dataclass
+class Part:
+    """One setting's share of a run once the model is loaded: the context every stage reads (what was
+    asked, what the run found out, the model, the data, the query range and files; never reassigned)
+    and the progress so far."""
+
+    cfg: Config  # this setting's (setting_configs): what the user asked for
+    prov: Provenance  # what the run found out (Part.of)
+    lm: LoadedModel
+    data: Dataset
+    start: int
+    end: int
+    paths: RunPaths
+    cut: dict[str, set[str]] = field(default_factory=dict)  # ids cut at the max length (check_encodable)
     cands: list[list[int]] = field(default_factory=list)  # per query of [start, end): indices into data.originals
     done: dict[int, dict] = field(default_factory=dict)
     # Per-sample metric rows (metrics.jsonl), in groups as logged: a block's query rows ("block:<file>"),
@@ -94,8 +111,30 @@ class Part:
     featurizer_spec: Optional[dict] = None
     fidelity: Optional[dict] = None  # projected runs: projection.per_matrix_fidelity of the featurizer
     normalizer: Optional[dict] = None  # --normalize: what was applied (normalize.GradientNormalizer.to_dict)
-    cut: dict[str, set[str]] = field(default_factory=dict)  # ids cut at --max-length (check_encodable)
     code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
+
+    @classmethod
+    def of(cls, share: Share, lm: LoadedModel, version: str) -> Part:
+        """The share with what the run found out: the model's commit and chat template, the code, the
+        data's hashes and the max length in force."""
+        prov = Provenance(
+            model_revision=lm.revision,
+            chat_template_sha256=lm.chat_template_sha256,
+            code_version=version,
+            original_data_sha256=share.data.original_sha256,
+            variant_data_sha256=share.data.variant_sha256,
+            max_length=resolved_max_length(share.cfg, lm),
+        )
+        return cls(share.cfg, prov, lm, share.data, share.start, share.end, share.paths)
+
+    def compat(self) -> dict:
+        """What must agree for results to mix (COMPAT_FIELDS), of this Config and what the run found out."""
+        return self.cfg.compat(self.prov)
+
+    def encode(self, sample, loss_on: Optional[str] = None) -> Encoded:
+        """A sample as this run trains on it: its --turns, cut at the max length in force, the loss on
+        ``loss_on`` (default: --loss-on)."""
+        return encode(self.lm.tokenizer, sample, self.prov.max_length, loss_on or self.cfg.loss_on, self.cfg.turns)
 
     @property
     def todo(self) -> list[int]:
@@ -144,11 +183,9 @@ class Part:
 
 
 def setting_configs(cfg: Config) -> list[Config]:
-    """One Config per setting: ``both`` gives the two that separate runs would have. Always copies: what
-    the run finds out (data hashes, model revision, code version, resolved max length) is written into
-    these, never into the caller's Config."""
+    """One Config per setting: ``both`` gives the two that separate runs would have."""
     if cfg.setting != "both":
-        return [dataclasses.replace(cfg)]
+        return [cfg]
     data = {"paraphrased": cfg.paraphrased_data, "model-generated": cfg.model_generated_data}
     return [
         dataclasses.replace(cfg, setting=s, variant_data=data[s], paraphrased_data=None, model_generated_data=None)
@@ -156,12 +193,11 @@ def setting_configs(cfg: Config) -> list[Config]:
     ]
 
 
-def prepare(cfg: Config) -> list[Part]:
+def prepare(cfg: Config) -> list[Share]:
     cfg.validate()
-    parts = []
+    shares = []
     for c in setting_configs(cfg):
         data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns)
-        c.original_data_sha256, c.variant_data_sha256 = data.original_sha256, data.variant_sha256
         n = len(data.queries)
         if c.candidates == "bm25" and c.top_k > len(data.originals) - 1:
             # Fewer candidates than asked: chance is then 1/len(data.originals), not 1/(top_k + 1)
@@ -188,15 +224,15 @@ def prepare(cfg: Config) -> list[Part]:
                 continue
             c = dataclasses.replace(c, partition_start=s, partition_end=e)
         s, e = partition_range(n, c.partition_start, c.partition_end)
-        parts.append(Part(c, data, s, e, RunPaths(run_dir(c), s, e, (s, e) != (0, n))))
-    if not parts:
+        shares.append(Share(c, data, s, e, RunPaths(run_dir(c), s, e, (s, e) != (0, n))))
+    if not shares:
         raise GradsimError(
             f"partition [{cfg.partition_start}, {cfg.partition_end}) holds no query of either setting: "
             "lower --partition-start"
         )
-    if len({p.data.original_sha256 for p in parts}) > 1:
+    if len({s.data.original_sha256 for s in shares}) > 1:
         raise GradsimError("the two settings read different originals: give both the same --original-data")
-    return parts
+    return shares
 
 
 def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
@@ -206,101 +242,100 @@ def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
 
 
 def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
-    parts = prepare(cfg)
-    for p in parts:
-        ensure_writable_dir(p.paths.part_dir if p.paths.partitioned else p.paths.run_dir)
+    shares = prepare(cfg)
+    for s in shares:
+        ensure_writable_dir(s.paths.part_dir if s.paths.partitioned else s.paths.run_dir)
     device = lm.device if lm is not None else resolve_device(cfg)
-    for p in parts:
+    for s in shares:
         log.info(
             "gradsim %s: model=%s device=%s dtype=%s %s queries=[%d, %d) of %d",
             __version__,
             cfg.model_name,
             device,
             cfg.dtype,
-            p.cfg.setting,
-            p.start,
-            p.end,
-            len(p.data.queries),
+            s.cfg.setting,
+            s.start,
+            s.end,
+            len(s.data.queries),
         )
     if lm is None:
         if not cfg.use_random_projection:
             check_exact_fits(cfg, device)  # from the model's config alone, before its weights are loaded
         lm = load_model(cfg, device)
-    check_encodable(parts, lm)  # bad input (a prompt longer than --max-length) before anything is written
+    version = code_version()
+    parts = [Part.of(s, lm, version) for s in shares]
+    check_encodable(parts)  # bad input (a prompt longer than --max-length) before anything is written
     with ExitStack() as held:
         held.enter_context(exit_on_sigterm())
         for p in parts:  # one process per query range: its progress log, blocks and scratch are its own
             held.enter_context(
                 locked(p.paths.lock, f"{p.cfg.setting} queries [{p.start}, {p.end}) of {p.paths.run_dir}")
             )
-        return run_locked(cfg, parts, lm)
+        return run_locked(parts)
 
 
 def resolved_max_length(cfg: Config, lm: LoadedModel) -> int:
+    """--max-length as it applies: at most the model's context (the whole context when not given)."""
     return min(cfg.max_length or lm.context_length, lm.context_length)
 
 
-def check_encodable(parts: list[Part], lm: LoadedModel) -> None:
+def check_encodable(parts: list[Part]) -> None:
     """Encode every sample a run may encode (all originals: shards, calibration and --normalize read
     them; the queries of each range), for the run's loss target and for the baselines' (the response),
     so that a sample that cannot be encoded ends the run before it writes anything (no progress log, no
     empty folder) and its error is not printed on a progress bar's line.
     The samples cut at --max-length for the run's target are kept on each part (Part.cut) for results.json."""
-    cfg = parts[0].cfg
-    max_length = resolved_max_length(cfg, lm)
+    first, cfg = parts[0], parts[0].cfg
 
     def cut(samples, loss_on: str) -> set[str]:
-        return {s.id for s in samples if encode(lm.tokenizer, s, max_length, loss_on, cfg.turns).truncated}
+        return {s.id for s in samples if first.encode(s, loss_on).truncated}
 
-    originals = cut(parts[0].data.originals, cfg.loss_on)
+    originals = cut(first.data.originals, cfg.loss_on)
     for p in parts:
         p.cut = {"originals": originals, "queries": cut(p.data.queries[p.start : p.end], cfg.loss_on)}
     if cfg.baselines and cfg.loss_on != "response":
-        cut([*parts[0].data.originals, *(q for p in parts for q in p.data.queries[p.start : p.end])], "response")
+        cut([*first.data.originals, *(q for p in parts for q in p.data.queries[p.start : p.end])], "response")
 
 
-def run_locked(cfg: Config, parts: list[Part], lm: LoadedModel) -> list[dict]:
-    version = code_version()
-    max_length = resolved_max_length(cfg, lm)
+def run_locked(parts: list[Part]) -> list[dict]:
     for p in parts:
-        p.cfg.model_revision, p.cfg.chat_template_sha256 = lm.revision, lm.chat_template_sha256
-        p.cfg.code_version, p.cfg.max_length = version, max_length
         p.finished = finished_result(p)
     todo = [p for p in parts if p.finished is None]
     if todo:
-        with matrices.only(lm.model, selected_matrices(cfg, lm)):
-            score_parts(cfg, todo, lm)
+        with matrices.only(todo[0].lm.model, selected_matrices(todo[0])):
+            score_parts(todo)
     return [p.finished for p in parts]
 
 
-def selected_matrices(cfg: Config, lm: LoadedModel) -> Optional[list[str]]:
+def selected_matrices(p: Part) -> Optional[list[str]]:
     """--matrices resolved against the model's trainable parameters (None: all of them)."""
-    if cfg.matrices is None:
+    if p.cfg.matrices is None:
         return None
     from .gradients import param_layout
 
-    chosen = matrices.resolve(cfg.matrices, param_layout(lm.model).names, lm.model_id)
+    chosen = matrices.resolve(p.cfg.matrices, param_layout(p.lm.model).names, p.lm.model_id)
     log.info("--matrices: %d of the model's parameter matrices", len(chosen))
     return chosen
 
 
-def score_parts(cfg: Config, todo: list[Part], lm: LoadedModel) -> None:
+def score_parts(todo: list[Part]) -> None:
     """Score the unfinished parts (with --matrices, only those matrices), then write their results."""
+    cfg = todo[0].cfg
     if cfg.use_random_projection:
         from .projection import check_proj_dim
 
-        check_proj_dim(cfg, lm.model)
+        check_proj_dim(cfg, todo[0].lm.model)
     for p in todo:
         p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start : p.end]
         resume(p)
     if cfg.use_random_projection:
-        score_projected(todo, lm)
+        score_projected(todo)
         cost = None
     else:
-        cost = score_exact(todo, lm)
+        cost = score_exact(todo)
     for p in todo:
-        baselines = baseline_scores(p, lm) if p.cfg.baselines else {}
-        result = assemble(p, lm, baselines, cost)
+        baselines = baseline_scores(p) if p.cfg.baselines else {}
+        result = assemble(p, baselines, cost)
         write_outputs(p, result)
         p.paths.progress.unlink(missing_ok=True)
         shutil.rmtree(p.paths.blocks, ignore_errors=True)
@@ -312,7 +347,7 @@ def finished_result(p: Part) -> Optional[dict]:
     if not p.paths.results.exists():
         return None
     done = read_json(p.paths.results)
-    diff = compat_differences(done.get("compat"), p.cfg.compat())
+    diff = compat_differences(done.get("compat"), p.compat())
     if not diff:
         log.info("already finished: %s", p.paths.results)
         return done
@@ -326,7 +361,7 @@ def resume(p: Part) -> None:
     """Keep finished queries and sample metrics from an earlier attempt of this same partition."""
     p.paths.results.parent.mkdir(parents=True, exist_ok=True)
     progress = read_jsonl_tolerant(p.paths.progress)
-    diff = compat_differences(progress[0].get("compat"), p.cfg.compat()) if progress else ""
+    diff = compat_differences(progress[0].get("compat"), p.compat()) if progress else ""
     if diff:
         log.warning(
             "progress file %s is from another configuration (%s; stored vs this run): starting this partition afresh",
@@ -334,17 +369,18 @@ def resume(p: Part) -> None:
             diff,
         )
         progress = []
+    version = p.prov.code_version
     if not progress:
         p.paths.progress.unlink(missing_ok=True)
         shutil.rmtree(p.paths.blocks, ignore_errors=True)
-        append_jsonl(p.paths.progress, {"kind": "header", "compat": p.cfg.compat(), "code_version": p.cfg.code_version})
+        append_jsonl(p.paths.progress, {"kind": "header", "compat": p.compat(), "code_version": version})
     else:
         # A kill mid-append (SIGKILL after Slurm's KillWait, a node crash) can leave a torn last line. The
         # reader stops there, so a line appended after it would be invisible to the next resume: the block
         # it logs would be computed again. Rewrite the log without it, so appends start on a line boundary.
         atomic_write_jsonl(p.paths.progress, progress)
-        if progress[0].get("code_version", p.cfg.code_version) != p.cfg.code_version:
-            log.info("resuming progress made by code %s (now %s)", progress[0]["code_version"], p.cfg.code_version)
+        if progress[0].get("code_version", version) != version:
+            log.info("resuming progress made by code %s (now %s)", progress[0]["code_version"], version)
             p.code_versions.add(progress[0]["code_version"])
     for r in progress:
         if r.get("kind") == "block":
@@ -366,33 +402,33 @@ def load_block(paths: RunPaths, rec: dict) -> dict[int, dict]:
         }
 
 
-def encode_all(lm: LoadedModel, samples, cfg: Config, what: str) -> list[Encoded]:
+def encode_all(p: Part, samples, what: str) -> list[Encoded]:
     bar = progress_bar(samples, desc=f"encoding {what}", unit="sample")
-    return [encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on, cfg.turns) for s in bar]
+    return [p.encode(s) for s in bar]
 
 
 # Exact gradients: hold a block, stream the rest (no store)
 # --------------------------------------------------------------------------------------------
 
 
-def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
+def score_exact(parts: list[Part]) -> dict:
     from .gradients import GradientComputer
     from .schedule import make_plan
     from .stream import Cost, ExactStream
 
-    cfg = parts[0].cfg
-    originals = parts[0].data.originals
+    first = parts[0]
+    cfg, lm, originals = first.cfg, first.lm, first.data.originals
     # Every setting's unfinished queries, in one schedule: (part, query index) per position.
     owners = [(p, qi) for p in parts for qi in p.todo]
     cands = [p.cands[qi - p.start] for p, qi in owners]
     if not owners:
         return Cost(shared_by=[p.cfg.setting for p in parts]).to_dict(0)
-    queries = encode_all(lm, [p.data.queries[qi] for p, qi in owners], cfg, "queries")
+    queries = encode_all(first, [p.data.queries[qi] for p, qi in owners], "queries")
     needed = sorted({j for c in cands for j in c})
-    encs = dict(zip(needed, encode_all(lm, [originals[j] for j in needed], cfg, "originals")))
+    encs = dict(zip(needed, encode_all(first, [originals[j] for j in needed], "originals")))
 
     computer = GradientComputer(lm.model, lm.device, cfg.dtype)
-    normalizer = attach_normalizer(cfg, lm, parts[0].data, computer)  # before the budget: it holds a mean
+    normalizer = attach_normalizer(first, computer)  # before the budget: it holds a mean
     for p in parts:
         p.normalizer = normalizer
     grad_bytes = computer.layout.total * computer.buffer.element_size()
@@ -402,7 +438,7 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
     capacity = gradient_capacity(cfg, grad_bytes, lm.device, longest, shape_of_config(lm.model.config))
     plan = make_plan(cands, [c[0] for c in cands], capacity)  # c[0]: the query's own original
     cost = Cost(shared_by=[p.cfg.setting for p in parts])
-    cache = make_cache(cfg, lm.device, grad_bytes, parts[0].paths, cost)
+    cache = make_cache(first, grad_bytes, cost)
     log.info(
         "exact: %d queries, %d originals, %s of %d gradients (%.2f GB each): %d blocks, %.2f passes per query "
         "without keeping originals%s",
@@ -417,7 +453,7 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
     )
     # An original's row is logged the first time its gradient is computed in this run, or in an earlier
     # attempt that was resumed (its row is in the progress log), as in an uninterrupted run.
-    first_seen = {r["id"] for r in parts[0].metrics if r.get("role") == "original"}
+    first_seen = {r["id"] for r in first.metrics if r.get("role") == "original"}
 
     def on_gradient(enc: Encoded, role: str, seconds: float, q: Optional[int]) -> None:
         from .features import sample_metric
@@ -426,7 +462,7 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
             owners[q][0].query_metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "query"))
         elif enc.id not in first_seen:
             first_seen.add(enc.id)
-            parts[0].metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "original"))
+            first.metric(sample_metric(enc, seconds, lm.device, cfg.dtype, "original"))
 
     def on_done(finished) -> None:
         for p in parts:
@@ -441,18 +477,19 @@ def score_exact(parts: list[Part], lm: LoadedModel) -> dict:
     return cost.to_dict(len(owners))
 
 
-def attach_normalizer(cfg: Config, lm: LoadedModel, data: Dataset, computer) -> Optional[dict]:
+def attach_normalizer(p: Part, computer) -> Optional[dict]:
     """--normalize: estimate its state from every original (or load it, when another partition or
     setting of this study already did) and apply it to each gradient the computer makes from now on."""
     from .layout import normalizer_file
     from .normalize import GradientNormalizer
 
+    cfg, lm = p.cfg, p.lm
     if cfg.normalize == "none":
         return None
     norm = GradientNormalizer(cfg.normalize, computer.layout, cfg.damping)
     drop = ("use_random_projection", "projection", "proj_dim", "seed")
     path = normalizer_file(
-        cfg.output_dir, manifest_key({k: v for k, v in store_manifest(cfg).items() if k not in drop})
+        cfg.output_dir, manifest_key({k: v for k, v in store_manifest(p.compat()).items() if k not in drop})
     )
     loaded = path.is_file()
     if loaded:
@@ -460,26 +497,25 @@ def attach_normalizer(cfg: Config, lm: LoadedModel, data: Dataset, computer) -> 
             norm.load(z, lm.device)
         log.info("--normalize %s: state from %s", cfg.normalize, path)
     else:
-        bar = progress_bar(data.originals, desc=f"estimating --normalize {cfg.normalize}", unit="original")
-        norm.estimate(
-            (computer.gradient(encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on, cfg.turns)) for s in bar), lm.device
-        )
+        bar = progress_bar(p.data.originals, desc=f"estimating --normalize {cfg.normalize}", unit="original")
+        norm.estimate((computer.gradient(p.encode(s)) for s in bar), lm.device)
         atomic_save_npz(path, **norm.state())
     computer.transform = norm
     return {**norm.to_dict(), "estimation_backward_passes": 0 if loaded else norm.count}
 
 
-def make_cache(cfg: Config, device: torch.device, grad_bytes: int, paths: RunPaths, cost):
+def make_cache(p: Part, grad_bytes: int, cost):
     """Where originals may be kept between blocks, within its budget: host RAM beside a GPU, else scratch disk."""
     from .memory import budget_gb
     from .stream import OriginalCache
 
+    cfg, device = p.cfg, p.lm.device
     host = budget_gb(cfg.host_memory_gb, "GRADSIM_HOST_MEMORY_GB", 0.0) if device.type == "cuda" else 0.0
     if host * 2**30 >= grad_bytes:
         return OriginalCache("host", int(host * 2**30), grad_bytes, None, cost)
     scratch = budget_gb(cfg.scratch_gb, "GRADSIM_SCRATCH_GB", 0.0)
     if scratch * 2**30 >= grad_bytes:
-        return OriginalCache("disk", int(scratch * 2**30), grad_bytes, paths.scratch, cost)
+        return OriginalCache("disk", int(scratch * 2**30), grad_bytes, p.paths.scratch, cost)
     return None
 
 
@@ -487,43 +523,42 @@ def make_cache(cfg: Config, device: torch.device, grad_bytes: int, paths: RunPat
 # --------------------------------------------------------------------------------------------
 
 
-def store_manifest(cfg: Config) -> dict:
-    """What determines the originals' features besides the featurizer (the query side is excluded). The
-    defaults of options added later (--turns first, --allocation norm) are left out, so that stores and
-    allocation files made before those options existed keep their keys."""
+def store_manifest(compat: dict) -> dict:
+    """What determines the originals' features besides the featurizer, of a run's compat (Part.compat):
+    the query side is excluded. The defaults of options added later (--turns first, --allocation norm)
+    are left out, so that stores and allocation files made before those options existed keep their keys."""
     drop = {"setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256"}
-    if cfg.turns == "first":
+    if compat["turns"] == "first":
         drop.add("turns")
-    if cfg.allocation == "norm":
+    if compat["allocation"] == "norm":
         drop.add("allocation")
-    return {k: v for k, v in cfg.compat().items() if k not in drop}
+    return {k: v for k, v in compat.items() if k not in drop}
 
 
-def make_featurizer(cfg: Config, lm: LoadedModel, data: Optional[Dataset] = None):
+def make_featurizer(p: Part):
     from .projection import CALIBRATION_SAMPLES, SKETCHES, make_projected_featurizer
 
+    cfg = p.cfg
     calibration, allocation_path = None, None
-    if cfg.projection in SKETCHES and data is not None:
+    if cfg.projection in SKETCHES:
         # The first originals of the whole dataset: the same for every partition and both settings.
-        calibration = [
-            encode(lm.tokenizer, s, cfg.max_length, cfg.loss_on, cfg.turns)
-            for s in data.originals[:CALIBRATION_SAMPLES]
-        ]
-        allocation_path = allocation_file(cfg.output_dir, cfg.projection, manifest_key(store_manifest(cfg)))
-    return make_projected_featurizer(cfg, lm, memory_budget_bytes(cfg) // 4, calibration, allocation_path)
+        calibration = [p.encode(s) for s in p.data.originals[:CALIBRATION_SAMPLES]]
+        allocation_path = allocation_file(cfg.output_dir, cfg.projection, manifest_key(store_manifest(p.compat())))
+    return make_projected_featurizer(cfg, p.lm, memory_budget_bytes(cfg) // 4, calibration, allocation_path)
 
 
-def score_projected(parts: list[Part], lm: LoadedModel) -> None:
+def score_projected(parts: list[Part]) -> None:
     from .projection import per_matrix_fidelity
 
-    cfg, data = parts[0].cfg, parts[0].data
-    featurizer = make_featurizer(cfg, lm, data)
+    first = parts[0]
+    cfg, lm, data = first.cfg, first.lm, first.data
+    featurizer = make_featurizer(first)
     layout = featurizer.layout
-    normalizer = attach_normalizer(cfg, lm, data, featurizer.computer) if cfg.normalize != "none" else None
+    normalizer = attach_normalizer(first, featurizer.computer) if cfg.normalize != "none" else None
     fidelity = per_matrix_fidelity(featurizer)
     for p in parts:
         p.featurizer_spec, p.normalizer, p.fidelity = featurizer.spec, normalizer, fidelity
-    manifest = dict(store_manifest(cfg), featurizer=featurizer.spec)
+    manifest = dict(store_manifest(first.compat()), featurizer=featurizer.spec)
     store = FeatureStore.open(
         feature_store_dir(cfg.output_dir, manifest_key(manifest), "originals"),
         manifest,
@@ -533,11 +568,11 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
     )
     row_of = {j: j for j in range(len(data.originals))}
     need = sorted({j for p in parts for qi in p.todo for j in p.cands[qi - p.start]})
-    featurize_into_store(store, featurizer, lm, need, data, cfg, parts[0])
+    featurize_into_store(first, store, featurizer, need)
     block = max(1, min(256 if cfg.candidates == "all" else 64, memory_budget_bytes(cfg) // (layout.total * 4)))
     for p in parts:
         todo = p.todo
-        enc = dict(zip(todo, encode_all(lm, [p.data.queries[qi] for qi in todo], cfg, "queries")))
+        enc = dict(zip(todo, encode_all(p, [p.data.queries[qi] for qi in todo], "queries")))
         bar = progress_bar(total=len(todo), desc=f"features ({p.cfg.setting} queries)", unit="sample")
         for b0 in range(0, len(todo), block):
             block_q = todo[b0 : b0 + block]
@@ -561,21 +596,18 @@ def score_projected(parts: list[Part], lm: LoadedModel) -> None:
 
 
 def featurize_into_store(
-    store, featurizer, lm, rows, data, cfg, part: Part, role: str = "original", loss_on: Optional[str] = None
+    p: Part, store, featurizer, rows: list[int], role: str = "original", loss_on: Optional[str] = None
 ) -> None:
     """Featurize the originals ``rows`` not yet in the store; encoded for ``loss_on`` (default: the run's)."""
     wanted = {store.shard_of(r) for r in rows}
     todo = [(s, e) for (s, e) in store.shard_ranges() if (s, e) in wanted and not store.has_shard(s, e)]
     store.check_room(sum(e - s for s, e in todo), store.dim * 4 + len(featurizer.layout.names) * 8)
     bar = progress_bar(total=sum(e - s for s, e in todo), desc=f"features ({role}s)", unit="sample")
-    index = data.original_index()
+    index = p.data.original_index()
     for s, e in todo:
-        encs = [
-            encode(lm.tokenizer, data.originals[index[store.ids[r]]], cfg.max_length, loss_on or cfg.loss_on, cfg.turns)
-            for r in range(s, e)
-        ]
-        feats, m = featurize(featurizer, encs, lm.device, cfg.dtype, role, bar)
-        part.shard_metrics(f"{store.root.name}:{s}-{e}", m)
+        encs = [p.encode(p.data.originals[index[store.ids[r]]], loss_on) for r in range(s, e)]
+        feats, m = featurize(featurizer, encs, p.lm.device, p.cfg.dtype, role, bar)
+        p.shard_metrics(f"{store.root.name}:{s}-{e}", m)
         store.write_shard(s, e, feats, lambda f: per_matrix_self_dots(featurizer.layout, torch.from_numpy(f)))
     bar.close()
 
@@ -605,21 +637,21 @@ def corpus_dots(store: FeatureStore, layout, q: torch.Tensor) -> tuple[np.ndarra
 # --------------------------------------------------------------------------------------------
 
 
-def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
+def baseline_scores(p: Part) -> dict[str, np.ndarray]:
     """(Q, C) scores of the baselines for this partition's queries and candidates."""
     from .baselines import POOLINGS, RepresentationFeaturizer, candidate_scores
     from .retrieval import bm25_scores
 
-    cfg, data, cands = p.cfg, p.data, p.cands
+    cfg, prov, lm, data, cands = p.cfg, p.prov, p.lm, p.data, p.cands
     out = {"baseline_bm25": candidate_scores(bm25_scores(data), list(range(p.start, p.end)), cands)}
     rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype, POOLINGS)  # every pooling: one forward
     manifest = dict(
         model=cfg.model_name,
-        revision=cfg.model_revision,
-        template=cfg.chat_template_sha256,
-        max_length=cfg.max_length,
+        revision=prov.model_revision,
+        template=prov.chat_template_sha256,
+        max_length=prov.max_length,
         dtype=cfg.dtype,
-        original_data_sha256=cfg.original_data_sha256,
+        original_data_sha256=prov.original_data_sha256,
         sample_size=cfg.sample_size,
         featurizer=rep.spec,
     )
@@ -632,10 +664,8 @@ def baseline_scores(p: Part, lm: LoadedModel) -> dict[str, np.ndarray]:
     )
     needed = sorted({j for c in cands for j in c})
     # Representations read the whole conversation whatever the loss target.
-    featurize_into_store(store, rep, lm, needed, data, cfg, p, "representation", "response")
-    encs = [
-        encode(lm.tokenizer, data.queries[qi], cfg.max_length, "response", cfg.turns) for qi in range(p.start, p.end)
-    ]
+    featurize_into_store(p, store, rep, needed, "representation", "response")
+    encs = [p.encode(data.queries[qi], "response") for qi in range(p.start, p.end)]
     qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
     p.add_metrics(m)
     orep, oself = gather_rows(store, needed)
@@ -654,8 +684,8 @@ def bm25_columns(p: Part) -> np.ndarray:
     return np.array([[c.index(j) for j in b] for c, b in zip(p.cands, bm25)], dtype=np.int64)
 
 
-def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) -> dict:
-    cfg, data, start, end = p.cfg, p.data, p.start, p.end
+def assemble(p: Part, baselines: dict, cost: Optional[dict]) -> dict:
+    cfg, prov, lm, data, start, end = p.cfg, p.prov, p.lm, p.data, p.start, p.end
     order = list(range(start, end))
     corpus = cfg.candidates == "all"
     dtype = np.float32 if corpus else np.float64  # fp32 dots lose nothing: the matmuls are fp32
@@ -692,9 +722,9 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
     layout = param_layout(lm.model)
     names = layout.names
     result = {
-        "gradsim_version": cfg.code_version,
-        "config": cfg.to_dict(),
-        "compat": cfg.compat(),
+        "gradsim_version": prov.code_version,
+        "config": cfg.to_record(prov),
+        "compat": p.compat(),
         "model": {"id": lm.model_id, "revision": lm.revision, "chat_template_sha256": lm.chat_template_sha256},
         "partition": {"start": start, "end": end, "num_queries": len(data.queries)},
         "score": "whole-model dot product" if cfg.computation_type == "dot-product" else "cosine similarity",
@@ -703,7 +733,7 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
         "parameter_names": names,
         "parameter_numel": [int(n) for n in np.diff(layout.offsets)],  # storage per matrix (frontier.py)
         "queries": queries,
-        "code_versions": sorted(p.code_versions | {cfg.code_version}),  # all that computed these numbers
+        "code_versions": sorted(p.code_versions | {prov.code_version}),  # all that computed these numbers
         "truncated": truncation(p),
         "data_dropped": data.dropped,  # turns (with --turns first) and system messages of the rows left unused
     }
@@ -719,12 +749,12 @@ def assemble(p: Part, lm: LoadedModel, baselines: dict, cost: Optional[dict]) ->
 def truncation(p: Part) -> dict:
     """The samples of this range cut at --max-length (their gradients see only the first max_length
     tokens): its queries, and the originals among their candidates."""
-    cfg, data = p.cfg, p.data
+    data = p.data
     queries = [data.queries[qi].id for qi in range(p.start, p.end) if data.queries[qi].id in p.cut["queries"]]
     needed = sorted({j for c in p.cands for j in c})
     originals = [data.originals[j].id for j in needed if data.originals[j].id in p.cut["originals"]]
     return {
-        "max_length": cfg.max_length,
+        "max_length": p.prov.max_length,
         "queries": len(queries),
         "originals": len(originals),
         "query_ids": queries,
@@ -751,5 +781,5 @@ def write_outputs(p: Part, result: dict) -> None:
     paths = p.paths
     atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=np.arange(p.start, p.end))
     atomic_write_jsonl(paths.metrics, p.metrics)
-    atomic_write_json(paths.config, {"config": p.cfg.to_dict(), "compat": p.cfg.compat(), "argv": sys.argv})
+    atomic_write_json(paths.config, {"config": p.cfg.to_record(p.prov), "compat": p.compat(), "argv": sys.argv})
     atomic_write_json(paths.results, result)  # last: its existence marks the partition as finished

@@ -28,7 +28,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import LOSS_TARGETS, SETTINGS, Config, add_options, add_quiet_flag, env_defaults, parse_flags
+from .config import (
+    LOSS_TARGETS,
+    SETTINGS,
+    Config,
+    Provenance,
+    add_options,
+    add_quiet_flag,
+    env_defaults,
+    parse_flags,
+)
 from .encode import combine_targets, encode
 from .errors import GradsimError
 from .features import progress_bar
@@ -254,7 +263,7 @@ def run_targets(cfg: Config, opts: TargetOptions, lm=None) -> dict:
     return {
         "gradsim_version": __version__,
         "code_version": code_version(),
-        "config": {**cfg.to_dict(), "max_length": max_length},
+        "config": cfg.to_record(Provenance(max_length=max_length)),
         "options": {
             "dims_per_matrix": opts.dims_per_matrix,
             "damping": cfg.damping,
