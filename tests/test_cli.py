@@ -4,6 +4,7 @@ defaults --help states are the dataclasses' own, and parsing nothing gives exact
 import dataclasses
 import importlib
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,41 @@ def test_bad_values_are_usage_errors(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_dims_per_matrix_names_the_size_of_factorized_and_trak(caplog):
+    """--proj-dim is the sketches' total; factorized and trak take --dims-per-matrix (both are Config.proj_dim)."""
+    from gradsim.cli import config_from_args
+
+    base = ["--use-random-projection", "--projection"]
+    assert config_from_args([*base, "factorized", "--dims-per-matrix", "64"]).proj_dim == 64
+    assert config_from_args([*base, "trak"]).proj_dim == 4096
+    assert config_from_args([*base, "countsketch", "--proj-dim", "1024"]).proj_dim == 1024
+    with caplog.at_level("WARNING", logger="gradsim"):
+        assert config_from_args([*base, "trak", "--proj-dim", "32"]).proj_dim == 32  # as before, with a warning
+    assert "--dims-per-matrix 32 says so" in caplog.text
+    with pytest.raises(GradsimError, match="--dims-per-matrix is for --projection factorized or trak"):
+        config_from_args([*base, "tensorsketch", "--dims-per-matrix", "64"])
+    with pytest.raises(GradsimError, match="give --dims-per-matrix only"):
+        config_from_args([*base, "factorized", "--proj-dim", "32", "--dims-per-matrix", "64"])
+
+
+def test_dims_per_matrix_error_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "--use-random-projection",
+            "--dims-per-matrix",
+            "64",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --dims-per-matrix is for")
+    assert not any(tmp_path.iterdir())

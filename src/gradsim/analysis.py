@@ -521,11 +521,9 @@ class AnalyzeOptions:
 
 
 def build_parser() -> Parser:
-    p = Parser(
-        prog="python -m gradsim.analysis", description="Execute the analysis notebook headless on finished runs."
+    return Parser.of(
+        AnalyzeOptions, "python -m gradsim.analysis", "Execute the analysis notebook headless on finished runs."
     )
-    p.add_options(AnalyzeOptions)
-    return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import sys
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .config import (
+    SKETCHED,
     Config,
     add_options,
     add_quiet_flag,
@@ -15,7 +19,22 @@ from .config import (
     redact,
 )
 from .errors import GradsimError
-from .options import Parser, from_args
+from .options import Parser, from_args, option
+
+log = logging.getLogger("gradsim")
+
+
+@dataclass(frozen=True)
+class ProjectionNames:
+    """--proj-dim has one meaning, the total number of projected dims (tensorsketch, countsketch); the
+    per-matrix size of factorized and trak has its own name. Both land in Config.proj_dim, whose meaning
+    the projection states (results' projection spec)."""
+
+    dims_per_matrix: Optional[int] = option(
+        "dims per parameter matrix for --projection factorized or trak (default 4096); the sketches take "
+        "their total with --proj-dim",
+        default=None,
+    )
 
 
 def build_parser() -> Parser:
@@ -25,12 +44,44 @@ def build_parser() -> Parser:
         "Flags override .env (MT_MODEL_NAME, MT_DEVICE, MT_DTYPE, MT_SAMPLE_SIZE, USE_GPU).",
     )
     add_options(p)  # every flag from config.OPTIONS: types and defaults from Config
+    p.add_options(ProjectionNames)
     add_quiet_flag(p)
     return p
 
 
 def config_from_args(argv: Optional[list[str]] = None) -> Config:
-    return from_args(Config, parse_flags(build_parser(), argv), fallback=env_defaults())
+    args = parse_flags(build_parser(), argv)
+    per_matrix = args.pop("dims_per_matrix", None)
+    cfg = from_args(Config, args, fallback=env_defaults())
+    return projection_size(cfg, args.get("proj_dim"), per_matrix)
+
+
+def projection_size(cfg: Config, proj_dim: Optional[int], per_matrix: Optional[int]) -> Config:
+    """cfg with --dims-per-matrix as its proj_dim: refused with a sketch or beside --proj-dim; --proj-dim given
+    for factorized or trak (read as dims per matrix, as before) is warned about."""
+    per_matrix_kind = cfg.projection not in SKETCHED
+    if per_matrix is not None:
+        if not per_matrix_kind:
+            raise GradsimError(
+                f"--dims-per-matrix is for --projection factorized or trak; {cfg.projection} shares a total "
+                "among the matrices: give --proj-dim instead"
+            )
+        if proj_dim is not None and proj_dim != per_matrix:
+            raise GradsimError(
+                f"--proj-dim {proj_dim} and --dims-per-matrix {per_matrix} both set the size of --projection "
+                f"{cfg.projection}: give --dims-per-matrix only"
+            )
+        return dataclasses.replace(cfg, proj_dim=per_matrix)
+    if proj_dim is not None and per_matrix_kind and cfg.use_random_projection:
+        log.warning(
+            "--proj-dim %d with --projection %s is read as %d dims per parameter matrix (--proj-dim is the "
+            "total for the sketches): --dims-per-matrix %d says so",
+            proj_dim,
+            cfg.projection,
+            proj_dim,
+            proj_dim,
+        )
+    return cfg
 
 
 def format_summary(result: dict) -> str:

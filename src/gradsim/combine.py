@@ -207,14 +207,13 @@ class CombineOptions:
 
 
 def build_parser() -> Parser:
-    p = Parser(
-        prog="combine.py",
-        description="Merge the finished partitions of one run, or of "
+    return Parser.of(
+        CombineOptions,
+        "combine.py",
+        "Merge the finished partitions of one run, or of "
         "every run under an output dir, into results.json/scores.npz/metrics.jsonl; refuse "
         "with the reason when partitions are missing, overlap or differ in configuration.",
     )
-    p.add_options(CombineOptions)
-    return p
 
 
 def combine_main(argv: Optional[list[str]] = None) -> int:

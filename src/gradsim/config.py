@@ -252,8 +252,8 @@ OPTIONS = (
     Option("projection", f"one of {', '.join(PROJECTIONS)}"),
     Option(
         "proj_dim",
-        "projected dimensions: in all for tensorsketch and countsketch (default 65536), per parameter matrix for "
-        "factorized and trak (default 4096)",
+        "projected dimensions in all, shared among the matrices by --allocation (tensorsketch, countsketch; "
+        "default 65536); factorized and trak take --dims-per-matrix",
     ),
     Option(
         "allocation",

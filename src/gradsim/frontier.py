@@ -543,9 +543,7 @@ class FrontierOptions:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="gradsim frontier", description=__doc__.split("\n\n")[0])
-    p.add_options(FrontierOptions)
-    return p
+    return Parser.of(FrontierOptions, "gradsim frontier", __doc__.split("\n\n")[0])
 
 
 def main(argv: Optional[list[str]] = None) -> int:

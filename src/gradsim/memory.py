@@ -208,11 +208,9 @@ class MemoryOptions:
 
 
 def build_parser() -> Parser:
-    p = Parser(
-        prog="python -m gradsim.memory", description="GB the exact path needs on the device per model and dtype."
+    return Parser.of(
+        MemoryOptions, "python -m gradsim.memory", "GB the exact path needs on the device per model and dtype."
     )
-    p.add_options(MemoryOptions)
-    return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:

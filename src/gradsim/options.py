@@ -125,6 +125,13 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.definitions: list[tuple[type, tuple[Option, ...]]] = []
 
+    @classmethod
+    def of(cls, options: type, prog: str, description: str) -> Parser:
+        """A command's parser: every option of the dataclass ``options``."""
+        parser = cls(prog=prog, description=description)
+        parser.add_options(options)
+        return parser
+
     def add_options(self, cls: type, options: Optional[Iterable[Option]] = None, title: Optional[str] = None) -> None:
         """Add these options of dataclass ``cls`` (default: all of options_of(cls)), under ``title`` when given."""
         options = tuple(options_of(cls) if options is None else options)

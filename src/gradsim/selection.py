@@ -132,9 +132,7 @@ class SelectOptions:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m gradsim.selection", description=__doc__.split("\n\n")[0])
-    p.add_options(SelectOptions)
-    return p
+    return Parser.of(SelectOptions, "python -m gradsim.selection", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

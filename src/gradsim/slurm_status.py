@@ -214,9 +214,7 @@ class StatusOptions:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="status.py", description=__doc__.split("\n\n")[0])
-    p.add_options(StatusOptions)
-    return p
+    return Parser.of(StatusOptions, "status.py", __doc__.split("\n\n")[0])
 
 
 def status_main(argv: Optional[list[str]] = None) -> int:
