@@ -4,6 +4,7 @@ per_matrix_fidelity block of a projected run's results."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -143,6 +144,21 @@ def test_noisy_flags_in_the_results_of_a_tiny_projected_run(tiny, tmp_path):
     assert json.loads((run_dir / "results.json").read_text())["per_matrix_fidelity"] == fid
     allocations = list((tmp_path / "features" / "countsketch-allocations").glob("*.json"))
     assert [json.loads(p.read_text())["allocation"] for p in allocations] == ["norm-floor"]
+    # Selection on the projected run leaves the noisy matrices out of the choice, not out of the full gradient.
+    from gradsim.selection import main as select_main
+    from gradsim.selection import select_run
+
+    sel = select_run(run_dir)
+    assert sel["excluded_noisy"] == fid["noisy"] and not set(sel["chosen"]) & set(fid["noisy"])
+    assert sel["full_gradient_held_out"] == select_run(run_dir, include_noisy=True)["full_gradient_held_out"]
+    assert select_run(run_dir, include_noisy=True)["excluded_noisy"] == []
+    assert select_main([str(run_dir), "--include-noisy"]) == 0
+    every = tmp_path / "every-matrix-noisy"
+    shutil.copytree(run_dir, every, ignore=shutil.ignore_patterns("selection*.json"))
+    res_every = json.loads((every / "results.json").read_text())
+    res_every["per_matrix_fidelity"]["noisy"] = res_every["parameter_names"]
+    (every / "results.json").write_text(json.dumps(res_every))
+    assert select_main([str(every)]) == 2 and not list(every.glob("selection*.json"))
     # The exact path states no projection error.
     exact = run(Config(**kw), lm=tiny)
     assert "per_matrix_fidelity" not in exact

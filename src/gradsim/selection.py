@@ -10,6 +10,7 @@ per-matrix dots and self-dots a run stores in scores.npz.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from .combine import whole_run
+from .errors import GradsimError
 from .io import atomic_write_json, read_json
 from .layout import selection_file
 from .metrics import summarize_ranks
 from .options import Parser, from_args, option
 from .score import cosine, subset_scores
+
+log = logging.getLogger("gradsim")
 
 
 def split_queries(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -40,11 +44,12 @@ def greedy_select(
     report: np.ndarray,
     max_size: int | None = None,
     sizes=None,
+    exclude=(),
 ) -> dict:
     """Add, one at a time, the matrix that most raises MRR (then top-1) on the ``choose`` queries;
     stop when nothing raises it. Each step's metrics on the held-out ``report`` queries are recorded.
     ``sizes`` (entries per matrix): among matrices that raise it equally, the smallest is added (without
-    them, the first in parameter order)."""
+    them, the first in parameter order). ``exclude``: names never added (the full gradient still counts them)."""
 
     def held_out(idx) -> dict:
         return summarize_ranks(subset_scores(dots[report], qself[report], cself[report], idx, computation_type))
@@ -60,7 +65,7 @@ def greedy_select(
     while len(chosen) < limit:
         step = None
         for m in range(len(names)):
-            if m in chosen:
+            if m in chosen or names[m] in exclude:
                 continue
             s = run_d + d[..., m]
             if computation_type != "dot-product":
@@ -87,8 +92,12 @@ def greedy_select(
     }
 
 
-def select_run(run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size: int | None = None) -> dict:
-    """Greedy selection on a finished run (results.json + scores.npz), written to selection[_bm25].json."""
+def select_run(
+    run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size: int | None = None, include_noisy: bool = False
+) -> dict:
+    """Greedy selection on a finished run (results.json + scores.npz), written to selection[_bm25].json.
+    On a projected run the matrices its per_matrix_fidelity flags as too noisy to rank are left out of the
+    choice (their scores are mostly projection noise) unless ``include_noisy``; the output lists them."""
     run_dir = Path(run_dir)
     files = whole_run(run_dir)
     result = read_json(files.results)
@@ -100,6 +109,19 @@ def select_run(run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size:
             cself = np.take_along_axis(cself, cols[..., None], axis=1)
     choose, report = split_queries(dots.shape[0], seed)
     sizes = result.get("parameter_numel")  # ties go to the smaller matrix (runs that recorded sizes)
+    noisy = [] if include_noisy else (result.get("per_matrix_fidelity") or {}).get("noisy", [])
+    if noisy and len(noisy) == len(result["parameter_names"]):
+        raise GradsimError(
+            f"every matrix of {run_dir} is too noisy to rank under its projection (per_matrix_fidelity): rerun "
+            "with a larger --proj-dim or --allocation norm-floor, or pass --include-noisy"
+        )
+    if noisy:
+        log.warning(
+            "%d of %d matrices are too noisy to rank under this run's projection and are left out of the choice "
+            "(--include-noisy keeps them)",
+            len(noisy),
+            len(result["parameter_names"]),
+        )
     out = greedy_select(
         result["parameter_names"],
         dots,
@@ -110,8 +132,9 @@ def select_run(run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size:
         report,
         max_size,
         np.array(sizes) if sizes else None,
+        set(noisy),
     )
-    out.update(seed=seed, protocol=protocol, run=str(run_dir), num_candidates=int(dots.shape[1]))
+    out.update(seed=seed, protocol=protocol, run=str(run_dir), num_candidates=int(dots.shape[1]), excluded_noisy=noisy)
     out["model"] = result.get("model", {}).get("id")  # --matrices refuses a selection of another model
     atomic_write_json(selection_file(run_dir, "bm25" if protocol == "bm25" else ""), out)
     return out
@@ -129,6 +152,11 @@ class SelectOptions:
         choices=("as-run", "bm25"),
     )
     max_size: int | None = option("stop after this many matrices", default=None)
+    include_noisy: bool = option(
+        "on a projected run, also choose among the matrices its per_matrix_fidelity flags as too noisy to rank",
+        default=False,
+        const=True,
+    )
 
 
 def build_parser() -> Parser:
@@ -136,9 +164,17 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import reports_errors
+
+    return reports_errors(_main)(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     a = from_args(SelectOptions, build_parser().parse_args(argv))
-    out = select_run(Path(a.run_dir), a.seed, a.protocol, a.max_size)
+    out = select_run(Path(a.run_dir), a.seed, a.protocol, a.max_size, a.include_noisy)
     full, held = out["full_gradient_held_out"], out["held_out"] or {}
+    if out["excluded_noisy"]:
+        print(f"left out {len(out['excluded_noisy'])} matrices too noisy to rank under the run's projection")
     print(
         f"chose {len(out['chosen'])} matrices: {', '.join(out['chosen'][:8])}{' ...' if len(out['chosen']) > 8 else ''}"
     )
