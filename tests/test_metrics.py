@@ -6,7 +6,7 @@ import pytest
 
 from gradsim.data import Dataset, Sample
 from gradsim.metrics import component_of, layer_of, summarize, true_rank
-from gradsim.retrieval import candidate_lists
+from gradsim.retrieval import candidate_lists, user_text
 from gradsim.score import random_expectation
 
 
@@ -68,3 +68,21 @@ def test_bm25_candidates_by_hand():
     data = Dataset(originals, queries)
     assert candidate_lists(data, "bm25", 2) == [[0, 2, 1], [3, 1, 2]]
     assert candidate_lists(data, "all", 2) == [[0, 1, 2, 3, 4, 5], [3, 0, 1, 2, 4, 5]]
+
+
+def test_bm25_reads_every_user_turn_with_turns_all():
+    """The same six originals, each with a second exchange whose user turn is the only text query 0 shares
+    with original 4 ("grape honey"): with --turns first BM25 reads first prompts only (query 0 matches
+    nothing: ties by index), with --turns all it reads every user turn the run uses, so original 4 comes
+    first. A last user turn without an answer is not used (it has no loss), so it is not read either."""
+    prompts = ["apple banana", "cherry date", "apple cherry", "elder fig", "grape honey", "kiwi lemon"]
+    later = ["mango", "nut", "olive", "pear", "grape honey", "quince"]
+    originals = [
+        Sample(f"o{i}", p, "answer", rest=(("user", w), ("assistant", "ok")))
+        for i, (p, w) in enumerate(zip(prompts, later))
+    ]
+    query = Sample("o0", "zzz", "x", rest=(("user", "grape honey"), ("assistant", "ok"), ("user", "kiwi lemon")))
+    data = Dataset(originals, [query])
+    assert user_text(query, "all") == "zzz\ngrape honey" and user_text(query) == "zzz"
+    assert candidate_lists(data, "bm25", 2) == [[0, 1, 2]]
+    assert candidate_lists(data, "bm25", 2, turns="all") == [[0, 4, 1]]

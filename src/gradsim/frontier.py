@@ -289,7 +289,7 @@ def candidate_protocols(run: ExactRun, data) -> dict:
     from .retrieval import candidate_lists
 
     c = run.result["config"]
-    bm25 = candidate_lists(data, "bm25", c["top_k"])
+    bm25 = candidate_lists(data, "bm25", c["top_k"], turns=c.get("turns", "first"))
     out = {f"1-of-{len(bm25[0])}": bm25}
     if c["candidates"] == "all":
         out = {"corpus": candidate_lists(data, "all", c["top_k"]), **out}

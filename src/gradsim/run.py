@@ -326,7 +326,7 @@ def score_parts(todo: list[Part]) -> None:
 
         check_proj_dim(cfg, todo[0].lm.model)
     for p in todo:
-        p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k)[p.start : p.end]
+        p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k, turns=p.cfg.turns)[p.start : p.end]
         resume(p)
     if cfg.use_random_projection:
         score_projected(todo)
@@ -643,7 +643,7 @@ def baseline_scores(p: Part) -> dict[str, np.ndarray]:
     from .retrieval import bm25_scores
 
     cfg, prov, lm, data, cands = p.cfg, p.prov, p.lm, p.data, p.cands
-    out = {"baseline_bm25": candidate_scores(bm25_scores(data), list(range(p.start, p.end)), cands)}
+    out = {"baseline_bm25": candidate_scores(bm25_scores(data, cfg.turns), list(range(p.start, p.end)), cands)}
     rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype, POOLINGS)  # every pooling: one forward
     manifest = dict(
         model=cfg.model_name,
@@ -680,7 +680,7 @@ def baseline_scores(p: Part) -> dict[str, np.ndarray]:
 
 def bm25_columns(p: Part) -> np.ndarray:
     """(Q, 1 + top_k) positions, within each query's full-corpus candidate list, of its BM25 candidates."""
-    bm25 = candidate_lists(p.data, "bm25", p.cfg.top_k)[p.start : p.end]
+    bm25 = candidate_lists(p.data, "bm25", p.cfg.top_k, turns=p.cfg.turns)[p.start : p.end]
     return np.array([[c.index(j) for j in b] for c, b in zip(p.cands, bm25)], dtype=np.int64)
 
 
