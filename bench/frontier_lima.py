@@ -3,7 +3,8 @@ paraphrases of its dev set against their originals plus other LIMA rows as distr
 
     uv run python bench/frontier_lima.py [--corpus 1030] [--max-length 2048] [--out runs/lima]
 
---corpus N keeps the 27 linked originals and N - 27 other rows (seeded); 1030 is all of LIMA. The exact
+--corpus N keeps the 27 linked originals and N - 27 other rows (seeded) whose first prompt leaves answer tokens
+within --max-length (those that do not are counted and left out); 1030 is all of LIMA. The exact
 run (full corpus, so both protocols) and the frontier over it are timed; the frontier lands in
 <out>/gradient-similarity/frontier/.
 """
@@ -22,6 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMA = ROOT.parent / "shared" / "data" / "lima"
 
 
+def prompt_fits(row: dict, max_length: int) -> bool:
+    """Whether a row's first prompt, in the embedded model's chat template, leaves room for answer tokens."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from transformers import AutoTokenizer
+
+        from gradsim.model import embedded_model_dir
+
+        _TOKENIZER = AutoTokenizer.from_pretrained(str(embedded_model_dir()[0]))
+    chat = [{"role": "user", "content": row["conversations"][0]}]
+    return len(_TOKENIZER.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)) < max_length - 8
+
+
+_TOKENIZER = None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=int, default=1030)
@@ -36,7 +53,11 @@ def main() -> int:
     rows = [json.loads(line) for line in (LIMA / "train.jsonl").open()]
     dev = [json.loads(line) for line in (LIMA / "paraphrased-dev.jsonl").open()]
     linked = sorted({int(d["id"].split("_")[1]) for d in dev})
-    others = [i for i in range(len(rows)) if i not in set(linked)]
+    others = [i for i in range(len(rows)) if i not in set(linked) and prompt_fits(rows[i], a.max_length)]
+    print(
+        f"{len(rows) - len(linked) - len(others)} other rows left out: their prompt leaves no answer token within "
+        f"--max-length {a.max_length}"
+    )
     keep = sorted(linked + random.Random(0).sample(others, max(0, min(len(others), a.corpus - len(linked)))))
     data = a.out / "data"
     data.mkdir(parents=True, exist_ok=True)
