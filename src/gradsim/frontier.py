@@ -223,11 +223,12 @@ def project_runs(
     from .model import load_model, resolve_device
     from .multisize import GRADIENT_KINDS, make_multi_size
     from .projection import CALIBRATION_SAMPLES
+    from .run import resolved_max_length
 
     raw = dict(runs[0].result["config"], **({"device": device} if device else {}))
     cfg = Config.from_dict(raw)
     lm = lm or load_model(cfg, resolve_device(cfg))
-    max_length = min(cfg.max_length or lm.context_length, lm.context_length)
+    max_length = resolved_max_length(cfg, lm)
     originals = data[runs[0].setting].originals
     enc_o = [encode(lm.tokenizer, s, max_length, cfg.loss_on, cfg.turns) for s in originals]
     enc_q = {

@@ -192,7 +192,7 @@ def run_targets(cfg: Config, opts: TargetOptions, lm=None) -> dict:
     from .data import load_dataset
     from .model import load_model, resolve_device
     from .retrieval import bm25_scores, candidate_lists
-    from .run import code_version
+    from .run import code_version, resolved_max_length
 
     cfg.validate()
     started = time.time()
@@ -203,7 +203,7 @@ def run_targets(cfg: Config, opts: TargetOptions, lm=None) -> dict:
         raise GradsimError(f"{len(originals)} original: the normalizers and the corpus need at least 2")
     lm = lm or load_model(cfg, resolve_device(cfg))
     rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype, ("response", "prompt", "all", "last"), opts.layers)
-    max_length = min(cfg.max_length or lm.context_length, lm.context_length)
+    max_length = resolved_max_length(cfg, lm)
     for s in SETTINGS:  # refuse bad input (a target with no token left) before any gradient
         for sample in [*originals, *data[s].queries]:
             for t in ("prompt", "response"):
