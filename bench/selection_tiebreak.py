@@ -16,15 +16,16 @@ import numpy as np
 
 from gradsim.metrics import summarize_ranks
 from gradsim.score import subset_scores
-from gradsim.selection import split_queries
+from gradsim.selection import greedy_select, split_queries
 
 run = sys.argv[1]
 res = json.load(open(f"{run}/results.json"))
 names, numel = res["parameter_names"], np.array(res["parameter_numel"])
 z = np.load(f"{run}/scores.npz")
 dots, qs, cs = z["dots"], z["qself"], z["cself"]
+ctype = res["config"]["computation_type"]
 M = len(names)
-per = [subset_scores(dots, qs, cs, [m], "gradient-similarity") for m in range(M)]  # (Q, C) each
+per = [subset_scores(dots, qs, cs, [m], ctype) for m in range(M)]  # (Q, C) each
 
 
 def margin(s, rows):
@@ -36,7 +37,7 @@ out = {"size": [], "margin": []}
 for seed in range(10):
     ch, rep = split_queries(dots.shape[0], seed)
     own = [summarize_ranks(per[m][ch]) for m in range(M)]
-    by_size = max(range(M), key=lambda m: (own[m]["mrr"], own[m]["top1"], -numel[m]))
+    by_size = names.index(greedy_select(names, dots, qs, cs, ctype, ch, rep, 1, numel)["chosen"][0])  # as shipped
     by_margin = max(range(M), key=lambda m: (own[m]["mrr"], own[m]["top1"], margin(per[m], ch)))
     for k, m in (("size", by_size), ("margin", by_margin)):
         out[k].append((names[m], int(numel[m]), summarize_ranks(per[m][rep])["top1"]))
