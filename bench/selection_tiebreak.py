@@ -3,10 +3,11 @@ finished --candidates all run's results.json and scores.npz; no gradients).
 
     uv run python bench/selection_tiebreak.py runs/lima1030/gradient-similarity/paraphrased-all
 
-greedy_select adds the matrix with the highest (MRR, top-1) on the choosing half and breaks ties by the
-smaller matrix. When many matrices score 1.000 on the choosing half, that picks the smallest of them, not
-the most separating. This compares it, over the frontier's 10 splits, with breaking ties by the mean
-margin (true original's cosine minus the best distractor's) on the choosing half.
+greedy_select adds the matrix with the highest (MRR, top-1) on the choosing half. When many matrices
+score 1.000 there, the tie-break decides. It used to be the smaller matrix, which picks the smallest of the
+tied, not the most separating; it is now the mean margin (true original's score minus the best
+distractor's) on the choosing half, then size. This compares the two, over the frontier's 10 splits:
+"size" is the old key, "margin" is greedy_select as it ships.
 """
 
 import json
@@ -28,17 +29,12 @@ M = len(names)
 per = [subset_scores(dots, qs, cs, [m], ctype) for m in range(M)]  # (Q, C) each
 
 
-def margin(s, rows):
-    s = s[rows]
-    return float(np.nanmean(s[:, 0] - np.nanmax(s[:, 1:], axis=1)))
-
-
 out = {"size": [], "margin": []}
 for seed in range(10):
     ch, rep = split_queries(dots.shape[0], seed)
     own = [summarize_ranks(per[m][ch]) for m in range(M)]
-    by_size = names.index(greedy_select(names, dots, qs, cs, ctype, ch, rep, 1, numel)["chosen"][0])  # as shipped
-    by_margin = max(range(M), key=lambda m: (own[m]["mrr"], own[m]["top1"], margin(per[m], ch)))
+    by_size = max(range(M), key=lambda m: (own[m]["mrr"], own[m]["top1"], -numel[m]))  # the old key
+    by_margin = names.index(greedy_select(names, dots, qs, cs, ctype, ch, rep, 1, numel)["chosen"][0])  # as shipped
     for k, m in (("size", by_size), ("margin", by_margin)):
         out[k].append((names[m], int(numel[m]), summarize_ranks(per[m][rep])["top1"]))
 for k, v in out.items():

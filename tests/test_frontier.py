@@ -149,3 +149,22 @@ def test_selection_only_frontier_from_the_command(runs, tmp_path, capsys):
     table = json.loads((out / "frontier.json").read_text())
     assert set(table["settings"]) == {"paraphrased", "model-generated"}
     assert (out / "frontier.png").exists() and "full gradient" in capsys.readouterr().out
+
+
+def test_best_k_ranks_saturated_matrices_by_margin_as_greedy_does():
+    from test_selection import saturated
+
+    dots, qself, cself = saturated()
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)]
+    r = ExactRun(
+        None,
+        {"config": {}},
+        names,
+        np.array([10, 1000, 10]),
+        {"dots": dots, "qself": qself, "cself": cself},
+        "paraphrased",
+        "gradient-similarity",
+    )
+    out = selection_curves(r, lambda a: a, splits=3, max_size=1, best_k=(1, 2))
+    assert [p["floats"] for p in out["best_k"]] == [1000.0, 1010.0]  # m1 (larger margin), then m2 over noise
+    assert all(c == [names[1]] for c in out["chosen"])

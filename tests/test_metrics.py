@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gradsim.data import Dataset, Sample
-from gradsim.metrics import component_of, layer_of, summarize, true_rank
+from gradsim.metrics import component_of, layer_of, mean_margin, summarize, true_rank
 from gradsim.retrieval import candidate_lists, user_text
 from gradsim.score import random_expectation
 
@@ -86,3 +86,9 @@ def test_bm25_reads_every_user_turn_with_turns_all():
     assert user_text(query, "all") == "zzz\ngrape honey" and user_text(query) == "zzz"
     assert candidate_lists(data, "bm25", 2) == [[0, 1, 2]]
     assert candidate_lists(data, "bm25", 2, turns="all") == [[0, 4, 1]]
+
+
+def test_mean_margin_skips_nan_rows():
+    s = np.array([[0.9, 0.5, 0.7], [0.2, 0.6, 0.1], [np.nan, np.nan, np.nan]])
+    assert mean_margin(s) == pytest.approx(((0.9 - 0.7) + (0.2 - 0.6)) / 2)
+    assert mean_margin(s[2:]) == float("-inf")

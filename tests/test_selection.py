@@ -1,7 +1,9 @@
 """Greedy selection on synthetic per-matrix scores where the informative matrices are known."""
 
 import numpy as np
+import pytest
 
+from gradsim.metrics import mean_margin, summarize_ranks
 from gradsim.score import subset_scores
 from gradsim.selection import greedy_select, split_queries
 
@@ -44,3 +46,31 @@ def test_ties_go_to_the_smaller_matrix():
     sizes = np.array([10, 500, 10, 20, 10])
     small = greedy_select(names, dots, qself, cself, "gradient-similarity", choose, report, 1, sizes)
     assert small["chosen"] == ["m3"]
+
+
+def saturated(q=40, c=6, dim=64, seed=0):
+    """Matrices 1 and 2 each rank every true original first; matrix 1 separates it by far more (its
+    original is a near copy of the query, matrix 2's a noisy one). Matrix 0 is noise."""
+    rng = np.random.default_rng(seed)
+    qv = rng.normal(size=(q, 3, dim))
+    cv = rng.normal(size=(q, c, 3, dim))
+    cv[:, 0, 1] = qv[:, 1] + 0.2 * rng.normal(size=(q, dim))
+    cv[:, 0, 2] = qv[:, 2] + 1.0 * rng.normal(size=(q, dim))
+    return np.einsum("qmd,qcmd->qcm", qv, cv), (qv**2).sum(-1), (cv**2).sum(-1)
+
+
+def test_ties_at_saturation_go_to_the_larger_margin_before_the_smaller_matrix():
+    """Once several matrices alone rank every original first (MRR 1.000 on the choosing half), greedy adds
+    the one that separates the original most (mean margin over the best distractor), even if larger."""
+    dots, qself, cself = saturated()
+    names = ["m0", "m1", "m2"]
+    choose, report = split_queries(dots.shape[0], seed=0)
+    own = [subset_scores(dots[choose], qself[choose], cself[choose], [m], "gradient-similarity") for m in range(3)]
+    assert summarize_ranks(own[1])["mrr"] == summarize_ranks(own[2])["mrr"] == 1.0  # the tie this is about
+    assert mean_margin(own[1]) > mean_margin(own[2]) + 0.1
+    sizes = np.array([10, 1000, 10])
+    out = greedy_select(names, dots, qself, cself, "gradient-similarity", choose, report, 1, sizes)
+    assert out["chosen"] == ["m1"]
+    # the margin it breaks ties by, recomputed by hand: true original's cosine minus the best distractor's
+    s = own[1]
+    assert mean_margin(s) == pytest.approx(np.mean([row[0] - row[1:].max() for row in s]))

@@ -35,7 +35,7 @@ from .config import ALLOCATIONS, Config
 from .errors import GradsimError
 from .io import atomic_write_json, atomic_writer, read_json
 from .layout import frontier_files
-from .metrics import summarize_ranks
+from .metrics import mean_margin, summarize_ranks
 from .options import Parser, from_args, option
 from .score import random_expectation, subset_scores
 from .selection import greedy_select, split_queries
@@ -162,11 +162,12 @@ def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BES
         final.append((numel[idx].sum() if idx else numel.sum(), held["top1"], held["mrr"]))
         f = g["full_gradient_held_out"]
         full.append((numel.sum(), f["top1"], f["mrr"]))
-        own = [
-            summarize_ranks(subset_scores(dots[choose], qself[choose], cself[choose], [m], ctype))
-            for m in range(len(names))
-        ]
-        order = sorted(range(len(names)), key=lambda m: (-own[m]["mrr"], -own[m]["top1"], numel[m], m))
+        own = []  # each matrix alone on the choosing half, ranked as greedy_select ranks its first step
+        for m in range(len(names)):
+            s = subset_scores(dots[choose], qself[choose], cself[choose], [m], ctype)
+            r = summarize_ranks(s)
+            own.append((-r["mrr"], -r["top1"], -mean_margin(s), numel[m], m))
+        order = sorted(range(len(names)), key=lambda m: own[m])
         for k in best:
             r = summarize_ranks(subset_scores(dots[report], qself[report], cself[report], order[:k], ctype))
             best[k].append((numel[order[:k]].sum(), r["top1"], r["mrr"]))

@@ -4,6 +4,7 @@ the groups of parameter matrices they are reported for (component type, layer)."
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 
@@ -33,6 +34,17 @@ def summarize(ranks) -> dict[str, float]:
 def summarize_ranks(scores: np.ndarray) -> dict[str, float]:
     """top-1, MRR and recall@k of (Q, C) scores whose column 0 is the true original."""
     return summarize(true_rank(scores))
+
+
+def mean_margin(scores: np.ndarray) -> float:
+    """Mean over queries of the true original's score (column 0) minus the best distractor's: how far a
+    method separates the original, where top-1 and MRR have saturated. Queries with a NaN score are left out."""
+    s = np.asarray(scores, dtype=np.float64)
+    with warnings.catch_warnings():  # an all-NaN row (a zero gradient) is expected, not worth a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m = s[:, 0] - np.nanmax(s[:, 1:], axis=1)
+    m = m[np.isfinite(m)]
+    return float(m.mean()) if m.size else float("-inf")
 
 
 # --- parameter matrices by component type and layer (results, figures and tables all group by these) ---
