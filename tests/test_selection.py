@@ -74,3 +74,21 @@ def test_ties_at_saturation_go_to_the_larger_margin_before_the_smaller_matrix():
     # the margin it breaks ties by, recomputed by hand: true original's cosine minus the best distractor's
     s = own[1]
     assert mean_margin(s) == pytest.approx(np.mean([row[0] - row[1:].max() for row in s]))
+
+
+def test_dot_product_margins_are_scale_free():
+    """Under dot products a louder matrix has larger raw margins by its norm alone: matrix 2 scaled 10x
+    (dots 100x) would win on raw margin; the tie-break compares margins in units of each query's score
+    spread, so the better-separating matrix 1 is still added."""
+    dots, qself, cself = saturated()
+    dots[..., 2] *= 100.0
+    choose, report = split_queries(dots.shape[0], seed=0)
+    own = [dots[choose][..., m] for m in range(3)]
+    assert summarize_ranks(own[1])["mrr"] == summarize_ranks(own[2])["mrr"] == 1.0
+    assert mean_margin(own[2]) > mean_margin(own[1])  # raw: the loud one
+    assert mean_margin(own[1], scale_free=True) > mean_margin(own[2], scale_free=True)
+    assert mean_margin(own[2], scale_free=True) == pytest.approx(mean_margin(own[2] / 100.0, scale_free=True))
+    s = own[1]
+    assert mean_margin(s, scale_free=True) == pytest.approx(np.mean([(r[0] - r[1:].max()) / r.std() for r in s]))
+    out = greedy_select(["m0", "m1", "m2"], dots, qself, cself, "dot-product", choose, report, 1)
+    assert out["chosen"] == ["m1"]

@@ -166,7 +166,7 @@ def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BES
         for m in range(len(names)):
             s = subset_scores(dots[choose], qself[choose], cself[choose], [m], ctype)
             r = summarize_ranks(s)
-            own.append((-r["mrr"], -r["top1"], -mean_margin(s), numel[m], m))
+            own.append((-r["mrr"], -r["top1"], -mean_margin(s, ctype == "dot-product"), numel[m], m))
         order = sorted(range(len(names)), key=lambda m: own[m])
         for k in best:
             r = summarize_ranks(subset_scores(dots[report], qself[report], cself[report], order[:k], ctype))

@@ -36,13 +36,17 @@ def summarize_ranks(scores: np.ndarray) -> dict[str, float]:
     return summarize(true_rank(scores))
 
 
-def mean_margin(scores: np.ndarray) -> float:
+def mean_margin(scores: np.ndarray, scale_free: bool = False) -> float:
     """Mean over queries of the true original's score (column 0) minus the best distractor's: how far a
-    method separates the original, where top-1 and MRR have saturated. Queries with a NaN score are left out."""
+    method separates the original, where top-1 and MRR have saturated. Queries with a NaN score are left out.
+    ``scale_free``: each query's margin in units of the spread (std) of its candidates' scores, for scores
+    with a scale (dot products: a louder matrix would otherwise win by its norm); cosines need not be."""
     s = np.asarray(scores, dtype=np.float64)
-    with warnings.catch_warnings():  # an all-NaN row (a zero gradient) is expected, not worth a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row (a zero gradient) is expected
         m = s[:, 0] - np.nanmax(s[:, 1:], axis=1)
+        if scale_free:
+            m = m / np.nanstd(s, axis=1)
     m = m[np.isfinite(m)]
     return float(m.mean()) if m.size else float("-inf")
 

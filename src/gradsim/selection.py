@@ -50,7 +50,8 @@ def greedy_select(
     stop when nothing raises them. Each step's metrics on the held-out ``report`` queries are recorded.
     Among matrices that raise them equally (common once retrieval saturates: on real LIMA 109 of 272
     matrices alone rank every original first), the one with the larger mean margin on the ``choose``
-    queries is added (metrics.mean_margin: the original's score minus the best distractor's), then the
+    queries is added (metrics.mean_margin: the original's score minus the best distractor's, for dot
+    products in units of the query's score spread so a louder matrix does not win by its norm), then the
     smaller by ``sizes`` (entries per matrix), then the first in parameter order.
     ``exclude``: names never added (the full gradient still counts them)."""
 
@@ -65,6 +66,7 @@ def greedy_select(
     path = []
     best = (-np.inf, -np.inf)
     limit = max_size or len(names)
+    dot = computation_type == "dot-product"  # margins in units of each query's score spread (scale-free)
     while len(chosen) < limit:
         step = None
         for m in range(len(names)):
@@ -74,7 +76,7 @@ def greedy_select(
             if computation_type != "dot-product":
                 s = cosine(s, (run_q + q[:, m])[:, None], run_c + c[..., m])
             r = summarize_ranks(s)
-            key = (r["mrr"], r["top1"], mean_margin(s), -sizes[m] if sizes is not None else 0)
+            key = (r["mrr"], r["top1"], mean_margin(s, dot), -sizes[m] if sizes is not None else 0)
             if step is None or key > step[0]:
                 step = (key, m, r)
         if step is None or step[0][:2] <= best:
