@@ -35,10 +35,10 @@ from .config import ALLOCATIONS, Config
 from .errors import GradsimError
 from .io import atomic_write_json, atomic_writer, read_json
 from .layout import frontier_files
-from .metrics import mean_margin, summarize_ranks
+from .metrics import summarize_ranks
 from .options import Parser, from_args, option
 from .score import random_expectation, subset_scores
-from .selection import greedy_select, split_queries
+from .selection import greedy_select, split_queries, subset_key
 
 DEFAULT_SIZES = (2**10, 2**12, 2**14, 2**16, 2**18, 2**20)
 HOOKED = ("tensorsketch", "factorized")  # formed in the forward/backward hooks: one pass for both
@@ -162,12 +162,13 @@ def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BES
         final.append((numel[idx].sum() if idx else numel.sum(), held["top1"], held["mrr"]))
         f = g["full_gradient_held_out"]
         full.append((numel.sum(), f["top1"], f["mrr"]))
-        own = []  # each matrix alone on the choosing half, ranked as greedy_select ranks its first step
-        for m in range(len(names)):
-            s = subset_scores(dots[choose], qself[choose], cself[choose], [m], ctype)
-            r = summarize_ranks(s)
-            own.append((-r["mrr"], -r["top1"], -mean_margin(s, ctype == "dot-product"), numel[m], m))
-        order = sorted(range(len(names)), key=lambda m: own[m])
+        # each matrix alone on the choosing half, ranked as greedy_select ranks its first step (a stable
+        # sort: full ties stay in parameter order)
+        own = [
+            subset_key(subset_scores(dots[choose], qself[choose], cself[choose], [m], ctype), ctype, numel[m])[0]
+            for m in range(len(names))
+        ]
+        order = sorted(range(len(names)), key=lambda m: own[m], reverse=True)
         for k in best:
             r = summarize_ranks(subset_scores(dots[report], qself[report], cself[report], order[:k], ctype))
             best[k].append((numel[order[:k]].sum(), r["top1"], r["mrr"]))

@@ -34,6 +34,15 @@ def split_queries(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
 
 
+def subset_key(scores: np.ndarray, computation_type: str, size: int = 0) -> tuple[tuple, dict]:
+    """How selection ranks a subset by its (Q, C) scores on the choosing queries (greedy's steps, best-k's
+    order): MRR, then top-1, then the mean margin (metrics.mean_margin; for dot products in units of each
+    query's score spread, so a louder matrix does not win by its norm), then the smaller ``size``. Returns
+    (key, higher is better; the summary of the ranks)."""
+    r = summarize_ranks(scores)
+    return (r["mrr"], r["top1"], mean_margin(scores, computation_type == "dot-product"), -size), r
+
+
 def greedy_select(
     names,
     dots,
@@ -50,9 +59,8 @@ def greedy_select(
     stop when nothing raises them. Each step's metrics on the held-out ``report`` queries are recorded.
     Among matrices that raise them equally (common once retrieval saturates: on real LIMA 109 of 272
     matrices alone rank every original first), the one with the larger mean margin on the ``choose``
-    queries is added (metrics.mean_margin: the original's score minus the best distractor's, for dot
-    products in units of the query's score spread so a louder matrix does not win by its norm), then the
-    smaller by ``sizes`` (entries per matrix), then the first in parameter order.
+    queries is added, then the smaller by ``sizes`` (entries per matrix), then the first in parameter
+    order (subset_key).
     ``exclude``: names never added (the full gradient still counts them)."""
 
     def held_out(idx) -> dict:
@@ -66,7 +74,6 @@ def greedy_select(
     path = []
     best = (-np.inf, -np.inf)
     limit = max_size or len(names)
-    dot = computation_type == "dot-product"  # margins in units of each query's score spread (scale-free)
     while len(chosen) < limit:
         step = None
         for m in range(len(names)):
@@ -75,8 +82,7 @@ def greedy_select(
             s = run_d + d[..., m]
             if computation_type != "dot-product":
                 s = cosine(s, (run_q + q[:, m])[:, None], run_c + c[..., m])
-            r = summarize_ranks(s)
-            key = (r["mrr"], r["top1"], mean_margin(s, dot), -sizes[m] if sizes is not None else 0)
+            key, r = subset_key(s, computation_type, sizes[m] if sizes is not None else 0)
             if step is None or key > step[0]:
                 step = (key, m, r)
         if step is None or step[0][:2] <= best:
