@@ -139,6 +139,22 @@ def test_tensorsketch_equals_its_definition_and_calibration_leaves_no_gradient(f
     assert no_grads(family.model)
 
 
+def test_tensorsketch_the_cuda_way_equals_its_definition(family, encs, refs, monkeypatch):
+    """On CUDA every sum into buckets takes the sorted, fixed-order way (projection.Buckets) instead of an atomic
+    scatter-add: forced here on the CPU, the sketch still equals its definition."""
+    from gradsim import projection
+
+    taken = []
+    monkeypatch.setattr(projection, "ordered_sums", lambda t: taken.append(t.shape) or True)
+    f = TensorSketchFeaturizer(family.model, family.device, proj_dim=20_000, seed=3, calibration=encs[:1])
+
+    def definition(m, name, g, k):
+        return g if f.exact[m] else tensorsketch_reference(g, k, name, 3)
+
+    check_batch_and_single(f, encs, refs, definition)
+    assert taken  # the ordered way ran
+
+
 def test_factorized_equals_its_definition(family, encs, refs):
     f = FactorizedFeaturizer(family.model, family.device, proj_dim=64, seed=3)
     assert any(s.rows is not None for s in f.slots.values())

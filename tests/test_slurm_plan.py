@@ -147,7 +147,11 @@ def test_memory_request_comes_from_the_models_estimate(tmp_path, caplog):
     p = plan(argv, 2, "sbatch", Resources())
     # embedded model: 134.5M params; weights + buffer + activations of 512 tokens + 2 held + 2 GB, rounded up
     assert p.resources.mem == "5G"
-    assert p.argv[-2:] == ["--memory-gb", "1.00"]
+    # 2 x 0.501 GB, rounded up so that the budget the task reads holds both (1.00 held only one)
+    assert p.argv[-2:] == ["--memory-gb", "1.01"]
+    from gradsim.memory import GB, budget_capacity
+
+    assert budget_capacity(1.01 * GB, 134_515_008 * 4) == 2 and budget_capacity(1.00 * GB, 134_515_008 * 4) == 1
     with caplog.at_level(logging.WARNING, logger="gradsim"):
         plan(argv, 2, "sbatch", Resources(mem="1G"))
     assert "--mem 1G is below the 5 GB a task is estimated to need" in caplog.text

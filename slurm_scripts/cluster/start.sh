@@ -174,8 +174,16 @@ JobAcctGatherType=jobacct_gather/linux
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb State=UNKNOWN
+# One GPU gres with no device behind it (gres.conf: a count, no File): a --gres=gpu:1 job is accepted and
+# scheduled like on a GPU cluster, and gradsim's task then finds no CUDA device and says so (the tests' GPU path).
+GresTypes=gpu
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+
+write_if_changed "$CONF_DIR/gres.conf" 0644 <<EOF && slurm_conf_changed=1
+$MARKER
+NodeName=localhost Name=gpu File=/dev/null Count=1
 EOF
 
 # The database password is made once and kept, so re-runs match the user already in MariaDB.
@@ -209,6 +217,7 @@ EOF
 if [[ ! -e /etc/slurm/slurm.conf ]] || grep -qxF "$MARKER" /etc/slurm/slurm.conf; then
     install -d -m 0755 /etc/slurm
     write_if_changed /etc/slurm/slurm.conf 0644 <"$CONF_DIR/slurm.conf" || true
+    write_if_changed /etc/slurm/gres.conf 0644 <"$CONF_DIR/gres.conf" || true
 else
     log "note: /etc/slurm/slurm.conf belongs to another setup; use 'source $BASE/env.sh' to reach this cluster"
 fi
@@ -284,15 +293,12 @@ else
     report slurmdbd "$(pid_of "$RUN_DIR/slurmdbd.pid")" "started"
 fi
 
-# A changed slurm.conf (another GRADSIM_SLURM_CPUS, base or memory) reaches running daemons by a
-# reconfigure; node definition changes are refused that way and need slurmctld and slurmd restarted.
+# A changed slurm.conf or gres.conf (another GRADSIM_SLURM_CPUS, base or memory, the GPU gres) reaches running
+# daemons by a restart: a reconfigure accepts node definition changes without applying them (a new Gres stays
+# "(null)" until slurmctld and slurmd restart). Job state survives in StateSaveLocation.
 if ((slurm_conf_changed)) && alive "$RUN_DIR/slurmctld.pid" slurmctld; then
-    if scontrol reconfigure >/dev/null 2>&1; then
-        log "slurm.conf changed: ran scontrol reconfigure"
-    else
-        log "slurm.conf changed: restarting slurmctld and slurmd"
-        bash "$(dirname "${BASH_SOURCE[0]}")/stop.sh" slurmd slurmctld
-    fi
+    log "slurm.conf changed: restarting slurmctld and slurmd"
+    bash "$(dirname "${BASH_SOURCE[0]}")/stop.sh" slurmd slurmctld
 fi
 
 if alive "$RUN_DIR/slurmctld.pid" slurmctld; then
@@ -318,7 +324,12 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Ready when the node takes jobs and sacct answers. Busy states count: a warm re-run may find jobs.
 # ---------------------------------------------------------------------------------------------
-node_ready() { sinfo -h -N -n localhost -o %T | grep -qxE 'idle|mixed|allocated|completing'; }
+# A node drained under an earlier config (e.g. registered before the GPU gres existed) is put back in service.
+node_ready() {
+    local state; state=$(sinfo -h -N -n localhost -o %T)
+    if [[ $state == drain* || $state == inval* ]]; then scontrol update nodename=localhost state=resume >/dev/null 2>&1; fi
+    grep -qxE 'idle|mixed|allocated|completing' <<<"$state"
+}
 wait_for 30 "node localhost to be idle" "$LOG_DIR/slurmd.log" node_ready
 wait_for 15 "slurmctld to register $CLUSTER with slurmdbd" "$LOG_DIR/slurmctld.log" \
     bash -c "sacctmgr -n -P show cluster $CLUSTER format=cluster | grep -qx $CLUSTER"

@@ -160,7 +160,12 @@ COMMANDS = {
         "select or project? quality against storage per sample, as table and figure",
     ),
     "analyze": ("gradsim.analysis", "main", "figures and tables; runs the notebook headless"),
-    "memory": ("gradsim.memory", "main", "memory the exact path needs per model size and dtype"),
+    "memory": ("gradsim.memory", "main", "memory and time the exact path needs per model size and dtype"),
+    "doctor": (
+        "gradsim.doctor",
+        "main",
+        "torch, CUDA build, driver and devices of this node; exit 2 if one is missing",
+    ),
     "targets": ("gradsim.targets", "main", "loss target x normalizer table beside the baselines (issue 10)"),
 }
 

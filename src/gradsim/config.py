@@ -31,9 +31,13 @@ SKETCHED = ("countsketch", "tensorsketch")  # --proj-dim in all, shared among th
 DEFAULT_PROJ_DIM = {"countsketch": 65536, "tensorsketch": 65536, "factorized": 4096, "trak": 4096}
 # How countsketch and tensorsketch share --proj-dim among the matrices (projection.allocate_dims).
 ALLOCATIONS = ("norm", "norm-floor", "sqrt", "uniform")
-# float32; bfloat16: bf16 autocast over fp32 weights and gradients; bfloat16-weights: bf16 weights and
-# gradients (half the memory, for models that do not fit otherwise).
-DTYPES = ("float32", "bfloat16", "bfloat16-weights")
+# float32; tf32: fp32 weights and gradients, CUDA matmuls in TF32; bfloat16: bf16 autocast over fp32 weights and
+# gradients; bfloat16-weights: bf16 weights and gradients (half the memory, for models that do not fit otherwise).
+DTYPES = ("float32", "tf32", "bfloat16", "bfloat16-weights")
+# --dtype when not given: float32 on the CPU; on CUDA the fastest precision whose whole-model top-1 and MRR and
+# whose per-matrix table equal fp32's on the bundled study and on the GPU check's data (bench/precision_fidelity.py,
+# docs/benchmarks.md "GPU precision").
+CUDA_DTYPE = "float32"
 LOSS_TARGETS = ("response", "prompt", "all")  # encode.py builds the labels of each
 # first: each row's first user/assistant exchange (the study's); all: every turn, each assistant turn trained
 TURNS = ("first", "all")
@@ -94,7 +98,7 @@ class Config:
     chat_template: Optional[str] = None  # None: the model's own; "tulu" or a Jinja file path
     device: str = "auto"
     use_gpu: bool = True
-    dtype: str = "float32"
+    dtype: Optional[str] = None  # None: float32, or CUDA_DTYPE where the run is on CUDA (default_dtype)
     sample_size: Optional[int] = None
     max_length: Optional[int] = None
     seed: int = 42
@@ -131,6 +135,8 @@ class Config:
             resolved["variant_data"] = str(BUNDLED_DATA / VARIANT_FILES.get(self.setting, "paraphrased.jsonl"))
         if self.proj_dim is None:
             resolved["proj_dim"] = DEFAULT_PROJ_DIM.get(self.projection, 4096)
+        if self.dtype is None:
+            resolved["dtype"] = default_dtype(self.device, self.use_gpu)
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
 
@@ -319,8 +325,9 @@ OPTIONS = (
     Option("device", "cpu, cuda or cuda:N (default: MT_DEVICE, else CUDA when available and USE_GPU=1)"),
     Option(
         "dtype",
-        f"{', '.join(DTYPES)}: bfloat16 autocasts over fp32 weights and gradients, bfloat16-weights stores weights "
-        "and gradients in bf16 (default: MT_DTYPE or float32)",
+        f"{', '.join(DTYPES)}: tf32 runs CUDA matmuls in TF32 over fp32 weights and gradients, bfloat16 "
+        "autocasts over fp32 weights and gradients, bfloat16-weights stores weights and gradients in bf16 "
+        f"(default: MT_DTYPE, else float32 on the CPU and {CUDA_DTYPE} on CUDA, chosen by measured fidelity)",
     ),
     Option("sample_size", "use only the first N originals (default: MT_SAMPLE_SIZE or all)"),
     Option("max_length", "truncate longer samples (flagged in the output); default: model context"),
@@ -328,6 +335,18 @@ OPTIONS = (
     Option("baselines", "skip the BM25 and representation-similarity baselines", flag="--no-baselines", const=False),
     Option("output_dir", "where results go (default: data/)"),
 )
+
+
+def default_dtype(device: str, use_gpu: bool = True) -> str:
+    """--dtype when not given: CUDA_DTYPE for a run on CUDA (``--device cuda[:N]``, or ``auto`` where CUDA is
+    available and USE_GPU is on), else float32."""
+    if str(device).startswith("cuda"):
+        return CUDA_DTYPE
+    if device == "auto" and use_gpu:
+        import torch
+
+        return CUDA_DTYPE if torch.cuda.is_available() else "float32"
+    return "float32"
 
 
 def add_options(parser: Parser, fields: Optional[tuple[str, ...]] = None) -> None:

@@ -8,7 +8,7 @@ the sum of both uses, as the model is trained.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,10 +44,31 @@ def param_layout(model: torch.nn.Module) -> ParamLayout:
     return ParamLayout(names, shapes, offsets)
 
 
+@contextmanager
 def autocast_context(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    """The precision of a forward/backward: bf16 autocast for ``bfloat16``; TF32 matmuls for ``tf32`` (CUDA);
+    fp32 otherwise. On CUDA, attention runs the math kernel: the fused kernels' backward adds with atomics,
+    so two runs of the same sample would differ in their last bits (on the CPU every kernel is ordered)."""
+    with ExitStack() as stack:
+        if dtype == "bfloat16":
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        if device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            stack.enter_context(tf32_matmuls(dtype == "tf32"))
+        yield
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """CUDA fp32 matmuls and convolutions in TF32 (10-bit mantissa, fp32 accumulation) or in full fp32."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def batch_loss(

@@ -10,6 +10,13 @@ Exact mode needs, for P parameters, T tokens, L layers, hidden size h and vocabu
                                      token of 16-bit training, scaled to a, plus fp32 logits and their gradient)
 The check before loading assumes T = --max-length, or 2,048 tokens when it is not given (LIMA's longest
 samples; the run then measures the real longest sample).
+
+A GPU task's host memory (what its Slurm --mem must cover, host_bytes):
+    weights load    P x w            (from_pretrained builds the model on the host before it moves)
+    runtime         3 GB on CUDA     (torch, the CUDA libraries and context; 1.5 GB on the CPU), assumed
+    data            0.5 GB + results (tokenizer, samples, BM25; the results' Q x C x M float64 arrays x 3)
+    kept originals  --host-memory-gb (originals' gradients kept on the host between blocks), plus one
+                    pinned P x w buffer to move them when it is set
 """
 
 from __future__ import annotations
@@ -68,6 +75,40 @@ class ModelShape:
         }
         parts["total"] = sum(parts.values())
         return parts
+
+
+RUNTIME_GB = {"cuda": 3.0, "cpu": 1.5}
+DATA_GB = 0.5
+
+
+def host_bytes(shape: ModelShape, dtype: str, device_type: str, host_cache_gb: float = 0.0, results: int = 0) -> dict:
+    """Host memory of a task whose model runs on ``device_type`` (module docstring): weights load, runtime,
+    data and results, originals kept on the host and their pinned buffer."""
+    w = 2 if dtype == "bfloat16-weights" else 4
+    parts = {
+        "weights_load": shape.params * w,
+        "runtime": int(RUNTIME_GB[device_type] * GB),
+        "data": int(DATA_GB * GB) + results,
+        "kept_originals": int(host_cache_gb * GB) + (shape.params * w if host_cache_gb > 0 else 0),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def device_need_bytes(shape: ModelShape, tokens: int, cfg: Config) -> int:
+    """What cfg's run needs on its device at least: the exact path with one held gradient; a projection
+    the weights, the activations and (countsketch, trak: from the exact gradient) the gradient buffer."""
+    if not cfg.use_random_projection:
+        return shape.exact_bytes(tokens, cfg.dtype, held=1)["total"]
+    parts = shape.exact_bytes(tokens, cfg.dtype, held=0)
+    if cfg.projection in ("tensorsketch", "factorized"):
+        return parts["total"] - parts["gradient_buffer"]
+    return parts["total"]
+
+
+def budget_capacity(budget_bytes: float, grad_bytes: int) -> int:
+    """Exact gradients a budget of ``budget_bytes`` holds."""
+    return int(max(0, budget_bytes) // grad_bytes)
 
 
 def shape_of_config(config) -> ModelShape:
@@ -164,7 +205,7 @@ def gradient_capacity(
         budget_bytes = int(max(0, free - act) * (0.9 if device.type == "cuda" else 0.75))
     else:
         budget_bytes = int(budget * GB)
-    capacity = budget_bytes // grad_bytes
+    capacity = budget_capacity(budget_bytes, grad_bytes)
     if capacity < 1:
         raise GradsimError(
             f"the memory budget ({budget_bytes / GB:.2f} GB) holds no exact gradient of "

@@ -117,9 +117,9 @@ def resolve_device(cfg: Config) -> torch.device:
         raise GradsimError(f"unknown device {want!r}: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise GradsimError(
-                f"device {want!r} asked for, but CUDA is not available here: set MT_DEVICE=cpu (or --device cpu)"
-            )
+            from .doctor import cuda_missing
+
+            raise GradsimError(cuda_missing(want))
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise GradsimError(f"device {want!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
     elif dev.type != "cpu":
@@ -128,7 +128,10 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def check_dtype(dtype: str, device: torch.device) -> None:
-    """Refuse a bf16 run where the device cannot run bf16 (CPUs can: torch has bf16 kernels for them)."""
+    """Refuse a bf16 run where the device cannot run bf16 (CPUs can: torch has bf16 kernels for them), and
+    TF32 anywhere but on CUDA."""
+    if dtype == "tf32" and device.type != "cuda":
+        raise GradsimError(f"--dtype tf32 is a CUDA matmul mode and {device} has none: use --dtype float32")
     if dtype.startswith("bfloat16") and device.type == "cuda":
         with torch.cuda.device(device):
             supported = torch.cuda.is_bf16_supported()
@@ -288,6 +291,21 @@ def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedMode
     template_sha = hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
     context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
     return LoadedModel(model, tokenizer, cfg.model_name, str(revision), device, template_sha, context)
+
+
+def load_tokenizer(cfg: Config):
+    """cfg's tokenizer with the chat template the run will use, without the weights (for estimates)."""
+    from transformers import AutoTokenizer
+
+    if cfg.model_name == EMBEDDED_MODEL:
+        source, kwargs = str(embedded_model_dir()[0]), {}
+    else:
+        source = cfg.model_name
+        kwargs = {"token": hf_token(), "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        kwargs.update(model_source_kwargs(source, cfg.revision))
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    select_chat_template(tokenizer, cfg.chat_template, cfg.model_name)
+    return tokenizer
 
 
 def _local_revision(path: Path) -> str:

@@ -143,21 +143,71 @@ class _Slot:
         self.add_outer(out, left * keep.unsqueeze(-1), self.project_cols(g))
 
 
-def _count_sketch(a: torch.Tensor, h2: torch.Tensor, k: int) -> torch.Tensor:
+def ordered_sums(t: torch.Tensor) -> bool:
+    """Whether sums into buckets take the sorted way (Buckets) for t's device: on CUDA."""
+    return t.device.type == "cuda"
+
+
+class Buckets:
+    """Sums into ``size`` buckets along the last axis, entry i into bucket ``index[i]``, with the same bytes on
+    every run. On the CPU a scatter-add (its kernel adds in order); on CUDA a scatter-add's atomic adds land in
+    an order that varies between runs, and so does the rounding: there the entries are sorted by bucket once
+    (the index is fixed) and each bucket is the difference of a float64 prefix sum at its two ends."""
+
+    def __init__(self, index: torch.Tensor, size: int):
+        self.index, self.size = index, size
+        self._order: Optional[torch.Tensor] = None
+        self._ends: Optional[torch.Tensor] = None
+
+    def sum(self, a: torch.Tensor, ordered: Optional[bool] = None) -> torch.Tensor:
+        """(..., n) -> (..., size) in a's dtype; ``ordered`` (default: on CUDA) takes the sorted way."""
+        if not (ordered_sums(a) if ordered is None else ordered):
+            return a.new_zeros(*a.shape[:-1], self.size).scatter_add_(-1, self.index.expand(a.shape), a)
+        if self._order is None:
+            self._order, self._ends = sorted_segments(self.index, self.size)
+        return segment_sums(a, self._order, self._ends)
+
+
+def sorted_segments(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, ends): the positions of a 1-D index sorted by bucket (stable), and where each bucket's run ends
+    in that order (size + 1 entries, the first 0)."""
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=size)  # integer adds: exact in any order
+    ends = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return order, ends
+
+
+def segment_sums(a: torch.Tensor, order: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (..., len(ends) - 1): per bucket, the sum of a's entries at order[ends[b]:ends[b+1]]. A fixed
+    order of float64 adds (a prefix sum): deterministic on every device, and within fp32 rounding of any other
+    order (a prefix of n entries carries at most n * 2^-53 of their magnitude)."""
+    prefix = torch.nn.functional.pad(a.index_select(-1, order).double().cumsum(-1), (1, 0))
+    return (prefix[..., ends[1:]] - prefix[..., ends[:-1]]).to(a.dtype)
+
+
+def bucket_sum(a: torch.Tensor, index: torch.Tensor, size: int, ordered: Optional[bool] = None) -> torch.Tensor:
+    """(B, n) values into (B, size) buckets by a per-row index (B, n) of their own (Buckets, for one call)."""
+    if not (ordered_sums(a) if ordered is None else ordered):
+        return a.new_zeros(a.shape[0], size).scatter_add_(1, index, a)
+    rows = torch.arange(a.shape[0], device=a.device).unsqueeze(1) * size
+    flat = Buckets((index + rows).flatten(), a.shape[0] * size).sum(a.flatten(), ordered=True)
+    return flat.view(a.shape[0], size)
+
+
+def _count_sketch(a: torch.Tensor, h2: Buckets, k: int) -> torch.Tensor:
     """(..., d) -> (..., k) fp32: entry i of the last axis added into bucket h2[i] mod k, negated where
     h2[i] >= k (the sign folded into the index: two half-sketches subtracted, no multiply per entry)."""
     with torch.autocast(device_type=a.device.type, enabled=False):
-        a = a.float()
-        both = a.new_zeros(*a.shape[:-1], 2 * k).scatter_add_(-1, h2.expand(a.shape), a)
+        both = h2.sum(a.float())
         return both[..., :k] - both[..., k:]
 
 
-def _signed_hash(n: int, k: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(bucket in [0, k), sign +-1 fp32, bucket + k where the sign is -1) for n entries; bucket and sign
-    drawn in that order from gen."""
+def _signed_hash(n: int, k: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, Buckets]:
+    """(bucket in [0, k), sign +-1 fp32, the 2k Buckets of bucket + k where the sign is -1) for n entries;
+    bucket and sign drawn in that order from gen."""
     h = torch.randint(0, k, (n,), generator=gen)
     s = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
-    return h.to(device), s.to(device), (h + k * (s < 0)).to(device)
+    return h.to(device), s.to(device), Buckets((h + k * (s < 0)).to(device), 2 * k)
 
 
 # A matrix is TensorSketched directly (weight gradient, then each entry into its bucket) when its k exceeds
@@ -185,6 +235,7 @@ class _TensorSketchSlot:
         self.h_rows, self.s_rows, self.h2_rows = _signed_hash(shape[0], k, gen, device)
         self.h_cols, self.s_cols, self.h2_cols = _signed_hash(shape[1], k, gen, device)
         self.direct = k * DIRECT_RATIO > shape[0] * shape[1]
+        self.buckets: Optional[Buckets] = None  # add_gradient's on CUDA, made on first use
 
     def project_rows(self, g: torch.Tensor) -> torch.Tensor:
         if self.direct:
@@ -198,10 +249,18 @@ class _TensorSketchSlot:
 
     def add_gradient(self, out: torch.Tensor, grad: torch.Tensor) -> None:
         """out[:, slice] += the sketch of each sample's weight gradient grad (B, rows, cols) fp32."""
-        bucket = self.h_rows[:, None] + self.h_cols[None, :]
-        bucket = torch.where(bucket >= self.size, bucket - self.size, bucket).flatten()
         signed = grad * (self.s_rows[:, None] * self.s_cols[None, :])
-        out[:, self.lo : self.lo + self.size].index_add_(1, bucket, signed.flatten(1))
+        if ordered_sums(grad):  # in a fixed order (Buckets), built once per matrix
+            if self.buckets is None:
+                self.buckets = Buckets(self.bucket_index(), self.size)
+            out[:, self.lo : self.lo + self.size] += self.buckets.sum(signed.flatten(1))
+            return
+        out[:, self.lo : self.lo + self.size].index_add_(1, self.bucket_index(), signed.flatten(1))
+
+    def bucket_index(self) -> torch.Tensor:
+        """Each weight entry's bucket, (h_rows[i] + h_cols[j]) mod k, row-major."""
+        bucket = self.h_rows[:, None] + self.h_cols[None, :]
+        return torch.where(bucket >= self.size, bucket - self.size, bucket).flatten()
 
     def add_embedding(
         self, out: torch.Tensor, tok: torch.Tensor, keep: torch.Tensor, g: torch.Tensor, num_embeddings: int
@@ -210,7 +269,10 @@ class _TensorSketchSlot:
         with torch.autocast(device_type=g.device.type, enabled=False):
             bucket = (self.h_rows[tok].unsqueeze(-1) + self.h_cols) % self.size  # (B, T, d)
             vals = g.float() * (self.s_rows[tok] * keep).unsqueeze(-1) * self.s_cols
-            out[:, self.lo : self.lo + self.size].scatter_add_(1, bucket.flatten(1), vals.flatten(1))
+            if ordered_sums(g):
+                out[:, self.lo : self.lo + self.size] += bucket_sum(vals.flatten(1), bucket.flatten(1), self.size)
+            else:
+                out[:, self.lo : self.lo + self.size].scatter_add_(1, bucket.flatten(1), vals.flatten(1))
 
     def add_outer(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
         if self.direct:

@@ -242,10 +242,10 @@ def run(cfg: Config, lm: Optional[LoadedModel] = None) -> dict:
 
 
 def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
+    device = lm.device if lm is not None else resolve_device(cfg)  # a missing GPU first: nothing else is read
     shares = prepare(cfg)
     for s in shares:
         ensure_writable_dir(s.paths.part_dir if s.paths.partitioned else s.paths.run_dir)
-    device = lm.device if lm is not None else resolve_device(cfg)
     for s in shares:
         log.info(
             "gradsim %s: model=%s device=%s dtype=%s %s queries=[%d, %d) of %d",

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +31,7 @@ import submitit
 
 from .config import REPO_ROOT, Config, redact
 from .errors import GradsimError
+from .estimate import DEFAULT_GPU_MEMORY_GB, TIME_MARGIN, TIME_SLACK_MIN, Estimate
 from .io import atomic_write_json, read_json
 from .layout import run_dir as run_dir_of
 from .layout import slurm_dir
@@ -41,6 +43,7 @@ log = logging.getLogger("gradsim")
 TEMPLATE = REPO_ROOT / "slurm_scripts" / "batch_processing" / "job.sbatch.template"
 MAIN_PY = REPO_ROOT / "main.py"
 BACKENDS = ("submitit", "sbatch")
+DEFAULT_TIME = "01:00:00"  # --time where no estimate can be made (the model's config unreadable here)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,11 +108,28 @@ class Resources:
     default: its GRADSIM_SLURM_<NAME> (environment, then .env), else the value here."""
 
     partition: Optional[str] = option("Slurm partition", default=None, env="GRADSIM_SLURM_PARTITION")
-    time: str = option("time limit per task, e.g. 90 or 04:00:00", default="01:00:00", env="GRADSIM_SLURM_TIME")
+    time: Optional[str] = option(
+        "time limit per task, e.g. 90 or 04:00:00",
+        default=None,
+        env="GRADSIM_SLURM_TIME",
+        default_help=f"the task's estimate x {TIME_MARGIN:g} + {TIME_SLACK_MIN} min",
+    )
     mem: Optional[str] = option("memory per task, e.g. 32G", default=None, env="GRADSIM_SLURM_MEM")
     cpus_per_task: Optional[int] = option("CPUs per task", default=None, env="GRADSIM_SLURM_CPUS_PER_TASK")
     gpus: Optional[str] = option(
         "GPUs per task as --gres=gpu:<this>, e.g. 1 or a100:1", default=None, env="GRADSIM_SLURM_GPUS"
+    )
+    gpu_memory_gb: float = option(
+        "memory of one GPU in GB: a model whose run cannot fit is refused at submit",
+        default=DEFAULT_GPU_MEMORY_GB,
+        env="GRADSIM_SLURM_GPU_MEMORY_GB",
+        default_help=f"{DEFAULT_GPU_MEMORY_GB:g}, an A100 40 GB, the smallest common data-centre training card",
+    )
+    tflops: Optional[float] = option(
+        "achieved TFLOP/s of one task, for the time estimate",
+        default=None,
+        env="GRADSIM_SLURM_TFLOPS",
+        default_help="measured for CPUs; for GPUs 40%% of the card's dense peak, assumed",
     )
     account: Optional[str] = option("account to charge", default=None, env="GRADSIM_SLURM_ACCOUNT")
     qos: Optional[str] = option("quality of service", default=None, env="GRADSIM_SLURM_QOS")
@@ -139,7 +159,7 @@ class Resources:
     )
 
     def sbatch_options(self) -> list[tuple[str, Any]]:
-        opts: list[tuple[str, Any]] = [("time", self.time)]
+        opts: list[tuple[str, Any]] = [("time", self.time or DEFAULT_TIME)]
         for key in ("partition", "mem", "account", "qos"):
             if getattr(self, key):
                 opts.append((key, getattr(self, key)))
@@ -176,7 +196,11 @@ def resources_from(args: argparse.Namespace | dict) -> Resources:
         value = getattr(res, name)
         if value is not None and value < (0 if name == "max_requeues" else 1):
             raise GradsimError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    time_minutes(res.time)  # refuse a malformed time before anything is submitted
+    if res.time is not None:
+        time_minutes(res.time)  # refuse a malformed time before anything is submitted
+    for name in ("gpu_memory_gb", "tflops"):
+        if getattr(res, name) is not None and getattr(res, name) <= 0:
+            raise GradsimError(f"--{name.replace('_', '-')} must be positive, got {getattr(res, name)}")
     for x in res.sbatch_extra:
         sbatch_option(x)
     return res
@@ -211,26 +235,40 @@ class PartitionTask(submitit.helpers.Checkpointable):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SettingRun:
+    """One setting's run of a submission (two with --setting both): its folder and its number of queries."""
+
+    setting: str
+    run_dir: Path
+    num_queries: int
+
+    def clip(self, s: int, e: int) -> Optional[tuple[int, int]]:
+        """The range [s, e) as this setting's tasks cover it: clipped to its queries (None: none of them)."""
+        return (s, min(e, self.num_queries)) if s < self.num_queries else None
+
+
 @dataclass
 class Plan:
     backend: str
     cfg: Config
     argv: list[str]
-    run_dir: Path
+    run_dir: Path  # the run's folder (of --setting both: where its name says both; each setting's in runs)
     sub_dir: Path
     num_queries: int
     ranges: list[tuple[int, int]]
     todo: list[tuple[int, int]]
     resources: Resources
+    runs: list[SettingRun] = field(default_factory=list)
+    estimates: list[Estimate] = field(default_factory=list)  # per task of todo
+    throughput_source: str = ""
+    timed: bool = False  # --time set from the estimate
 
     @property
     def job_name(self) -> str:
         return self.resources.job_name or f"gradsim-{self.run_dir.parent.name}-{self.run_dir.name}"
 
 
-# Fields a finished partition must share with a new submission for it to be skipped; the rest of
-# the compat fields (revision, template, the max length the model allows) are known only once a task
-# loads the model, and combine checks them all.
 SUBMIT_COMPAT = (
     "setting",
     "computation_type",
@@ -274,85 +312,145 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
     from .cli import build_parser as study_parser
     from .cli import config_from_args
     from .data import load_dataset, partition_range
+    from .run import setting_configs
 
     if backend not in BACKENDS:
         raise GradsimError(f"unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     argv_main = _absolute_paths(argv_main)
     parsed = study_parser().parse_args(argv_main)  # a typo in a flag fails here, not in N jobs
+    argv_main = on_gpus(argv_main, parsed.device, resources)
     cfg = config_from_args(argv_main)
     cfg.validate()
-    if cfg.setting == "both":
-        raise GradsimError(
-            "compute.py submits one setting per job array: run it once with --setting paraphrased "
-            "and once with --setting model-generated (or run --setting both on one node)"
-        )
-    data = load_dataset(cfg.original_data, cfg.variant_data, cfg.sample_size, cfg.turns)
-    start, end = partition_range(len(data.queries), cfg.partition_start, cfg.partition_end)
+    settings = [
+        (c, load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns)) for c in setting_configs(cfg)
+    ]
+    runs = [SettingRun(c.setting, run_dir_of(c).resolve(), len(d.queries)) for c, d in settings]
+    num_queries = max(r.num_queries for r in runs)  # --setting both: each task clips the range to each setting
+    start, end = partition_range(num_queries, cfg.partition_start, cfg.partition_end)
     # The tasks get their own range; drop the user's overall range from what they are passed.
     passthrough = strip_flags(argv_main, ("--partition-start", "--partition-end"))
     if cfg.output_dir and parsed.output_dir is None:
         passthrough += ["--output-dir", str(Path(cfg.output_dir).resolve())]
-    run_dir = run_dir_of(cfg).resolve()
     ranges = split_ranges(start, end, num_partitions)
-    todo = []
-    for s, e in ranges:
-        done = partition_paths(run_dir, s, e, len(data.queries)).results
-        if done.exists():
-            old = read_json(done).get("compat", {})
-            diff = [k for k in SUBMIT_COMPAT if old.get(k) != getattr(cfg, k)]
-            if diff:
-                raise GradsimError(
-                    f"{done} was made with other settings (differs in: {', '.join(diff)}): "
-                    "use another --output-dir or remove that run's partitions"
-                )
-            continue
-        todo.append((s, e))
+    todo = [(s, e) for s, e in ranges if not all(finished(cfg, r, r.clip(s, e)) for r in runs if r.clip(s, e))]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    run_dir = run_dir_of(cfg).resolve()
     sub_dir = slurm_dir(Path(cfg.output_dir).resolve(), cfg.computation_type, run_dir.name) / f"{stamp}-{backend}"
-    passthrough, resources = size_memory(cfg, passthrough, resources)
-    return Plan(backend, cfg, passthrough, run_dir, sub_dir, len(data.queries), ranges, todo, resources)
+    p = Plan(backend, cfg, passthrough, run_dir, sub_dir, num_queries, ranges, todo, resources, runs)
+    size_task(p, settings)
+    return p
 
 
-# Exact gradients a task holds when --memory-gb is not given: on a shared node the free memory says
+def on_gpus(argv: list[str], device: Optional[str], resources: Resources) -> list[str]:
+    """A task that asks Slurm for GPUs runs on CUDA (--device cuda), so that one which finds none stops at once
+    instead of computing on the CPU within a memory request sized for the GPU."""
+    if not resources.gpus:
+        return argv
+    if device is not None and not device.startswith("cuda"):
+        raise GradsimError(
+            f"--gpus {resources.gpus} asks Slurm for GPUs but --device {device} runs on the CPU: drop one of them"
+        )
+    if device is None:
+        argv = [*argv, "--device", "cuda"]
+    return argv
+
+
+def finished(cfg: Config, run: SettingRun, rng: tuple[int, int]) -> bool:
+    """Whether a setting's range has its results already; made with other settings, it is refused."""
+    done = partition_paths(run.run_dir, *rng, run.num_queries).results
+    if not done.exists():
+        return False
+    old = read_json(done).get("compat", {})
+    diff = [k for k in SUBMIT_COMPAT if k != "setting" and old.get(k) != getattr(cfg, k)]
+    if old.get("setting") != run.setting:
+        diff.insert(0, "setting")
+    if diff:
+        raise GradsimError(
+            f"{done} was made with other settings (differs in: {', '.join(diff)}): "
+            "use another --output-dir or remove that run's partitions"
+        )
+    return True
+
+
+# Exact gradients a CPU task holds when --memory-gb is not given: on a shared node the free memory says
 # nothing about the job's allocation, so the tasks get an explicit budget that the request covers.
 TASK_HELD_GRADIENTS = 2
 
 
-def size_memory(cfg, passthrough: list[str], resources: Resources) -> tuple[list[str], Resources]:
-    """Ask Slurm for the host memory a task needs (model, gradient buffer, held gradients, activations,
-    2 GB for Python and the tokenizer), from the model's config; warn when a given --mem is below it."""
+def size_task(p: Plan, settings) -> None:
+    """Memory and time of each task, from the model's config (no weights loaded): on a GPU, refuse a run that
+    cannot fit --gpu-memory-gb and ask for the host memory the task needs (memory.host_bytes); on the CPU, give
+    the tasks a --memory-gb budget and ask for it; then estimate each task's passes, tokens and time, and ask
+    for --time from it unless it was given."""
     from dataclasses import replace
 
-    from .memory import GB, budget_gb, model_shape
+    from .estimate import slurm_time, throughput
+    from .memory import GB, budget_capacity, budget_gb, device_need_bytes, host_bytes, model_shape
 
+    cfg, resources = p.cfg, p.resources
     shape = model_shape(cfg)
     if shape is None:
-        return passthrough, resources
+        return
     tokens = min(cfg.max_length or 2048, shape.context or 2048)
     w = 2 if cfg.dtype == "bfloat16-weights" else 4
-    on_gpu = bool(resources.gpus) or str(cfg.device).startswith("cuda")
-    if cfg.use_random_projection:
-        need = shape.params * w * (1 if on_gpu else 2) + (0 if on_gpu else shape.activation_bytes(tokens, cfg.dtype))
-    elif on_gpu:
-        need = shape.params * w  # loaded on the host before it moves to the GPU
+    grad = shape.params * w
+    on_gpu = str(cfg.device).startswith("cuda")
+    budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
+    if on_gpu:
+        need = device_need_bytes(shape, tokens, cfg)
+        have = resources.gpu_memory_gb * GB
+        if need > have:
+            raise GradsimError(
+                f"{cfg.model_name} ({shape.params / 1e9:.2f}B parameters, {cfg.dtype}, {tokens} tokens) needs "
+                f"{need / GB:.1f} GB on the GPU, more than --gpu-memory-gb {resources.gpu_memory_gb:g}: ask for a "
+                "larger card (--gpus TYPE:1 and --gpu-memory-gb), --dtype bfloat16-weights or a shorter --max-length"
+            )
+        host_cache = budget_gb(cfg.host_memory_gb, "GRADSIM_HOST_MEMORY_GB", 0.0) or 0.0
+        matrices = 9 * shape.layers + 3  # a decoder layer's 7 projections and 2 norms, embeddings, final norm
+        results = 24 * p.num_queries * (cfg.top_k + 1) * matrices * len(p.runs)  # dots, cself, qself: float64
+        host = host_bytes(shape, cfg.dtype, "cuda", host_cache, results)["total"]
+        held = budget * GB if budget is not None else 0.9 * (have - shape.exact_bytes(tokens, cfg.dtype, 0)["total"])
     else:
-        budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
-        if budget is None:
-            budget = TASK_HELD_GRADIENTS * shape.params * w / GB
-            passthrough = [*passthrough, "--memory-gb", f"{budget:.2f}"]
-        need = shape.exact_bytes(tokens, cfg.dtype, held=0)["total"] + budget * GB
-    need_gb = int(-(-(need + 2 * GB) // GB))  # rounded up
+        if budget is None and not cfg.use_random_projection:
+            budget = TASK_HELD_GRADIENTS * grad / GB
+            # rounded up, so that the budget holds what it was sized for
+            p.argv = [*p.argv, "--memory-gb", f"{math.ceil(budget * 100) / 100:.2f}"]
+        if cfg.use_random_projection:
+            host = shape.params * w * 2 + shape.activation_bytes(tokens, cfg.dtype)
+        else:
+            host = shape.exact_bytes(tokens, cfg.dtype, held=0)["total"] + budget * GB
+        host += 2 * GB  # Python, the tokenizer, the data
+        held = (budget or 0) * GB
+    need_gb = int(-(-host // GB))  # rounded up
     if resources.mem is None:
         log.info("asking Slurm for --mem %dG per task (the model's estimate; set --mem to change it)", need_gb)
-        return passthrough, replace(resources, mem=f"{need_gb}G")
-    given = parse_mem_gb(resources.mem)
-    if given is not None and given < need_gb:
-        log.warning(
-            "--mem %s is below the %d GB a task is estimated to need (gradsim memory): Slurm may kill it",
-            resources.mem,
-            need_gb,
-        )
-    return passthrough, resources
+        resources = replace(resources, mem=f"{need_gb}G")
+    else:
+        given = parse_mem_gb(resources.mem)
+        if given is not None and given < need_gb:
+            log.warning(
+                "--mem %s is below the %d GB a task is estimated to need (gradsim memory): Slurm may kill it",
+                resources.mem,
+                need_gb,
+            )
+    tp = throughput(cfg.device, cfg.dtype, resources.gpus, resources.cpus_per_task)
+    tflops = resources.tflops or tp.tflops
+    p.throughput_source = f"{tflops:g} TFLOP/s per task, " + ("given (--tflops)" if resources.tflops else tp.source)
+    capacity = None if cfg.use_random_projection else budget_capacity(held, grad)
+    p.estimates = [task_estimate(cfg, settings, p.runs, rng, shape.params, capacity, tokens, tflops) for rng in p.todo]
+    if resources.time is None and p.estimates:
+        resources = replace(resources, time=slurm_time(max(e.seconds for e in p.estimates)))
+        p.timed = True
+    p.resources = resources
+
+
+def task_estimate(cfg, settings, runs, rng, params: int, capacity, max_length: int, tflops: float) -> Estimate:
+    from .estimate import estimate_shares
+
+    shares = [(c, d, *r.clip(*rng)) for (c, d), r in zip(settings, runs) if r.clip(*rng)]
+    est = estimate_shares(cfg, shares, params, capacity, max_length)
+    est.label, est.tflops = f"[{rng[0]}, {rng[1]})", tflops
+    return est
 
 
 def parse_mem_gb(mem: str) -> Optional[float]:
@@ -423,7 +521,11 @@ def _submitit_executor(p: Plan, dry_run: bool = False) -> submitit.SlurmExecutor
     # SlurmExecutor, not AutoExecutor: the python command (container prefix) is a constructor argument.
     cls = _OfflineSlurmExecutor if dry_run else submitit.SlurmExecutor
     ex = cls(folder=p.sub_dir / "submitit", max_num_timeout=r.max_requeues, python=r.task_command())
-    params: dict[str, Any] = {"job_name": p.job_name, "time": time_minutes(r.time), "signal_delay_s": r.signal_delay_s}
+    params: dict[str, Any] = {
+        "job_name": p.job_name,
+        "time": time_minutes(r.time or DEFAULT_TIME),
+        "signal_delay_s": r.signal_delay_s,
+    }
     for key in ("partition", "mem", "account", "qos", "cpus_per_task"):
         if getattr(r, key):
             params[key] = getattr(r, key)
@@ -464,6 +566,10 @@ def submit(p: Plan, dry_run: bool = False) -> dict:
         "resources": asdict(p.resources),
         "array_job_id": None,
         "tasks": [],
+        "estimate": {
+            "throughput": p.throughput_source,
+            "tasks": [e.to_dict() for e in p.estimates],
+        },
     }
     if not p.todo:
         return record
@@ -508,8 +614,21 @@ def submit(p: Plan, dry_run: bool = False) -> dict:
             }
             for (s, e), j in zip(p.todo, jobs)
         ]
-    atomic_write_json(p.sub_dir / SUBMISSION, record)
+    write_records(p, record)
     return record
+
+
+def write_records(p: Plan, record: dict) -> None:
+    """The submission record status.py reads: in the submission folder, or with --setting both one per setting
+    (<submission>/<setting>/), each with that setting's run, query count and its tasks' ranges clipped to it."""
+    if len(p.runs) == 1:
+        atomic_write_json(p.sub_dir / SUBMISSION, record)
+        return
+    for run in p.runs:
+        tasks = [dict(t, start=c[0], end=c[1]) for t in record["tasks"] if (c := run.clip(t["start"], t["end"]))]
+        ranges = [list(c) for s, e in p.ranges if (c := run.clip(s, e))]
+        mine = dict(record, run_dir=str(run.run_dir), num_queries=run.num_queries, ranges=ranges, tasks=tasks)
+        atomic_write_json(p.sub_dir / run.setting / SUBMISSION, mine)
 
 
 def _slurm(cmd: list[str], check: bool = True) -> str:
@@ -582,27 +701,58 @@ def compute_main(argv: Optional[list[str]] = None) -> int:
 def print_submission(p: Plan, record: dict, dry_run: bool) -> None:
     done = [r for r in p.ranges if r not in p.todo]
     print(
-        f"{p.cfg.setting} / {p.cfg.computation_type}: {p.num_queries} queries in {len(p.ranges)} partitions "
-        f"({', '.join(f'[{s}, {e})' for s, e in p.ranges)})"
+        f"{p.cfg.setting} / {p.cfg.computation_type}: {p.num_queries} queries"
+        + (f" per setting ({', '.join(f'{r.setting} {r.num_queries}' for r in p.runs)})" if len(p.runs) > 1 else "")
+        + f" in {len(p.ranges)} partitions ({', '.join(f'[{s}, {e})' for s, e in p.ranges)})"
     )
     if done:
         print(f"already finished, not submitted: {', '.join(f'[{s}, {e})' for s, e in done)}")
     if not p.todo:
         print(
-            f"nothing to submit: every partition is finished. Combine with: "
-            f"python slurm_scripts/batch_processing/combine.py {p.run_dir}"
+            "nothing to submit: every partition is finished. Combine with: "
+            + "; ".join(f"gradsim combine {r.run_dir}" for r in p.runs)
         )
         return
+    print_estimate(p)
     if dry_run:
         print(f"\n--- dry run ({p.backend}): nothing was submitted. The script:\n")
         print(record["script"])
         print(f"--- and the command:\n{record['command']}")
-        print(f"\nresults would go to {p.run_dir}/partitions/, logs to {p.sub_dir}/")
+        print(f"\nresults would go to {', '.join(f'{r.run_dir}/partitions/' for r in p.runs)}, logs to {p.sub_dir}/")
         return
     print(f"submitted job array {record['array_job_id']} ({p.backend}):")
     for t in record["tasks"]:
         print(f"  job {t['job_id']:<14} queries [{t['start']}, {t['end']})  log {t['logs'][0]}")
-    print(f"results: {p.run_dir}/partitions/   logs and submission record: {p.sub_dir}/")
-    print(f"status:  python slurm_scripts/batch_processing/status.py {p.sub_dir.parent}")
+    results = ", ".join(f"{r.run_dir}/partitions/" for r in p.runs)
+    print(f"results: {results}   logs and submission record: {p.sub_dir}/")
+    print(f"status:  gradsim status {p.sub_dir.parent}")
     if p.ranges != [(0, p.num_queries)]:
-        print(f"combine: python slurm_scripts/batch_processing/combine.py {p.run_dir}")
+        print("combine: " + "; ".join(f"gradsim combine {r.run_dir}" for r in p.runs))
+
+
+def print_estimate(p: Plan) -> None:
+    """Each task's backward passes, tokens and time, the total, and where the throughput comes from."""
+    from .estimate import format_duration
+
+    if not p.estimates:
+        print("estimate: none (the model's config cannot be read here); --time defaults to " + DEFAULT_TIME)
+        return
+    device = "cuda" if str(p.cfg.device).startswith("cuda") else "cpu"
+    print(f"\nestimate ({device}, {p.cfg.dtype}; {p.throughput_source}):")
+    for e in p.estimates:
+        print(
+            f"  task {e.label:<16} {e.queries:>5} queries  {e.passes:>6} backward passes  {e.tokens:>9,} tokens  "
+            f"~{format_duration(e.seconds)}"
+        )
+    total = Estimate("total", params=p.estimates[0].params, tflops=p.estimates[0].tflops)
+    for e in p.estimates:
+        total.add(e)
+    total.startup_s = sum(e.startup_s for e in p.estimates)
+    print(
+        f"  total {len(p.estimates)} tasks: {total.queries} queries, {total.passes} backward passes, "
+        f"{total.tokens:,} tokens, {total.flops / 1e15:.2f} PFLOP, ~{format_duration(total.seconds)} of task time"
+    )
+    print(
+        f"  --time {p.resources.time} per task"
+        + (f" (the longest task's estimate x {TIME_MARGIN:g} + {TIME_SLACK_MIN} min)" if p.timed else " (given)")
+    )
