@@ -162,6 +162,11 @@ COMMANDS = {
     "analyze": ("gradsim.analysis", "main", "figures and tables; runs the notebook headless"),
     "memory": ("gradsim.memory", "main", "memory the exact path needs per model size and dtype"),
     "targets": ("gradsim.targets", "main", "loss target x normalizer table beside the baselines (issue 10)"),
+    "import-study": (
+        "gradsim.study_import",
+        "main",
+        "the original study's published dot products as a gradsim run (both views, checked)",
+    ),
 }
 
 

@@ -368,6 +368,11 @@ def frontier(
 
     runs = [load_exact_run(Path(d)) for d in run_dirs]
     check_runs(runs)
+    imported = [str(r.path) for r in runs if r.result.get("study_import")]
+    notes = []
+    if imported and kinds:  # numbers without gradients: selection only
+        notes.append(f"projection points skipped: {', '.join(imported)} holds imported study numbers, no gradients")
+        kinds = []
     out = {
         "gradsim_version": __version__,
         "runs": [str(r.path) for r in runs],
@@ -410,6 +415,8 @@ def frontier(
             per[proto] = entry
         out["settings"][r.setting] = per
     out["projection_specs"] = {k: [row["spec"] for row in rows] for k, rows in projected.items()}
+    if notes:
+        out["notes"] = notes
     out["seconds"] = round(time.time() - started, 1)
     return out
 
@@ -576,6 +583,8 @@ def _main(argv: Optional[list[str]]) -> int:
     plot(result, figure)
     atomic_write_json(table, result)
     print(format_table(result))
+    for note in result.get("notes", []):
+        print(note)
     print(f"wrote {table} and {figure} ({result['seconds']:.0f} s)")
     return 0
 
