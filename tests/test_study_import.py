@@ -202,3 +202,25 @@ def test_real_study_files_reproduce_its_table_exactly(tmp_path, setting, top1):
     assert round(r["summary"]["whole_model"]["top1"], 4) == top1 and r["summary"]["whole_model"]["n"] == 988
     assert len(values) == 113 and {m: r["summary"]["per_matrix"][m]["top1"] for m in values} == values
     assert r["study_import"]["true_original_listed_first"] == 826
+
+
+def test_ids_file_keeps_exactly_those_rows(tmp_path, capsys):
+    from gradsim.cli import config_from_args
+    from gradsim.config import BUNDLED_DATA, Config
+    from gradsim.data import STUDY_IDS, load_dataset, read_ids
+
+    study = read_ids("study")
+    assert len(study) == len(set(study)) == 988 and STUDY_IDS.read_text().count("\n") == 988
+    assert "lima_141" not in study and "lima_1000" not in study and study[:2] == ["lima_0", "lima_1"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# a subset\nlima_7\nlima_2\n\nlima_30\n")
+    orig, para = str(BUNDLED_DATA / "original.jsonl"), str(BUNDLED_DATA / "paraphrased.jsonl")
+    full, sub = load_dataset(orig, para), load_dataset(orig, para, ids_file=str(ids))
+    assert [s.id for s in sub.originals] == [s.id for s in sub.queries] == ["lima_2", "lima_7", "lima_30"]
+    assert sub.original_sha256 != full.original_sha256  # the subset is in the run's compat through its hashes
+    with pytest.raises(Exception, match="1 of its 2 ids are not among the originals"):
+        ids.write_text("lima_2\nlima_9999\n")
+        load_dataset(orig, para, ids_file=str(ids))
+    # recorded only when given: records of runs without it keep their bytes
+    assert "ids_file" not in Config().to_record() and "ids_file" not in Config().compat()
+    assert config_from_args(["--ids-file", "study"]).to_record()["ids_file"] == "study"

@@ -276,7 +276,7 @@ def load_datasets(runs: list[ExactRun]) -> dict:
     out = {}
     for run in runs:
         c = run.result["config"]
-        data = load_dataset(c["original_data"], c["variant_data"], c.get("sample_size"))
+        data = load_dataset(c["original_data"], c["variant_data"], c.get("sample_size"), ids_file=c.get("ids_file"))
         if data.original_sha256 != c.get("original_data_sha256") or data.variant_sha256 != c.get("variant_data_sha256"):
             raise GradsimError(
                 f"the data files of {run.path} changed since it ran ({c['original_data']}, {c['variant_data']}): "

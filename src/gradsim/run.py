@@ -205,7 +205,7 @@ def prepare(cfg: Config) -> list[Share]:
     cfg.validate()
     shares = []
     for c in setting_configs(cfg):
-        data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns)
+        data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns, c.ids_file)
         n = len(data.queries)
         if c.candidates == "bm25" and c.top_k > len(data.originals) - 1:
             # Fewer candidates than asked: chance is then 1/len(data.originals), not 1/(top_k + 1)

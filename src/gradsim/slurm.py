@@ -249,7 +249,7 @@ SUBMIT_COMPAT = (
 def _absolute_paths(argv: list[str]) -> list[str]:
     """Tasks may start in another directory (sbatch --chdir, containers): pass paths absolute."""
     out, i = [], 0
-    flags = ("--output-dir", "--original-data", "--variant-data", "--model")
+    flags = ("--output-dir", "--original-data", "--variant-data", "--model", "--ids-file")
     while i < len(argv):
         a = argv[i]
         key, eq, val = a.partition("=")
@@ -286,7 +286,7 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
             "compute.py submits one setting per job array: run it once with --setting paraphrased "
             "and once with --setting model-generated (or run --setting both on one node)"
         )
-    data = load_dataset(cfg.original_data, cfg.variant_data, cfg.sample_size, cfg.turns)
+    data = load_dataset(cfg.original_data, cfg.variant_data, cfg.sample_size, cfg.turns, cfg.ids_file)
     start, end = partition_range(len(data.queries), cfg.partition_start, cfg.partition_end)
     # The tasks get their own range; drop the user's overall range from what they are passed.
     passthrough = strip_flags(argv_main, ("--partition-start", "--partition-end"))

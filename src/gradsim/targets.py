@@ -197,7 +197,7 @@ def run_targets(cfg: Config, opts: TargetOptions, lm=None) -> dict:
     cfg.validate()
     started = time.time()
     variants = {"paraphrased": cfg.paraphrased_data, "model-generated": cfg.model_generated_data}
-    data = {s: load_dataset(cfg.original_data, variants[s], cfg.sample_size) for s in SETTINGS}
+    data = {s: load_dataset(cfg.original_data, variants[s], cfg.sample_size, ids_file=cfg.ids_file) for s in SETTINGS}
     originals = data["paraphrased"].originals
     if len(originals) < 2:
         raise GradsimError(f"{len(originals)} original: the normalizers and the corpus need at least 2")
