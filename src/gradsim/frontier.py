@@ -145,6 +145,13 @@ def point(floats, top1, mrr, **extra) -> dict:
     return {"floats": f["mean"], "bytes": 4 * f["mean"], "top1": interval(top1), "mrr": interval(mrr), **extra}
 
 
+def best_k_order(dots, qself, cself, ctype: str, numel) -> list[int]:
+    """The matrices by their own score on these queries, best first, ranked as greedy_select ranks its
+    first step (a stable sort: full ties stay in parameter order); best-k takes the first k."""
+    own = [subset_key(subset_scores(dots, qself, cself, [m], ctype), ctype, numel[m])[0] for m in range(len(numel))]
+    return sorted(range(len(numel)), key=lambda m: own[m], reverse=True)
+
+
 def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BEST_K) -> dict:
     """Greedy (per step and final) and best-k, chosen on one half and reported on the other, per split."""
     dots, qself, cself = pick(run.arrays["dots"]), run.arrays["qself"], pick(run.arrays["cself"])
@@ -162,13 +169,7 @@ def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BES
         final.append((numel[idx].sum() if idx else numel.sum(), held["top1"], held["mrr"]))
         f = g["full_gradient_held_out"]
         full.append((numel.sum(), f["top1"], f["mrr"]))
-        # each matrix alone on the choosing half, ranked as greedy_select ranks its first step (a stable
-        # sort: full ties stay in parameter order)
-        own = [
-            subset_key(subset_scores(dots[choose], qself[choose], cself[choose], [m], ctype), ctype, numel[m])[0]
-            for m in range(len(names))
-        ]
-        order = sorted(range(len(names)), key=lambda m: own[m], reverse=True)
+        order = best_k_order(dots[choose], qself[choose], cself[choose], ctype, numel)
         for k in best:
             r = summarize_ranks(subset_scores(dots[report], qself[report], cself[report], order[:k], ctype))
             best[k].append((numel[order[:k]].sum(), r["top1"], r["mrr"]))
