@@ -73,3 +73,19 @@ def test_summary_line_carries_bootstrap_intervals(tmp_path):
     line = format_summary(r)
     assert f"top-1 {r['summary']['whole_model']['top1']:.3f} [{ci['top1'][0]:.3f}, {ci['top1'][1]:.3f}]" in line
     assert BOOTSTRAP_NOTE in line
+
+
+def test_targets_intervals_come_from_the_shared_helper_with_the_numbers_they_had():
+    """targets.bootstrap now calls metrics.rank_intervals; its numbers (targets.json) are those of the
+    one-draw formula it used before, at sizes below and above the helper's chunking."""
+    from gradsim.targets import bootstrap
+
+    for n, resamples in ((48, 1000), (5000, 1000)):
+        r = np.random.default_rng(n).integers(1, 6, size=n).astype(float)
+        idx = np.random.default_rng(42).integers(0, n, size=(resamples, n))
+        old = {}
+        for name, v in (("top1", (r == 1).astype(float)), ("mrr", 1 / r)):
+            boot = v[idx].mean(1)
+            old[f"{name}_ci"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        new = bootstrap(r, resamples, 42)
+        assert (new["top1_ci"], new["mrr_ci"]) == (old["top1_ci"], old["mrr_ci"])

@@ -129,7 +129,8 @@ def test_downstream_commands_run_on_an_import(tmp_path, capsys):
         assert import_main([str(folder), "--setting", setting, "--output-dir", str(tmp_path / "out")]) == 0
     runs = tmp_path / "out" / "gradient-similarity"
     assert select_main([str(runs / "paraphrased")]) == 0
-    assert "held-out (10 queries)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out (10 queries): selected top-1" in printed and "[intervals: 95% percentile bootstrap" in printed
     assert [row["run"] for row in summary_table(load_runs(tmp_path / "out"))] == ["paraphrased", "model-generated"]
     out = frontier([runs / "paraphrased", runs / "model-generated"], ["countsketch"], [64], splits=3, max_size=2)
     assert "projection points skipped" in out["notes"][0] and "projection" not in out["settings"]["paraphrased"]

@@ -372,7 +372,7 @@ def frontier(
     imported = [str(r.path) for r in runs if r.result.get("study_import")]
     notes = []
     if imported and kinds:  # numbers without gradients: selection only
-        notes.append(f"projection points skipped: {', '.join(imported)} holds imported study numbers, no gradients")
+        notes.append(f"projection points skipped: {', '.join(imported)}: imported study numbers, no gradients")
         kinds = []
     out = {
         "gradsim_version": __version__,
@@ -586,6 +586,10 @@ def _main(argv: Optional[list[str]]) -> int:
     print(format_table(result))
     for note in result.get("notes", []):
         print(note)
+    from .cli import format_summary
+
+    for run in result["runs"]:  # each run's own summary, with bootstrap intervals over its queries
+        print(f"{run}: {format_summary(read_json(whole_run(Path(run)).results))}")
     print(f"wrote {table} and {figure} ({result['seconds']:.0f} s)")
     return 0
 
