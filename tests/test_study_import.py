@@ -119,6 +119,18 @@ def test_partitions_combine_into_the_whole_import(tmp_path):
     assert a["summary"] == b["summary"] and a["queries"] == b["queries"]
 
 
+def test_combined_files_import_like_their_parts(tmp_path):
+    parts = write_study(tmp_path / "parts", parts=((0, 12),))
+    combined = write_study(tmp_path / "combined", parts=((0, 12),))
+    for f in combined.glob("*_part_0_12.json"):
+        f.rename(f.with_name(f.name.replace("_part_0_12", "")))
+    for folder, out in ((parts, "a"), (combined, "b")):
+        assert import_main([str(folder), "--setting", "paraphrased", "--output-dir", str(tmp_path / out)]) == 0
+    a, b = (orjson.loads((tmp_path / o / "gradient-similarity/paraphrased/results.json").read_bytes()) for o in "ab")
+    assert a["summary"] == b["summary"] and a["queries"] == b["queries"]
+    assert [f["file"] for f in b["study_import"]["files"]][0] == "dot_products.json"
+
+
 def test_downstream_commands_run_on_an_import(tmp_path, capsys):
     from gradsim.analysis import load_runs, summary_table
     from gradsim.frontier import frontier

@@ -92,7 +92,7 @@ def compare(a_dir: Path, b_dir: Path, seed: int = BOOTSTRAP_SEED) -> dict:
             "setting": c.get("setting"),
             "computation_type": c.get("computation_type"),
             "imported": bool(result.get("study_import")),
-            "candidates": len(result["queries"][0].get("candidates") or result["queries"][0].get("top10") or []),
+            "candidates": c.get("candidates"),  # bm25 (1 + top_k) or all (the corpus)
             "top1": float((r == 1).mean()),
             "mrr": float((1 / r).mean()),
             "ci": rank_intervals(r, seed),

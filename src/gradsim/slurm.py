@@ -300,6 +300,8 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
         if done.exists():
             old = read_json(done).get("compat", {})
             diff = [k for k in SUBMIT_COMPAT if old.get(k) != getattr(cfg, k)]
+            hashes = (("original_data_sha256", data.original_sha256), ("variant_data_sha256", data.variant_sha256))
+            diff += [k for k, v in hashes if old.get(k) not in (None, v)]  # other rows (--ids-file) or files
             if diff:
                 raise GradsimError(
                     f"{done} was made with other settings (differs in: {', '.join(diff)}): "

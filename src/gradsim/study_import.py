@@ -170,28 +170,29 @@ def read_study(path: Path) -> Study:
             order = [qid, *(c for c in row if c != qid)]
             qids.append(qid)
             cands.append(order)
-            dots.append([matrix_values(row[c], names, f"{where}, candidate {c}") for c in order])
+            dots.append(np.array([matrix_values(row[c], names, f"{where}, candidate {c}") for c in order]))
         del d
         own = load_file(part.candidate_self, files)
         for order in cands[start:]:
             for c in order:
                 if c not in own:
                     raise GradsimError(f"{part.candidate_self.name}: candidate {c} has no self dot product")
-            cself.append([matrix_values(own[c], names, f"{part.candidate_self.name}: {c}", True) for c in order])
+            cself.append(
+                np.array([matrix_values(own[c], names, f"{part.candidate_self.name}: {c}", True) for c in order])
+            )
         del own
         qs = load_file(part.query_self, files)
         for qid in qids[start:]:
             if qid not in qs:
                 raise GradsimError(f"{part.query_self.name}: query {qid} has no self dot product")
-            qself.append(matrix_values(qs[qid], names, f"{part.query_self.name}: {qid}", True))
+            qself.append(np.array(matrix_values(qs[qid], names, f"{part.query_self.name}: {qid}", True)))
         del qs
         ranges.append((start, len(qids)))
     if not qids:
         raise GradsimError(f"{path}: the study's files hold no query")
-    f64 = np.float64
-    return Study(
-        names, qids, cands, np.array(dots, f64), np.array(qself, f64), np.array(cself, f64), ranges, files, first
-    )
+    # Each file is parsed, checked and turned into float64 rows before the next is read: memory is one file
+    # plus the (Q, C, M) arrays.
+    return Study(names, qids, cands, np.stack(dots), np.stack(qself), np.stack(cself), ranges, files, first)
 
 
 def model_from_path(path: Path) -> Optional[str]:
