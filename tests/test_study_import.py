@@ -199,6 +199,14 @@ def test_refuses_a_folder_without_study_files_and_an_unknown_model(tmp_path, cap
     args = [str(folder), "--setting", "paraphrased", "--output-dir", str(tmp_path / "o"), "--model", "x/unknown"]
     assert import_main(args) == 2
     assert "--model-config" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    config = tmp_path / "config.json"  # a Hugging Face config: grouped-query attention, untied sizes
+    config.write_text('{"hidden_size": 8, "intermediate_size": 32, "vocab_size": 100, "num_attention_heads": 4, '
+                      '"num_key_value_heads": 2}')  # fmt: skip
+    assert import_main([*args, "--model-config", str(config)]) == 0
+    r = orjson.loads((tmp_path / "o" / "gradient-similarity" / "paraphrased" / "results.json").read_bytes())
+    assert r["model"]["id"] == "x/unknown" and r["parameter_numel"] == [800, 64, 32, 256, 64, 256]
+    assert import_main([*args, "--model-config", str(tmp_path / "none.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: --model-config")
 
 
 THESIS = os.environ.get("GRADSIM_THESIS_DATA")

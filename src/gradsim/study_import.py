@@ -207,7 +207,12 @@ def model_from_path(path: Path) -> Optional[str]:
 
 def matrix_numel(names: list[str], model: str, config_file: Optional[str]) -> list[int]:
     """Entries of each matrix, from the model's shape (KNOWN_SHAPES, or a Hugging Face config.json)."""
-    shape = read_json(config_file) if config_file else KNOWN_SHAPES.get(model)
+    try:
+        shape = read_json(config_file) if config_file else KNOWN_SHAPES.get(model)
+    except (OSError, ValueError) as e:
+        raise GradsimError(f"--model-config {config_file}: cannot be read as JSON ({e})") from None
+    if config_file and not all(k in shape for k in ("hidden_size", "intermediate_size", "vocab_size")):
+        raise GradsimError(f"--model-config {config_file}: needs hidden_size, intermediate_size and vocab_size")
     if shape is None:
         raise GradsimError(
             f"gradsim does not know the matrix shapes of {model}: give its Hugging Face config.json with --model-config"
