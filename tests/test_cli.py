@@ -13,7 +13,13 @@ from gradsim.errors import GradsimError
 from gradsim.options import Parser, defaults_of, env_values, from_args, given, option, shown_default
 
 # The least each command needs to parse (its required positionals and flags).
-REQUIRED = {"select": ["RUN"], "frontier": ["RUN"], "analyze": ["--execute", "nb.ipynb"]}
+REQUIRED = {
+    "select": ["RUN"],
+    "frontier": ["RUN"],
+    "analyze": ["--execute", "nb.ipynb"],
+    "compare": ["A", "B"],
+    "import-study": ["DIR", "--setting", "paraphrased", "--output-dir", "OUT"],
+}
 # Flags that are no dataclass field: argparse's own -h and -q (config.add_quiet_flag).
 UNTYPED = ("help", "quiet")
 

@@ -157,3 +157,27 @@ def test_memory_request_comes_from_the_models_estimate(tmp_path, caplog):
     assert "--mem 1G is below the 5 GB a task is estimated to need" in caplog.text
     assert parse_mem_gb("512") == 0.5 and parse_mem_gb("32G") == 32 and parse_mem_gb("1T") == 1024
     assert parse_mem_gb("4000M") == pytest.approx(3.906, abs=1e-3) and parse_mem_gb("lots") is None
+
+
+def test_a_finished_partition_of_other_rows_is_refused_not_skipped(tmp_path):
+    """A finished range made from other rows (another --ids-file, or changed files) has the submitted
+    settings but other data hashes: resubmitting must not count it as done."""
+    import orjson
+
+    from gradsim.cli import config_from_args
+    from gradsim.data import load_dataset
+    from gradsim.layout import run_dir
+    from gradsim.slurm import Resources, plan
+    from gradsim.slurm_status import partition_paths
+
+    argv = ["--setting", "paraphrased", "--sample-size", "6", "--output-dir", str(tmp_path / "out")]
+    cfg = config_from_args(argv)
+    data = load_dataset(cfg.original_data, cfg.variant_data, 6)
+    done = partition_paths(run_dir(cfg).resolve(), 0, 3, 6).results
+    done.parent.mkdir(parents=True)
+    compat = {**cfg.compat(), "original_data_sha256": data.original_sha256, "variant_data_sha256": "other"}
+    done.write_bytes(orjson.dumps({"compat": compat}))
+    with pytest.raises(GradsimError, match="differs in: variant_data_sha256"):
+        plan(argv, 2, "sbatch", Resources())
+    done.write_bytes(orjson.dumps({"compat": {**compat, "variant_data_sha256": data.variant_sha256}}))
+    assert plan(argv, 2, "sbatch", Resources()).todo == [(3, 6)]

@@ -536,6 +536,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     print(f"executed {args.execute}: {out} (figures beside it)")
+    from .cli import format_summary
+
+    for run in load_runs(out.parent).values():  # the runs it analysed (the executed copy is beside them)
+        print(f"{run.name}: {format_summary(run.result)}")
     return 0
 
 

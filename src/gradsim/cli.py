@@ -85,7 +85,15 @@ def projection_size(cfg: Config, proj_dim: Optional[int], per_matrix: Optional[i
 
 
 def format_summary(result: dict) -> str:
+    """A run's one summary line: whole-model metrics, top-1 and MRR with bootstrap intervals over its queries
+    (metrics.BOOTSTRAP_NOTE), chance, the best matrix."""
+    from .metrics import BOOTSTRAP_NOTE, format_interval, rank_intervals
+
     s = result["summary"]["whole_model"]
+    ranks = [q["rank"] for q in result.get("queries", ())]
+    ci = rank_intervals(ranks) if ranks else None
+    top1 = f"top-1 {s['top1']:.3f}" + (f" {format_interval(ci['top1'])}" if ci else "")
+    mrr = f"MRR {s['mrr']:.3f}" + (f" {format_interval(ci['mrr'])}" if ci else "")
     cfg = result["config"]
     best = max(result["summary"]["per_matrix"].items(), key=lambda kv: (kv[1]["top1"], kv[1]["mrr"]))
     chance = (result.get("baselines") or {}).get("random", {}).get("top1")
@@ -96,10 +104,11 @@ def format_summary(result: dict) -> str:
         + (" / all turns" if cfg.get("turns", "first") != "first" else "")
         + (f" / {cfg['normalize']}" if cfg.get("normalize", "none") != "none" else "")
         + f" ({cfg['candidates']}, n={s['n']}): "
-        f"top-1 {s['top1']:.3f}  MRR {s['mrr']:.3f}  recall@5 {s['recall@5']:.3f}"
+        f"{top1}  {mrr}  recall@5 {s['recall@5']:.3f}"
         + (f"  (chance top-1 {chance:.3f})" if chance is not None else "")
         + f"  | best matrix {best[0]} top-1 {best[1]['top1']:.3f}"
         + (" (noisy: its projection's predicted p90 cosine error > 0.05)" if best[0] in noisy else "")
+        + (f"  [intervals: {BOOTSTRAP_NOTE}]" if ci else "")
     )
 
 
@@ -167,6 +176,12 @@ COMMANDS = {
         "torch, CUDA build, driver and devices of this node; exit 2 if one is missing",
     ),
     "targets": ("gradsim.targets", "main", "loss target x normalizer table beside the baselines (issue 10)"),
+    "compare": ("gradsim.compare", "main", "two runs on the same queries: paired differences, rank agreement"),
+    "import-study": (
+        "gradsim.study_import",
+        "main",
+        "the original study's published dot products as a gradsim run (both views, checked)",
+    ),
 }
 
 

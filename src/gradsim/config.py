@@ -100,6 +100,7 @@ class Config:
     use_gpu: bool = True
     dtype: Optional[str] = None  # None: float32, or CUDA_DTYPE where the run is on CUDA (default_dtype)
     sample_size: Optional[int] = None
+    ids_file: Optional[str] = None  # only the samples with these ids: a file of ids, or "study" (data.STUDY_IDS)
     max_length: Optional[int] = None
     seed: int = 42
     original_data: str = str(BUNDLED_DATA / "original.jsonl")
@@ -210,6 +211,8 @@ class Config:
         provenance just before it, max_length the resolved one where the run knows it)."""
         out = dataclasses.asdict(self)
         extra = out.pop("extra")
+        if out["ids_file"] is None:  # records made before --ids-file existed keep their bytes
+            del out["ids_file"]
         found = dataclasses.asdict(prov or Provenance())
         if found["max_length"] is None:  # not resolved yet: what was asked for
             del found["max_length"]
@@ -330,6 +333,11 @@ OPTIONS = (
         f"(default: MT_DTYPE, else float32 on the CPU and {CUDA_DTYPE} on CUDA, chosen by measured fidelity)",
     ),
     Option("sample_size", "use only the first N originals (default: MT_SAMPLE_SIZE or all)"),
+    Option(
+        "ids_file",
+        "only the samples with these ids: a file of ids, one per line, or study for the original study's 988 LIMA "
+        "ids (shipped with gradsim, src/gradsim/study_ids/); the data hashes record the subset",
+    ),
     Option("max_length", "truncate longer samples (flagged in the output); default: model context"),
     Option("batch_size", "samples per forward/backward where the method batches"),
     Option("baselines", "skip the BM25 and representation-similarity baselines", flag="--no-baselines", const=False),

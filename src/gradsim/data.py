@@ -336,11 +336,36 @@ class Dataset:
         return {s.id: i for i, s in enumerate(self.originals)}
 
 
+# The original study's 988 LIMA ids (--ids-file study); where they come from: study_ids/README.md.
+STUDY_IDS = Path(__file__).resolve().parent / "study_ids" / "lima_988.txt"
+
+
+def read_ids(spec: str) -> list[str]:
+    """The ids of --ids-file: a file with one id per line (blank lines and # comments skipped), or ``study``."""
+    path = STUDY_IDS if spec == "study" else Path(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GradsimError(f"--ids-file {spec}: cannot be read ({e}): give a file of ids, one per line") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not ids:
+        raise GradsimError(f"--ids-file {spec}: holds no id")
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise GradsimError(f"--ids-file {spec}: id {dup} is listed twice")
+    return ids
+
+
 def load_dataset(
-    original_source: str, variant_source: str, sample_size: Optional[int] = None, turns: str = "first"
+    original_source: str,
+    variant_source: str,
+    sample_size: Optional[int] = None,
+    turns: str = "first",
+    ids_file: Optional[str] = None,
 ) -> Dataset:
     """The originals and their variants; ``turns`` (--turns) decides what of each row is used (and so
-    what the content hashes and the dropped counts cover)."""
+    what the content hashes and the dropped counts cover); ``ids_file`` (--ids-file) keeps only the rows
+    with those ids, in the files' order, before ``sample_size`` takes the first of them."""
     if turns not in TURNS:
         raise GradsimError(f"unknown --turns {turns!r}: choose one of {', '.join(TURNS)}")
     originals = load_samples(original_source, turns)
@@ -361,6 +386,17 @@ def load_dataset(
                 f"{variant_source}: variant id {q.id!r} has no original in {original_source}: "
                 "the ids must link the files"
             )
+    if ids_file is not None:
+        wanted = read_ids(ids_file)
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise GradsimError(
+                f"--ids-file {ids_file}: {len(missing)} of its {len(wanted)} ids are not among the originals of "
+                f"{original_source} (e.g. {missing[0]})"
+            )
+        keep = set(wanted)
+        originals = [s for s in originals if s.id in keep]
+        queries = [q for q in queries if q.id in keep]
     if sample_size is not None:
         originals = originals[:sample_size]
         keep = {s.id for s in originals}

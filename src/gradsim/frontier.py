@@ -145,6 +145,13 @@ def point(floats, top1, mrr, **extra) -> dict:
     return {"floats": f["mean"], "bytes": 4 * f["mean"], "top1": interval(top1), "mrr": interval(mrr), **extra}
 
 
+def best_k_order(dots, qself, cself, ctype: str, numel) -> list[int]:
+    """The matrices by their own score on these queries, best first, ranked as greedy_select ranks its
+    first step (a stable sort: full ties stay in parameter order); best-k takes the first k."""
+    own = [subset_key(subset_scores(dots, qself, cself, [m], ctype), ctype, numel[m])[0] for m in range(len(numel))]
+    return sorted(range(len(numel)), key=lambda m: own[m], reverse=True)
+
+
 def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BEST_K) -> dict:
     """Greedy (per step and final) and best-k, chosen on one half and reported on the other, per split."""
     dots, qself, cself = pick(run.arrays["dots"]), run.arrays["qself"], pick(run.arrays["cself"])
@@ -162,13 +169,7 @@ def selection_curves(run: ExactRun, pick, splits: int, max_size: int, best_k=BES
         final.append((numel[idx].sum() if idx else numel.sum(), held["top1"], held["mrr"]))
         f = g["full_gradient_held_out"]
         full.append((numel.sum(), f["top1"], f["mrr"]))
-        # each matrix alone on the choosing half, ranked as greedy_select ranks its first step (a stable
-        # sort: full ties stay in parameter order)
-        own = [
-            subset_key(subset_scores(dots[choose], qself[choose], cself[choose], [m], ctype), ctype, numel[m])[0]
-            for m in range(len(names))
-        ]
-        order = sorted(range(len(names)), key=lambda m: own[m], reverse=True)
+        order = best_k_order(dots[choose], qself[choose], cself[choose], ctype, numel)
         for k in best:
             r = summarize_ranks(subset_scores(dots[report], qself[report], cself[report], order[:k], ctype))
             best[k].append((numel[order[:k]].sum(), r["top1"], r["mrr"]))
@@ -276,7 +277,7 @@ def load_datasets(runs: list[ExactRun]) -> dict:
     out = {}
     for run in runs:
         c = run.result["config"]
-        data = load_dataset(c["original_data"], c["variant_data"], c.get("sample_size"))
+        data = load_dataset(c["original_data"], c["variant_data"], c.get("sample_size"), ids_file=c.get("ids_file"))
         if data.original_sha256 != c.get("original_data_sha256") or data.variant_sha256 != c.get("variant_data_sha256"):
             raise GradsimError(
                 f"the data files of {run.path} changed since it ran ({c['original_data']}, {c['variant_data']}): "
@@ -368,6 +369,11 @@ def frontier(
 
     runs = [load_exact_run(Path(d)) for d in run_dirs]
     check_runs(runs)
+    imported = [str(r.path) for r in runs if r.result.get("study_import")]
+    notes = []
+    if imported and kinds:  # numbers without gradients: selection only
+        notes.append(f"projection points skipped: {', '.join(imported)}: imported study numbers, no gradients")
+        kinds = []
     out = {
         "gradsim_version": __version__,
         "runs": [str(r.path) for r in runs],
@@ -410,6 +416,8 @@ def frontier(
             per[proto] = entry
         out["settings"][r.setting] = per
     out["projection_specs"] = {k: [row["spec"] for row in rows] for k, rows in projected.items()}
+    if notes:
+        out["notes"] = notes
     out["seconds"] = round(time.time() - started, 1)
     return out
 
@@ -576,6 +584,12 @@ def _main(argv: Optional[list[str]]) -> int:
     plot(result, figure)
     atomic_write_json(table, result)
     print(format_table(result))
+    for note in result.get("notes", []):
+        print(note)
+    from .cli import format_summary
+
+    for run in result["runs"]:  # each run's own summary, with bootstrap intervals over its queries
+        print(f"{run}: {format_summary(read_json(whole_run(Path(run)).results))}")
     print(f"wrote {table} and {figure} ({result['seconds']:.0f} s)")
     return 0
 

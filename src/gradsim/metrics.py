@@ -31,6 +31,50 @@ def summarize(ranks) -> dict[str, float]:
     return out
 
 
+# Intervals printed beside top-1 and MRR (run, combine, select, analyze, frontier, targets, compare).
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_LEVEL = 0.95
+BOOTSTRAP_NOTE = (
+    f"{BOOTSTRAP_LEVEL:.0%} percentile bootstrap over queries, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}"
+)
+
+
+def bootstrap_interval(
+    values, seed: int = BOOTSTRAP_SEED, resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL
+) -> list[float]:
+    """[low, high] percentile interval of the mean of per-query ``values`` (1.0 where top-1, 1/rank for MRR,
+    or a paired difference of two runs' values) over ``resamples`` resamples of the queries with replacement,
+    drawn from ``seed``: the same seed and query count give the same resamples, so top-1 and MRR (or two
+    runs) are resampled together. Drawn in chunks (bounded memory) that continue one stream: the same
+    resamples as one (resamples, Q) draw."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2**22 // v.size)  # bounded memory whatever the query count
+    for s in range(0, resamples, chunk):
+        idx = rng.integers(0, v.size, size=(min(chunk, resamples - s), v.size))
+        means[s : s + len(idx)] = v[idx].mean(axis=1)
+    tail = round(50 * (1 - level), 10)  # 2.5 exactly at 95%, not 2.5000000000000022
+    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+
+
+def rank_intervals(ranks, seed: int = BOOTSTRAP_SEED, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, list[float]]:
+    """Bootstrap intervals (bootstrap_interval) of top-1 and MRR from each query's rank of its true original
+    (both from the same resamples)."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return {
+        "top1": bootstrap_interval(r == 1, seed, resamples),
+        "mrr": bootstrap_interval(1.0 / r, seed, resamples),
+    }
+
+
+def format_interval(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def summarize_ranks(scores: np.ndarray) -> dict[str, float]:
     """top-1, MRR and recall@k of (Q, C) scores whose column 0 is the true original."""
     return summarize(true_rank(scores))

@@ -131,6 +131,14 @@ class Part:
         """What must agree for results to mix (COMPAT_FIELDS), of this Config and what the run found out."""
         return self.cfg.compat(self.prov)
 
+    def parameter_sizes(self) -> tuple[list[str], list[int]]:
+        """The model's parameter matrices, in its order, and the entries of each (results' parameter_names
+        and parameter_numel)."""
+        from .gradients import param_layout
+
+        layout = param_layout(self.lm.model)
+        return layout.names, [int(n) for n in np.diff(layout.offsets)]
+
     def encode(self, sample, loss_on: Optional[str] = None) -> Encoded:
         """A sample as this run trains on it: its --turns, cut at the max length in force, the loss on
         ``loss_on`` (default: --loss-on)."""
@@ -197,7 +205,7 @@ def prepare(cfg: Config) -> list[Share]:
     cfg.validate()
     shares = []
     for c in setting_configs(cfg):
-        data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns)
+        data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns, c.ids_file)
         n = len(data.queries)
         if c.candidates == "bm25" and c.top_k > len(data.originals) - 1:
             # Fewer candidates than asked: chance is then 1/len(data.originals), not 1/(top_k + 1)
@@ -717,10 +725,7 @@ def assemble(p: Part, baselines: dict, cost: Optional[dict]) -> dict:
             if cfg.computation_type == "dot-product":
                 rec["query_self"], rec["candidate_self"] = qself[k], cself[k]
         queries.append(rec)
-    from .gradients import param_layout
-
-    layout = param_layout(lm.model)
-    names = layout.names
+    names, numel = p.parameter_sizes()
     result = {
         "gradsim_version": prov.code_version,
         "config": cfg.to_record(prov),
@@ -731,7 +736,7 @@ def assemble(p: Part, baselines: dict, cost: Optional[dict]) -> dict:
         "featurizer": p.featurizer_spec or {"kind": "exact"},
         "normalizer": p.normalizer or {"normalizer": "none"},
         "parameter_names": names,
-        "parameter_numel": [int(n) for n in np.diff(layout.offsets)],  # storage per matrix (frontier.py)
+        "parameter_numel": numel,  # storage per matrix (frontier.py)
         "queries": queries,
         "code_versions": sorted(p.code_versions | {prov.code_version}),  # all that computed these numbers
         "truncated": truncation(p),

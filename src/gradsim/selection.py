@@ -21,7 +21,7 @@ from .combine import whole_run
 from .errors import GradsimError
 from .io import atomic_write_json, read_json
 from .layout import selection_file
-from .metrics import mean_margin, summarize_ranks
+from .metrics import BOOTSTRAP_NOTE, format_interval, mean_margin, rank_intervals, summarize_ranks, true_rank
 from .options import Parser, from_args, option
 from .score import cosine, subset_scores
 
@@ -103,14 +103,9 @@ def greedy_select(
     }
 
 
-def select_run(
-    run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size: int | None = None, include_noisy: bool = False
-) -> dict:
-    """Greedy selection on a finished run (results.json + scores.npz), written to selection[_bm25].json.
-    On a projected run the matrices its per_matrix_fidelity flags as too noisy to rank are left out of the
-    choice (their scores are mostly projection noise) unless ``include_noisy``; the output lists them."""
-    run_dir = Path(run_dir)
-    files = whole_run(run_dir)
+def load_scores(run_dir: Path, protocol: str = "as-run") -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """A finished run's results and its (dots, qself, cself), of the BM25 columns with ``protocol`` bm25."""
+    files = whole_run(Path(run_dir))
     result = read_json(files.results)
     with np.load(files.scores) as z:
         dots, qself, cself = z["dots"], z["qself"], z["cself"]
@@ -118,6 +113,30 @@ def select_run(
             cols = z["bm25_columns"]
             dots = np.take_along_axis(dots, cols[..., None], axis=1)
             cself = np.take_along_axis(cself, cols[..., None], axis=1)
+    return result, dots, qself, cself
+
+
+def held_out_intervals(run_dir: Path, out: dict) -> dict:
+    """Bootstrap intervals (metrics.rank_intervals) over the held-out queries of a selection's chosen
+    matrices ("selected") and of the full gradient ("full")."""
+    result, dots, qself, cself = load_scores(run_dir, out["protocol"])
+    report, ct = np.array(out["split"]["report"], dtype=np.int64), result["config"]["computation_type"]
+    idx = [result["parameter_names"].index(n) for n in out["chosen"]]
+    d, q, c = dots[report], qself[report], cself[report]
+    ci = {"full": rank_intervals(true_rank(subset_scores(d, q, c, slice(None), ct)))}
+    if idx:
+        ci["selected"] = rank_intervals(true_rank(subset_scores(d, q, c, idx, ct)))
+    return ci
+
+
+def select_run(
+    run_dir: Path, seed: int = 0, protocol: str = "as-run", max_size: int | None = None, include_noisy: bool = False
+) -> dict:
+    """Greedy selection on a finished run (results.json + scores.npz), written to selection[_bm25].json.
+    On a projected run the matrices its per_matrix_fidelity flags as too noisy to rank are left out of the
+    choice (their scores are mostly projection noise) unless ``include_noisy``; the output lists them."""
+    run_dir = Path(run_dir)
+    result, dots, qself, cself = load_scores(run_dir, protocol)
     choose, report = split_queries(dots.shape[0], seed)
     sizes = result.get("parameter_numel")  # ties in MRR, top-1 and margin go to the smaller matrix
     noisy = [] if include_noisy else (result.get("per_matrix_fidelity") or {}).get("noisy", [])
@@ -189,9 +208,13 @@ def _main(argv: list[str] | None) -> int:
     print(
         f"chose {len(out['chosen'])} matrices: {', '.join(out['chosen'][:8])}{' ...' if len(out['chosen']) > 8 else ''}"
     )
+    ci = held_out_intervals(Path(a.run_dir), out)
+    sel = ci.get("selected", {"top1": [float("nan")] * 2, "mrr": [float("nan")] * 2})
     print(
-        f"held-out ({full['n']} queries): selected top-1 {held.get('top1', float('nan')):.3f} MRR "
-        f"{held.get('mrr', float('nan')):.3f} | full gradient top-1 {full['top1']:.3f} MRR {full['mrr']:.3f}"
+        f"held-out ({full['n']} queries): selected top-1 {held.get('top1', float('nan')):.3f} "
+        f"{format_interval(sel['top1'])} MRR {held.get('mrr', float('nan')):.3f} {format_interval(sel['mrr'])} | "
+        f"full gradient top-1 {full['top1']:.3f} {format_interval(ci['full']['top1'])} MRR {full['mrr']:.3f} "
+        f"{format_interval(ci['full']['mrr'])}  [intervals: {BOOTSTRAP_NOTE}]"
     )
     return 0
 

@@ -287,7 +287,7 @@ SUBMIT_COMPAT = (
 def _absolute_paths(argv: list[str]) -> list[str]:
     """Tasks may start in another directory (sbatch --chdir, containers): pass paths absolute."""
     out, i = [], 0
-    flags = ("--output-dir", "--original-data", "--variant-data", "--model")
+    flags = ("--output-dir", "--original-data", "--variant-data", "--model", "--ids-file")
     while i < len(argv):
         a = argv[i]
         key, eq, val = a.partition("=")
@@ -322,7 +322,8 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
     cfg = config_from_args(argv_main)
     cfg.validate()
     settings = [
-        (c, load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns)) for c in setting_configs(cfg)
+        (c, load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns, c.ids_file))
+        for c in setting_configs(cfg)
     ]
     runs = [SettingRun(c.setting, run_dir_of(c).resolve(), len(d.queries)) for c, d in settings]
     num_queries = max(r.num_queries for r in runs)  # --setting both: each task clips the range to each setting
@@ -332,7 +333,11 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
     if cfg.output_dir and parsed.output_dir is None:
         passthrough += ["--output-dir", str(Path(cfg.output_dir).resolve())]
     ranges = split_ranges(start, end, num_partitions)
-    todo = [(s, e) for s, e in ranges if not all(finished(cfg, r, r.clip(s, e)) for r in runs if r.clip(s, e))]
+    todo = [
+        (s, e)
+        for s, e in ranges
+        if not all(finished(cfg, r, r.clip(s, e), d) for r, (_, d) in zip(runs, settings) if r.clip(s, e))
+    ]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     run_dir = run_dir_of(cfg).resolve()
     sub_dir = slurm_dir(Path(cfg.output_dir).resolve(), cfg.computation_type, run_dir.name) / f"{stamp}-{backend}"
@@ -355,8 +360,8 @@ def on_gpus(argv: list[str], device: Optional[str], resources: Resources) -> lis
     return argv
 
 
-def finished(cfg: Config, run: SettingRun, rng: tuple[int, int]) -> bool:
-    """Whether a setting's range has its results already; made with other settings, it is refused."""
+def finished(cfg: Config, run: SettingRun, rng: tuple[int, int], data) -> bool:
+    """Whether a setting's range has its results already; made with other settings or data, it is refused."""
     done = partition_paths(run.run_dir, *rng, run.num_queries).results
     if not done.exists():
         return False
@@ -364,6 +369,8 @@ def finished(cfg: Config, run: SettingRun, rng: tuple[int, int]) -> bool:
     diff = [k for k in SUBMIT_COMPAT if k != "setting" and old.get(k) != getattr(cfg, k)]
     if old.get("setting") != run.setting:
         diff.insert(0, "setting")
+    hashes = (("original_data_sha256", data.original_sha256), ("variant_data_sha256", data.variant_sha256))
+    diff += [k for k, v in hashes if old.get(k) not in (None, v)]  # other rows (--ids-file) or files
     if diff:
         raise GradsimError(
             f"{done} was made with other settings (differs in: {', '.join(diff)}): "

@@ -42,7 +42,7 @@ from .encode import combine_targets, encode
 from .errors import GradsimError
 from .features import progress_bar
 from .io import atomic_write_json
-from .metrics import true_rank
+from .metrics import rank_intervals, true_rank
 from .normalize import (
     NORMALIZERS,
     FactoredSecondMoment,
@@ -162,13 +162,9 @@ def scores_for(feats_q: np.ndarray, feats_o: np.ndarray, slices, normalizer: str
 def bootstrap(ranks: np.ndarray, resamples: int, seed: int) -> dict:
     """top-1 and MRR of the ranks, with percentile 95% intervals over queries resampled with replacement."""
     r = np.asarray(ranks, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(r), size=(resamples, len(r)))
-    top1, rr = (r == 1).astype(np.float64), 1.0 / r
-    out = {"n": int(len(r)), "top1": float(top1.mean()), "mrr": float(rr.mean())}
-    for name, v in (("top1", top1), ("mrr", rr)):
-        boot = v[idx].mean(1)
-        out[f"{name}_ci"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    out = {"n": int(len(r)), "top1": float((r == 1).mean()), "mrr": float((1.0 / r).mean())}
+    ci = rank_intervals(r, seed, resamples)  # the shared helper: the same resamples and numbers as before
+    out["top1_ci"], out["mrr_ci"] = ci["top1"], ci["mrr"]
     return out
 
 
@@ -197,7 +193,7 @@ def run_targets(cfg: Config, opts: TargetOptions, lm=None) -> dict:
     cfg.validate()
     started = time.time()
     variants = {"paraphrased": cfg.paraphrased_data, "model-generated": cfg.model_generated_data}
-    data = {s: load_dataset(cfg.original_data, variants[s], cfg.sample_size) for s in SETTINGS}
+    data = {s: load_dataset(cfg.original_data, variants[s], cfg.sample_size, ids_file=cfg.ids_file) for s in SETTINGS}
     originals = data["paraphrased"].originals
     if len(originals) < 2:
         raise GradsimError(f"{len(originals)} original: the normalizers and the corpus need at least 2")
