@@ -364,3 +364,37 @@ def test_dry_run_prints_the_script_and_submits_nothing(study_args, tmp_path, bac
     assert set(after) <= set(before)  # finished jobs may age out; none may appear
     assert subprocess.run(["squeue", "-h", "-t", "all", "-n", name], capture_output=True, text=True).stdout == ""
     assert not out.exists()
+
+
+def test_gpu_task_without_a_device_stops_at_once_and_status_names_why(study_args, tmp_path):
+    """--gpus 1 on the local cluster (a GPU gres with no device behind it): the array is accepted and scheduled,
+    its task runs main.py with --device cuda, finds no CUDA and exits 2 at once with one line naming what it saw;
+    gradsim status reports the partition failed with that exit code and that line."""
+    out = tmp_path / "out"
+    args = [a for a in study_args if a not in ("--device", "cpu")]
+    proc = script(
+        "compute.py",
+        *args,
+        "--output-dir",
+        out,
+        "--num-partitions",
+        "1",
+        "--backend",
+        "sbatch",
+        "--gpus",
+        "1",
+        *RESOURCES,
+    )
+    (job,) = submitted_jobs(proc.stdout).values()
+    (rendered,) = (out / "slurm").rglob("job.sbatch")
+    assert "#SBATCH --gres=gpu:1" in rendered.read_text() and "--device cuda" in rendered.read_text()
+    rows = wait_statuses(out, {(0, 6): "failed"}, timeout_s=120)
+    row = rows[(0, 6)]
+    assert row["job_id"] == job and row["reason"].startswith("FAILED (exit 2")
+    (log,) = row["log_tail"].values()
+    (message,) = [x for x in log if x.startswith("error:")]
+    assert "device 'cuda' asked for, but CUDA is not available here" in message and "CUDA_VISIBLE_DEVICES" in message
+    assert "Traceback" not in "\n".join(log)
+    shown = script("status.py", out / "slurm").stdout
+    assert "failed" in shown and "FAILED (exit 2" in shown and "CUDA is not available" in shown
+    assert not (out / "gradient-similarity").exists()  # nothing written

@@ -1,0 +1,148 @@
+"""The GPU path without a GPU (issue 23): a task that asks Slurm for GPUs runs on CUDA, a missing device stops a
+run at once with one line, the submit-time checks and time estimate, and gradsim doctor."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradsim.estimate import DEFAULT_GPU_MEMORY_GB, slurm_time, throughput
+from gradsim.slurm import compute_main
+
+ROOT = Path(__file__).resolve().parents[1]
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+
+
+def submit(capsys, *argv) -> tuple[int, str, str]:
+    rc = compute_main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("backend", ["sbatch", "submitit"])
+def test_gpu_dry_run_runs_each_task_on_cuda_and_estimates_it(tmp_path, capsys, backend):
+    rc, out, err = submit(
+        capsys,
+        *("--setting", "both", "--num-partitions", "2", "--gpus", "1", "--dry-run", "--backend", backend),
+        *("--output-dir", tmp_path),
+    )
+    assert rc == 0, err
+    # both settings: 48 paraphrased and 45 model-generated queries, split over [0, 48)
+    assert "48 queries per setting (paraphrased 48, model-generated 45) in 2 partitions ([0, 24), [24, 48))" in out
+    if backend == "sbatch":
+        (command,) = [ln for ln in out.splitlines() if "main.py" in ln and "--partition-start" in ln]
+        assert "--setting both" in command and "--device cuda" in command and "#SBATCH --gres=gpu:1" in out
+    else:
+        assert "'--setting', 'both'" in out and "'--device', 'cuda'" in out and "--gres=gpu:1" in out
+    tasks = re.findall(
+        r"task \[(\d+), (\d+)\)\s+(\d+) queries\s+(\d+) backward passes\s+([\d,]+) tokens\s+~(\d+) min", out
+    )
+    assert [t[:3] for t in tasks] == [("0", "24", "48"), ("24", "48", "45")]
+    assert all(int(t[3]) > int(t[2]) for t in tasks)  # each query and at least one original
+    assert "assumed: 40% of the A100's dense float32 peak" in out  # stated, no GPU measured
+    (time_line,) = [ln for ln in out.splitlines() if ln.strip().startswith("--time ")]
+    assert "estimate x 2 + 15 min" in time_line
+    assert not (tmp_path / "gradient-similarity").exists()
+
+
+def test_given_time_is_kept_and_cpu_estimate_is_measured(tmp_path, capsys):
+    rc, out, err = submit(
+        capsys,
+        "--num-partitions",
+        "1",
+        "--dry-run",
+        "--backend",
+        "sbatch",
+        "--time",
+        "02:00:00",
+        "--device",
+        "cpu",
+        "--cpus-per-task",
+        "4",
+        "--output-dir",
+        tmp_path,
+    )
+    assert rc == 0, err
+    assert "#SBATCH --time=02:00:00" in out and "--time 02:00:00 per task (given)" in out
+    assert "measured: bench/results/study_scale_" in out and "scaled to 4 core(s)" in out
+
+
+def test_gpus_beside_device_cpu_is_refused(tmp_path, capsys):
+    rc, _, err = submit(capsys, "--gpus", "1", "--device", "cpu", "--dry-run", "--output-dir", tmp_path)
+    assert rc == 2 and err.count("\n") == 1
+    assert "--gpus 1 asks Slurm for GPUs but --device cpu runs on the CPU" in err
+
+
+def test_a_model_that_cannot_fit_the_gpu_is_refused_naming_both_numbers(tmp_path, capsys):
+    rc, _, err = submit(
+        capsys, "--gpus", "1", "--gpu-memory-gb", "0.5", "--dry-run", "--max-length", "512", "--output-dir", tmp_path
+    )
+    assert rc == 2 and err.count("\n") == 1
+    assert re.search(r"needs \d+\.\d GB on the GPU, more than --gpu-memory-gb 0\.5", err), err
+
+
+def test_estimate_rules():
+    assert slurm_time(60) == "00:17:00" and slurm_time(3600 * 30) == "2-12:15:00"
+    assert DEFAULT_GPU_MEMORY_GB == 40.0
+    h100 = throughput("cuda", "bfloat16", "h100:1")
+    assert h100.tflops == pytest.approx(0.4 * 989) and "H100" in h100.source
+    assert throughput("cuda", "tf32", "1").tflops == pytest.approx(0.4 * 156)  # an untyped GPU: an A100
+    assert throughput("cpu", "float32", None, 2).tflops == pytest.approx(0.108)
+
+
+@pytest.mark.slow
+def test_the_estimate_counts_the_passes_a_run_makes(tmp_path, capsys):
+    """The estimate's backward passes and tokens are the run's own: plan a CPU task with a budget of 3 gradients,
+    then run the same study and compare with its cost record."""
+    from gradsim.cli import config_from_args
+    from gradsim.run import run
+    from gradsim.slurm import Resources, plan
+
+    argv = ["--sample-size", "5", "--device", "cpu", "--max-length", "128", "--memory-gb", "1.52", "--no-baselines"]
+    p = plan([*argv, "--output-dir", str(tmp_path)], 1, "sbatch", Resources())
+    (est,) = p.estimates
+    result = run(config_from_args([*argv, "--output-dir", str(tmp_path)]))
+    cost = result["cost"]
+    assert cost["held_gradients"] == 3
+    assert est.passes == cost["backward_passes"]["query"] + cost["backward_passes"]["original"]
+    assert est.tokens == cost["tokens"]
+
+
+@no_cuda
+def test_main_on_cuda_without_cuda_exits_2_naming_it_and_writes_nothing(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "--device",
+            "cuda",
+            "--sample-size",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "CUDA is not available here (torch " in line and "CUDA_VISIBLE_DEVICES" in line and "--device cpu" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@no_cuda
+def test_doctor_names_the_missing_device(capsys):
+    from gradsim.doctor import main
+
+    assert main(["--device", "cpu"]) == 0
+    assert "ok: cpu is available" in capsys.readouterr().out
+    assert main(["--device", "cuda"]) == 2
+    out = capsys.readouterr()
+    assert f"torch         {torch.__version__}" in out.out and "CUDA available  False" in out.out
+    assert out.err.startswith("error: device 'cuda' asked for, but CUDA is not available")
