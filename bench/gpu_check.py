@@ -755,9 +755,13 @@ def e2e(chk: Checker) -> dict:
         shape = model_shape(model_dir)
         rec["achieved_tflops_6pt"] = 6 * shape.params * cost["tokens"] / cost["seconds"] / 1e12
         rec.update(pct_of_peak(chk, "tf32" if dtype == "tf32" else "bf16" if dtype == "bfloat16" else "fp32", rec))
-        held = int(cost.get("held_gradients") or 0)
+        # Cost's held_gradients is the budget's capacity; a block holds at most the queries (hold-queries) or
+        # the needed originals (hold-originals) of the run.
+        capacity = int(cost.get("held_gradients") or 0)
+        most = cost.get("num_queries", 0) if cost.get("mode") == "hold-queries" else n
+        held = min(capacity, most) if most else capacity
         pred = shape.exact_bytes(max_len, dtype or "float32", held=held)
-        rec["predicted_bytes"] = {**pred, "held_gradients": held, "tokens": max_len}
+        rec["predicted_bytes"] = {**pred, "held_gradients": held, "capacity": capacity, "tokens": max_len}
     if peak_file.is_file():
         peak = json.loads(peak_file.read_text())
         rec["max_memory_allocated_mb"] = peak["max_memory_allocated"] / 2**20
