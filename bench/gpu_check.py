@@ -12,7 +12,7 @@ With the device tool of this workplace, after the bundle is packed here (.gpu_bu
         carry=[".gpu_bundle"], timeout_s=600)
 and commit the JSON report it writes under $OUT (it comes back under the reply's files_at).
 
-    uv run python bench/gpu_check.py --device cpu --quick                   # the same code path, tiny model, ~1 min
+    uv run python bench/gpu_check.py --device cpu --quick                   # the same code path, tiny model, 1-2 min
     python bench/gpu_check.py --bundle DIR --device cpu --quick             # ... from a bundle, in a bare venv
 
 --bundle DIR: the wheels in DIR/wheels that fit this interpreter are unpacked into a temporary folder that
@@ -42,7 +42,9 @@ has passed; the JSON report is written after every section):
                        that precision; exact: peak device memory against ModelShape.exact_bytes (held 0)
   exactness_135m,      the same as the tiny ones on the SmolLM2-135M shape (random init), when time is left
   projections_135m
---quick: the tiny model everywhere, 2 samples, sample size 4 end to end (about a minute on a CPU).
+--quick: the tiny model everywhere, 2 samples of at most 128 tokens, sample size 6 end to end (12 queries), 1 timed
+sample per method (70 s to 2 minutes on 2 shared CPU cores). --shape: another bench/make_model.py shape for
+build_model, e2e and throughput.
 Report: $OUT/gpu_check_<UTC time>.json when $OUT is set, else bench/results/. Exit 1 when a section failed.
 """
 
@@ -191,6 +193,7 @@ class Checker:
         self.cache: dict = {}
         self.work = Path(tempfile.mkdtemp(prefix="gradsim-gpu-check-"))
         self.max_length = min(args.max_length, 128) if args.quick else args.max_length
+        self.shape = args.shape or ("tiny" if args.quick else "amd-olmo-1b")
         bundle = Path(args.bundle) if args.bundle else None
         if bundle is not None:
             self.report["bundle"] = use_bundle(bundle)
@@ -306,13 +309,13 @@ def gradsim_dtype(precision: str) -> str:
 
 @contextmanager
 def tf32_mode(on: bool):
-    """TF32 matmuls and convolutions on CUDA while on (gradsim's --dtype tf32 sets the same)."""
+    """TF32 matmuls and convolutions on CUDA while on (gradsim's --dtype tf32 sets the same), and off
+    otherwise, so that fp32 is fp32 whatever the process's defaults."""
     import torch
 
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if on:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
     try:
         yield
     finally:
@@ -385,14 +388,15 @@ def environment(chk: Checker) -> dict:
         except (OSError, subprocess.SubprocessError) as e:
             out["nvidia_smi"] = repr(e)
     # Measured matmul rates: what the throughput's % compare with where the card has no data-sheet peak.
-    n = 4096 if dev.type == "cuda" else 512 if args.quick else 1024
+    n = 8192 if dev.type == "cuda" else 512 if args.quick else 1024
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     out["matmul_n"] = n
-    out["matmul_tflops"] = {"fp32": matmul_tflops(a, b, dev)}
+    with tf32_mode(False):
+        out["matmul_tflops"] = {"fp32": matmul_tflops(a, b, dev)}
     if dev.type == "cuda":
         with tf32_mode(True):
             out["matmul_tflops"]["tf32"] = matmul_tflops(a, b, dev)
-        out["matmul_tflops"]["bf16"] = matmul_tflops(a.bfloat16(), b.bfloat16(), dev)
+    out["matmul_tflops"]["bf16"] = matmul_tflops(a.bfloat16(), b.bfloat16(), dev)
     chk.cache["peaks"] = out.get("peaks_tflops")
     chk.cache["matmul"] = out["matmul_tflops"]
     return out
@@ -466,10 +470,20 @@ def cpu_model(chk: Checker, which: str):
 
 
 def encodings(chk: Checker, lm, n: int):
+    """The first n samples that keep a trained token within the max length."""
     from gradsim.encode import encode
+    from gradsim.errors import GradsimError
 
     max_len = min(lm.context_length, chk.max_length)
-    return [encode(lm.tokenizer, s, max_len) for s in samples(chk, n)]
+    out = []
+    for s in samples(chk, None):
+        try:
+            out.append(encode(lm.tokenizer, s, max_len))
+        except GradsimError:  # a prompt longer than max_len
+            continue
+        if len(out) == n:
+            break
+    return out
 
 
 def reference_gradients(chk: Checker, which: str, encs) -> list:
@@ -569,6 +583,7 @@ def exactness(chk: Checker, which: str, n: int) -> dict:
                     per.append(compare(g, ref, gcomp.layout))
                     second = sha256_of(gcomp.gradient(enc))
                     same = same and first == second
+                rec["tf32_matmul_in_effect"] = torch.backends.cuda.matmul.allow_tf32
             rec.update(
                 samples=per,
                 rel_err_norm_max=max(p["rel_err_norm"] for p in per),
@@ -699,7 +714,7 @@ def projections(chk: Checker, which: str, n: int) -> dict:
 
 def build_model(chk: Checker) -> dict:
     """bench/make_model.py's build, in this process (its random init and save_pretrained)."""
-    shape = "tiny" if chk.args.quick else "amd-olmo-1b"
+    shape = chk.shape
     mm = make_model_module()
     out = mm.build(shape, chk.work / "models" / shape, 0, chk.tokenizer_dir)
     chk.cache["model_dir"] = str(out)
@@ -798,7 +813,7 @@ def throughput(chk: Checker) -> dict:
     t0 = time.perf_counter()
     lm = load_model(Config(model_name=model_dir, device=str(device)), device)
     load_s = time.perf_counter() - t0
-    which = "tiny" if chk.args.quick else "big"
+    which = "tiny" if chk.shape == "tiny" else "big"
     n, c = (1, 1) if chk.args.quick else (chk.args.throughput_samples, 2)
     encs = encodings(chk, lm, n + c)
     calib, encs = encs[:c], encs[c:]
@@ -842,6 +857,7 @@ def throughput(chk: Checker) -> dict:
                         f.features(e)
                     sync(device)
                     dt = time.perf_counter() - t0
+                    rec["tf32_matmul_in_effect"] = torch.backends.cuda.matmul.allow_tf32
                 tokens = sum(e.num_tokens for e in encs[:m])
                 rec.update(
                     first_sample_seconds=warm,
@@ -957,6 +973,10 @@ def main(argv=None) -> int:
     p.add_argument("--bundle", help="a folder packed by bench/gpu_bundle.sh: import gradsim and its needs from it")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     p.add_argument("--quick", action="store_true", help="the tiny model everywhere, a handful of samples")
+    p.add_argument(
+        "--shape",
+        help="bench/make_model.py's shape for build_model, e2e and throughput (default amd-olmo-1b; tiny with --quick)",
+    )
     p.add_argument("--samples", type=int, default=2, help="samples for the exactness and projection checks")
     p.add_argument("--e2e-samples", type=int, default=32, help="originals end to end (x2 settings = queries)")
     p.add_argument("--throughput-samples", type=int, default=6, help="timed samples per method and precision")
