@@ -7,10 +7,12 @@ tokenizer, the sample data; models are built from configs with random weights, s
     bash bench/gpu_bundle.sh .gpu_bundle                                    # here, with the project env
     python3 bench/gpu_check.py --bundle .gpu_bundle --device cuda           # there: < 8 minutes on an H100/H200
 
-With the device tool of this workplace, after the bundle is packed here (.gpu_bundle/ is git-ignored):
+With the device tool of this workplace (15 minutes of device time in all, the machine's start included),
+pack the bundle here from the tree you mean to check (.gpu_bundle/ is git-ignored, so it must be carried;
+the report warns when src/gradsim has changed since), then one call:
     run(command="PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --bundle .gpu_bundle --device cuda",
-        carry=[".gpu_bundle"], timeout_s=600)
-and commit the JSON report it writes under $OUT (it comes back under the reply's files_at).
+        carry=[".gpu_bundle"], timeout_s=560)
+and give_back; commit the JSON report it writes under $OUT (it comes back under the reply's files_at).
 
     uv run python bench/gpu_check.py --device cpu --quick                   # the same code path, tiny model, 1-2 min
     python bench/gpu_check.py --bundle DIR --device cpu --quick             # ... from a bundle, in a bare venv
@@ -181,6 +183,19 @@ def use_bundle(bundle: Path) -> dict:
     }
 
 
+def stale_files(site: Path) -> list[str]:
+    """The modules of src/gradsim that differ from (or are missing in) the bundle's wheel: a bundle packed
+    before the last edit checks the older code."""
+    src = ROOT / "src" / "gradsim"
+    if not src.is_dir():
+        return []
+    return sorted(
+        f.name
+        for f in src.glob("*.py")
+        if not (site / "gradsim" / f.name).is_file() or (site / "gradsim" / f.name).read_bytes() != f.read_bytes()
+    )
+
+
 class Checker:
     def __init__(self, args):
         self.args = args
@@ -197,6 +212,9 @@ class Checker:
         bundle = Path(args.bundle) if args.bundle else None
         if bundle is not None:
             self.report["bundle"] = use_bundle(bundle)
+            self.report["bundle"]["stale_files"] = stale_files(Path(self.report["bundle"]["site"]))
+            if self.report["bundle"]["stale_files"]:
+                log(f"warning: the bundle's gradsim differs from src/ in {self.report['bundle']['stale_files']}")
             self.site = self.report["bundle"]["site"]
             self.tokenizer_dir = bundle / "tokenizer"
             self.data_dir = bundle / "data" / "lima_sample"
@@ -898,6 +916,8 @@ def summary(report: dict) -> str:
     if "bundle" in report:
         b = report["bundle"]
         lines.append(f"- bundle {b['dir']}: {len(b['wheels_used'])} wheels used ({', '.join(b['wheels_used'])})")
+        if b.get("stale_files"):
+            lines.append(f"  WARNING: the bundle's gradsim differs from src/gradsim in {', '.join(b['stale_files'])}")
     for name, s in report["sections"].items():
         head = f"- {name}: {s['status']}" + (f" ({s['seconds']:.1f} s)" if "seconds" in s else "")
         if s["status"] == "skipped":
