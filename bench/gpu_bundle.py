@@ -30,13 +30,17 @@ def pins(names: list[str]) -> None:
 
 def repack(pin: str, dest: Path) -> Path:
     """A py3-none-any wheel of an installed pure-Python distribution (for one the index has no wheel of:
-    traker publishes an sdist only), from its RECORD'ed files."""
+    traker publishes an sdist only; or any pure one when the index cannot be reached), from its RECORD'ed
+    files."""
     name, want = pin.split("==")
     dist = distribution(name)
     if dist.version != want:
         sys.exit(f"{name} {dist.version} is installed, not {want}: run uv sync --locked")
     if "Root-Is-Purelib: true" not in (dist.read_text("WHEEL") or ""):
-        sys.exit(f"{name} is not pure Python and the index has no wheel of it: it cannot travel")
+        sys.exit(
+            f"no {pin} wheel for CPython 3.12 manylinux x86_64 came from the package index (is it reachable? "
+            "`python3 -m pip download` needs it), and the installed one is not pure Python, so it cannot be repacked"
+        )
     base = f"{dist.metadata['Name'].replace('-', '_')}-{want}"
     info = f"{base}.dist-info"
     out = dest / f"{base}-py3-none-any.whl"

@@ -47,7 +47,7 @@ PYV=$("${PY[@]}" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info
 for pin in "${PINS[@]}"; do
   if "${PIP[@]}" "${PLAT[@]}" "$pin" 2>/dev/null; then
     if [ "$PYV" != "3.12" ]; then "${PIP[@]}" --implementation cp --python-version "$PYV" "$pin" >&2; fi
-  else  # no wheel on the index (traker publishes an sdist only): the installed pure-Python distribution
+  else  # no wheel from the index (traker publishes an sdist only; or no network): the installed pure one
     "${PY[@]}" bench/gpu_bundle.py repack "$pin" "$DIR/wheels"
   fi
 done
