@@ -4,6 +4,7 @@
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -124,3 +125,35 @@ def test_gpu_check_runs_from_bundle_in_bare_venv(tmp_path):
         for kind, r in methods.items():
             assert r["tokens_per_s"] > 0 and r["achieved_tflops_6pt"] > 0, (prec, kind, r)
         assert methods["exact"]["predicted_bytes"]["total"] > 0
+
+
+def gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dense_peaks_by_device_name():
+    g = gpu_check_module()
+    assert g.card_peaks("NVIDIA H100 80GB HBM3")["bf16"] == 989.4  # SXM
+    assert g.card_peaks("NVIDIA H100 PCIe")["fp32"] == 51.2
+    assert g.card_peaks("NVIDIA H100 NVL")["tf32"] == 417.5
+    assert g.card_peaks("NVIDIA H200")["tf32"] == 494.7
+    assert g.card_peaks("NVIDIA GH200 480GB")["matched"] == "GH200"
+    assert g.card_peaks("NVIDIA A100-SXM4-80GB")["bf16"] == 312.0
+    assert g.card_peaks("AMD EPYC") is None
+
+
+def test_bundle_wheels_fit_by_tag():
+    g = gpu_check_module()
+    here = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    other = "cp39" if here != "cp39" else "cp310"
+    assert g.wheel_fits("tqdm-4.70.1-py3-none-any.whl")
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return
+    assert g.wheel_fits(f"orjson-3.13.0-{here}-{here}-manylinux_2_17_x86_64.manylinux2014_x86_64.whl")
+    assert not g.wheel_fits(f"orjson-3.13.0-{other}-{other}-manylinux_2_17_x86_64.manylinux2014_x86_64.whl")
+    assert g.wheel_fits("psutil-7.2.2-cp36-abi3-manylinux2010_x86_64.manylinux_2_12_x86_64.manylinux_2_28_x86_64.whl")
