@@ -964,6 +964,8 @@ def summary(report: dict) -> str:
                     f"({s['predicted_bytes']['held_gradients']} held)"
                 )
             rate = f", {s['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in s else ""
+            pct = s.get("pct_of_dense_peak", s.get("pct_of_measured_matmul"))
+            rate += f" ({s['achieved_tflops_6pt']:.3g} TFLOP/s, {pct:.1f}% of peak)" if pct is not None else ""
             lines.append(f"{head}: {s['queries']} queries ({s['dtype']}) in {s['wall_s']:.0f} s{rate}{mem}")
         elif name == "throughput":
             lines.append(f"{head}: {s['params']:,} params, {s['samples']} samples, {s['tokens']} tokens")
