@@ -1,25 +1,53 @@
-"""GPU check: exactness, projections, the 1.2B shape end to end, and throughput, on one CUDA device.
+"""GPU check: exactness, projections, determinism, the 1.2B shape end to end, throughput and memory, on one device.
 
-    python bench/gpu_check.py [--device cuda] [--budget-s 540]       # < 10 minutes on one GPU
-    uv run python bench/gpu_check.py --device cpu --quick            # smoke test without a GPU (tiny model only)
+On a bare GPU machine (torch, transformers and numpy installed; no gradsim, no network), from a bundle that
+bench/gpu_bundle.sh packs here (<= 48 MiB: gradsim's wheel, the small wheels it imports, the embedded
+tokenizer, the sample data; models are built from configs with random weights, so no weights travel):
 
-Sections (each guarded: a failure is reported and the rest still runs; sections are skipped once
---budget-s has passed):
-  environment        torch, CUDA, cuDNN, GPU name and memory, fp32 matmul precision, fast_jl / traker / transformers
-  exactness_tiny     gradsim.gradients.GradientComputer on --device vs plain CPU autograd of HF's own loss, on a
-                     tiny Llama built from a config (as tests/conftest.py `tiny`) with the embedded tokenizer
-  exactness_embedded the same on the embedded SmolLM2-135M-Instruct, --samples samples
-  projections_*      every projection (tensorsketch, countsketch, factorized, trak) on --device vs the same on the
-                     CPU: feature cosine and relative error per sample (the sketches are generated on the CPU, so
-                     they should agree to rounding; trak's projector depends on the device: CudaProjector with
-                     fast_jl, else BasicProjector whose Gaussian matrix comes from a device-specific generator,
-                     so there the check is the pairwise cosines against the exact gradients' instead)
-  build_1p2b         bench/make_model.py --shape amd-olmo-1b (random init of AMD-OLMo-1B-SFT's shape)
-  e2e_1p2b           main.py --model DIR --setting both --sample-size 3 --no-baselines --device DEVICE, timed
-  throughput_*       tokens/s and peak device memory per method (exact fp32, exact bf16 autocast, each
-                     projection) on the embedded model and on the 1.2B shape; achieved TFLOP/s = 6 P tokens / s
---quick: the tiny model only, 1 sample, no embedded model and no 1.2B model.
-Report: $OUT/gpu_check_<UTC time>.json when $OUT is set, else bench/results/; written after every section.
+    bash bench/gpu_bundle.sh .gpu_bundle                                    # here, with the project env
+    python3 bench/gpu_check.py --bundle .gpu_bundle --device cuda           # there: < 8 minutes on an H100/H200
+
+With the device tool of this workplace (15 minutes of device time in all, the machine's start included),
+pack the bundle here from the tree you mean to check (.gpu_bundle/ is git-ignored, so it must be carried;
+the report warns when src/gradsim has changed since), then one call:
+    run(command="PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --bundle .gpu_bundle --device cuda",
+        carry=[".gpu_bundle"], timeout_s=560)
+and give_back; commit the JSON report it writes under $OUT (it comes back under the reply's files_at).
+
+    uv run python bench/gpu_check.py --device cpu --quick                   # the same code path, tiny model, 1-2 min
+    python bench/gpu_check.py --bundle DIR --device cpu --quick             # ... from a bundle, in a bare venv
+
+--bundle DIR: the wheels in DIR/wheels that fit this interpreter are unpacked into a temporary folder that
+goes on sys.path AFTER the site-packages (the machine's torch, transformers, numpy, tqdm are never
+replaced); the tokenizer and the sample data come from DIR. Subprocesses (make_model.py, main.py) start
+through the same path setup. Without --bundle, gradsim is imported from the environment (or src/).
+
+Sections (each guarded: a failure is reported and the rest still runs; a section is skipped once --budget-s
+has passed; the JSON report is written after every section):
+  environment          torch, CUDA, GPU, driver, matmul TFLOP/s measured, the card's dense peaks, bundle contents
+  exactness_tiny       per-sample gradients (gradsim.gradients.GradientComputer) on --device for float32, tf32
+                       (CUDA only: fp32 storage, TF32 matmuls), bfloat16 (autocast) and bfloat16-weights, against
+                       a CPU float64 reference (the same model cast to float64, plain autograd of the shifted
+                       cross-entropy over the response tokens: HF's loss, computed in float64); relative L2 error,
+                       worst per-matrix max error, cosine; and determinism: two passes, sha256 of the bytes
+  projections_tiny     tensorsketch, countsketch, factorized on --device against the same on the CPU (same seeds,
+                       same allocation); trak on --device against its own projector applied to the CPU float64
+                       gradients (its CPU BasicProjector is far too slow at scale and draws device-specific
+                       matrices); determinism: two fresh featurizers, sha256 of the features
+  build_model          bench/make_model.py --shape amd-olmo-1b (random init of AMD-OLMo-1B-SFT, 1.18B), tiny
+                       with --quick
+  e2e                  main.py --model DIR --setting both --sample-size 32 --max-length 256 --no-baselines (64
+                       queries through the streamed exact path), timed; peak device memory (max_memory_allocated)
+                       against memory.py's prediction (ModelShape.exact_bytes with the run's held gradients)
+  throughput           on the built model, for fp32, tf32 (CUDA) and bf16 autocast: exact and each projection,
+                       tokens/s, TFLOP/s by gradsim's count 6 P T per pass and % of the card's dense peak for
+                       that precision; exact: peak device memory against ModelShape.exact_bytes (held 0)
+  exactness_135m,      the same as the tiny ones on the SmolLM2-135M shape (random init), when time is left
+  projections_135m
+--quick: the tiny model everywhere, 2 samples of at most 128 tokens, sample size 6 end to end (12 queries), 1 timed
+sample per method (70 s to 2 minutes on 2 shared CPU cores). --shape: another bench/make_model.py shape for
+build_model, e2e and throughput.
+Report: $OUT/gpu_check_<UTC time>.json when $OUT is set, else bench/results/. Exit 1 when a section failed.
 """
 
 from __future__ import annotations
@@ -28,25 +56,54 @@ import argparse
 import copy
 import gc
 import hashlib
-import importlib
 import json
 import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:  # run without the package installed (a bare GPU node)
-    sys.path.append(str(ROOT / "src"))
-BUNDLED = ROOT / "data" / "lima_sample"
-METHODS = ("exact-fp32", "exact-bf16", "tensorsketch", "countsketch", "factorized", "trak")
 PROJECTIONS = ("tensorsketch", "countsketch", "factorized", "trak")
+# Headline tolerance of each precision's relative L2 error of a per-sample gradient (informational: the numbers
+# are the result; the fp32 one is what gradsim promises).
+TOLERANCE = {"float32": 1e-4, "tf32": 2e-2, "bfloat16": 1e-1, "bfloat16-weights": 2e-1}
+# Dense (not sparse) peak TFLOP/s by device name, first match wins: NVIDIA's data sheets.
+PEAKS = (
+    ("GH200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),
+    ("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    ("H200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),
+    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0}),
+    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    ("H100", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0}),
+    ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0}),
+)
+# Started in a subprocess (make_model.py, main.py): the same sys.path setup as this process, then the script;
+# at exit the peak device memory goes to $GPU_CHECK_PEAK_FILE.
+BOOT = """import atexit, json, os, runpy, sys
+sys.path.append(sys.argv[1])
+def _peak():
+    f = os.environ.get("GPU_CHECK_PEAK_FILE")
+    torch = sys.modules.get("torch")
+    if f and torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        with open(f, "w") as fh:
+            json.dump({"max_memory_allocated": torch.cuda.max_memory_allocated(),
+                       "max_memory_reserved": torch.cuda.max_memory_reserved()}, fh)
+atexit.register(_peak)
+script = sys.argv[2]
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
 
 
 def log(msg: str) -> None:
@@ -55,6 +112,88 @@ def log(msg: str) -> None:
 
 def utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def wheel_fits(filename: str) -> bool:
+    """Whether a wheel's tags fit this interpreter (packaging's rule where it is installed, as with
+    transformers; else: pure, or this CPython on Linux x86_64 / abi3)."""
+    try:
+        from packaging.tags import sys_tags
+        from packaging.utils import parse_wheel_filename
+
+        _, _, _, tags = parse_wheel_filename(filename)
+        return not tags.isdisjoint(set(sys_tags()))
+    except ImportError:
+        pass
+    parts = filename[:-4].split("-")
+    py, abi, plat = parts[-3].split("."), parts[-2].split("."), parts[-1].split(".")
+    if "any" in plat:
+        return any(p.startswith("py3") for p in py)
+    if platform.system() != "Linux" or not any(platform.machine() in p for p in plat):
+        return False
+    cp = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    if cp in abi:
+        return cp in py
+    return "abi3" in abi and any(p.startswith("cp3") and int(p[3:]) <= sys.version_info[1] for p in py)
+
+
+def use_bundle(bundle: Path) -> dict:
+    """Unpack DIR/wheels' wheels that fit this interpreter into a temporary folder and append it to sys.path."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    wheels = sorted((bundle / "wheels").glob("*.whl"))
+    if not wheels:
+        raise SystemExit(f"--bundle {bundle}: no wheels in {bundle / 'wheels'}: pack it with bench/gpu_bundle.sh")
+    site = Path(tempfile.mkdtemp(prefix="gradsim-bundle-site-"))
+    used, unused = [], []
+    for w in wheels:
+        if not wheel_fits(w.name):
+            unused.append(w.name)
+            continue
+        with zipfile.ZipFile(w) as z:
+            z.extractall(site)
+        for data in site.glob("*.data"):  # a wheel's purelib/platlib go beside the others
+            for sub in ("purelib", "platlib"):
+                if (data / sub).is_dir():
+                    shutil.copytree(data / sub, site, dirs_exist_ok=True)
+            shutil.rmtree(data)
+        used.append(w.name)
+    sys.path.append(str(site))
+    system = {}
+    for name in ("torch", "transformers", "numpy", "safetensors", "tokenizers", "tqdm", "packaging"):
+        try:
+            system[name] = version(name)
+        except PackageNotFoundError:
+            system[name] = None
+    manifest = {}
+    try:
+        manifest = json.loads((bundle / "MANIFEST.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return {
+        "dir": str(bundle),
+        "site": str(site),
+        "wheels_used": used,
+        "wheels_not_for_this_python": unused,
+        "before_bundle_on_sys_path": system,
+        "manifest": {k: manifest.get(k) for k in ("created_utc", "git_commit", "bytes", "pins")},
+    }
+
+
+def stale_files(site: Path) -> list[str]:
+    """The modules of src/gradsim that differ from (or are missing in) the bundle's wheel: a bundle packed
+    before the last edit checks the older code."""
+    src = ROOT / "src" / "gradsim"
+    if not src.is_dir():
+        return []
+    return sorted(
+        f.name
+        for f in src.glob("*.py")
+        if not (site / "gradsim" / f.name).is_file() or (site / "gradsim" / f.name).read_bytes() != f.read_bytes()
+    )
 
 
 class Checker:
@@ -67,6 +206,24 @@ class Checker:
         self.path = out_dir / f"gpu_check_{stamp.replace(':', '').replace('-', '')}.json"
         self.report = {"utc": stamp, "argv": sys.argv, "args": vars(args), "sections": {}}
         self.cache: dict = {}
+        self.work = Path(tempfile.mkdtemp(prefix="gradsim-gpu-check-"))
+        self.max_length = min(args.max_length, 128) if args.quick else args.max_length
+        self.shape = args.shape or ("tiny" if args.quick else "amd-olmo-1b")
+        bundle = Path(args.bundle) if args.bundle else None
+        if bundle is not None:
+            self.report["bundle"] = use_bundle(bundle)
+            self.report["bundle"]["stale_files"] = stale_files(Path(self.report["bundle"]["site"]))
+            if self.report["bundle"]["stale_files"]:
+                log(f"warning: the bundle's gradsim differs from src/ in {self.report['bundle']['stale_files']}")
+            self.site = self.report["bundle"]["site"]
+            self.tokenizer_dir = bundle / "tokenizer"
+            self.data_dir = bundle / "data" / "lima_sample"
+        else:
+            self.site = str(ROOT / "src")
+            if self.site not in sys.path:  # run without the package installed
+                sys.path.append(self.site)
+            self.tokenizer_dir = None
+            self.data_dir = ROOT / "data" / "lima_sample"
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -100,6 +257,15 @@ class Checker:
         release()
         return rec
 
+    def run_script(self, script: Path, args: list[str], peak_file: Path | None = None) -> subprocess.CompletedProcess:
+        """Run a script of this repository in a subprocess with this process's sys.path setup."""
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        if peak_file is not None:
+            env["GPU_CHECK_PEAK_FILE"] = str(peak_file)
+        remaining = max(60.0, self.args.budget_s - self.elapsed() + 120)
+        cmd = [sys.executable, "-c", BOOT, self.site, str(script), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=remaining, env=env)
+
 
 def release() -> None:
     import torch
@@ -126,13 +292,15 @@ def peak_mem_reset(device) -> None:
     import torch
 
     if device.type == "cuda":
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_mem_mb(device) -> dict:
+def peak_mem(device) -> dict:
     import torch
 
     if device.type == "cuda":
+        sync(device)
         return {
             "max_memory_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
             "max_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
@@ -140,51 +308,69 @@ def peak_mem_mb(device) -> dict:
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def sha256_of(t) -> str:
+    """sha256 of a tensor's bytes (any dtype), on the host."""
+    import torch
+
+    flat = t.detach().contiguous().reshape(-1).cpu()
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def gradsim_dtype(precision: str) -> str:
+    """gradsim's --dtype for a precision: tf32 is float32 with TF32 matmuls (tf32_mode) until gradsim has it."""
+    from gradsim.config import DTYPES
+
+    if precision == "tf32":
+        return "tf32" if "tf32" in DTYPES else "float32"
+    return precision
+
+
+@contextmanager
+def tf32_mode(on: bool):
+    """TF32 matmuls and convolutions on CUDA while on (gradsim's --dtype tf32 sets the same), and off
+    otherwise, so that fp32 is fp32 whatever the process's defaults."""
+    import torch
+
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def card_peaks(name: str) -> dict | None:
+    for key, peaks in PEAKS:
+        if key.lower() in name.lower():
+            return {"matched": key, **peaks}
+    return None
+
+
 # ---------------------------------------------------------------- sections
 
 
-def environment(args) -> dict:
+def environment(chk: Checker) -> dict:
     import torch
     import transformers
 
+    import gradsim
+
+    args = chk.args
     out = {
         "python": platform.python_version(),
+        "executable": sys.executable,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "transformers": transformers.__version__,
+        "gradsim_file": gradsim.__file__,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-    if torch.cuda.is_available():
-        dev = torch.device(args.device if args.device.startswith("cuda") else "cuda")
-        props = torch.cuda.get_device_properties(dev)
-        out.update(
-            gpu_name=props.name,
-            gpu_capability=f"{props.major}.{props.minor}",
-            gpu_memory_gib=props.total_memory / 2**30,
-            gpu_count=torch.cuda.device_count(),
-            cudnn=torch.backends.cudnn.version(),
-        )
-        try:
-            smi = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-            out["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
-        except (OSError, subprocess.SubprocessError) as e:
-            out["nvidia_smi"] = repr(e)
-    try:
-        importlib.import_module("fast_jl")
-        out["fast_jl"] = "importable"
-    except Exception as e:
-        out["fast_jl"] = f"not importable: {type(e).__name__}: {e}"
-    for mod in ("trak", "gradsim"):
+    for mod in ("trak", "fast_jl"):
         try:
             m = __import__(mod)
             out[mod] = getattr(m, "__version__", "importable")
@@ -196,14 +382,41 @@ def environment(args) -> dict:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    # The fp32 matmul peak of the device, the bound the throughput section's TFLOP/s compare with.
     dev = torch.device(args.device)
-    n = 512 if args.quick else 8192 if dev.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    out["fp32_matmul_tflops"] = matmul_tflops(a, b, dev)
-    out["fp32_matmul_n"] = n
     if dev.type == "cuda":
-        out["bf16_matmul_tflops"] = matmul_tflops(a.bfloat16(), b.bfloat16(), dev)
+        props = torch.cuda.get_device_properties(dev)
+        free, total = torch.cuda.mem_get_info(dev)
+        out.update(
+            gpu_name=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=total / 2**30,
+            gpu_free_gib=free / 2**30,
+            gpu_count=torch.cuda.device_count(),
+            bf16_supported=torch.cuda.is_bf16_supported(),
+            peaks_tflops=card_peaks(props.name),
+        )
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            out["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            out["nvidia_smi"] = repr(e)
+    # Measured matmul rates: what the throughput's % compare with where the card has no data-sheet peak.
+    n = 8192 if dev.type == "cuda" else 512 if args.quick else 1024
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    out["matmul_n"] = n
+    with tf32_mode(False):
+        out["matmul_tflops"] = {"fp32": matmul_tflops(a, b, dev)}
+    if dev.type == "cuda":
+        with tf32_mode(True):
+            out["matmul_tflops"]["tf32"] = matmul_tflops(a, b, dev)
+    out["matmul_tflops"]["bf16"] = matmul_tflops(a.bfloat16(), b.bfloat16(), dev)
+    chk.cache["peaks"] = out.get("peaks_tflops")
+    chk.cache["matmul"] = out["matmul_tflops"]
     return out
 
 
@@ -222,182 +435,227 @@ def matmul_tflops(a, b, dev) -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best / 1e12
 
 
-def samples(n: int):
+def make_model_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import make_model
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return make_model
+
+
+def tokenizer(chk: Checker):
+    if "tokenizer" not in chk.cache:
+        tok, revision = make_model_module().load_tokenizer(chk.tokenizer_dir)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        chk.cache["tokenizer"] = (tok, revision)
+    return chk.cache["tokenizer"]
+
+
+def samples(chk: Checker, n: int):
     from gradsim.data import load_samples
 
-    return load_samples(str(BUNDLED / "original.jsonl"))[:n]
+    return load_samples(str(chk.data_dir / "original.jsonl"))[:n]
 
 
-def embedded_cpu(chk: Checker):
-    """The embedded model on the CPU (loaded once)."""
-    if "embedded_cpu" not in chk.cache:
-        from gradsim.config import Config
-        from gradsim.model import load_model
-
-        chk.cache["embedded_cpu"] = load_model(Config(device="cpu"))
-    return chk.cache["embedded_cpu"]
-
-
-def tokenizer_only():
-    from transformers import AutoTokenizer
-
-    from gradsim.model import embedded_model_dir
-
-    path, _ = embedded_model_dir()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def tiny_cpu(chk: Checker):
-    """tests/conftest.py's tiny Llama: built from a config, the embedded tokenizer, tied embeddings, x8 weights."""
-    if "tiny_cpu" in chk.cache:
-        return chk.cache["tiny_cpu"]
+def cpu_model(chk: Checker, which: str):
+    """A model on the CPU built from a config (seeded random init) with the embedded tokenizer: tiny (as
+    tests/conftest.py's, weights x8 so the logits are not uniform) or the SmolLM2-135M shape."""
+    key = f"cpu_{which}"
+    if key in chk.cache:
+        return chk.cache[key]
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     from gradsim.model import LoadedModel
 
-    tok = tokenizer_only()
+    mm = make_model_module()
+    tok, revision = tokenizer(chk)
+    shape = {"tiny": "tiny", "135m": "smollm2-135m"}[which]
+    cfg, _ = mm.make_config(shape, tok)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(8.0)
+    model = getattr(transformers, mm.SHAPES[shape][0])(cfg).to(torch.float32).eval()
+    if which == "tiny":
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.mul_(8.0)
     sha = hashlib.sha256(tok.chat_template.encode()).hexdigest()
-    lm = LoadedModel(model, tok, "tiny-llama", "gpu-check", torch.device("cpu"), sha, 256)
-    chk.cache["tiny_cpu"] = lm
+    lm = LoadedModel(model, tok, f"{shape}-random", revision, torch.device("cpu"), sha, cfg.max_position_embeddings)
+    chk.cache[key] = lm
     return lm
 
 
-def on_device(lm, device):
-    """A copy of a loaded model on another device (the CPU original is kept for the reference)."""
+def encodings(chk: Checker, lm, n: int):
+    """The first n samples that keep a trained token within the max length."""
+    from gradsim.encode import encode
+    from gradsim.errors import GradsimError
+
+    max_len = min(lm.context_length, chk.max_length)
+    out = []
+    for s in samples(chk, None):
+        try:
+            out.append(encode(lm.tokenizer, s, max_len))
+        except GradsimError:  # a prompt longer than max_len
+            continue
+        if len(out) == n:
+            break
+    return out
+
+
+def reference_gradients(chk: Checker, which: str, encs) -> list:
+    """CPU float64 gradients of each sample's loss, flattened in parameter order (kept for the projections).
+    HF's loss upcasts logits to fp32, so it is computed here in float64 the same way: logits at t predict the
+    token at t+1, labels -100 ignored, mean over the trained tokens."""
+    key = f"ref64_{which}"
+    if key in chk.cache:
+        return chk.cache[key]
+    import torch
+    import torch.nn.functional as F
+
+    model = copy.deepcopy(cpu_model(chk, which).model).double()
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    refs = []
+    for enc in encs:
+        logits = model(input_ids=enc.input_ids[None], use_cache=False).logits
+        loss = F.cross_entropy(logits[0, :-1], enc.labels[1:], ignore_index=-100)
+        grads = torch.autograd.grad(loss, params)
+        refs.append(torch.cat([g.reshape(-1) for g in grads]))
+    del model, params
+    chk.cache[key] = refs
+    return refs
+
+
+def device_copy(lm, device, precision: str):
+    """A copy of a CPU model on the device, its parameters in bf16 for bfloat16-weights (as load_model does)."""
     from dataclasses import replace
 
-    if lm.device == device:
-        return lm
-    return replace(lm, model=copy.deepcopy(lm.model).to(device), device=device)
-
-
-def reference_gradient(model, enc):
-    """Plain CPU autograd of HF's own loss (its shift and -100 masking), flattened in parameter order."""
     import torch
 
-    out = model(input_ids=enc.input_ids[None], labels=enc.labels[None], use_cache=False)
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out.loss, params)
-    return torch.cat([g.reshape(-1) for g in grads])
+    model = copy.deepcopy(lm.model)
+    if precision == "bfloat16-weights":
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    return replace(lm, model=model.to(device), device=device)
+
+
+def compare(got, ref, layout) -> dict:
+    """got (any dtype) against the float64 reference: relative L2 error, worst per-matrix max error (max |diff|
+    over the matrix's max |ref|), cosine."""
+    import torch
+
+    got = got.detach().double().cpu()
+    worst, worst_name = 0.0, None
+    for name, lo, hi in layout.slices():
+        r = ref[lo:hi]
+        scale = r.abs().max().item()
+        diff = (got[lo:hi] - r).abs().max().item()
+        err = diff / scale if scale > 0 else diff
+        if err > worst:
+            worst, worst_name = err, name
+    return {
+        "rel_err_norm": ((got - ref).norm() / ref.norm()).item(),
+        "max_rel_err_per_matrix": worst,
+        "worst_matrix": worst_name,
+        "cosine": torch.nn.functional.cosine_similarity(got, ref, dim=0).item(),
+    }
+
+
+def precisions(device, with_weights: bool = True) -> list[str]:
+    out = ["float32"] + (["tf32"] if device.type == "cuda" else []) + ["bfloat16"]
+    return out + (["bfloat16-weights"] if with_weights else [])
 
 
 def exactness(chk: Checker, which: str, n: int) -> dict:
     import torch
 
-    from gradsim.encode import encode
     from gradsim.gradients import GradientComputer
 
-    lm_cpu = tiny_cpu(chk) if which == "tiny" else embedded_cpu(chk)
     device = torch.device(chk.args.device)
-    lm_dev = on_device(lm_cpu, device)
-    gcomp = GradientComputer(lm_dev.model, device, "float32")
-    per = []
-    tol = 1e-4 if which == "tiny" else 1e-3
-    for s in samples(n):
-        enc = encode(lm_cpu.tokenizer, s, lm_cpu.context_length)
-        ref = reference_gradient(lm_cpu.model, enc)
-        got = gcomp.gradient(enc).detach().cpu().clone()
-        worst, worst_name = 0.0, None
-        for name, lo, hi in gcomp.layout.slices():
-            r = ref[lo:hi]
-            scale = r.abs().max().item()
-            err = (got[lo:hi] - r).abs().max().item() / scale if scale > 0 else (got[lo:hi] - r).abs().max().item()
-            if err > worst:
-                worst, worst_name = err, name
-        per.append(
-            {
-                "id": s.id,
-                "tokens": enc.num_tokens,
-                "max_rel_err_per_matrix": worst,
-                "worst_matrix": worst_name,
-                "rel_err_norm": ((got - ref).norm() / ref.norm()).item(),
-                "cosine": torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=0).item(),
-            }
-        )
-        del ref, got
-    drop_grads(lm_dev.model)
-    del gcomp
-    worst = max(p["max_rel_err_per_matrix"] for p in per)
-    return {
-        "model": which,
+    lm = cpu_model(chk, which)
+    encs = encodings(chk, lm, n)
+    t0 = time.perf_counter()
+    refs = reference_gradients(chk, which, encs)
+    out = {
+        "model": lm.model_id,
         "device": str(device),
-        "reference": "CPU autograd of HF's loss (labels)",
-        "params": sum(p.numel() for p in lm_cpu.model.parameters()),
-        "samples": per,
-        "max_rel_err": worst,
-        "tolerance": tol,
-        "within_tolerance": worst <= tol,
+        "params": sum(p.numel() for p in lm.model.parameters()),
+        "reference": "CPU float64 autograd of the shifted cross-entropy over the response tokens (HF's loss)",
+        "reference_seconds": time.perf_counter() - t0,
+        "tokens": [e.num_tokens for e in encs],
+        "precisions": {},
     }
+    if device.type == "cpu":
+        out["tf32"] = "skipped: TF32 is a CUDA matmul mode"
+    for prec in precisions(device):
+        rec: dict = {"gradsim_dtype": gradsim_dtype(prec)}
+        try:
+            lm_dev = device_copy(lm, device, prec)
+            with tf32_mode(prec == "tf32"):
+                gcomp = GradientComputer(lm_dev.model, device, gradsim_dtype(prec))
+                per, same = [], True
+                for enc, ref in zip(encs, refs):
+                    g = gcomp.gradient(enc)
+                    first = sha256_of(g)
+                    per.append(compare(g, ref, gcomp.layout))
+                    second = sha256_of(gcomp.gradient(enc))
+                    same = same and first == second
+                rec["tf32_matmul_in_effect"] = torch.backends.cuda.matmul.allow_tf32
+            rec.update(
+                samples=per,
+                rel_err_norm_max=max(p["rel_err_norm"] for p in per),
+                max_rel_err_per_matrix=max(p["max_rel_err_per_matrix"] for p in per),
+                cosine_min=min(p["cosine"] for p in per),
+                tolerance_rel_err_norm=TOLERANCE[prec],
+                deterministic=same,
+            )
+            rec["within_tolerance"] = rec["rel_err_norm_max"] <= TOLERANCE[prec]
+            del gcomp, lm_dev
+        except Exception as e:
+            rec.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+        out["precisions"][prec] = rec
+        release()
+    return out
 
 
-def make_featurizer(kind: str, lm, allocation=None, dim: int | None = None):
-    from gradsim.features import ExactFeaturizer
-    from gradsim.projection import CountSketchFeaturizer, FactorizedFeaturizer, TensorSketchFeaturizer, TrakFeaturizer
+def projection_dim(kind: str, which: str, device) -> int:
+    """gradsim's defaults (65,536 in all for the sketches, 4,096 per matrix for factorized and trak), except
+    4,096 for the sketches on the tiny model, and for trak 512 per matrix (64 on the tiny model) unless
+    CudaProjector (CUDA + fast_jl) does it: BasicProjector draws entries x proj_dim normals per matrix per sample."""
+    from gradsim.projection import uses_cuda_projector
 
-    if kind == "exact-fp32":
-        return ExactFeaturizer(lm.model, lm.device, "float32")
-    if kind == "exact-bf16":
-        return ExactFeaturizer(lm.model, lm.device, "bfloat16")
-    if kind == "tensorsketch":
-        return TensorSketchFeaturizer(lm.model, lm.device, "float32", dim or 65536, 42, 1, allocation=allocation)
-    if kind == "countsketch":
-        return CountSketchFeaturizer(lm.model, lm.device, "float32", dim or 65536, 42, 1, allocation=allocation)
-    if kind == "factorized":
-        return FactorizedFeaturizer(lm.model, lm.device, "float32", dim or 4096, 42, 1)
-    if kind == "trak":
-        return TrakFeaturizer(lm.model, lm.device, "float32", dim or 4096, 42, 1, memory_bytes=2**30)
-    raise ValueError(kind)
-
-
-def has_fast_jl() -> bool:
-    try:
-        importlib.import_module("fast_jl")
-        return True
-    except Exception:
-        return False
-
-
-def default_dim(kind: str, which: str, device) -> int:
-    """gradsim's defaults, except: the sketches on the tiny model (~1.6M parameters) get 4,096 dims, and trak
-    gets 512 per matrix unless CudaProjector (CUDA + fast_jl) does it: BasicProjector draws grad_dim x proj_dim
-    normals per matrix per call, which at 4,096 takes minutes per sample on a CPU."""
     if kind in ("tensorsketch", "countsketch"):
         return 4096 if which == "tiny" else 65536
     if kind == "trak":
-        return 4096 if (device.type == "cuda" and has_fast_jl()) else 512
+        return 4096 if uses_cuda_projector(device, 4096) else 64 if which == "tiny" else 512
     return 4096
 
 
-def allocation_for(kind: str, lm, calib, dim: int):
-    """One allocation (from exact gradients of the calibration samples, on lm's device) for both sides."""
+def make_featurizer(kind: str, lm, dtype: str, allocation=None, dim: int | None = None):
+    from gradsim.features import ExactFeaturizer
+    from gradsim.projection import CountSketchFeaturizer, FactorizedFeaturizer, TensorSketchFeaturizer, TrakFeaturizer
+
+    if kind == "exact":
+        return ExactFeaturizer(lm.model, lm.device, dtype)
+    if kind == "tensorsketch":
+        return TensorSketchFeaturizer(lm.model, lm.device, dtype, dim, 42, 1, allocation=allocation)
+    if kind == "countsketch":
+        return CountSketchFeaturizer(lm.model, lm.device, dtype, dim, 42, 1, allocation=allocation)
+    if kind == "factorized":
+        return FactorizedFeaturizer(lm.model, lm.device, dtype, dim, 42, 1)
+    if kind == "trak":
+        return TrakFeaturizer(lm.model, lm.device, dtype, dim, 42, 1, memory_bytes=2**30)
+    raise ValueError(kind)
+
+
+def allocation_for(kind: str, lm, dtype: str, calib, dim: int):
+    """The sketches' allocation (from exact gradients of the calibration samples), shared by both sides."""
     if kind not in ("tensorsketch", "countsketch"):
         return None
     from gradsim.projection import make_allocation
 
-    alloc = make_allocation(lm.model, lm.device, "float32", dim, calib, "fft" if kind == "tensorsketch" else "coprime")
+    alloc = make_allocation(lm.model, lm.device, dtype, dim, calib, "fft" if kind == "tensorsketch" else "coprime")
     drop_grads(lm.model)
     return alloc
 
@@ -408,259 +666,244 @@ def features_of(f, encs):
     return torch.stack([f.features(e).detach().float().cpu().clone() for e in encs])
 
 
-def whole_cos_matrix(feats, layout):
-    """(n, n) whole-model cosines of the rows of feats (fp64)."""
-    x = feats.double()
-    g = x @ x.T
-    d = g.diagonal().sqrt()
-    return (g / d[:, None] / d[None, :]).numpy()
-
-
 def projections(chk: Checker, which: str, n: int) -> dict:
-    import numpy as np
     import torch
 
-    from gradsim.encode import encode
-    from gradsim.gradients import GradientComputer
-
-    lm_cpu = tiny_cpu(chk) if which == "tiny" else embedded_cpu(chk)
     device = torch.device(chk.args.device)
-    lm_dev = on_device(lm_cpu, device)
-    encs = [encode(lm_cpu.tokenizer, s, lm_cpu.context_length) for s in samples(n)]
-    calib = encs[: max(1, min(2, n))]
-    out = {"model": which, "device": str(device), "samples": len(encs), "methods": {}}
-    exact_cos = None
-    if len(encs) >= 2:
-        gcomp = GradientComputer(lm_dev.model, device, "float32")
-        exact = torch.stack([gcomp.gradient(e).detach().cpu().clone() for e in encs])
-        exact_cos = whole_cos_matrix(exact, gcomp.layout)
-        drop_grads(lm_dev.model)
-        del gcomp, exact
-        out["exact_pairwise_cosine"] = exact_cos[np.triu_indices(len(encs), 1)].tolist()
+    lm_cpu = cpu_model(chk, which)
+    lm_dev = device_copy(lm_cpu, device, "float32")
+    encs = encodings(chk, lm_cpu, n)
+    calib = encs[:2]
+    out = {"model": lm_cpu.model_id, "device": str(device), "samples": len(encs), "methods": {}}
     for kind in PROJECTIONS:
         rec: dict = {}
         try:
-            # The CPU side of trak is always BasicProjector: 512 dims per matrix keeps it to seconds (and is a
-            # multiple of 512, so CUDA + fast_jl still uses CudaProjector on the device side).
-            dim = 512 if kind == "trak" else default_dim(kind, which, device)
+            dim = projection_dim(kind, which, device)
+            alloc = allocation_for(kind, lm_cpu, "float32", calib, dim)
             t0 = time.perf_counter()
-            alloc = allocation_for(kind, lm_cpu, calib, dim)
-            f_cpu = make_featurizer(kind, lm_cpu, alloc, dim)
-            a = features_of(f_cpu, encs)
-            t_cpu = time.perf_counter() - t0
-            drop_grads(lm_cpu.model)
-            del f_cpu
-            t0 = time.perf_counter()
-            f_dev = make_featurizer(kind, lm_dev, alloc, dim)
+            f_dev = make_featurizer(kind, lm_dev, "float32", alloc, dim)
             b = features_of(f_dev, encs)
             sync(device)
             t_dev = time.perf_counter() - t0
-            if kind == "trak":
-                m = next((i for i, p in enumerate(f_dev.projected) if p), None)
-                rec["projector_on_device"] = type(f_dev.projector(m)).__name__ if m is not None else "none (all exact)"
+            f_again = make_featurizer(kind, lm_dev, "float32", alloc, dim)
+            b2 = features_of(f_again, encs)
+            del f_again
             drop_grads(lm_dev.model)
+            t0 = time.perf_counter()
+            if kind == "trak":
+                # The device's own projector applied to the CPU float64 gradients (rounded to fp32).
+                refs = reference_gradients(chk, which, encs)
+                a = torch.empty(len(encs), f_dev.layout.total, dtype=torch.float32, device=device)
+                f_dev.project(torch.stack(refs).float(), a)
+                a = a.cpu()
+                m = next((i for i, p in enumerate(f_dev.projected) if p), None)
+                rec["projector"] = type(f_dev.projector(m)).__name__ if m is not None else "none (all exact)"
+                rec["reference"] = "the device's projector applied to the CPU float64 gradients"
+            else:
+                f_cpu = make_featurizer(kind, lm_cpu, "float32", alloc, dim)
+                a = features_of(f_cpu, encs)
+                drop_grads(lm_cpu.model)
+                del f_cpu
+                rec["reference"] = "the same featurizer (seed, allocation) on the CPU, float32"
+            t_ref = time.perf_counter() - t0
             del f_dev
             cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
-            rel = (a - b).norm(dim=1) / a.norm(dim=1)
+            rel = (a.double() - b.double()).norm(dim=1) / a.double().norm(dim=1)
             rec.update(
                 dims=int(a.shape[1]),
                 proj_dim=dim,
-                seconds_cpu=t_cpu,
                 seconds_device=t_dev,
+                seconds_reference=t_ref,
                 feature_cosine_min=cos.min().item(),
                 feature_rel_err_max=rel.max().item(),
-                same_projection_expected=kind != "trak" or device.type == "cpu",
+                sha256_run1=sha256_of(b),
+                sha256_run2=sha256_of(b2),
+                deterministic=sha256_of(b) == sha256_of(b2),
             )
-            if exact_cos is not None:
-                iu = np.triu_indices(len(encs), 1)
-                pc, pd = whole_cos_matrix(a, None)[iu], whole_cos_matrix(b, None)[iu]
-                rec.update(
-                    pairwise_cosine_cpu=pc.tolist(),
-                    pairwise_cosine_device=pd.tolist(),
-                    pairwise_abs_err_cpu=float(np.abs(pc - exact_cos[iu]).max()),
-                    pairwise_abs_err_device=float(np.abs(pd - exact_cos[iu]).max()),
-                )
-            if rec["same_projection_expected"]:
-                rec["agrees"] = rec["feature_cosine_min"] > 1 - 1e-4
-            else:
-                rec["agrees"] = "n/a (device-specific projector: compare the pairwise cosines)"
         except Exception as e:
             rec = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            drop_grads(lm_dev.model)
+            drop_grads(lm_cpu.model)
         out["methods"][kind] = rec
         release()
+    del lm_dev
     return out
 
 
-def build_1p2b(chk: Checker) -> dict:
-    remaining = max(30.0, chk.args.budget_s - chk.elapsed())
-    cmd = [sys.executable, str(ROOT / "bench" / "make_model.py"), "--shape", "amd-olmo-1b"]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=remaining, env=child_env())
-    if res.returncode != 0:
-        raise RuntimeError(f"make_model.py exited {res.returncode}: {res.stderr[-1500:]}")
-    lines = res.stdout.strip().splitlines()
-    chk.cache["dir_1p2b"] = lines[-1]
-    return {"dir": lines[-1], "stdout": lines[-3:], "wall_s": time.perf_counter() - t0}
+def build_model(chk: Checker) -> dict:
+    """bench/make_model.py's build, in this process (its random init and save_pretrained)."""
+    shape = chk.shape
+    mm = make_model_module()
+    out = mm.build(shape, chk.work / "models" / shape, 0, chk.tokenizer_dir)
+    chk.cache["model_dir"] = str(out)
+    spec = mm.read_spec(out) or {}
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    return {"shape": shape, "dir": str(out), "params": spec.get("params"), "bytes": size}
 
 
-def child_env() -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if x)
-    return env
+def model_shape(model_dir: str):
+    from transformers import AutoConfig
+
+    from gradsim.memory import shape_of_config
+
+    return shape_of_config(AutoConfig.from_pretrained(model_dir))
 
 
-def e2e_1p2b(chk: Checker) -> dict:
-    model_dir = chk.cache.get("dir_1p2b")
+def e2e(chk: Checker) -> dict:
+    model_dir = chk.cache.get("model_dir")
     if not model_dir:
-        raise RuntimeError("no 1.2B model (build_1p2b failed or was skipped)")
-    out_dir = Path(tempfile.mkdtemp(prefix="gradsim-gpu-e2e-"))
-    cmd = [
-        sys.executable,
-        str(ROOT / "main.py"),
-        "--model",
-        model_dir,
-        "--setting",
-        "both",
-        "--sample-size",
-        "3",
-        "--no-baselines",
-        "--device",
-        chk.args.device,
-        "--output-dir",
-        str(out_dir),
-        "-q",
+        raise RuntimeError("no model (build_model failed or was skipped)")
+    out_dir = chk.work / "e2e"
+    peak_file = chk.work / "e2e_peak.json"
+    n = 6 if chk.args.quick else chk.args.e2e_samples  # BM25's top 4 others need 5 originals at least
+    max_len = chk.max_length
+    args = [
+        *("--model", model_dir, "--setting", "both", "--sample-size", str(n), "--max-length", str(max_len)),
+        *("--no-baselines", "--device", chk.args.device, "--output-dir", str(out_dir)),
+        *("--original-data", str(chk.data_dir / "original.jsonl")),
+        *("--paraphrased-data", str(chk.data_dir / "paraphrased.jsonl")),
+        *("--model-generated-data", str(chk.data_dir / "model_generated.jsonl")),
     ]
-    remaining = max(60.0, chk.args.budget_s - chk.elapsed())
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=remaining, env=child_env())
+    res = chk.run_script(ROOT / "main.py", args, peak_file)
     wall = time.perf_counter() - t0
-    rec = {
-        "command": cmd,
-        "rc": res.returncode,
-        "wall_s": wall,
-        "stdout": res.stdout[-2000:],
-        "stderr_tail": res.stderr[-2500:],
-        "settings": {},
-    }
-    for setting in ("paraphrased", "model-generated"):
-        d = out_dir / "gradient-similarity" / setting
-        try:
-            r = json.loads((d / "results.json").read_text())
-        except (OSError, ValueError):
-            rec["settings"][setting] = {"results": False}
-            continue
-        metrics = []
-        try:
-            metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        except (OSError, ValueError):
-            pass
-        vram = [m.get("vram_alloc_mb") for m in metrics if isinstance(m.get("vram_alloc_mb"), (int, float))]
-        rec["settings"][setting] = {
-            "results": True,
-            "whole_model": (r.get("summary") or {}).get("whole_model"),
-            "cost": r.get("cost"),
-            "queries": len(r.get("queries") or []),
-            "max_vram_alloc_mb": max(vram, default=None),
-            "samples": len(metrics),
-        }
-    import shutil
-
-    shutil.rmtree(out_dir, ignore_errors=True)
+    rec: dict = {"args": args, "rc": res.returncode, "wall_s": wall, "stdout_tail": res.stdout[-1500:], "settings": {}}
     if res.returncode != 0:
-        raise RuntimeError(f"main.py exited {res.returncode} after {wall:.0f} s: {res.stderr.strip()[-600:]}")
+        rec["stderr_tail"] = res.stderr[-2500:]
+        raise RuntimeError(f"main.py exited {res.returncode} after {wall:.0f} s: {res.stderr.strip()[-800:]}")
+    cost, dtype = None, None
+    for path in sorted(out_dir.glob("gradient-similarity/*/results.json")):
+        r = json.loads(path.read_text())
+        cost = r.get("cost") or cost
+        dtype = (r.get("config") or {}).get("dtype", dtype)
+        rec["settings"][(r.get("config") or {}).get("setting", path.parent.name)] = {
+            "queries": len(r.get("queries") or []),
+            "whole_model": (r.get("summary") or {}).get("whole_model"),
+        }
+    rec["queries"] = sum(s["queries"] for s in rec["settings"].values())
+    rec["dtype"] = dtype
+    rec["cost"] = cost
+    if cost and cost.get("seconds"):
+        rec["tokens_per_s"] = cost["tokens"] / cost["seconds"]
+        shape = model_shape(model_dir)
+        rec["achieved_tflops_6pt"] = 6 * shape.params * cost["tokens"] / cost["seconds"] / 1e12
+        rec.update(pct_of_peak(chk, "tf32" if dtype == "tf32" else "bf16" if dtype == "bfloat16" else "fp32", rec))
+        # Cost's held_gradients is the budget's capacity; a block holds at most the queries (hold-queries) or
+        # the needed originals (hold-originals) of the run.
+        capacity = int(cost.get("held_gradients") or 0)
+        most = cost.get("num_queries", 0) if cost.get("mode") == "hold-queries" else n
+        held = min(capacity, most) if most else capacity
+        pred = shape.exact_bytes(max_len, dtype or "float32", held=held)
+        rec["predicted_bytes"] = {**pred, "held_gradients": held, "capacity": capacity, "tokens": max_len}
+    if peak_file.is_file():
+        peak = json.loads(peak_file.read_text())
+        rec["max_memory_allocated_mb"] = peak["max_memory_allocated"] / 2**20
+        rec["max_memory_reserved_mb"] = peak["max_memory_reserved"] / 2**20
+        if "predicted_bytes" in rec:
+            rec["peak_over_predicted"] = peak["max_memory_allocated"] / rec["predicted_bytes"]["total"]
+    shutil.rmtree(out_dir, ignore_errors=True)
     return rec
 
 
-def throughput(chk: Checker, which: str) -> dict:
+def pct_of_peak(chk: Checker, prec: str, rec: dict) -> dict:
+    """% of the card's dense data-sheet peak for the precision; on a card without one (a CPU), of the
+    matmul rate measured in environment."""
+    peaks = chk.cache.get("peaks")
+    if peaks and prec in peaks:
+        return {"pct_of_dense_peak": 100 * rec["achieved_tflops_6pt"] / peaks[prec], "peak_tflops": peaks[prec]}
+    measured = (chk.cache.get("matmul") or {}).get(prec)
+    if measured:
+        return {"pct_of_measured_matmul": 100 * rec["achieved_tflops_6pt"] / measured}
+    return {}
+
+
+def throughput(chk: Checker) -> dict:
     import torch
 
-    from gradsim.encode import encode
+    from gradsim.config import Config
+    from gradsim.memory import shape_of_config
+    from gradsim.model import load_model
 
+    model_dir = chk.cache.get("model_dir")
+    if not model_dir:
+        raise RuntimeError("no model (build_model failed or was skipped)")
     device = torch.device(chk.args.device)
-    if which == "tiny":
-        lm = on_device(tiny_cpu(chk), device)
-    else:
-        from gradsim.config import Config
-        from gradsim.model import load_model
-
-        name = chk.cache.get("dir_1p2b") if which == "1p2b" else None
-        if which == "1p2b" and not name:
-            raise RuntimeError("no 1.2B model (build_1p2b failed or was skipped)")
-        t0 = time.perf_counter()
-        lm = load_model(Config(model_name=name, device=str(device)) if name else Config(device=str(device)), device)
-        load_s = time.perf_counter() - t0
-    n = 1 if chk.args.quick else chk.args.throughput_samples
-    max_len = min(chk.args.max_length or lm.context_length, lm.context_length)
-    encs = [encode(lm.tokenizer, s, max_len) for s in samples(n + 2)]
-    calib, encs = encs[:2], encs[2:] if len(encs) > 2 else encs
+    t0 = time.perf_counter()
+    lm = load_model(Config(model_name=model_dir, device=str(device)), device)
+    load_s = time.perf_counter() - t0
+    which = "tiny" if chk.shape == "tiny" else "big"
+    n, c = (1, 1) if chk.args.quick else (chk.args.throughput_samples, 2)
+    encs = encodings(chk, lm, n + c)
+    calib, encs = encs[:c], encs[c:]
+    shape = shape_of_config(lm.model.config)
     params = sum(p.numel() for p in lm.model.parameters())
     out = {
-        "model": which,
+        "model": model_dir,
         "device": str(device),
         "params": params,
         "samples": len(encs),
         "tokens": sum(e.num_tokens for e in encs),
-        "max_length": max_len,
-        "methods": {},
+        "load_seconds": load_s,
+        "flop_count": "6 x params x tokens per backward pass",
+        "precisions": {},
     }
-    if which != "tiny":
-        out["load_seconds"] = load_s
-    ref = None
-    for kind in METHODS:
-        if chk.elapsed() > chk.args.budget_s:
-            out["methods"][kind] = {"skipped": "time budget spent"}
-            continue
-        rec: dict = {}
-        try:
-            dim = default_dim(kind, which, device)
-            t0 = time.perf_counter()
-            alloc = allocation_for(kind, lm, calib, dim)
-            f = make_featurizer(kind, lm, alloc, dim)
-            sync(device)
-            rec["setup_seconds"] = time.perf_counter() - t0  # incl. calibration (exact backwards) for the sketches
-            if kind == "trak":
-                m = next((i for i, p in enumerate(f.projected) if p), None)
-                rec["projector"] = type(f.projector(m)).__name__ if m is not None else "none (all exact)"
-            t0 = time.perf_counter()
-            first = f.features(encs[0])
-            sync(device)
-            warm = time.perf_counter() - t0
-            rec["first_sample_seconds"] = warm
-            if kind == "exact-fp32":
-                ref = first.detach().clone()
-            elif kind == "exact-bf16" and ref is not None:
-                rec["cosine_vs_fp32"] = torch.nn.functional.cosine_similarity(
-                    first.detach().double(), ref.double(), dim=0
-                ).item()
-                ref = None
-            del first
-            m = len(encs) if warm <= 0 else max(1, min(len(encs), int(chk.args.method_cap_s / warm)))
-            peak_mem_reset(device)
-            t0 = time.perf_counter()
-            for e in encs[:m]:
-                f.features(e)
-            sync(device)
-            dt = time.perf_counter() - t0
-            tokens = sum(e.num_tokens for e in encs[:m])
-            rec.update(
-                samples=m,
-                tokens=tokens,
-                seconds=dt,
-                tokens_per_s=tokens / dt,
-                samples_per_s=m / dt,
-                achieved_tflops_6pt=6 * params * tokens / dt / 1e12,
-                dims=int(f.layout.total),
-                backward_passes=getattr(f, "backward_passes", None),
-                **peak_mem_mb(device),
-            )
-            drop_grads(lm.model)
-            del f
-        except Exception as e:
-            rec = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-            drop_grads(lm.model)
-        out["methods"][kind] = rec
-        release()
-        ref = ref if kind == "exact-fp32" else None
+    for prec in precisions(device, with_weights=False):
+        short = {"float32": "fp32", "tf32": "tf32", "bfloat16": "bf16"}[prec]
+        dtype = gradsim_dtype(prec)
+        recs = out["precisions"][prec] = {}
+        for kind in ("exact", *PROJECTIONS):
+            if chk.elapsed() > chk.args.budget_s:
+                recs[kind] = {"skipped": "time budget spent"}
+                continue
+            rec: dict = {}
+            try:
+                with tf32_mode(prec == "tf32"):
+                    dim = projection_dim(kind, which, device)
+                    t0 = time.perf_counter()
+                    alloc = allocation_for(kind, lm, dtype, calib, dim)
+                    f = make_featurizer(kind, lm, dtype, alloc, dim)
+                    sync(device)
+                    rec["setup_seconds"] = time.perf_counter() - t0  # incl. the sketches' calibration
+                    t0 = time.perf_counter()
+                    f.features(encs[0])
+                    sync(device)
+                    warm = time.perf_counter() - t0
+                    m = max(1, min(len(encs), int(chk.args.method_cap_s / max(warm, 1e-6))))
+                    peak_mem_reset(device)
+                    t0 = time.perf_counter()
+                    for e in encs[:m]:
+                        f.features(e)
+                    sync(device)
+                    dt = time.perf_counter() - t0
+                    rec["tf32_matmul_in_effect"] = torch.backends.cuda.matmul.allow_tf32
+                tokens = sum(e.num_tokens for e in encs[:m])
+                rec.update(
+                    first_sample_seconds=warm,
+                    samples=m,
+                    tokens=tokens,
+                    seconds=dt,
+                    tokens_per_s=tokens / dt,
+                    achieved_tflops_6pt=6 * params * tokens / dt / 1e12,
+                    dims=int(f.layout.total),
+                    **peak_mem(device),
+                )
+                rec.update(pct_of_peak(chk, short, rec))
+                if kind == "trak":
+                    pm = next((i for i, p in enumerate(f.projected) if p), None)
+                    rec["projector"] = type(f.projector(pm)).__name__ if pm is not None else "none (all exact)"
+                if kind == "exact":
+                    longest = max(e.num_tokens for e in encs[:m])
+                    pred = shape.exact_bytes(longest, dtype if dtype != "tf32" else "float32", held=0)
+                    rec["predicted_bytes"] = {**pred, "held_gradients": 0, "tokens": longest}
+                    if "max_memory_allocated_mb" in rec:
+                        rec["peak_over_predicted"] = rec["max_memory_allocated_mb"] * 2**20 / pred["total"]
+                drop_grads(lm.model)
+                del f
+            except Exception as e:
+                rec = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+                drop_grads(lm.model)
+            recs[kind] = rec
+            release()
     del lm
     return out
 
@@ -670,6 +913,11 @@ def throughput(chk: Checker, which: str) -> dict:
 
 def summary(report: dict) -> str:
     lines = [f"gpu_check {report['utc']} ({report['elapsed_s']:.0f} s)"]
+    if "bundle" in report:
+        b = report["bundle"]
+        lines.append(f"- bundle {b['dir']}: {len(b['wheels_used'])} wheels used ({', '.join(b['wheels_used'])})")
+        if b.get("stale_files"):
+            lines.append(f"  WARNING: the bundle's gradsim differs from src/gradsim in {', '.join(b['stale_files'])}")
     for name, s in report["sections"].items():
         head = f"- {name}: {s['status']}" + (f" ({s['seconds']:.1f} s)" if "seconds" in s else "")
         if s["status"] == "skipped":
@@ -679,56 +927,62 @@ def summary(report: dict) -> str:
             lines.append(f"{head}: {s['error'][:300]}")
             continue
         if name == "environment":
+            mm = ", ".join(f"{k} {v:.3g}" for k, v in s["matmul_tflops"].items())
             lines.append(
-                f"{head}: torch {s['torch']} (CUDA {s['torch_cuda']}), GPU {s.get('gpu_name', 'none')}, "
-                f"fast_jl {s['fast_jl'].split(':')[0]}, fp32 matmul {s['fp32_matmul_tflops']:.2f} TFLOP/s"
-                + (f", bf16 {s['bf16_matmul_tflops']:.1f}" if "bf16_matmul_tflops" in s else "")
-                + f", matmul precision {s['float32_matmul_precision']}"
+                f"{head}: torch {s['torch']} (CUDA {s['torch_cuda']}), transformers {s['transformers']}, "
+                f"GPU {s.get('gpu_name', 'none')}, matmul TFLOP/s {mm}; gradsim from {s['gradsim_file']}"
             )
         elif name.startswith("exactness"):
-            lines.append(
-                f"{head}: max rel error {s['max_rel_err']:.2e} over {len(s['samples'])} sample(s) "
-                f"(tolerance {s['tolerance']:.0e}: {'ok' if s['within_tolerance'] else 'EXCEEDED'}); "
-                f"min cosine {min(x['cosine'] for x in s['samples']):.9f}"
-            )
+            parts = []
+            for prec, r in s["precisions"].items():
+                if "error" in r:
+                    parts.append(f"{prec} ERROR {r['error'][:120]}")
+                else:
+                    parts.append(
+                        f"{prec} rel err {r['rel_err_norm_max']:.1e} (cos {r['cosine_min']:.7f}, "
+                        f"{'deterministic' if r['deterministic'] else 'NOT deterministic'})"
+                    )
+            lines.append(f"{head}: {s['model']} vs CPU float64: " + "; ".join(parts))
         elif name.startswith("projections"):
             parts = []
             for k, r in s["methods"].items():
                 if "error" in r:
                     parts.append(f"{k} ERROR {r['error'][:120]}")
                     continue
-                p = f"{k} cos {r['feature_cosine_min']:.6f} relerr {r['feature_rel_err_max']:.1e}"
-                if "pairwise_abs_err_device" in r:
-                    p += (
-                        f" pairwise-vs-exact cpu {r['pairwise_abs_err_cpu']:.3f} dev {r['pairwise_abs_err_device']:.3f}"
-                    )
-                if "projector_on_device" in r:
-                    p += f" [{r['projector_on_device']}]"
-                parts.append(p)
-            lines.append(f"{head}: " + "; ".join(parts))
-        elif name == "build_1p2b":
-            lines.append(f"{head}: {s['dir']} ({'; '.join(s['stdout'][:-1])})")
-        elif name == "e2e_1p2b":
-            per = "; ".join(
-                f"{k}: top-1 {(v.get('whole_model') or {}).get('top1')}, cost {v.get('cost')}"
-                for k, v in s["settings"].items()
-            )
-            lines.append(f"{head}: rc {s['rc']}, wall {s['wall_s']:.0f} s; {per}")
-        elif name.startswith("throughput"):
-            lines.append(f"{head}: {s['params']:,} params, {s['samples']} samples, {s['tokens']} tokens")
-            lines.append("  | method | tokens/s | TFLOP/s (6PT) | peak mem MB | setup s | notes |")
-            lines.append("  |---|---|---|---|---|---|")
-            for k, r in s["methods"].items():
-                if "tokens_per_s" not in r:
-                    lines.append(f"  | {k} | | | | | {r.get('error', r.get('skipped', ''))[:120]} |")
-                    continue
-                mem = r.get("max_memory_allocated_mb", r.get("peak_rss_mb"))
-                note = f"cos vs fp32 {r['cosine_vs_fp32']:.5f}; " if "cosine_vs_fp32" in r else ""
-                note += f"{r['dims']:,} dims" + (f", {r['projector']}" if "projector" in r else "")
-                lines.append(
-                    f"  | {k} | {r['tokens_per_s']:.0f} | {r['achieved_tflops_6pt']:.3f} | {mem:.0f} | "
-                    f"{r['setup_seconds']:.1f} | {note} |"
+                parts.append(
+                    f"{k} cos {r['feature_cosine_min']:.7f} rel err {r['feature_rel_err_max']:.1e} "
+                    f"{'deterministic' if r['deterministic'] else 'NOT deterministic'}"
                 )
+            lines.append(f"{head}: " + "; ".join(parts))
+        elif name == "build_model":
+            lines.append(f"{head}: {s['shape']}, {s['params']:,} params, {s['bytes'] / 2**20:.0f} MiB in {s['dir']}")
+        elif name == "e2e":
+            mem = ""
+            if "peak_over_predicted" in s:
+                mem = (
+                    f", peak {s['max_memory_allocated_mb']:.0f} MB = {s['peak_over_predicted']:.2f} x predicted "
+                    f"({s['predicted_bytes']['held_gradients']} held)"
+                )
+            rate = f", {s['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in s else ""
+            pct = s.get("pct_of_dense_peak", s.get("pct_of_measured_matmul"))
+            rate += f" ({s['achieved_tflops_6pt']:.3g} TFLOP/s, {pct:.1f}% of peak)" if pct is not None else ""
+            lines.append(f"{head}: {s['queries']} queries ({s['dtype']}) in {s['wall_s']:.0f} s{rate}{mem}")
+        elif name == "throughput":
+            lines.append(f"{head}: {s['params']:,} params, {s['samples']} samples, {s['tokens']} tokens")
+            lines.append("  | precision | method | tokens/s | TFLOP/s (6PT) | % peak | peak mem MB | x predicted |")
+            lines.append("  |---|---|---|---|---|---|---|")
+            for prec, methods in s["precisions"].items():
+                for k, r in methods.items():
+                    if "tokens_per_s" not in r:
+                        lines.append(f"  | {prec} | {k} | | | | | {r.get('error', r.get('skipped', ''))[:100]} |")
+                        continue
+                    pct = r.get("pct_of_dense_peak", r.get("pct_of_measured_matmul"))
+                    mem = r.get("max_memory_allocated_mb", r.get("peak_rss_mb"))
+                    ratio = f"{r['peak_over_predicted']:.2f}" if "peak_over_predicted" in r else ""
+                    lines.append(
+                        f"  | {prec} | {k} | {r['tokens_per_s']:.0f} | {r['achieved_tflops_6pt']:.4f} | "
+                        f"{'' if pct is None else f'{pct:.1f}'} | {mem:.0f} | {ratio} |"
+                    )
     return "\n".join(lines)
 
 
@@ -736,16 +990,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 2)[2],
+        epilog=__doc__.split("\n\n", 1)[1],
     )
+    p.add_argument("--bundle", help="a folder packed by bench/gpu_bundle.sh: import gradsim and its needs from it")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
-    p.add_argument("--quick", action="store_true", help="tiny model only, 1 sample, no embedded or 1.2B model")
+    p.add_argument("--quick", action="store_true", help="the tiny model everywhere, a handful of samples")
+    p.add_argument(
+        "--shape",
+        help="bench/make_model.py's shape for build_model, e2e and throughput (default amd-olmo-1b; tiny with --quick)",
+    )
     p.add_argument("--samples", type=int, default=2, help="samples for the exactness and projection checks")
-    p.add_argument("--throughput-samples", type=int, default=6, help="timed samples per method")
-    p.add_argument("--max-length", type=int, help="truncate throughput samples (default: the model's context)")
-    p.add_argument("--method-cap-s", type=float, default=30.0, help="time a method on fewer samples past this")
-    p.add_argument("--budget-s", type=float, default=540.0, help="skip the remaining sections after this many seconds")
-    p.add_argument("--skip-1p2b", action="store_true", help="skip building and running the 1.2B shape")
+    p.add_argument("--e2e-samples", type=int, default=32, help="originals end to end (x2 settings = queries)")
+    p.add_argument("--throughput-samples", type=int, default=6, help="timed samples per method and precision")
+    p.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens (default 256)")
+    p.add_argument("--method-cap-s", type=float, default=15.0, help="time a method on fewer samples past this")
+    p.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining sections after this many seconds")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -754,22 +1013,23 @@ def main(argv=None) -> int:
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        log("warning: CUDA asked for but not available; every device section will fail (use --device cpu)")
-    n = 1 if args.quick else args.samples
-    quick = "--quick" if args.quick else None
-    skip_big = quick or ("--skip-1p2b" if args.skip_1p2b else None)
-    chk.section("environment", environment, args)
-    chk.section("exactness_tiny", exactness, chk, "tiny", n)
-    chk.section("exactness_embedded", exactness, chk, "embedded", n, skip=quick)
-    chk.section("projections_tiny", projections, chk, "tiny", n)
-    chk.section("projections_embedded", projections, chk, "embedded", n, skip=quick)
-    chk.cache.pop("embedded_cpu", None)
-    release()
-    chk.section("throughput_tiny", throughput, chk, "tiny", skip=None if args.quick else "only with --quick")
-    chk.section("throughput_embedded", throughput, chk, "embedded", skip=quick)
-    chk.section("build_1p2b", build_1p2b, chk, skip=skip_big)
-    chk.section("e2e_1p2b", e2e_1p2b, chk, skip=skip_big)
-    chk.section("throughput_1p2b", throughput, chk, "1p2b", skip=skip_big)
+        log(f"CUDA asked for but torch {torch.__version__} (CUDA {torch.version.cuda}) sees none: use --device cpu")
+        return 2
+    n = 2 if args.quick else args.samples
+    full_only = "--quick" if args.quick else None
+    try:
+        chk.section("environment", environment, chk)
+        chk.section("exactness_tiny", exactness, chk, "tiny", n)
+        chk.section("projections_tiny", projections, chk, "tiny", n)
+        chk.section("build_model", build_model, chk)
+        chk.section("e2e", e2e, chk)
+        chk.section("throughput", throughput, chk)
+        chk.section("exactness_135m", exactness, chk, "135m", n, skip=full_only)
+        chk.section("projections_135m", projections, chk, "135m", n, skip=full_only)
+    finally:
+        shutil.rmtree(chk.work, ignore_errors=True)
+        if "bundle" in chk.report:
+            shutil.rmtree(chk.report["bundle"]["site"], ignore_errors=True)
     chk.save()
     print(summary(chk.report))
     print(f"report: {chk.path}")

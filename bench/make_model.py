@@ -10,13 +10,15 @@ Shapes (architecture and sizes of the real model; the weights are a seeded rando
   smollm2-135m  SmolLM2-135M-Instruct (LlamaForCausalLM), the embedded default's shape
   olmo2-1b      OLMo-2-0425-1B (Olmo2ForCausalLM), untied embeddings, vocab 100352
   llama-7b      Llama-2-7B (LlamaForCausalLM), vocab 32000 (meant for --meta)
+  tiny          tests/conftest.py's tiny Llama (hidden 32, 2 layers, context 256): CPU smoke runs of the GPU check
 
 The model is saved as fp32 safetensors (save_pretrained) with the embedded SmolLM2 tokenizer and chat
-template, into ~/.cache/gradsim/models/<shape> by default (under GRADSIM_CACHE when set). The build is
-idempotent (a directory holding the same spec is reused) and atomic (written to a temporary directory
-beside the target, then renamed). The vocabulary is raised to the tokenizer's size where the shape's is
-smaller, so every token id is a valid row; where it is larger, pad_token_id is the last (unused) row, as
-AMD-OLMo's <|padding|> never occurs in text. The directory path is the last line on stdout.
+template (or the tokenizer directory given with --tokenizer, e.g. a GPU bundle's, where the embedded
+model's package is not installed), into ~/.cache/gradsim/models/<shape> by default (under GRADSIM_CACHE
+when set). The build is idempotent (a directory holding the same spec is reused) and atomic (written to a
+temporary directory beside the target, then renamed). The vocabulary is raised to the tokenizer's size
+where the shape's is smaller, so every token id is a valid row; where it is larger, pad_token_id is the
+last (unused) row, as AMD-OLMo's <|padding|> never occurs in text. The directory path is the last line on stdout.
 """
 
 from __future__ import annotations
@@ -98,6 +100,24 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
             initializer_range=0.02,
         ),
     ),
+    "tiny": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=49152,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+            initializer_range=0.02,
+        ),
+    ),
     "llama-7b": (
         "LlamaForCausalLM",
         "LlamaConfig",
@@ -131,13 +151,27 @@ def default_out(shape: str) -> Path:
     return cache_dir() / "models" / shape
 
 
-def load_tokenizer():
-    """The embedded SmolLM2 tokenizer (with its chat template) and the revision of its source."""
+def load_tokenizer(path=None):
+    """The embedded SmolLM2 tokenizer (with its chat template) and the revision of its source; or the
+    tokenizer saved in ``path`` (its gradsim_revision.txt, else a hash of its files, as the revision)."""
+    import hashlib
+
     from transformers import AutoTokenizer
 
-    from gradsim.model import embedded_model_dir
+    if path is None:
+        from gradsim.model import embedded_model_dir
 
-    path, revision = embedded_model_dir()
+        path, revision = embedded_model_dir()
+    else:
+        path = Path(path)
+        rev_file = path / "gradsim_revision.txt"
+        if rev_file.is_file():
+            revision = rev_file.read_text().strip()
+        else:
+            h = hashlib.sha256()
+            for f in sorted(p for p in path.iterdir() if p.is_file()):
+                h.update(f.name.encode() + f.read_bytes())
+            revision = "dir-" + h.hexdigest()[:16]
     return AutoTokenizer.from_pretrained(str(path)), revision
 
 
@@ -212,11 +246,11 @@ def read_spec(path: Path):
         return None
 
 
-def build(shape: str, out: Path, seed: int) -> Path:
+def build(shape: str, out: Path, seed: int, tokenizer=None) -> Path:
     import torch
     import transformers
 
-    tok, tok_rev = load_tokenizer()
+    tok, tok_rev = load_tokenizer(tokenizer)
     cfg, notes = make_config(shape, tok)
     for n in notes:
         log(f"note: {n}")
@@ -280,6 +314,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="build on the meta device only: count parameters and print the memory formula, save nothing",
     )
+    p.add_argument("--tokenizer", type=Path, help="a saved tokenizer directory (default: the embedded model's)")
     p.add_argument("--tokens", type=int, default=553, help="sample length for the activation estimate (--meta)")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -290,7 +325,7 @@ def main(argv=None) -> int:
             print(line)
         print(json.dumps({"shape": args.shape, "params": params, "architecture": SHAPES[args.shape][0]}))
         return 0
-    out = build(args.shape, (args.out or default_out(args.shape)).expanduser().absolute(), args.seed)
+    out = build(args.shape, (args.out or default_out(args.shape)).expanduser().absolute(), args.seed, args.tokenizer)
     spec = read_spec(out) or {}
     print(f"params: {spec.get('params', 0):,}")
     print(out)
