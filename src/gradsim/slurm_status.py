@@ -58,9 +58,9 @@ def slurm_states(array_ids: list[str]) -> dict[str, tuple[str, str]]:
     if not array_ids:
         return states
     ids = ",".join(sorted(set(array_ids)))
-    for cmd in (
-        ["sacct", "-X", "-n", "-P", "-j", ids, "-o", "JobID,State,ExitCode"],
-        ["squeue", "-h", "-r", "-t", "all", "-j", ids, "-o", "%i|%T|%r"],
+    for live, cmd in (
+        (False, ["sacct", "-X", "-n", "-P", "-j", ids, "-o", "JobID,State,ExitCode"]),
+        (True, ["squeue", "-h", "-r", "-t", "all", "-j", ids, "-o", "%i|%T|%r"]),
     ):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
@@ -72,6 +72,8 @@ def slurm_states(array_ids: list[str]) -> dict[str, tuple[str, str]]:
                 continue
             state = parts[1].split()[0] if parts[1].strip() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
             for jid in _expand_job_id(parts[0]):
+                if live and jid in states and state not in RUNNING_STATES | PENDING_STATES:
+                    continue  # a finished task: sacct's exit code ("2:0") says more than squeue's NonZeroExitCode
                 states[jid] = (state, parts[2])
     return states
 
