@@ -76,18 +76,6 @@ PROJECTIONS = ("tensorsketch", "countsketch", "factorized", "trak")
 # Headline tolerance of each precision's relative L2 error of a per-sample gradient (informational: the numbers
 # are the result; the fp32 one is what gradsim promises).
 TOLERANCE = {"float32": 1e-4, "tf32": 2e-2, "bfloat16": 1e-1, "bfloat16-weights": 2e-1}
-# Dense (not sparse) peak TFLOP/s by device name, first match wins: NVIDIA's data sheets.
-PEAKS = (
-    ("GH200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),
-    ("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
-    ("H200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),
-    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0}),
-    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
-    ("H100", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
-    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0}),
-    ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0}),
-)
 # Started in a subprocess (make_model.py, main.py): the same sys.path setup as this process, then the script;
 # at exit the peak device memory goes to $GPU_CHECK_PEAK_FILE.
 BOOT = """import atexit, json, os, runpy, sys
@@ -341,10 +329,10 @@ def tf32_mode(on: bool):
 
 
 def card_peaks(name: str) -> dict | None:
-    for key, peaks in PEAKS:
-        if key.lower() in name.lower():
-            return {"matched": key, **peaks}
-    return None
+    """The device's dense peaks (gradsim.estimate.card_peaks: one table for the check and the estimates)."""
+    from gradsim.estimate import card_peaks as peaks
+
+    return peaks(name)
 
 
 # ---------------------------------------------------------------- sections

@@ -90,7 +90,7 @@ def test_estimate_rules():
     assert slurm_time(60) == "00:17:00" and slurm_time(3600 * 30) == "2-12:15:00"
     assert DEFAULT_GPU_MEMORY_GB == 40.0
     h100 = throughput("cuda", "bfloat16", "h100:1")
-    assert h100.tflops == pytest.approx(0.4 * 989) and "H100" in h100.source
+    assert h100.tflops == pytest.approx(0.4 * 989.4) and "H100" in h100.source
     assert throughput("cuda", "tf32", "1").tflops == pytest.approx(0.4 * 156)  # an untyped GPU: an A100
     assert throughput("cpu", "float32", None, 2).tflops == pytest.approx(0.108)
 

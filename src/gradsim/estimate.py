@@ -20,14 +20,30 @@ from .config import Config
 
 log = logging.getLogger("gradsim")
 
-# Dense (no sparsity) peak TFLOP/s per card and precision, from the vendors' data sheets (SXM parts).
-DENSE_PEAK_TFLOPS = {
-    "a100": {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0},
-    "h100": {"float32": 67.0, "tf32": 495.0, "bfloat16": 989.0},
-    "h200": {"float32": 67.0, "tf32": 495.0, "bfloat16": 989.0},
-    "l40s": {"float32": 91.6, "tf32": 183.0, "bfloat16": 362.0},
-    "a40": {"float32": 37.4, "tf32": 74.8, "bfloat16": 150.0},
-}
+# Dense (not sparse) peak TFLOP/s by device name, first match wins: NVIDIA's data sheets (the GPU check reads
+# the same table for its % of peak).
+CARD_PEAKS = (
+    ("GH200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),
+    ("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    ("H200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),
+    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0}),
+    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    ("H100", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0}),
+    ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0}),
+)
+PRECISION_KEY = {"float32": "fp32", "tf32": "tf32", "bfloat16": "bf16", "bfloat16-weights": "bf16"}
+
+
+def card_peaks(name: str) -> Optional[dict]:
+    """The dense peaks of the card whose name (a device name, or a gres type like "h100") contains a key."""
+    for key, peaks in CARD_PEAKS:
+        if key.lower() in name.lower() or name.lower() == key.lower().replace(" ", ""):
+            return {"matched": key, **peaks}
+    return None
+
+
 # A GPU of no named type (--gpus 1) is taken to be the smallest of the common data-centre training cards.
 DEFAULT_GPU = "a100"
 DEFAULT_GPU_MEMORY_GB = 40.0  # A100 40 GB, the smallest of the common data-centre training cards
@@ -52,12 +68,9 @@ class Throughput:
 
 
 def gpu_type(gpus: Optional[str]) -> str:
-    """The card of a --gpus value ("a100:1" -> a100); DEFAULT_GPU when it names none."""
-    if gpus and ":" in str(gpus):
-        kind = str(gpus).split(":")[0].lower()
-        for name in DENSE_PEAK_TFLOPS:
-            if kind.startswith(name):
-                return name
+    """The card of a --gpus value ("a100:1" -> a100); DEFAULT_GPU when it names none the table knows."""
+    if gpus and ":" in str(gpus) and card_peaks(str(gpus).split(":")[0]):
+        return str(gpus).split(":")[0].lower()
     return DEFAULT_GPU
 
 
@@ -65,12 +78,14 @@ def throughput(device: str, dtype: str, gpus: Optional[str] = None, cpus: Option
     """The throughput a task on this device may expect, with where the figure comes from."""
     if str(device).startswith("cuda"):
         card = gpu_type(gpus)
-        precision = "bfloat16" if dtype.startswith("bfloat16") else dtype
-        peak = DENSE_PEAK_TFLOPS[card][precision]
-        named = "" if gpus and ":" in str(gpus) else f" (no GPU type given: {DEFAULT_GPU} assumed)"
+        precision = PRECISION_KEY[dtype]
+        peak = card_peaks(card)[precision]
+        named = (
+            "" if card != DEFAULT_GPU or (gpus and ":" in str(gpus)) else f" (no GPU type given: {DEFAULT_GPU} assumed)"
+        )
         return Throughput(
             peak * ASSUMED_GPU_FRACTION,
-            f"assumed: {ASSUMED_GPU_FRACTION:.0%} of the {card.upper()}'s dense {precision} peak "
+            f"assumed: {ASSUMED_GPU_FRACTION:.0%} of the {card.upper()}'s dense {dtype} peak "
             f"({peak:g} TFLOP/s){named}; no GPU measurement yet",
         )
     cores = cpus or 1
