@@ -177,7 +177,7 @@ def estimate_shares(
     schedule as run.score_exact makes it), with ``capacity`` exact gradients held (None: a projected run, each
     needed original featurized once)."""
     from .retrieval import candidate_lists
-    from .schedule import make_plan
+    from .schedule import fewest_held, make_plan
 
     est = Estimate("task", params=params)
     cands, q_tokens = [], []
@@ -194,7 +194,8 @@ def estimate_shares(
         est.passes = len(cands) + len(o_tokens)
         est.tokens = sum(q_tokens) + sum(o_tokens.values())
         return est
-    plan = make_plan(cands, [c[0] for c in cands], max(1, capacity))
+    groups = [c[0] for c in cands]
+    plan = make_plan(cands, groups, fewest_held(cands, groups, max(1, capacity)))  # as run.score_exact
     est.passes = len(cands) + plan.original_passes
     if plan.mode == "hold-originals":
         est.tokens = sum(q_tokens) + sum(o_tokens.values())

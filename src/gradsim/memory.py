@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -150,15 +151,62 @@ def model_shape(cfg: Config) -> Optional[ModelShape]:
         return None
 
 
+def cgroup_memory(
+    root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")
+) -> Optional[tuple[int, int]]:
+    """(limit, usage) bytes of the tightest memory limit over this process's cgroup and its ancestors (a Slurm
+    job's --mem, a container's limit), cgroup v2 or v1; None where no limit is set or none can be read."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    best: Optional[tuple[int, int]] = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: 0::/path
+            bases, limit_file, usage_file = [root, root / "unified"], "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            bases, limit_file, usage_file = [root / "memory"], "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        for base in bases:
+            d = base / path.lstrip("/")
+            while True:
+                try:
+                    raw = (d / limit_file).read_text().strip()
+                    usage = int((d / usage_file).read_text().strip())
+                except (OSError, ValueError):
+                    raw = None
+                if raw and raw != "max" and int(raw) < 2**60:  # v1 writes "no limit" as a huge number
+                    limit = int(raw)
+                    if best is None or limit - usage < best[0] - best[1]:
+                        best = (limit, usage)
+                if d == base or d.parent == d:
+                    break
+                d = d.parent
+    return best
+
+
 def device_bytes(device: torch.device) -> tuple[int, int]:
-    """(total, free now) bytes of the device's memory: host RAM for the CPU."""
+    """(total, free now) bytes of the device's memory: host RAM for the CPU, within this process's cgroup
+    limit where one is set (a Slurm job, a container)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(total), int(free)
     import psutil
 
     vm = psutil.virtual_memory()
-    return int(vm.total), int(vm.available)
+    total, free = int(vm.total), int(vm.available)
+    limited = cgroup_memory()
+    if limited is not None:
+        total, free = min(total, limited[0]), min(free, max(0, limited[0] - limited[1]))
+    return total, free
+
+
+# The CPU default holds at most this much of exact gradients (or two gradients, where two are larger): the
+# default study then peaks under 6 GB, so a second run or a notebook fits beside it; holding more saves few
+# passes (gradient_capacity, then run's fewest_held).
+CPU_DEFAULT_HELD_GB = 3.0
 
 
 def check_exact_fits(cfg: Config, device: torch.device) -> None:
@@ -195,14 +243,17 @@ def check_exact_fits(cfg: Config, device: torch.device) -> None:
 def gradient_capacity(
     cfg: Config, grad_bytes: int, device: torch.device, tokens: int = 0, shape: Optional[ModelShape] = None
 ) -> int:
-    """How many exact gradients the budget holds: --memory-gb, else 75% of the free host memory on the
-    CPU or 90% of the free GPU memory, after the model, its gradient buffer and its activations."""
+    """How many exact gradients the budget holds: --memory-gb, else 90% of the free GPU memory on CUDA, or on
+    the CPU 75% of the free host memory (within the cgroup's limit) up to CPU_DEFAULT_HELD_GB or two gradients,
+    after the model, its gradient buffer and its activations."""
     budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
     if budget is None:
         _total, free = device_bytes(device)
         act = shape.activation_bytes(tokens, cfg.dtype) if shape is not None else 0
         # The host keeps a quarter for the page cache, the tokenizer, baselines and other processes.
         budget_bytes = int(max(0, free - act) * (0.9 if device.type == "cuda" else 0.75))
+        if device.type != "cuda":
+            budget_bytes = min(budget_bytes, max(int(CPU_DEFAULT_HELD_GB * GB), 2 * grad_bytes))
     else:
         budget_bytes = int(budget * GB)
     capacity = budget_capacity(budget_bytes, grad_bytes)

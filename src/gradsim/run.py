@@ -421,7 +421,7 @@ def encode_all(p: Part, samples, what: str) -> list[Encoded]:
 
 def score_exact(parts: list[Part]) -> dict:
     from .gradients import GradientComputer
-    from .schedule import make_plan
+    from .schedule import fewest_held, make_plan
     from .stream import Cost, ExactStream
 
     first = parts[0]
@@ -444,7 +444,9 @@ def score_exact(parts: list[Part]) -> dict:
 
     longest = max(e.num_tokens for e in [*queries, *encs.values()])
     capacity = gradient_capacity(cfg, grad_bytes, lm.device, longest, shape_of_config(lm.model.config))
-    plan = make_plan(cands, [c[0] for c in cands], capacity)  # c[0]: the query's own original
+    groups = [c[0] for c in cands]  # c[0]: the query's own original
+    capacity = fewest_held(cands, groups, capacity)  # no more gradients than save passes
+    plan = make_plan(cands, groups, capacity)
     cost = Cost(shared_by=[p.cfg.setting for p in parts])
     cache = make_cache(first, grad_bytes, cost)
     log.info(

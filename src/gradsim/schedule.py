@@ -85,3 +85,22 @@ def later_uses(blocks: list[list[int]], cands: list[list[int]]) -> dict[int, lis
         for j in sorted({j for q in block for j in cands[q]}):
             uses.setdefault(j, []).append(b)
     return uses
+
+
+def fewest_held(cands: list[list[int]], groups: list[int], capacity: int) -> int:
+    """A smaller capacity whose plan makes no more backward passes than ``capacity``'s, by bisection (passes
+    fall as the capacity grows, about monotonically; whatever is returned never costs a pass): holding more
+    gradients than that only costs memory."""
+
+    def passes(k: int) -> int:
+        plan = make_plan(cands, groups, k)
+        return plan.num_queries + plan.original_passes
+
+    target, lo, hi = passes(capacity), 1, capacity
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if passes(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
