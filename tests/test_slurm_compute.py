@@ -398,3 +398,32 @@ def test_gpu_task_without_a_device_stops_at_once_and_status_names_why(study_args
     shown = script("status.py", out / "slurm").stdout
     assert "failed" in shown and "FAILED (exit 2" in shown and "CUDA is not available" in shown
     assert not (out / "gradient-similarity").exists()  # nothing written
+
+
+def test_sbatch_both_settings_in_one_array_combine_to_the_unpartitioned_runs(study_args, tmp_path):
+    """--setting both: one array whose tasks run both settings of their range; one submission record per setting,
+    so status sees two runs, and each setting's partitions combine to that setting of an unpartitioned run."""
+    from gradsim.cli import config_from_args
+    from gradsim.run import run
+
+    args = ["both" if a == "paraphrased" else a for a in study_args]
+    whole = run(config_from_args([*args, "--output-dir", str(tmp_path / "whole")]))["settings"]
+    out = tmp_path / "out"
+    proc = script("compute.py", *args, "--output-dir", out, "--num-partitions", "2", "--backend", "sbatch", *RESOURCES)
+    assert sorted(submitted_jobs(proc.stdout)) == [(0, 3), (3, 6)], proc.stdout
+    assert len(list((out / "slurm").rglob("job.sbatch"))) == 1  # one array
+    records = sorted((out / "slurm").rglob("submission.json"))
+    assert [r.parent.name for r in records] == ["model-generated", "paraphrased"]
+
+    def all_done():
+        runs = collect_status([out / "slurm"])
+        if any(r["status"] == "failed" for run_ in runs for r in run_["partitions"]):
+            pytest.fail(format_status(runs))
+        return len(runs) == 2 and all(run_["counts"]["done"] == len(run_["partitions"]) for run_ in runs)
+
+    wait_until(all_done, 400, lambda: format_status(collect_status([out / "slurm"])))
+    for setting, ref in whole.items():
+        run_dir = out / "gradient-similarity" / setting
+        script("combine.py", run_dir)
+        merged = read_json(run_dir / "results.json")
+        assert merged["queries"] == ref["queries"] and merged["summary"] == ref["summary"], setting
