@@ -392,7 +392,7 @@ def size_task(p: Plan, settings) -> None:
     from dataclasses import replace
 
     from .estimate import slurm_time, throughput
-    from .memory import GB, budget_capacity, budget_gb, device_need_bytes, host_bytes, model_shape
+    from .memory import DATA_GB, GB, RUNTIME_GB, budget_capacity, budget_gb, device_need_bytes, host_bytes, model_shape
 
     cfg, resources = p.cfg, p.resources
     shape = model_shape(cfg)
@@ -426,7 +426,7 @@ def size_task(p: Plan, settings) -> None:
             host = shape.params * w * 2 + shape.activation_bytes(tokens, cfg.dtype)
         else:
             host = shape.exact_bytes(tokens, cfg.dtype, held=0)["total"] + budget * GB
-        host += 2 * GB  # Python, the tokenizer, the data
+        host += int((RUNTIME_GB["cpu"] + DATA_GB) * GB)  # Python and torch, the tokenizer and the data
         held = (budget or 0) * GB
     need_gb = int(-(-host // GB))  # rounded up
     if resources.mem is None:
