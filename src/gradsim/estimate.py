@@ -188,6 +188,8 @@ def estimate_shares(
     originals = shares[0][1].originals  # both settings read the same originals (run.prepare checks it)
     o_tokens = dict(zip(needed, sample_tokens(cfg, [originals[j] for j in needed], max_length)))
     est.queries = len(cands)
+    if tokenizer_for(cfg) is None:
+        est.notes.append("tokens approximated as a quarter of the characters (the tokenizer cannot be loaded here)")
     if not cands:
         return est
     if capacity is None:

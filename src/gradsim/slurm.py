@@ -746,6 +746,8 @@ def print_estimate(p: Plan) -> None:
         return
     device = "cuda" if str(p.cfg.device).startswith("cuda") else "cpu"
     print(f"\nestimate ({device}, {p.cfg.dtype}; {p.throughput_source}):")
+    for note in p.estimates[0].notes:
+        print(f"  note: {note}")
     for e in p.estimates:
         print(
             f"  task {e.label:<16} {e.queries:>5} queries  {e.passes:>6} backward passes  {e.tokens:>9,} tokens  "
