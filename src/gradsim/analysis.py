@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import GradsimError
+from .finite import check_arrays
 from .io import read_json
 from .layout import RunPaths, selection_file
 from .metrics import component_of, component_order, group_indices, layer_of, summarize_ranks
@@ -69,6 +70,7 @@ def load_runs(results_dir, computation_type: str = "gradient-similarity") -> dic
             continue
         with np.load(npz) as z:
             arrays = {k: z[k] for k in z.files}
+        check_arrays(arrays, npz)
         runs[res.parent.name] = Run(res.parent.name, res.parent, read_json(res), arrays)
     if not runs:
         raise GradsimError(

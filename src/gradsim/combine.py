@@ -17,6 +17,7 @@ import numpy as np
 from .cli import format_summary
 from .config import COMPAT_FIELDS, COMPUTATION_TYPES, REPO_ROOT, compat_differences, redact
 from .errors import GradsimError
+from .finite import check_arrays
 from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
 from .layout import RunPaths
 from .options import Parser, from_args, option, positionals
@@ -87,7 +88,13 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
         )
 
     arrays = [np.load(RunPaths.sibling(p, "scores")) for _, _, p in parts]
+    for (_, _, p), a in zip(parts, arrays):
+        check_arrays(a, RunPaths.sibling(p, "scores"), "partition")
     scores = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0].files if k != "query_index"}
+    # --allow-nonfinite drops queries: the index of those kept (all of them, otherwise)
+    index = np.concatenate(
+        [a["query_index"] if "query_index" in a.files else np.arange(s, e) for (s, e, _), a in zip(parts, arrays)]
+    )
     metrics = [row for _, _, p in parts for row in read_jsonl_tolerant(RunPaths.sibling(p, "metrics"))]
 
     # The code may have changed during a campaign (not a compat field): every version is recorded.
@@ -112,13 +119,24 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
             "query_ids": query_ids,
             "original_ids": originals,
         }
+    if any("nonfinite" in r for r in results):
+        merged["nonfinite"] = merged_nonfinite([r.get("nonfinite") or {} for r in results])
     merged.update(summarize_arrays(first["parameter_names"], scores, first["config"]["computation_type"]))
     out = whole_run(run_dir, total)
-    atomic_save_npz(out.scores, **scores, query_index=np.arange(total))
+    atomic_save_npz(out.scores, **scores, query_index=index)
     atomic_write_jsonl(out.metrics, metrics)
     atomic_write_json(out.config, {"config": merged["config"], "compat": merged["compat"]})
     atomic_write_json(out.results, merged)
     return merged
+
+
+def merged_nonfinite(records: list[dict]) -> dict:
+    """The partitions' --allow-nonfinite records (finite.dropped_record) as one."""
+    out: dict = {"queries_dropped": sum(r.get("queries_dropped", 0) for r in records)}
+    for k in ("query_ids", "nonfinite_query_ids"):
+        out[k] = [i for r in records for i in r.get(k, [])]
+    out["nonfinite_original_ids"] = sorted({i for r in records for i in r.get("nonfinite_original_ids", [])})
+    return out
 
 
 # --------------------------------------------------------------------------------------------

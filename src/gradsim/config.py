@@ -74,6 +74,11 @@ COMPAT_FIELDS = (
 )
 
 
+# Options added after results were first written: recorded (config, results' "config") only when set, so
+# that a default run writes the bytes it wrote before they existed. None changes the numbers of a kept query.
+RECORDED_WHEN_SET = ("allow_nonfinite",)
+
+
 @dataclass(frozen=True)
 class Config:
     """What the user asked for. Frozen: a run derives per-setting copies (dataclasses.replace) and keeps
@@ -117,6 +122,8 @@ class Config:
     memory_gb: Optional[float] = None
     scratch_gb: Optional[float] = None
     host_memory_gb: Optional[float] = None
+    # Off by default, and then left out of to_record (RECORDED_WHEN_SET), so a default run's files keep their bytes.
+    allow_nonfinite: bool = False  # finite.py: drop and count a sample with a NaN/inf gradient instead of stopping
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -204,6 +211,9 @@ class Config:
         provenance just before it, max_length the resolved one where the run knows it)."""
         out = dataclasses.asdict(self)
         extra = out.pop("extra")
+        for name in RECORDED_WHEN_SET:
+            if out[name] is False:
+                del out[name]
         found = dataclasses.asdict(prov or Provenance())
         if found["max_length"] is None:  # not resolved yet: what was asked for
             del found["max_length"]
@@ -304,6 +314,12 @@ OPTIONS = (
         "cheaper than recomputing it (GRADSIM_SCRATCH_GB; default 0)",
     ),
     Option("host_memory_gb", "on CUDA: host RAM for kept originals' gradients, same rule (GRADSIM_HOST_MEMORY_GB)"),
+    Option(
+        "allow_nonfinite",
+        "drop (and count in results.json) the queries whose gradient, or a candidate's, is NaN or inf, instead "
+        "of stopping the run (off: a non-finite value stops it, naming the sample, the matrix and the likely cause)",
+        const=True,
+    ),
     Option("model_name", "HF model id or local directory (default: MT_MODEL_NAME or embedded)", flag="--model"),
     Option("revision", "hub branch, tag or commit of --model (default: main); the resolved commit is recorded"),
     Option(

@@ -194,12 +194,16 @@ class FeatureStore:
         return s, min(s + self.shard_size, len(self.ids))
 
 
-def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, progress=None):
+def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, progress=None, finite=None):
     """Features of several samples as an (n, D) fp32 CPU array plus per-sample metrics.
 
     Featurizers with ``features_batch`` take ``batch_size`` samples per forward/backward; a sample's
-    seconds are then its batch's time split evenly.
+    seconds are then its batch's time split evenly. Each batch is checked finite where it is made
+    (``finite``, a finite.FiniteCheck: by default a non-finite feature stops the run).
     """
+    from .finite import FiniteCheck
+
+    finite = finite if finite is not None else FiniteCheck(dtype=dtype)
     d = featurizer.layout.total
     out = np.empty((len(encs), d), dtype=np.float32)
     metrics = []
@@ -207,10 +211,9 @@ def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, pr
     for b0 in range(0, len(encs), step):
         batch = encs[b0 : b0 + step]
         t0 = time.perf_counter()
-        if step > 1:
-            out[b0 : b0 + len(batch)] = featurizer.features_batch(batch).detach().float().cpu().numpy()
-        else:
-            out[b0] = featurizer.features(batch[0]).detach().float().cpu().numpy()
+        feats = featurizer.features_batch(batch) if step > 1 else featurizer.features(batch[0])[None]
+        finite.rows(featurizer.layout, feats.detach(), [e.id for e in batch], role)
+        out[b0 : b0 + len(batch)] = feats.detach().float().cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - t0) / len(batch)

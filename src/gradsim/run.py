@@ -30,6 +30,7 @@ from .data import Dataset, load_dataset, partition_range
 from .encode import Encoded, encode
 from .errors import GradsimError
 from .features import FeatureStore, featurize, manifest_key, per_matrix_self_dots, progress_bar
+from .finite import ALLOW_HINT, FiniteCheck, NonFiniteError, dropped_record, finite_queries, likely_cause
 from .io import (
     append_jsonl,
     atomic_save_npz,
@@ -112,6 +113,7 @@ class Part:
     fidelity: Optional[dict] = None  # projected runs: projection.per_matrix_fidelity of the featurizer
     normalizer: Optional[dict] = None  # --normalize: what was applied (normalize.GradientNormalizer.to_dict)
     code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
+    finite: FiniteCheck = field(default_factory=FiniteCheck)  # --allow-nonfinite: stop at a NaN/inf, or count it
 
     @classmethod
     def of(cls, share: Share, lm: LoadedModel, version: str) -> Part:
@@ -125,7 +127,9 @@ class Part:
             variant_data_sha256=share.data.variant_sha256,
             max_length=resolved_max_length(share.cfg, lm),
         )
-        return cls(share.cfg, prov, lm, share.data, share.start, share.end, share.paths)
+        part = cls(share.cfg, prov, lm, share.data, share.start, share.end, share.paths)
+        part.finite = FiniteCheck(share.cfg.allow_nonfinite, lm.model, share.cfg.dtype)
+        return part
 
     def compat(self) -> dict:
         """What must agree for results to mix (COMPAT_FIELDS), of this Config and what the run found out."""
@@ -471,7 +475,7 @@ def score_exact(parts: list[Part]) -> dict:
                 p.record(*map(list, zip(*mine)))
 
     bar = progress_bar(total=len(owners) + plan.original_passes, desc="exact gradients", unit="pass")
-    ExactStream(computer, cost, cache, bar, on_gradient).run(plan, queries, cands, encs, on_done)
+    ExactStream(computer, cost, cache, bar, on_gradient, first.finite).run(plan, queries, cands, encs, on_done)
     bar.close()
     computer.release()
     return cost.to_dict(len(owners))
@@ -498,7 +502,9 @@ def attach_normalizer(p: Part, computer) -> Optional[dict]:
         log.info("--normalize %s: state from %s", cfg.normalize, path)
     else:
         bar = progress_bar(p.data.originals, desc=f"estimating --normalize {cfg.normalize}", unit="original")
-        norm.estimate((computer.gradient(p.encode(s)) for s in bar), lm.device)
+        grads = ((s.id, computer.gradient(p.encode(s))) for s in bar)
+        finite = (g for i, g in grads if p.finite.rows(computer.layout, g[None], [i], "original", "gradient"))
+        norm.estimate(finite, lm.device)  # with --allow-nonfinite a non-finite gradient is left out
         atomic_save_npz(path, **norm.state())
     computer.transform = norm
     return {**norm.to_dict(), "estimation_backward_passes": 0 if loaded else norm.count}
@@ -576,7 +582,7 @@ def score_projected(parts: list[Part]) -> None:
         bar = progress_bar(total=len(todo), desc=f"features ({p.cfg.setting} queries)", unit="sample")
         for b0 in range(0, len(todo), block):
             block_q = todo[b0 : b0 + block]
-            feats, m = featurize(featurizer, [enc[qi] for qi in block_q], lm.device, cfg.dtype, "query", bar)
+            feats, m = featurize(featurizer, [enc[qi] for qi in block_q], lm.device, cfg.dtype, "query", bar, p.finite)
             q = torch.from_numpy(feats)
             qself = per_matrix_self_dots(layout, q)
             dots, cself = [], []
@@ -606,7 +612,7 @@ def featurize_into_store(
     index = p.data.original_index()
     for s, e in todo:
         encs = [p.encode(p.data.originals[index[store.ids[r]]], loss_on) for r in range(s, e)]
-        feats, m = featurize(featurizer, encs, p.lm.device, p.cfg.dtype, role, bar)
+        feats, m = featurize(featurizer, encs, p.lm.device, p.cfg.dtype, role, bar, p.finite)
         p.shard_metrics(f"{store.root.name}:{s}-{e}", m)
         store.write_shard(s, e, feats, lambda f: per_matrix_self_dots(featurizer.layout, torch.from_numpy(f)))
     bar.close()
@@ -666,7 +672,7 @@ def baseline_scores(p: Part) -> dict[str, np.ndarray]:
     # Representations read the whole conversation whatever the loss target.
     featurize_into_store(p, store, rep, needed, "representation", "response")
     encs = [p.encode(data.queries[qi], "response") for qi in range(p.start, p.end)]
-    qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
+    qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation", finite=p.finite)
     p.add_metrics(m)
     orep, oself = gather_rows(store, needed)
     qself = per_matrix_self_dots(rep.layout, torch.from_numpy(qrep))
@@ -697,8 +703,14 @@ def assemble(p: Part, baselines: dict, cost: Optional[dict]) -> dict:
     arrays.update(baselines)
     if corpus:
         arrays["bm25_columns"] = bm25_columns(p)
+    whole = subset_scores(arrays["dots"], arrays["qself"], arrays["cself"], slice(None), cfg.computation_type)
+    keep = finite_queries(arrays) & np.isfinite(whole).all(-1)
+    nonfinite = None
+    if cfg.allow_nonfinite or not keep.all():
+        nonfinite = dropped_nonfinite(p, arrays, order, keep)
+        arrays = {k: v[keep] for k, v in arrays.items()}
+        whole, order = whole[keep], [qi for qi, k in zip(order, keep) if k]
     dots, qself, cself = arrays["dots"], arrays["qself"], arrays["cself"]
-    whole = subset_scores(dots, qself, cself, slice(None), cfg.computation_type)
     ranks = true_rank(whole)
     queries = []
     for k, qi in enumerate(order):
@@ -739,11 +751,44 @@ def assemble(p: Part, baselines: dict, cost: Optional[dict]) -> dict:
     }
     if cost is not None:
         result["cost"] = cost
+    if nonfinite is not None:
+        result["nonfinite"] = nonfinite
     if p.fidelity is not None:  # the per-matrix scores' predicted error (exact runs have none)
         result["per_matrix_fidelity"] = p.fidelity
     result.update(summarize_arrays(names, arrays, cfg.computation_type))
-    result["_arrays"] = arrays
+    result["_arrays"], result["_query_index"] = arrays, np.array(order, dtype=np.int64)
     return result
+
+
+def dropped_nonfinite(p: Part, arrays: dict, order: list[int], keep: np.ndarray) -> dict:
+    """The queries whose scores are not finite (their gradient, a candidate's, or a 0/0 cosine): refused,
+    naming the first, unless --allow-nonfinite, which drops them; what was dropped (finite.dropped_record)."""
+    data = p.data
+    query_ids = [data.queries[qi].id for qi in order]
+    cand_ids = [[data.originals[j].id for j in p.cands[qi - p.start]] for qi in order]
+    record = dropped_record(arrays, keep, query_ids, cand_ids)
+    if not p.cfg.allow_nonfinite:
+        k = int(np.flatnonzero(~keep)[0])
+        raise NonFiniteError(
+            f"the scores of query {query_ids[k]} (against {', '.join(cand_ids[k])}) are not finite (NaN or inf, "
+            f"e.g. a zero gradient's cosine): {likely_cause(p.lm.model, p.cfg.dtype)}; no results were written "
+            f"({ALLOW_HINT})"
+        )
+    if keep.sum() == 0:
+        raise NonFiniteError(
+            f"every query of {p.cfg.setting} [{p.start}, {p.end}) has a non-finite gradient or score: "
+            f"{likely_cause(p.lm.model, p.cfg.dtype)}; no results were written"
+        )
+    if record["queries_dropped"]:
+        log.warning(
+            "--allow-nonfinite: %d of %d queries dropped (non-finite: %d queries, %d candidate originals; ids in "
+            "results.json -> nonfinite)",
+            record["queries_dropped"],
+            len(order),
+            len(record["nonfinite_query_ids"]),
+            len(record["nonfinite_original_ids"]),
+        )
+    return record
 
 
 def truncation(p: Part) -> dict:
@@ -779,7 +824,7 @@ def log_truncation(result: dict) -> None:
 
 def write_outputs(p: Part, result: dict) -> None:
     paths = p.paths
-    atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=np.arange(p.start, p.end))
+    atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=result.pop("_query_index"))
     atomic_write_jsonl(paths.metrics, p.metrics)
     atomic_write_json(paths.config, {"config": p.cfg.to_record(p.prov), "compat": p.compat(), "argv": sys.argv})
     atomic_write_json(paths.results, result)  # last: its existence marks the partition as finished

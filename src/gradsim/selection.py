@@ -19,6 +19,7 @@ import numpy as np
 
 from .combine import whole_run
 from .errors import GradsimError
+from .finite import check_arrays
 from .io import atomic_write_json, read_json
 from .layout import selection_file
 from .metrics import mean_margin, summarize_ranks
@@ -114,6 +115,7 @@ def select_run(
     result = read_json(files.results)
     with np.load(files.scores) as z:
         dots, qself, cself = z["dots"], z["qself"], z["cself"]
+        check_arrays(z, files.scores)
         if protocol == "bm25":
             cols = z["bm25_columns"]
             dots = np.take_along_axis(dots, cols[..., None], axis=1)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .encode import Encoded
+from .finite import FiniteCheck
 from .gradients import GradientComputer, ParamLayout
 from .schedule import Plan, later_uses
 
@@ -154,16 +155,21 @@ class ExactStream:
         cache: Optional[OriginalCache] = None,
         progress=None,
         on_gradient: Optional[Callable[[Encoded, str, float, Optional[int]], None]] = None,
+        finite: Optional[FiniteCheck] = None,
     ):
         self.computer, self.cache, self.progress, self.on_gradient = computer, cache, progress, on_gradient
+        self.finite = finite if finite is not None else FiniteCheck(model=computer.model, dtype=computer.dtype)
         self.layout = computer.layout
         self.cost = cost if cost is not None else Cost()
         self._tokens = 0
         self._seconds = 0.0
 
-    def _gradient(self, enc: Encoded, role: str, out: Optional[torch.Tensor], q: Optional[int] = None) -> torch.Tensor:
-        """The sample's gradient (in the parameters' dtype): copied into ``out`` (a held slot), or the
-        computer's own buffer when ``out`` is None (a streamed gradient, used before the next is computed)."""
+    def _gradient(
+        self, enc: Encoded, role: str, out: Optional[torch.Tensor], q: Optional[int] = None
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The sample's gradient (in the parameters' dtype) and its (M,) per-matrix self-dots, checked finite
+        (FiniteCheck) before anything uses it: copied into ``out`` (a held slot), or the computer's own buffer
+        when ``out`` is None (a streamed gradient, used before the next is computed)."""
         t0 = time.perf_counter()
         g = self.computer.gradient(enc)
         if out is not None:
@@ -181,9 +187,11 @@ class ExactStream:
             self.cost.original_passes += 1
         if self.progress is not None:
             self.progress.update(1)
+        selfdots = matrix_dots(self.layout, g, g)
+        self.finite.selfdots(self.layout.names, selfdots, enc.id, role)
         if self.on_gradient is not None:
             self.on_gradient(enc, role, seconds, q)
-        return g
+        return g, selfdots
 
     def _work(self, like: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_work_buf", None) is None:
@@ -222,12 +230,11 @@ class ExactStream:
         row = {j: r for r, j in enumerate(needed)}
         oself = {}
         for j in needed:
-            g = self._gradient(originals[j], "original", held[row[j]])
-            oself[j] = matrix_dots(self.layout, g, g)
+            oself[j] = self._gradient(originals[j], "original", held[row[j]])[1]
         for q, enc in enumerate(queries):
-            g = self._gradient(enc, "query", None, q)
+            g, qself = self._gradient(enc, "query", None, q)
             dots = np.stack([matrix_dots(self.layout, g, held[row[j]]) for j in cands[q]])
-            on_done([(q, dots, matrix_dots(self.layout, g, g), np.stack([oself[j] for j in cands[q]]))])
+            on_done([(q, dots, qself, np.stack([oself[j] for j in cands[q]]))])
 
     def _hold_queries(self, plan, queries, cands, originals, on_done, dev, p) -> None:
         block_buf = torch.empty(max(len(b) for b in plan.blocks), p, dtype=self.computer.buffer.dtype, device=dev)
@@ -235,8 +242,7 @@ class ExactStream:
         for b, block in enumerate(plan.blocks):
             qself = {}
             for slot, q in enumerate(block):
-                g = self._gradient(queries[q], "query", block_buf[slot], q)
-                qself[q] = matrix_dots(self.layout, g, g)
+                qself[q] = self._gradient(queries[q], "query", block_buf[slot], q)[1]
             need: dict[int, list[tuple[int, int]]] = {}
             for slot, q in enumerate(block):
                 for col, j in enumerate(cands[q]):
@@ -247,15 +253,15 @@ class ExactStream:
                 left = [u for u in uses[j] if u > b]
                 if self.cache is not None and j in self.cache.entries:
                     g = self.cache.get(j, self._work(block_buf[0]))
+                    s = matrix_dots(self.layout, g, g)
                     if self.progress is not None:
                         self.progress.update(1)
                 else:
-                    g = self._gradient(originals[j], "original", None)
+                    g, s = self._gradient(originals[j], "original", None)
                     per_token = self.seconds_per_token
                     recompute = per_token * originals[j].num_tokens if per_token else None
                     if self.cache is not None and self.cache.worth_keeping(len(left), recompute):
                         self.cache.put(j, g)
-                s = matrix_dots(self.layout, g, g)
                 for slot, col in need[j]:
                     q = block[slot]
                     dots[q][col] = matrix_dots(self.layout, block_buf[slot], g)
