@@ -302,7 +302,11 @@ def check_encodable(parts: list[Part]) -> None:
 
 
 def run_locked(parts: list[Part]) -> list[dict]:
+    from .stream import remove_stale_scratch
+
     for p in parts:
+        if removed := remove_stale_scratch(p.paths.scratch):  # we hold the range's lock: its scratch is no one's
+            log.warning("removed %d scratch files left by a run of this range that died: %s", removed, p.paths.scratch)
         p.finished = finished_result(p)
     todo = [p for p in parts if p.finished is None]
     if todo:

@@ -38,6 +38,25 @@ def matrix_dots(layout: ParamLayout, a: torch.Tensor, b: torch.Tensor) -> np.nda
     return torch.stack(dots).double().cpu().numpy()
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor's memory as uint8 (numpy has no bfloat16: bf16 gradients go to scratch as bytes)."""
+    return t.view(torch.uint8)
+
+
+def remove_stale_scratch(directory: Path) -> int:
+    """Remove a scratch folder left by a dead run of this query range (its kept gradients and any *.tmp a kill
+    left mid-write); called by the next run once it holds the range's lock. The number of files removed."""
+    files = [f for f in directory.iterdir() if f.is_file()] if directory.is_dir() else []
+    for f in files:
+        f.unlink(missing_ok=True)
+    for d in (directory, directory.parent):  # this range's folder, then .scratch when no other range uses it
+        try:
+            d.rmdir()
+        except OSError:
+            break
+    return len(files)
+
+
 @dataclass
 class Cost:
     """What the exact path spent: reported in results.json (``cost``) and printed at the end."""
@@ -103,7 +122,7 @@ class OriginalCache:
             path = self.dir / f"original_{j:07d}.bin"
             tmp = path.with_suffix(".tmp")
             with open(tmp, "wb") as f:
-                f.write(memoryview(g.detach().cpu().numpy()).cast("B"))
+                f.write(memoryview(as_bytes(g.detach().cpu()).numpy()))
             os.replace(tmp, path)
             self.entries[j] = path
             self.cost.scratch_bytes_written += self.grad_bytes
@@ -117,7 +136,7 @@ class OriginalCache:
         else:
             host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
             with open(entry, "rb") as f:
-                f.readinto(memoryview(host.numpy()).cast("B"))
+                f.readinto(memoryview(as_bytes(host).numpy()))
             if host is not out:
                 out.copy_(host)
             self.cost.scratch_bytes_read += self.grad_bytes
@@ -134,11 +153,7 @@ class OriginalCache:
         for j in list(self.entries):
             self.drop(j)
         if self.kind == "disk":
-            for d in (self.dir, self.dir.parent):  # this range's folder, then .scratch when no other range uses it
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
+            remove_stale_scratch(self.dir)
 
 
 # A query's finished scores: position, (C, M) dots, (M,) self-dots, (C, M) candidates' self-dots.
