@@ -16,6 +16,7 @@ import numpy as np
 
 from .cli import format_summary
 from .config import COMPAT_FIELDS, COMPUTATION_TYPES, REPO_ROOT, compat_differences, redact
+from .cost import summed as summed_cost
 from .errors import GradsimError
 from .finite import check_arrays
 from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
@@ -119,6 +120,8 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
             "query_ids": query_ids,
             "original_ids": originals,
         }
+    if all("cost" in r for r in results):  # what every partition spent, over all its attempts
+        merged["cost"] = summed_cost([dict(r["cost"], partition=[s, e]) for (s, e, _), r in zip(parts, results)])
     if any("nonfinite" in r for r in results):
         merged["nonfinite"] = merged_nonfinite([r.get("nonfinite") or {} for r in results])
     merged.update(summarize_arrays(first["parameter_names"], scores, first["config"]["computation_type"]))

@@ -26,6 +26,8 @@ import torch
 
 from . import __version__, matrices
 from .config import SETTINGS, Config, Provenance, compat_differences
+from .cost import RUNNING, Cost, closed, end_reason
+from .cost import total as total_cost
 from .data import Dataset, load_dataset, partition_range
 from .encode import Encoded, encode
 from .errors import GradsimError
@@ -114,6 +116,11 @@ class Part:
     normalizer: Optional[dict] = None  # --normalize: what was applied (normalize.GradientNormalizer.to_dict)
     code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
     finite: FiniteCheck = field(default_factory=FiniteCheck)  # --allow-nonfinite: stop at a NaN/inf, or count it
+    # The exact path's spending in this attempt (number ``attempt``; shared by both settings' parts), and the
+    # earlier attempts' as their records logged them (cost.py)
+    cost: Optional[Cost] = None
+    attempt: int = 1
+    attempts: dict[int, dict] = field(default_factory=dict)
 
     @classmethod
     def of(cls, share: Share, lm: LoadedModel, version: str) -> Part:
@@ -161,6 +168,8 @@ class Part:
             index=np.array(queries),
         )
         rec = {"kind": "block", "file": name, "metrics": [*self.pending, *metrics]}
+        if self.cost is not None:  # what this attempt spent so far, durable with the block (cost.py)
+            rec["attempt"] = self.cost.attempt(self.attempt, RUNNING)
         append_jsonl(self.paths.progress, rec)
         self.pending = []
         self.done.update(load_block(self.paths, rec))
@@ -311,7 +320,11 @@ def run_locked(parts: list[Part]) -> list[dict]:
     todo = [p for p in parts if p.finished is None]
     if todo:
         with matrices.only(todo[0].lm.model, selected_matrices(todo[0])):
-            score_parts(todo)
+            try:
+                score_parts(todo)
+            except BaseException as e:
+                end_attempt(todo, e)
+                raise
     return [p.finished for p in parts]
 
 
@@ -340,7 +353,10 @@ def score_parts(todo: list[Part]) -> None:
         score_projected(todo)
         cost = None
     else:
-        cost = score_exact(todo)
+        start_attempt(todo)
+        score_exact(todo)
+        first = todo[0]
+        cost = total_cost(first.cost, first.attempt, closed(first.attempts), sum(p.end - p.start for p in todo))
     for p in todo:
         baselines = baseline_scores(p) if p.cfg.baselines else {}
         result = assemble(p, baselines, cost)
@@ -391,6 +407,8 @@ def resume(p: Part) -> None:
             log.info("resuming progress made by code %s (now %s)", progress[0]["code_version"], version)
             p.code_versions.add(progress[0]["code_version"])
     for r in progress:
+        if "attempt" in r:  # an attempt's record: logged when it began, with each block, and when it ended
+            p.attempts[r["attempt"]["attempt"]] = r["attempt"]
         if r.get("kind") == "block":
             p.done.update(load_block(p.paths, r))
             p.groups[f"block:{r['file']}"] = r.get("metrics", [])
@@ -419,10 +437,31 @@ def encode_all(p: Part, samples, what: str) -> list[Encoded]:
 # --------------------------------------------------------------------------------------------
 
 
-def score_exact(parts: list[Part]) -> dict:
+def start_attempt(parts: list[Part]) -> None:
+    """This attempt's Cost, shared by the parts and logged at once in each progress log, so that even an
+    attempt killed before its first block is listed."""
+    cost = Cost(shared_by=[p.cfg.setting for p in parts])
+    n = 1 + max((k for p in parts for k in p.attempts), default=0)
+    for p in parts:
+        p.cost, p.attempt = cost, n
+        append_jsonl(p.paths.progress, {"kind": "attempt", "attempt": cost.attempt(n, RUNNING)})
+
+
+def end_attempt(parts: list[Part], exc: BaseException) -> None:
+    """Log how this attempt ended (SIGTERM, interrupted, error) and what it spent, where a progress log is left."""
+    for p in parts:
+        if p.cost is not None and p.paths.progress.exists():
+            record = p.cost.attempt(p.attempt, end_reason(exc))
+            try:
+                append_jsonl(p.paths.progress, {"kind": "attempt", "attempt": record})
+            except OSError:  # e.g. the disk that just filled up: the block records still count
+                pass
+
+
+def score_exact(parts: list[Part]) -> None:
     from .gradients import GradientComputer
     from .schedule import make_plan
-    from .stream import Cost, ExactStream
+    from .stream import ExactStream
 
     first = parts[0]
     cfg, lm, originals = first.cfg, first.lm, first.data.originals
@@ -430,7 +469,7 @@ def score_exact(parts: list[Part]) -> dict:
     owners = [(p, qi) for p in parts for qi in p.todo]
     cands = [p.cands[qi - p.start] for p, qi in owners]
     if not owners:
-        return Cost(shared_by=[p.cfg.setting for p in parts]).to_dict(0)
+        return
     queries = encode_all(first, [p.data.queries[qi] for p, qi in owners], "queries")
     needed = sorted({j for c in cands for j in c})
     encs = dict(zip(needed, encode_all(first, [originals[j] for j in needed], "originals")))
@@ -445,7 +484,7 @@ def score_exact(parts: list[Part]) -> dict:
     longest = max(e.num_tokens for e in [*queries, *encs.values()])
     capacity = gradient_capacity(cfg, grad_bytes, lm.device, longest, shape_of_config(lm.model.config))
     plan = make_plan(cands, [c[0] for c in cands], capacity)  # c[0]: the query's own original
-    cost = Cost(shared_by=[p.cfg.setting for p in parts])
+    cost = first.cost
     cache = make_cache(first, grad_bytes, cost)
     log.info(
         "exact: %d queries, %d originals, %s of %d gradients (%.2f GB each): %d blocks, %.2f passes per query "
@@ -482,7 +521,6 @@ def score_exact(parts: list[Part]) -> dict:
     ExactStream(computer, cost, cache, bar, on_gradient, first.finite).run(plan, queries, cands, encs, on_done)
     bar.close()
     computer.release()
-    return cost.to_dict(len(owners))
 
 
 def attach_normalizer(p: Part, computer) -> Optional[dict]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from .cost import Cost
 from .encode import Encoded
 from .finite import FiniteCheck
 from .gradients import GradientComputer, ParamLayout
@@ -55,34 +55,6 @@ def remove_stale_scratch(directory: Path) -> int:
         except OSError:
             break
     return len(files)
-
-
-@dataclass
-class Cost:
-    """What the exact path spent: reported in results.json (``cost``) and printed at the end."""
-
-    # backward passes, their tokens (forward + backward, every pass) and time
-    query_passes: int = 0
-    original_passes: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    backward_seconds_per_token: Optional[float] = None
-    # the schedule: "hold-queries" or "hold-originals", and how many gradients the budget held
-    mode: str = ""
-    held_gradients: int = 0
-    shared_by: list[str] = field(default_factory=list)  # the settings whose queries shared this schedule
-    # originals kept between blocks and read back instead of recomputed
-    originals_reused: int = 0
-    scratch_bytes_written: int = 0
-    scratch_bytes_read: int = 0
-    host_bytes_kept: int = 0
-
-    def to_dict(self, num_queries: int) -> dict:
-        d = dict(self.__dict__)
-        d["backward_passes"] = {"query": self.query_passes, "original": self.original_passes}
-        d["passes_per_query"] = round((self.query_passes + self.original_passes) / max(1, num_queries), 4)
-        d["num_queries"] = num_queries
-        return d
 
 
 class OriginalCache:
@@ -225,15 +197,20 @@ class ExactStream:
         originals: dict[int, Encoded],
         on_done: Callable[[list[Done]], None],
     ) -> Cost:
-        t_start = time.perf_counter()
+        t_start, base = time.perf_counter(), self.cost.seconds
         dev = self.computer.device
         p = self.layout.total
         self.cost.held_gradients, self.cost.mode = plan.capacity, plan.mode
+
+        def done(finished: list[Done]) -> None:  # the seconds so far go into the block's progress record
+            self.cost.seconds = base + (time.perf_counter() - t_start)
+            on_done(finished)
+
         if plan.mode == "hold-originals":
-            self._hold_originals(queries, cands, originals, on_done, dev, p)
+            self._hold_originals(queries, cands, originals, done, dev, p)
         else:
-            self._hold_queries(plan, queries, cands, originals, on_done, dev, p)
-        self.cost.seconds += time.perf_counter() - t_start
+            self._hold_queries(plan, queries, cands, originals, done, dev, p)
+        self.cost.seconds = base + (time.perf_counter() - t_start)
         self.cost.backward_seconds_per_token = self.seconds_per_token
         if self.cache is not None:
             self.cache.close()
