@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gradsim.config import Config
+from gradsim.io import read_json
 from gradsim.model import LoadedModel
 from gradsim.run import run
 
@@ -109,3 +110,106 @@ def test_combine_sums_the_partitions_costs(tiny, tmp_path):
     merged = merge_partitions(tmp_path / "gradient-similarity" / "paraphrased")["cost"]
     assert merged["query_passes"] == 4 and merged["num_queries"] == 4 and merged["partitions"] == 2
     assert [a["partition"] for a in merged["attempts"]] == [[0, 2], [2, 4]]
+
+
+# One-line errors where tracebacks were
+# --------------------------------------------------------------------------------------------
+
+
+def partitioned(tiny, tmp_path):
+    for s, e in ((0, 2), (2, 4)):
+        run(cfg_for(tmp_path, partition_start=s, partition_end=e), lm=tiny)
+    return tmp_path / "gradient-similarity" / "paraphrased"
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged", ["results_00000-00002.json", "scores_00000-00002.npz"])
+def test_combine_and_a_rerun_name_a_truncated_partition_file(tiny, tmp_path, capsys, damaged):
+    from gradsim.combine import combine_main
+    from gradsim.errors import GradsimError
+
+    run_dir = partitioned(tiny, tmp_path)
+    truncate(run_dir / "partitions" / damaged)
+    capsys.readouterr()
+    assert combine_main([str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and damaged in err and "truncated or damaged" in err and "rerun the partition" in err
+    assert not (run_dir / "results.json").exists()
+    with pytest.raises(GradsimError, match=f"{damaged}.*truncated or damaged.*delete it"):
+        run(cfg_for(tmp_path, partition_start=0, partition_end=2), lm=tiny)
+
+
+def test_a_full_disk_leaves_no_scores_without_results_and_the_rerun_resumes(tiny, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import gradsim.run as runmod
+    from gradsim.cli import main
+    from gradsim.io import atomic_writer
+
+    real = runmod.atomic_write_json
+
+    def full(path, obj, indent=True):
+        if path.name != "results.json":
+            return real(path, obj, indent)
+        with atomic_writer(path):
+            raise OSError(errno.EFBIG, "File too large")  # write() names no file
+
+    monkeypatch.setattr(runmod, "atomic_write_json", full)
+    monkeypatch.setattr(runmod, "load_model", lambda cfg, device: tiny)
+    monkeypatch.setattr(runmod, "check_exact_fits", lambda cfg, device: None)
+    argv = ["--output-dir", str(tmp_path), "--device", "cpu", "--sample-size", "3", "--top-k", "1", "--no-baselines"]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    out = tmp_path / "gradient-similarity" / "paraphrased"
+    assert len(err) == 1 and str(out / "results.json") in err[0] and "File too large" in err[0], err
+    assert "rerun the same command" in err[0]
+    assert not (out / "scores.npz").exists() and not (out / "results.json").exists()
+    assert (out / "progress.jsonl").exists()  # resumable
+    monkeypatch.setattr(runmod, "atomic_write_json", real)
+    assert main(argv) == 0
+    res = read_json(out / "results.json")
+    assert res["cost"]["query_passes"] == 3 and [a["end"] for a in res["cost"]["attempts"]] == ["error", "finished"]
+
+
+def test_a_read_only_feature_store_that_needs_shards_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    import os
+
+    import gradsim.features
+    from gradsim.errors import GradsimError
+
+    run(cfg_for(tmp_path, sample_size=2, baselines=True), lm=tiny)
+    store = next(tmp_path.rglob("representations"))
+    for f in store.glob("*_000000_*.npy"):
+        f.unlink()  # the shard this store still needs
+    if os.geteuid() == 0:  # root writes anywhere: a read-only mount is what stops it
+        monkeypatch.setattr(gradsim.features, "dir_writable", lambda path: False)
+    else:
+        store.chmod(0o555)
+    try:
+        with pytest.raises(
+            GradsimError, match="feature store .*representations needs 1 more shards but is not writable"
+        ):
+            run(cfg_for(tmp_path, sample_size=2, baselines=True, setting="model-generated"), lm=tiny)
+    finally:
+        store.chmod(0o755)
+    assert not list((tmp_path / "gradient-similarity" / "model-generated").glob("progress*"))  # no work done
+
+
+def test_select_on_a_folder_without_a_run_says_what_is_there(tiny, tmp_path, capsys):
+    from gradsim.selection import main as select_main
+
+    (tmp_path / "empty").mkdir()
+    assert select_main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds no finished run" in err, err
+    run(
+        cfg_for(tmp_path / "out", sample_size=2, use_random_projection=True, projection="countsketch", proj_dim=4096),
+        lm=tiny,
+    )
+    capsys.readouterr()
+    assert select_main([str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "paraphrased-countsketch4096" in err, err

@@ -19,7 +19,15 @@ from .config import COMPAT_FIELDS, COMPUTATION_TYPES, REPO_ROOT, compat_differen
 from .cost import summed as summed_cost
 from .errors import GradsimError
 from .finite import check_arrays
-from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
+from .io import (
+    atomic_save_npz,
+    atomic_write_json,
+    atomic_write_jsonl,
+    load_json,
+    load_npz,
+    read_json,
+    read_jsonl_tolerant,
+)
 from .layout import RunPaths
 from .options import Parser, from_args, option, positionals
 from .score import summarize_arrays
@@ -59,7 +67,8 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     parts = find_partitions(run_dir)
     if not parts:
         raise GradsimError(f"no partition results under {whole_run(run_dir).part_dir}: run the partitions first")
-    results = [read_json(p) for _, _, p in parts]
+    redo = "delete it and the other files of that partition under {}, rerun the partition, then combine"
+    results = [load_json(p, redo.format(p.parent)) for _, _, p in parts]
     first = results[0]
     for (_, _, p), r in zip(parts, results):
         diff = compat_differences(first["compat"], r["compat"])
@@ -88,13 +97,13 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
             f"queries {listed} of {total} have no finished partition: rerun those partitions, then combine"
         )
 
-    arrays = [np.load(RunPaths.sibling(p, "scores")) for _, _, p in parts]
+    arrays = [load_npz(RunPaths.sibling(p, "scores"), redo.format(p.parent)) for _, _, p in parts]
     for (_, _, p), a in zip(parts, arrays):
         check_arrays(a, RunPaths.sibling(p, "scores"), "partition")
-    scores = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0].files if k != "query_index"}
+    scores = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0] if k != "query_index"}
     # --allow-nonfinite drops queries: the index of those kept (all of them, otherwise)
     index = np.concatenate(
-        [a["query_index"] if "query_index" in a.files else np.arange(s, e) for (s, e, _), a in zip(parts, arrays)]
+        [a["query_index"] if "query_index" in a else np.arange(s, e) for (s, e, _), a in zip(parts, arrays)]
     )
     metrics = [row for _, _, p in parts for row in read_jsonl_tolerant(RunPaths.sibling(p, "metrics"))]
 

@@ -39,6 +39,8 @@ from .io import (
     atomic_write_json,
     atomic_write_jsonl,
     ensure_writable_dir,
+    load_json,
+    load_npz,
     read_json,
     read_jsonl_tolerant,
 )
@@ -284,7 +286,24 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
             held.enter_context(
                 locked(p.paths.lock, f"{p.cfg.setting} queries [{p.start}, {p.end}) of {p.paths.run_dir}")
             )
-        return run_locked(parts)
+        try:
+            return run_locked(parts)
+        except OSError as e:
+            raise write_error(e) from None
+
+
+def write_error(e: OSError) -> Exception:
+    """A failed write (a full disk, a file too large, a quota, a read-only file system) as a one-line error
+    naming the file; other OS errors as they are."""
+    import errno
+
+    if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return e
+    where = f" {e.filename}" if e.filename else ""
+    return GradsimError(
+        f"cannot write{where} ({e.strerror or e}): free some space or make it writable (or pass another "
+        "--output-dir), then rerun the same command: it resumes from the blocks already finished"
+    )
 
 
 def resolved_max_length(cfg: Config, lm: LoadedModel) -> int:
@@ -348,6 +367,8 @@ def score_parts(todo: list[Part]) -> None:
         check_proj_dim(cfg, todo[0].lm.model)
     for p in todo:
         p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k, turns=p.cfg.turns)[p.start : p.end]
+        check_stores_writable(p)
+    for p in todo:
         resume(p)
     if cfg.use_random_projection:
         score_projected(todo)
@@ -370,7 +391,9 @@ def score_parts(todo: list[Part]) -> None:
 def finished_result(p: Part) -> Optional[dict]:
     if not p.paths.results.exists():
         return None
-    done = read_json(p.paths.results)
+    fix = f"delete it and the other files of this range ({p.paths.results.name}, {p.paths.scores.name}) and rerun"
+    done = load_json(p.paths.results, fix)
+    load_npz(p.paths.scores, fix, read=False)  # a finished range's scores must open (select, combine read them)
     diff = compat_differences(done.get("compat"), p.compat())
     if not diff:
         log.info("already finished: %s", p.paths.results)
@@ -647,8 +670,8 @@ def featurize_into_store(
     p: Part, store, featurizer, rows: list[int], role: str = "original", loss_on: Optional[str] = None
 ) -> None:
     """Featurize the originals ``rows`` not yet in the store; encoded for ``loss_on`` (default: the run's)."""
-    wanted = {store.shard_of(r) for r in rows}
-    todo = [(s, e) for (s, e) in store.shard_ranges() if (s, e) in wanted and not store.has_shard(s, e)]
+    todo = store.missing(rows)
+    store.check_writable(todo)
     store.check_room(sum(e - s for s, e in todo), store.dim * 4 + len(featurizer.layout.names) * 8)
     bar = progress_bar(total=sum(e - s for s, e in todo), desc=f"features ({role}s)", unit="sample")
     index = p.data.original_index()
@@ -687,29 +710,12 @@ def corpus_dots(store: FeatureStore, layout, q: torch.Tensor) -> tuple[np.ndarra
 
 def baseline_scores(p: Part) -> dict[str, np.ndarray]:
     """(Q, C) scores of the baselines for this partition's queries and candidates."""
-    from .baselines import POOLINGS, RepresentationFeaturizer, candidate_scores
+    from .baselines import candidate_scores
     from .retrieval import bm25_scores
 
-    cfg, prov, lm, data, cands = p.cfg, p.prov, p.lm, p.data, p.cands
+    cfg, lm, data, cands = p.cfg, p.lm, p.data, p.cands
     out = {"baseline_bm25": candidate_scores(bm25_scores(data, cfg.turns), list(range(p.start, p.end)), cands)}
-    rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype, POOLINGS)  # every pooling: one forward
-    manifest = dict(
-        model=cfg.model_name,
-        revision=prov.model_revision,
-        template=prov.chat_template_sha256,
-        max_length=prov.max_length,
-        dtype=cfg.dtype,
-        original_data_sha256=prov.original_data_sha256,
-        sample_size=cfg.sample_size,
-        featurizer=rep.spec,
-    )
-    store = FeatureStore.open(
-        feature_store_dir(cfg.output_dir, manifest_key(manifest), "representations"),
-        manifest,
-        [s.id for s in data.originals],
-        rep.layout.total,
-        256,
-    )
+    rep, store = representation_store(p)
     needed = sorted({j for c in cands for j in c})
     # Representations read the whole conversation whatever the loss target.
     featurize_into_store(p, store, rep, needed, "representation", "response")
@@ -724,6 +730,39 @@ def baseline_scores(p: Part) -> dict[str, np.ndarray]:
         full[:, needed] = cosine(dots[:, :, m_], qself[:, m_ : m_ + 1], oself[None, :, m_])
         out[f"baseline_{name}"] = np.stack([full[k, c] for k, c in enumerate(cands)]).astype(np.float32)
     return out
+
+
+def representation_store(p: Part):
+    """The baselines' representation featurizer and the store of the originals' representations."""
+    from .baselines import POOLINGS, RepresentationFeaturizer
+
+    cfg, prov, lm = p.cfg, p.prov, p.lm
+    rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype, POOLINGS)  # every pooling: one forward
+    manifest = dict(
+        model=cfg.model_name,
+        revision=prov.model_revision,
+        template=prov.chat_template_sha256,
+        max_length=prov.max_length,
+        dtype=cfg.dtype,
+        original_data_sha256=prov.original_data_sha256,
+        sample_size=cfg.sample_size,
+        featurizer=rep.spec,
+    )
+    store = FeatureStore.open(
+        feature_store_dir(cfg.output_dir, manifest_key(manifest), "representations"),
+        manifest,
+        [s.id for s in p.data.originals],
+        rep.layout.total,
+        256,
+    )
+    return rep, store
+
+
+def check_stores_writable(p: Part) -> None:
+    """Before any work: the baselines' representation store must be able to take the shards this range needs."""
+    if p.cfg.baselines:
+        store = representation_store(p)[1]
+        store.check_writable(store.missing(sorted({j for c in p.cands for j in c})))
 
 
 def bm25_columns(p: Part) -> np.ndarray:
@@ -865,8 +904,17 @@ def log_truncation(result: dict) -> None:
 
 
 def write_outputs(p: Part, result: dict) -> None:
+    """Write a range's files, results.json last (its existence marks the range finished). A write that fails
+    (a full disk) removes what this call wrote, so no scores file is left without its results, and leaves the
+    progress log and blocks: rerunning the same command resumes and only writes again."""
     paths = p.paths
-    atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=result.pop("_query_index"))
-    atomic_write_jsonl(paths.metrics, p.metrics)
-    atomic_write_json(paths.config, {"config": p.cfg.to_record(p.prov), "compat": p.compat(), "argv": sys.argv})
-    atomic_write_json(paths.results, result)  # last: its existence marks the partition as finished
+    try:
+        atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=result.pop("_query_index"))
+        atomic_write_jsonl(paths.metrics, p.metrics)
+        atomic_write_json(paths.config, {"config": p.cfg.to_record(p.prov), "compat": p.compat(), "argv": sys.argv})
+        atomic_write_json(paths.results, result)
+    except OSError:
+        if not paths.results.exists():
+            for f in (paths.scores, paths.metrics, paths.config):
+                f.unlink(missing_ok=True)
+        raise

@@ -20,7 +20,7 @@ import numpy as np
 from .combine import whole_run
 from .errors import GradsimError
 from .finite import check_arrays
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, load_json, load_npz
 from .layout import selection_file
 from .metrics import mean_margin, summarize_ranks
 from .options import Parser, from_args, option
@@ -112,14 +112,21 @@ def select_run(
     choice (their scores are mostly projection noise) unless ``include_noisy``; the output lists them."""
     run_dir = Path(run_dir)
     files = whole_run(run_dir)
-    result = read_json(files.results)
-    with np.load(files.scores) as z:
-        dots, qself, cself = z["dots"], z["qself"], z["cself"]
-        check_arrays(z, files.scores)
-        if protocol == "bm25":
-            cols = z["bm25_columns"]
-            dots = np.take_along_axis(dots, cols[..., None], axis=1)
-            cself = np.take_along_axis(cself, cols[..., None], axis=1)
+    check_is_run(run_dir)
+    fix = "rerun that run (or gradsim combine its partitions again)"
+    result = load_json(files.results, fix)
+    z = load_npz(files.scores, fix)
+    check_arrays(z, files.scores)
+    dots, qself, cself = z["dots"], z["qself"], z["cself"]
+    if protocol == "bm25":
+        if "bm25_columns" not in z:
+            raise GradsimError(
+                f"--protocol bm25 picks the BM25 candidates out of a --candidates all run, which {run_dir} is not: "
+                "drop --protocol bm25"
+            )
+        cols = z["bm25_columns"]
+        dots = np.take_along_axis(dots, cols[..., None], axis=1)
+        cself = np.take_along_axis(cself, cols[..., None], axis=1)
     choose, report = split_queries(dots.shape[0], seed)
     sizes = result.get("parameter_numel")  # ties in MRR, top-1 and margin go to the smaller matrix
     noisy = [] if include_noisy else (result.get("per_matrix_fidelity") or {}).get("noisy", [])
@@ -151,6 +158,23 @@ def select_run(
     out["model"] = result.get("model", {}).get("id")  # --matrices refuses a selection of another model
     atomic_write_json(selection_file(run_dir, "bm25" if protocol == "bm25" else ""), out)
     return out
+
+
+def check_is_run(run_dir: Path) -> None:
+    """Refuse a folder without a finished run's results.json and scores.npz, naming what is there instead."""
+    files = whole_run(run_dir)
+    if files.results.is_file() and files.scores.is_file():
+        return
+    if not run_dir.is_dir():
+        raise GradsimError(f"{run_dir} does not exist: give the folder of a finished run")
+    if files.part_dir.is_dir():
+        raise GradsimError(f"{run_dir} holds partitions, not a merged run: gradsim combine {run_dir} first")
+    below = sorted({str(r.parent) for pattern in ("*/results.json", "*/*/results.json") for r in run_dir.glob(pattern)})
+    listed = f"; the finished runs below it: {', '.join(below[:4])}{' ...' if len(below) > 4 else ''}" if below else ""
+    raise GradsimError(
+        f"{run_dir} holds no finished run (results.json and scores.npz): give a run folder such as "
+        f"<output-dir>/gradient-similarity/paraphrased{listed}"
+    )
 
 
 @dataclass
