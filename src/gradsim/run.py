@@ -208,8 +208,23 @@ def setting_configs(cfg: Config) -> list[Config]:
     ]
 
 
+def check_budgets(cfg: Config) -> None:
+    """The budgets' environment variables (GRADSIM_MEMORY_GB, GRADSIM_SCRATCH_GB, GRADSIM_HOST_MEMORY_GB; a
+    number >= 0) checked where a flag does not override them, before the model loads or a finished run is
+    found, so a typo never waits for the model and never passes unseen."""
+    from .memory import budget_gb
+
+    for value, env in (
+        (cfg.memory_gb, "GRADSIM_MEMORY_GB"),
+        (cfg.scratch_gb, "GRADSIM_SCRATCH_GB"),
+        (cfg.host_memory_gb, "GRADSIM_HOST_MEMORY_GB"),
+    ):
+        budget_gb(value, env, None)
+
+
 def prepare(cfg: Config) -> list[Share]:
     cfg.validate()
+    check_budgets(cfg)
     shares = []
     for c in setting_configs(cfg):
         data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns)
