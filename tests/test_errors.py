@@ -206,3 +206,20 @@ def test_a_local_model_folder_without_a_tokenizer_blames_neither_the_hub_nor_the
     code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--model", str(folder), "--sample-size", "2")
     assert code == 2 and err.count("\n") == 0 and not outdir.exists(), err
     assert str(folder) in err and "tokenizer" in err and "hub" not in err and "MT_MODEL_NAME" not in err, err
+
+
+def test_skip_overlong_leaves_out_and_counts_the_rows_that_cannot_train(tiny, tmp_path):
+    """At 70 tokens originals lima_4 and lima_5 (prompts of 98 and 73 tokens) and the variant lima_2 (73)
+    have no response token left: the run stops, naming the flag; with it they are left out and counted."""
+    from gradsim.config import Config
+    from gradsim.errors import GradsimError
+    from gradsim.run import run
+
+    cfg = dict(device="cpu", sample_size=6, top_k=1, max_length=70, baselines=False, output_dir=str(tmp_path))
+    with pytest.raises(GradsimError, match="sample lima_4: no response token is left.*--skip-overlong"):
+        run(Config(**cfg), lm=tiny)
+    res = run(Config(**cfg, skip_overlong=True), lm=tiny)
+    assert res["skipped_overlong"] == {"originals": ["lima_4", "lima_5"], "queries": ["lima_2", "lima_4", "lima_5"]}
+    assert [q["id"] for q in res["queries"]] == ["lima_0", "lima_1", "lima_3"]
+    assert res["compat"]["skip_overlong"] is True and res["config"]["skip_overlong"] is True
+    assert (tmp_path / "gradient-similarity" / "paraphrased" / "results.json").is_file()  # the run's usual name

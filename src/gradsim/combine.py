@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from .cli import format_summary
-from .config import COMPAT_FIELDS, COMPUTATION_TYPES, REPO_ROOT, compat_differences, redact
+from .config import COMPAT_FIELDS, COMPUTATION_TYPES, RECORDED_WHEN_SET, REPO_ROOT, compat_differences, redact
 from .cost import summed as summed_cost
 from .errors import GradsimError
 from .finite import check_arrays
@@ -110,7 +110,9 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     # The code may have changed during a campaign (not a compat field): every version is recorded.
     versions = sorted({v for r in results for v in r.get("code_versions", [r["config"].get("code_version")]) if v})
     merged = dict(first)
-    merged["compat"] = {k: first["compat"].get(k) for k in COMPAT_FIELDS}
+    merged["compat"] = {
+        k: first["compat"].get(k) for k in COMPAT_FIELDS if k in first["compat"] or k not in RECORDED_WHEN_SET
+    }
     merged["code_versions"] = versions
     merged["config"] = dict(
         first["config"], partition_start=None, partition_end=None, code_version=" + ".join(versions) or None

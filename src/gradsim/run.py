@@ -19,7 +19,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -222,12 +222,15 @@ def check_budgets(cfg: Config) -> None:
         budget_gb(value, env, None)
 
 
-def prepare(cfg: Config) -> list[Share]:
+def prepare(cfg: Config, keep: Optional[Callable[[Config, Dataset], Dataset]] = None) -> list[Share]:
+    """Each setting's share: its data (less what ``keep`` leaves out: skip_overlong), query range and files."""
     cfg.validate()
     check_budgets(cfg)
     shares = []
     for c in setting_configs(cfg):
         data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns)
+        if keep is not None:
+            data = keep(c, data)
         n = len(data.queries)
         if c.candidates == "bm25" and c.top_k > len(data.originals) - 1:
             # Fewer candidates than asked: chance is then 1/len(data.originals), not 1/(top_k + 1)
@@ -292,6 +295,8 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
         if not cfg.use_random_projection:
             check_exact_fits(cfg, device)  # from the model's config alone, before its weights are loaded
         lm = load_model(cfg, device)
+    if cfg.skip_overlong:  # the rows to leave out are known once the tokenizer is
+        shares = prepare(cfg, lambda c, data: skip_overlong(c, data, lm))
     version = code_version()
     parts = [Part.of(s, lm, version) for s in shares]
     check_encodable(parts)  # bad input (a prompt longer than --max-length) before anything is written
@@ -324,6 +329,43 @@ def write_error(e: OSError) -> Exception:
 def resolved_max_length(cfg: Config, lm: LoadedModel) -> int:
     """--max-length as it applies: at most the model's context (the whole context when not given)."""
     return min(cfg.max_length or lm.context_length, lm.context_length)
+
+
+def skip_overlong(cfg: Config, data: Dataset, lm: LoadedModel) -> Dataset:
+    """--skip-overlong: the data less the rows with no trained token within the max length (for the run's
+    loss target, and the response where the baselines read it): such an original with its variants, such a
+    variant alone; the ids left out (every variant left out under "queries") in Dataset.skipped (results.json ->
+    skipped_overlong)."""
+    from .encode import OverlongError
+
+    max_length = resolved_max_length(cfg, lm)
+    targets = {cfg.loss_on, "response"} if cfg.baselines else {cfg.loss_on}
+
+    def overlong(sample) -> bool:
+        try:
+            for loss_on in sorted(targets):
+                encode(lm.tokenizer, sample, max_length, loss_on, cfg.turns)
+        except OverlongError:
+            return True
+        return False
+
+    originals = {s.id for s in data.originals if overlong(s)}
+    queries = [q.id for q in data.queries if q.id not in originals and overlong(q)]
+    if originals or queries:
+        log.warning(
+            "--skip-overlong: %d originals (with their variants) and %d variants leave no trained token within "
+            "%d tokens: left out (ids in results.json -> skipped_overlong)",
+            len(originals),
+            len(queries),
+            max_length,
+        )
+    left = set(queries) | originals
+    return dataclasses.replace(
+        data,
+        originals=[s for s in data.originals if s.id not in originals],
+        queries=[q for q in data.queries if q.id not in left],
+        skipped={"originals": sorted(originals), "queries": [q.id for q in data.queries if q.id in left]},
+    )
 
 
 def check_encodable(parts: list[Part]) -> None:
@@ -849,6 +891,8 @@ def assemble(p: Part, baselines: dict, cost: Optional[dict]) -> dict:
         result["cost"] = cost
     if nonfinite is not None:
         result["nonfinite"] = nonfinite
+    if cfg.skip_overlong:
+        result["skipped_overlong"] = data.skipped
     if p.fidelity is not None:  # the per-matrix scores' predicted error (exact runs have none)
         result["per_matrix_fidelity"] = p.fidelity
     result.update(summarize_arrays(names, arrays, cfg.computation_type))
