@@ -104,3 +104,15 @@ def test_select_and_analyze_refuse_nonfinite_scores(tmp_path, capsys):
     assert not (run_dir / "selection.json").exists()
     with pytest.raises(GradsimError, match="non-finite"):
         load_runs(tmp_path)
+
+
+def test_analyze_names_a_truncated_run_file(tmp_path):
+    from gradsim.analysis import load_runs
+    from gradsim.errors import GradsimError
+
+    run_dir = tmp_path / "gradient-similarity" / "paraphrased"
+    fake_run(run_dir, np.zeros((4, 3, 2)))
+    npz = run_dir / "scores.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    with pytest.raises(GradsimError, match="scores.npz is truncated or damaged.*rerun that run"):
+        load_runs(tmp_path)

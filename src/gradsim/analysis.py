@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import GradsimError
 from .finite import check_arrays
-from .io import read_json
+from .io import load_json, load_npz, read_json
 from .layout import RunPaths, selection_file
 from .metrics import component_of, component_order, group_indices, layer_of, summarize_ranks
 from .options import Parser, from_args, option
@@ -68,10 +68,10 @@ def load_runs(results_dir, computation_type: str = "gradient-similarity") -> dic
         npz = RunPaths.sibling(res, "scores")
         if not npz.exists():
             continue
-        with np.load(npz) as z:
-            arrays = {k: z[k] for k in z.files}
+        fix = f"rerun that run, or move {res.parent.name}/ out of {base}"
+        arrays = load_npz(npz, fix)
         check_arrays(arrays, npz)
-        runs[res.parent.name] = Run(res.parent.name, res.parent, read_json(res), arrays)
+        runs[res.parent.name] = Run(res.parent.name, res.parent, load_json(res, fix), arrays)
     if not runs:
         raise GradsimError(
             f"no finished runs (results.json + scores.npz) under {base}: run main.py first, or set "
