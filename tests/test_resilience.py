@@ -213,3 +213,21 @@ def test_select_on_a_folder_without_a_run_says_what_is_there(tiny, tmp_path, cap
     assert select_main([str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "paraphrased-countsketch4096" in err, err
+
+
+def test_combine_refuses_a_partition_holding_nonfinite_scores(tiny, tmp_path, capsys):
+    import numpy as np
+
+    from gradsim.combine import combine_main
+
+    run_dir = partitioned(tiny, tmp_path)
+    damaged = run_dir / "partitions" / "scores_00002-00004.npz"
+    with np.load(damaged) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["dots"][0, 0, 0] = np.nan  # what a run made before the finite check could hold
+    np.savez(damaged, **arrays)
+    capsys.readouterr()
+    assert combine_main([str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "scores_00002-00004.npz holds 1 non-finite dots" in err, err
+    assert not (run_dir / "results.json").exists()
