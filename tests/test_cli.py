@@ -85,7 +85,9 @@ def test_gradsim_command_help_exits_0(name, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # gradsim_main sets it; restored after
     with pytest.raises(SystemExit) as e:
         gradsim_main([name, "--help"])
-    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: gradsim {name} "), out[:80]
+    assert not any(other in out.split("\n\n")[0] for other in ("compute.py", "status.py", "python -m", "main.py"))
 
 
 def test_commands_build_their_typed_options_with_the_environment(no_env, monkeypatch, tmp_path):

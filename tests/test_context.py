@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gradsim.config import BUNDLED_DATA, COMPAT_FIELDS, VARIANT_FILES, Config, Provenance
+from gradsim.config import BUNDLED_DATA, COMPAT_FIELDS, RECORDED_WHEN_SET, VARIANT_FILES, Config, Provenance
 from gradsim.features import manifest_key
 from gradsim.io import read_json
 from gradsim.run import run
@@ -26,7 +26,9 @@ NORMALIZER_KEY = "627256870fa75c52"
 # The originals' store is keyed by these (the query side and the defaults of later options left out)
 # and the featurizer's spec, whose calibrated allocation is numbers: its key is checked by derivation.
 QUERY_SIDE = ("setting", "computation_type", "candidates", "top_k", "variant_data_sha256")
-STORE_FIELDS = tuple(k for k in COMPAT_FIELDS if k not in QUERY_SIDE and k != "turns")  # --turns first: left out
+# Options added later are recorded only when set (RECORDED_WHEN_SET): a default run's records keep their keys.
+DEFAULT_COMPAT = tuple(k for k in COMPAT_FIELDS if k not in RECORDED_WHEN_SET)
+STORE_FIELDS = tuple(k for k in DEFAULT_COMPAT if k not in QUERY_SIDE and k != "turns")  # --turns first: left out
 
 
 def expected_config(setting: str, out: str) -> dict:
@@ -90,7 +92,7 @@ def test_the_record_is_the_config_with_what_the_run_found_out():
     cfg = Config(max_length=100)
     assert cfg.to_record()["max_length"] == 100  # nothing found out yet: what was asked
     record = cfg.to_record(Provenance(model_revision="abc", code_version="v", max_length=64))
-    assert list(record) == [*Config().to_dict()][:-1] + [
+    assert list(record) == [k for k in Config().to_dict() if k not in RECORDED_WHEN_SET][:-1] + [
         "model_revision",
         "chat_template_sha256",
         "code_version",
@@ -99,8 +101,11 @@ def test_the_record_is_the_config_with_what_the_run_found_out():
         "extra",
     ]
     assert record["max_length"] == 64 and record["model_revision"] == "abc" and cfg.max_length == 100
-    assert list(cfg.compat()) == list(COMPAT_FIELDS) and cfg.compat(Provenance(max_length=64))["max_length"] == 64
+    assert list(cfg.compat()) == list(DEFAULT_COMPAT) and cfg.compat(Provenance(max_length=64))["max_length"] == 64
     assert Config.from_dict(record) == dataclasses.replace(cfg, max_length=64)  # provenance keys left out
+    when_set = Config(allow_nonfinite=True, skip_overlong=True)
+    assert when_set.to_record()["allow_nonfinite"] is True and when_set.compat()["skip_overlong"] is True
+    assert Config.from_dict(when_set.to_record()) == when_set
 
 
 def test_a_run_writes_what_it_wrote_before_and_leaves_the_config_alone(tiny, tmp_path, monkeypatch):
@@ -128,7 +133,7 @@ def test_a_run_writes_what_it_wrote_before_and_leaves_the_config_alone(tiny, tmp
     for setting, res in results.items():
         expected = expected_config(setting, str(out))
         assert list(res["config"]) == list(expected) and res["config"] == expected
-        assert list(res["compat"]) == list(COMPAT_FIELDS) and res["compat"] == {k: expected[k] for k in COMPAT_FIELDS}
+        assert list(res["compat"]) == list(DEFAULT_COMPAT) and res["compat"] == {k: expected[k] for k in DEFAULT_COMPAT}
         name = f"{setting}-countsketch512-alloc-norm-floor-norm-center"
         assert (out / "gradient-similarity" / name / "partitions" / "results_00000-00003.json").is_file()
     features = out / "features"

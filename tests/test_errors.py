@@ -161,3 +161,65 @@ def test_a_hub_model_without_the_hub_fails_at_once(tmp_path, capsys, monkeypatch
         gradsim.model.hub_reachable.cache_clear()
     assert code == 2 and err.count("\n") == 0 and not outdir.exists(), err
     assert "cannot be reached" in err and "HF_HUB_OFFLINE=1" in err and "local model directory" in err
+
+
+@pytest.mark.parametrize("env", ["GRADSIM_MEMORY_GB", "GRADSIM_SCRATCH_GB", "GRADSIM_HOST_MEMORY_GB"])
+@pytest.mark.parametrize("finished", [False, True])
+def test_budget_variables_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, env, finished):
+    import gradsim.run
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gradsim.run, "load_model", no_model)
+    if finished:  # a finished run folder is no reason to pass an invalid environment unseen
+        done = tmp_path / "out" / "gradient-similarity" / "paraphrased"
+        done.mkdir(parents=True)
+        (done / "results.json").write_bytes(b"{}")
+    code, err, _, _ = run_cli(tmp_path, capsys, monkeypatch, "--sample-size", "2", env={env: "-3"})
+    assert code == 2 and err == f"error: {env}='-3' is not a size in GB: set it to e.g. 8, or unset it", err
+
+
+def test_an_unsupported_device_names_the_variable_it_came_from(tmp_path, capsys, monkeypatch):
+    import gradsim.run
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gradsim.run, "load_model", no_model)
+    monkeypatch.setenv("MT_DEVICE", "tpu")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["--output-dir", str(out), "--sample-size", "2"]) == 2  # no --device: MT_DEVICE decides
+    err = capsys.readouterr().err.strip()
+    assert "MT_DEVICE='tpu'" in err and err.count("\n") == 0 and not out.exists(), err
+    assert main(["--output-dir", str(out), "--sample-size", "2", "--device", "tpu:0"]) == 2
+    assert "--device 'tpu:0'" in capsys.readouterr().err
+
+
+def test_a_local_model_folder_without_a_tokenizer_blames_neither_the_hub_nor_the_environment(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "my-model"
+    tiny.model.save_pretrained(folder)  # the weights, no tokenizer
+    capsys.readouterr()
+    code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--model", str(folder), "--sample-size", "2")
+    assert code == 2 and err.count("\n") == 0 and not outdir.exists(), err
+    assert str(folder) in err and "tokenizer" in err and "hub" not in err and "MT_MODEL_NAME" not in err, err
+
+
+def test_skip_overlong_leaves_out_and_counts_the_rows_that_cannot_train(tiny, tmp_path):
+    """At 70 tokens originals lima_4 and lima_5 (prompts of 98 and 73 tokens) and the variant lima_2 (73)
+    have no response token left: the run stops, naming the flag; with it they are left out and counted."""
+    from gradsim.config import Config
+    from gradsim.errors import GradsimError
+    from gradsim.run import run
+
+    cfg = dict(device="cpu", sample_size=6, top_k=1, max_length=70, baselines=False, output_dir=str(tmp_path))
+    with pytest.raises(GradsimError, match="sample lima_4: no response token is left.*--skip-overlong"):
+        run(Config(**cfg), lm=tiny)
+    res = run(Config(**cfg, skip_overlong=True), lm=tiny)
+    assert res["skipped_overlong"] == {"originals": ["lima_4", "lima_5"], "queries": ["lima_2", "lima_4", "lima_5"]}
+    assert [q["id"] for q in res["queries"]] == ["lima_0", "lima_1", "lima_3"]
+    assert res["compat"]["skip_overlong"] is True and res["config"]["skip_overlong"] is True
+    assert (tmp_path / "gradient-similarity" / "paraphrased" / "results.json").is_file()  # the run's usual name

@@ -73,6 +73,9 @@ def test_notebook_runs_headless_and_saves_figures(results):
         assert (figures / name).stat().st_size > 1000, name
     for setting in ("paraphrased", "model-generated"):
         assert (figures / setting / f"heatmap_{setting}_top1.png").exists()
+    # The bundled data's reference tables (no targets table or frontier was made here) in their own folder.
+    for name in ("frontier.png", "targets_corpus.png", "targets_BM25.png"):
+        assert not (figures / name).exists() and (figures / analysis.REFERENCE_DIR / name).exists(), name
     nb = nbformat.read(figures / "analysis.executed.ipynb", as_version=4)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "3 runs under" in text and "model-generated" in text
@@ -88,3 +91,27 @@ def test_notebook_runs_headless_and_saves_figures(results):
 def test_execute_without_results_is_a_one_line_error(tmp_path, capsys):
     assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_reference_tables_draw_into_their_own_folder_titled_with_their_source(tmp_path):
+    """A user's results folder without a targets table or frontier gets the bundled data's reference
+    figures only in reference-bundled-data/, titled with the source; its own tables' figures go beside it."""
+    from gradsim import frontier
+
+    figures = tmp_path / "gradient-similarity"
+    figures.mkdir()
+    table, source = analysis.load_targets(tmp_path)
+    assert source == ROOT / "docs" / "targets-bundled.json"
+    out, note = analysis.table_figures(figures, source, tmp_path)
+    assert out == figures / analysis.REFERENCE_DIR and "docs/targets-bundled.json" in note
+    assert analysis.plot_targets(table, out, "BM25", note).parent == out
+    front, source = analysis.load_frontier(tmp_path)
+    out, note = analysis.table_figures(figures, source, tmp_path)
+    frontier.plot(front, out / "frontier.png", note)
+    assert "docs/frontier/frontier.json" in note and (out / "frontier.png").is_file()
+    assert not list(figures.glob("*.png"))  # nothing drawn from the reference tables among the user's figures
+    own = tmp_path / "targets" / "targets.json"
+    own.parent.mkdir()
+    own.write_bytes((ROOT / "docs" / "targets-bundled.json").read_bytes())
+    table, source = analysis.load_targets(tmp_path)
+    assert source == own and analysis.table_figures(figures, source, tmp_path) == (figures, None)

@@ -108,7 +108,10 @@ def test_resume_skips_finished_queries(tiny, tmp_path, monkeypatch):
     assert not (out / "results.json").exists() and (out / "progress.jsonl").exists()
     resumed = run(cfg_for(tmp_path / "cut", memory_gb=0.013), lm=tiny)
     assert resumed["queries"] == whole["queries"]
-    assert resumed["cost"]["backward_passes"]["query"] == 4  # the 4 queries of the 2 logged blocks were not redone
+    # the 4 queries of the 2 logged blocks were not redone; the cost sums both attempts (the first also computed
+    # the block it was interrupted in)
+    assert resumed["cost"]["attempts"][-1]["query_passes"] == 4
+    assert resumed["cost"]["backward_passes"]["query"] == sum(a["query_passes"] for a in resumed["cost"]["attempts"])
     assert not (out / "progress.jsonl").exists()
 
 
@@ -128,7 +131,7 @@ def test_resume_after_a_torn_progress_line_keeps_the_blocks_logged_after_it(tiny
             f.write(b'{"kind": "block", "file": "blo')  # the line the kill tore
     resumed = run(cfg_for(tmp_path / "cut", memory_gb=0.013), lm=tiny)
     assert resumed["queries"] == whole["queries"]
-    assert resumed["cost"]["backward_passes"]["query"] == 4  # the 2 logged blocks (4 queries) were not redone
+    assert resumed["cost"]["attempts"][-1]["query_passes"] == 4  # the 2 logged blocks (4 queries) were not redone
     rows = read_jsonl_tolerant(out / "metrics.jsonl")
     assert sorted(r["id"] for r in rows if r["role"] == "query") == sorted(q["id"] for q in whole["queries"])
 
@@ -168,7 +171,7 @@ def test_a_commit_mid_campaign_keeps_progress_results_and_partitions(tiny, tmp_p
     restore()
     pin_code_version(monkeypatch, "0.1+bbbb-dirty")
     resumed = run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
-    assert resumed["cost"]["backward_passes"]["query"] == 4  # the 4 queries logged by the first commit kept
+    assert resumed["cost"]["attempts"][-1]["query_passes"] == 4  # the 4 queries logged by the first commit kept
     assert resumed["queries"] == whole["queries"]
     assert resumed["code_versions"] == ["0.1+aaaa", "0.1+bbbb-dirty"]
     pin_code_version(monkeypatch, "0.1+cccc")
@@ -371,7 +374,7 @@ def test_a_resumed_exact_run_keeps_every_metric_row_once(tiny, tmp_path, monkeyp
         run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
     restore()
     resumed = run(cfg_for(tmp_path / "cut", memory_gb=0.013, baselines=False), lm=tiny)
-    assert resumed["cost"]["backward_passes"]["query"] == 4
+    assert resumed["cost"]["attempts"][-1]["query_passes"] == 4
     assert metric_rows(tmp_path / "cut" / "gradient-similarity" / "paraphrased") == ref
 
     # The truncated samples (the tiny model's context is 256 tokens) are counted in results.json.

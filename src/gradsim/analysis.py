@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from .errors import GradsimError
-from .io import read_json
+from .finite import check_arrays
+from .io import load_json, load_npz, read_json
 from .layout import RunPaths, selection_file
 from .metrics import component_of, component_order, group_indices, layer_of, summarize_ranks
 from .options import Parser, from_args, option
@@ -67,9 +68,10 @@ def load_runs(results_dir, computation_type: str = "gradient-similarity") -> dic
         npz = RunPaths.sibling(res, "scores")
         if not npz.exists():
             continue
-        with np.load(npz) as z:
-            arrays = {k: z[k] for k in z.files}
-        runs[res.parent.name] = Run(res.parent.name, res.parent, read_json(res), arrays)
+        fix = f"rerun that run, or move {res.parent.name}/ out of {base}"
+        arrays = load_npz(npz, fix)
+        check_arrays(arrays, npz)
+        runs[res.parent.name] = Run(res.parent.name, res.parent, load_json(res, fix), arrays)
     if not runs:
         raise GradsimError(
             f"no finished runs (results.json + scores.npz) under {base}: run main.py first, or set "
@@ -388,12 +390,36 @@ def load_frontier(results_dir, computation_type: str = "gradient-similarity") ->
     return None, None
 
 
-def plot_targets(table: dict, out_dir, protocol: str = "corpus") -> Path:
+# Figures drawn from the committed reference tables of the bundled data (docs/), never from a user's runs,
+# go to this subfolder of the figures' folder, with their source in the title (table_figures).
+REFERENCE_DIR = "reference-bundled-data"
+
+
+def table_figures(figures, source, results_dir) -> tuple[Path, Optional[str]]:
+    """Where the figures of a table read from ``source`` (load_targets, load_frontier) go, and the note their
+    title carries: a table made from the runs under ``results_dir`` goes beside them, untitled; the committed
+    reference table of the bundled data goes to ``<figures>/reference-bundled-data/`` (created), titled with
+    its source, so it is never taken for a figure of these runs."""
+    source, root = Path(source).resolve(), Path(results_dir).resolve()
+    if source.is_relative_to(root):
+        return Path(figures), None
+    out = Path(figures) / REFERENCE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    from .config import REPO_ROOT
+
+    shown = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
+    return out, f"reference: {shown} (the bundled sample's committed table, not the runs under {root.name}/)"
+
+
+def plot_targets(table: dict, out_dir, protocol: str = "corpus", note: Optional[str] = None) -> Path:
     """Top-1 with its 95% interval per loss target x normalizer and per baseline, one panel per setting
-    (``protocol``: the prefix of the protocol shown, ``corpus`` or ``BM25``)."""
+    (``protocol``: the prefix of the protocol shown, ``corpus`` or ``BM25``); ``note`` (table_figures) as
+    the figure's title."""
     plt = _plt()
     settings = list(dict.fromkeys(r["setting"] for r in table["rows"]))
     fig, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 6), sharey=True, squeeze=False)
+    if note:
+        fig.suptitle(note, fontsize=9, color="firebrick")
     for ax, setting in zip(axes[0], settings):
         rows = [r for r in table["rows"] if r["setting"] == setting and r["protocol"].startswith(protocol)]
         labels = [

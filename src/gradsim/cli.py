@@ -200,6 +200,9 @@ def gradsim_main(argv: Optional[list[str]] = None) -> int:
             print(f"error: unknown command {argv[0]!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         return 0
+    from .options import invoked_as
+
     module, func, _ = COMMANDS[argv[0]]
     sys.argv = [f"gradsim {argv[0]}", *argv[1:]]
-    return getattr(importlib.import_module(module), func)(argv[1:])
+    with invoked_as(sys.argv[0]):  # every usage line names `gradsim COMMAND`, not compute.py or python -m ...
+        return getattr(importlib.import_module(module), func)(argv[1:])

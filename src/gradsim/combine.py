@@ -15,9 +15,19 @@ from typing import Optional
 import numpy as np
 
 from .cli import format_summary
-from .config import COMPAT_FIELDS, COMPUTATION_TYPES, REPO_ROOT, compat_differences, redact
+from .config import COMPAT_FIELDS, COMPUTATION_TYPES, RECORDED_WHEN_SET, REPO_ROOT, compat_differences, redact
+from .cost import summed as summed_cost
 from .errors import GradsimError
-from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
+from .finite import check_arrays
+from .io import (
+    atomic_save_npz,
+    atomic_write_json,
+    atomic_write_jsonl,
+    load_json,
+    load_npz,
+    read_json,
+    read_jsonl_tolerant,
+)
 from .layout import RunPaths
 from .options import Parser, from_args, option, positionals
 from .score import summarize_arrays
@@ -57,7 +67,8 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
     parts = find_partitions(run_dir)
     if not parts:
         raise GradsimError(f"no partition results under {whole_run(run_dir).part_dir}: run the partitions first")
-    results = [read_json(p) for _, _, p in parts]
+    redo = "delete it and the other files of that partition under {}, rerun the partition, then combine"
+    results = [load_json(p, redo.format(p.parent)) for _, _, p in parts]
     first = results[0]
     for (_, _, p), r in zip(parts, results):
         diff = compat_differences(first["compat"], r["compat"])
@@ -86,14 +97,22 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
             f"queries {listed} of {total} have no finished partition: rerun those partitions, then combine"
         )
 
-    arrays = [np.load(RunPaths.sibling(p, "scores")) for _, _, p in parts]
-    scores = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0].files if k != "query_index"}
+    arrays = [load_npz(RunPaths.sibling(p, "scores"), redo.format(p.parent)) for _, _, p in parts]
+    for (_, _, p), a in zip(parts, arrays):
+        check_arrays(a, RunPaths.sibling(p, "scores"), "partition")
+    scores = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0] if k != "query_index"}
+    # --allow-nonfinite drops queries: the index of those kept (all of them, otherwise)
+    index = np.concatenate(
+        [a["query_index"] if "query_index" in a else np.arange(s, e) for (s, e, _), a in zip(parts, arrays)]
+    )
     metrics = [row for _, _, p in parts for row in read_jsonl_tolerant(RunPaths.sibling(p, "metrics"))]
 
     # The code may have changed during a campaign (not a compat field): every version is recorded.
     versions = sorted({v for r in results for v in r.get("code_versions", [r["config"].get("code_version")]) if v})
     merged = dict(first)
-    merged["compat"] = {k: first["compat"].get(k) for k in COMPAT_FIELDS}
+    merged["compat"] = {
+        k: first["compat"].get(k) for k in COMPAT_FIELDS if k in first["compat"] or k not in RECORDED_WHEN_SET
+    }
     merged["code_versions"] = versions
     merged["config"] = dict(
         first["config"], partition_start=None, partition_end=None, code_version=" + ".join(versions) or None
@@ -112,13 +131,26 @@ def merge_partitions(run_dir: Path, expected_partitions: list[tuple[int, int]] |
             "query_ids": query_ids,
             "original_ids": originals,
         }
+    if all("cost" in r for r in results):  # what every partition spent, over all its attempts
+        merged["cost"] = summed_cost([dict(r["cost"], partition=[s, e]) for (s, e, _), r in zip(parts, results)])
+    if any("nonfinite" in r for r in results):
+        merged["nonfinite"] = merged_nonfinite([r.get("nonfinite") or {} for r in results])
     merged.update(summarize_arrays(first["parameter_names"], scores, first["config"]["computation_type"]))
     out = whole_run(run_dir, total)
-    atomic_save_npz(out.scores, **scores, query_index=np.arange(total))
+    atomic_save_npz(out.scores, **scores, query_index=index)
     atomic_write_jsonl(out.metrics, metrics)
     atomic_write_json(out.config, {"config": merged["config"], "compat": merged["compat"]})
     atomic_write_json(out.results, merged)
     return merged
+
+
+def merged_nonfinite(records: list[dict]) -> dict:
+    """The partitions' --allow-nonfinite records (finite.dropped_record) as one."""
+    out: dict = {"queries_dropped": sum(r.get("queries_dropped", 0) for r in records)}
+    for k in ("query_ids", "nonfinite_query_ids"):
+        out[k] = [i for r in records for i in r.get(k, [])]
+    out["nonfinite_original_ids"] = sorted({i for r in records for i in r.get("nonfinite_original_ids", [])})
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,7 +75,13 @@ COMPAT_FIELDS = (
     "original_data_sha256",
     "variant_data_sha256",
     "sample_size",
+    "skip_overlong",  # in a compat record only when set (RECORDED_WHEN_SET)
 )
+
+
+# Options added after results were first written: recorded (config, results' "config") only when set, so
+# that a default run writes the bytes it wrote before they existed.
+RECORDED_WHEN_SET = ("ids_file", "allow_nonfinite", "skip_overlong")
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,11 @@ class Config:
     memory_gb: Optional[float] = None
     scratch_gb: Optional[float] = None
     host_memory_gb: Optional[float] = None
+    # Off by default, and then left out of to_record (RECORDED_WHEN_SET), so a default run's files keep their bytes.
+    allow_nonfinite: bool = False  # finite.py: drop and count a sample with a NaN/inf gradient instead of stopping
+    # Leave out (and count) the rows with no trained token within --max-length instead of stopping. It changes
+    # the candidate pool, so it is a compat field (only when set).
+    skip_overlong: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -211,8 +222,9 @@ class Config:
         provenance just before it, max_length the resolved one where the run knows it)."""
         out = dataclasses.asdict(self)
         extra = out.pop("extra")
-        if out["ids_file"] is None:  # records made before --ids-file existed keep their bytes
-            del out["ids_file"]
+        for name in RECORDED_WHEN_SET:
+            if out[name] in (None, False):
+                del out[name]
         found = dataclasses.asdict(prov or Provenance())
         if found["max_length"] is None:  # not resolved yet: what was asked for
             del found["max_length"]
@@ -223,7 +235,7 @@ class Config:
     def compat(self, prov: Optional[Provenance] = None) -> dict[str, Any]:
         """The fields of to_record() that decide the numbers (COMPAT_FIELDS)."""
         record = self.to_record(prov)
-        return {k: record[k] for k in COMPAT_FIELDS}
+        return {k: record[k] for k in COMPAT_FIELDS if k in record}  # RECORDED_WHEN_SET: only when set
 
     def to_dict(self) -> dict[str, Any]:
         """The fields of this Config alone (to_record() adds the provenance)."""
@@ -313,6 +325,18 @@ OPTIONS = (
         "cheaper than recomputing it (GRADSIM_SCRATCH_GB; default 0)",
     ),
     Option("host_memory_gb", "on CUDA: host RAM for kept originals' gradients, same rule (GRADSIM_HOST_MEMORY_GB)"),
+    Option(
+        "allow_nonfinite",
+        "drop (and count in results.json) the queries whose gradient, or a candidate's, is NaN or inf, instead "
+        "of stopping the run (off: a non-finite value stops it, naming the sample, the matrix and the likely cause)",
+        const=True,
+    ),
+    Option(
+        "skip_overlong",
+        "leave out, and count in results.json, the rows (originals with their variants, or variants) whose "
+        "prompt leaves no trained token within --max-length, instead of stopping the run",
+        const=True,
+    ),
     Option("model_name", "HF model id or local directory (default: MT_MODEL_NAME or embedded)", flag="--model"),
     Option("revision", "hub branch, tag or commit of --model (default: main); the resolved commit is recorded"),
     Option(

@@ -331,6 +331,8 @@ class Dataset:
     variant_sha256: str = ""
     # Per file ("original", "variant"), of the samples used: turns and system messages left out (dropped_counts).
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    # --skip-overlong: the ids of the rows left out (run.skip_overlong), by file ("originals", "queries")
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     def original_index(self) -> dict[str, int]:
         return {s.id: i for i, s in enumerate(self.originals)}

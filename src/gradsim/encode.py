@@ -162,6 +162,10 @@ def assistant_spans(tokenizer, sample: Sample) -> tuple[list[int], list[tuple[in
     return ids, spans
 
 
+class OverlongError(GradsimError):
+    """A sample cut at the max length with no trained token left (--skip-overlong leaves such rows out)."""
+
+
 def encode(tokenizer, sample: Sample, max_length: int, loss_on: str = "response", turns: str = "first") -> Encoded:
     """The sample's tokens and labels for the loss target ``loss_on`` and the turns ``turns`` (module
     docstring), cut to max_length."""
@@ -198,10 +202,11 @@ def encode(tokenizer, sample: Sample, max_length: int, loss_on: str = "response"
     )
     if enc.num_trained == 0:
         what = "prompt" if loss_on == "prompt" else "response"
-        raise GradsimError(
+        skip = " (--skip-overlong leaves such rows out and counts them)" if truncated else ""
+        raise (OverlongError if truncated else GradsimError)(
             f"sample {sample.id}: no {what} token is left to train on with --loss-on {loss_on} "
             f"({n_prompt} prompt tokens, max length {max_length}): raise --max-length, shorten the prompt "
-            "or choose another --loss-on"
+            f"or choose another --loss-on{skip}"
         )
     return enc
 

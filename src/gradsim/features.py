@@ -23,7 +23,7 @@ import torch
 from .encode import Encoded
 from .errors import GradsimError
 from .gradients import GradientComputer, ParamLayout
-from .io import atomic_save_npy, atomic_write_json, json_sha256, read_json
+from .io import atomic_save_npy, atomic_write_json, dir_writable, json_sha256, read_json
 
 
 class Featurizer(Protocol):
@@ -123,6 +123,16 @@ class FeatureStore:
     ) -> FeatureStore:
         """Open (or create) a store; a scratch store made with other settings is rebuilt, a shared one refused."""
         root = Path(root)
+        try:
+            return cls._open(root, manifest, ids, dim, shard_size, scratch)
+        except PermissionError as e:
+            raise GradsimError(
+                f"the feature store {root} cannot be created or written ({e.strerror}: {e.filename}): make it "
+                "writable, or pass another --output-dir"
+            ) from None
+
+    @classmethod
+    def _open(cls, root: Path, manifest: dict, ids: list[str], dim: int, shard_size: int, scratch: bool):
         if scratch and (root / "manifest.json").exists():
             old = read_json(root / "manifest.json")
             if old.get("shard_size") != shard_size or old.get("dim") != dim:
@@ -147,6 +157,19 @@ class FeatureStore:
         else:
             atomic_write_json(mpath, full)
         return cls(root, full, ids, dim, shard_size)
+
+    def missing(self, rows: list[int]) -> list[tuple[int, int]]:
+        """The shards holding ``rows`` that are not written yet."""
+        wanted = {self.shard_of(r) for r in rows}
+        return [(s, e) for (s, e) in self.shard_ranges() if (s, e) in wanted and not self.has_shard(s, e)]
+
+    def check_writable(self, shards: list[tuple[int, int]]) -> None:
+        """Refuse, before any is computed, ``shards`` the store would have to add but cannot (read-only)."""
+        if shards and not dir_writable(self.root):
+            raise GradsimError(
+                f"the feature store {self.root} needs {len(shards)} more shards but is not writable: make it "
+                "writable (chmod u+w), or pass another --output-dir (a store with every shard may stay read-only)"
+            )
 
     def check_room(self, rows: int, row_bytes: int) -> None:
         """Refuse, before computing them, ``rows`` features (fp32 features and their self-dots) that the
@@ -194,12 +217,16 @@ class FeatureStore:
         return s, min(s + self.shard_size, len(self.ids))
 
 
-def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, progress=None):
+def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, progress=None, finite=None):
     """Features of several samples as an (n, D) fp32 CPU array plus per-sample metrics.
 
     Featurizers with ``features_batch`` take ``batch_size`` samples per forward/backward; a sample's
-    seconds are then its batch's time split evenly.
+    seconds are then its batch's time split evenly. Each batch is checked finite where it is made
+    (``finite``, a finite.FiniteCheck: by default a non-finite feature stops the run).
     """
+    from .finite import FiniteCheck
+
+    finite = finite if finite is not None else FiniteCheck(dtype=dtype)
     d = featurizer.layout.total
     out = np.empty((len(encs), d), dtype=np.float32)
     metrics = []
@@ -207,10 +234,9 @@ def featurize(featurizer, encs: list[Encoded], device, dtype: str, role: str, pr
     for b0 in range(0, len(encs), step):
         batch = encs[b0 : b0 + step]
         t0 = time.perf_counter()
-        if step > 1:
-            out[b0 : b0 + len(batch)] = featurizer.features_batch(batch).detach().float().cpu().numpy()
-        else:
-            out[b0] = featurizer.features(batch[0]).detach().float().cpu().numpy()
+        feats = featurizer.features_batch(batch) if step > 1 else featurizer.features(batch[0])[None]
+        finite.rows(featurizer.layout, feats.detach(), [e.id for e in batch], role)
+        out[b0 : b0 + len(batch)] = feats.detach().float().cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - t0) / len(batch)

@@ -453,7 +453,8 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, note: Optional[str] = None) -> None:
+    """The frontier's figure; ``note`` (analysis.table_figures: a reference table's source) as its title."""
     try:
         import matplotlib
 
@@ -519,6 +520,8 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if note:
+        fig.suptitle(note, fontsize=9, color="firebrick")
     fig.tight_layout()
     with atomic_writer(path) as f:
         fig.savefig(f, format="png", dpi=100, bbox_inches="tight")

@@ -31,6 +31,29 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+@contextmanager
+def naming(path: Path):
+    """An OSError of a write (a full disk: write() names no file) raised with ``path`` as its filename."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def dir_writable(path: Path) -> bool:
+    """Whether a file can be created in the directory ``path`` (tried: os.access misjudges read-only mounts
+    for root, ACLs and network file systems)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".gradsim-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -48,7 +71,7 @@ def atomic_writer(path: Path, exclusive: bool = False, outcome: Optional[list] =
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with naming(path), os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -117,7 +140,7 @@ def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def append_jsonl(path: Path, row: Any) -> None:
     """Append one line and fsync: used for resumable progress logs (a torn last line is ignored on read)."""
-    with open(path, "ab") as f:
+    with naming(path), open(path, "ab") as f:
         f.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
         f.flush()
         os.fsync(f.fileno())
@@ -140,3 +163,26 @@ def read_jsonl_tolerant(path: Path) -> list[Any]:
 
 def read_json(path: Path) -> Any:
     return orjson.loads(Path(path).read_bytes())
+
+
+def load_json(path: Path, fix: str) -> Any:
+    """The JSON at ``path``; a file cut short or damaged (not valid JSON) is refused naming it and ``fix``
+    (what to do, e.g. "delete it and rerun the partition")."""
+    try:
+        return read_json(path)
+    except orjson.JSONDecodeError:
+        raise GradsimError(f"{path} is truncated or damaged (not valid JSON): {fix}") from None
+
+
+def load_npz(path: Path, fix: str, read: bool = True) -> dict[str, np.ndarray]:
+    """Every array of the .npz at ``path``, read now (``read`` False: only its index, which a file cut short
+    lacks); a file cut short or damaged is refused naming it and ``fix``."""
+    import zipfile
+
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files} if read else {}
+    except FileNotFoundError:
+        raise GradsimError(f"{path} is missing: {fix}") from None
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        raise GradsimError(f"{path} is truncated or damaged ({type(e).__name__}): {fix}") from None

@@ -111,10 +111,11 @@ def resolve_device(cfg: Config) -> torch.device:
     want = cfg.device
     if want == "auto":
         return torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    named = f"MT_DEVICE={want!r}" if os.environ.get("MT_DEVICE", "").strip() == want else f"--device {want!r}"
     try:
         dev = torch.device(want)
     except RuntimeError:
-        raise GradsimError(f"unknown device {want!r}: use cpu, cuda or cuda:N") from None
+        raise GradsimError(f"unknown device ({named}): use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             from .doctor import cuda_missing
@@ -123,7 +124,7 @@ def resolve_device(cfg: Config) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise GradsimError(f"device {want!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
     elif dev.type != "cpu":
-        raise GradsimError(f"unsupported device {want!r}: use cpu, cuda or cuda:N")
+        raise GradsimError(f"unsupported device ({named}): use cpu, cuda or cuda:N")
     return dev
 
 
@@ -265,6 +266,12 @@ def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedMode
             raise GradsimError(
                 f"model {cfg.model_name!r} needs its own code from the hub to load: "
                 "rerun with --trust-remote-code if you trust that repository"
+            ) from None
+        if Path(source).expanduser().is_dir():  # a local folder: neither the hub nor MT_MODEL_NAME is to blame
+            raise GradsimError(
+                f"cannot load the model in directory {source} ({msg}): it must hold the model and its tokenizer as "
+                "save_pretrained writes them (config.json, the weights, tokenizer.json or tokenizer_config.json): "
+                "add what is missing, or give another --model"
             ) from None
         at = f" at revision {cfg.revision!r}" if cfg.revision is not None else ""
         raise GradsimError(

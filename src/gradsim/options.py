@@ -26,6 +26,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -117,11 +118,29 @@ def help_text(o: Option, default: Any, is_list: bool = False) -> str:
     return f"{o.help} ({'; '.join(parts)})" if parts else o.help
 
 
+# The command a parser's program was started as by ``gradsim COMMAND`` (cli.gradsim_main): its usage line
+# names that (``gradsim submit``), not the script or module it also runs as (compute.py, python -m ...).
+_invoked_as: Optional[str] = None
+
+
+@contextmanager
+def invoked_as(prog: str):
+    """Parsers made within the block name ``prog`` in their usage line."""
+    global _invoked_as
+    before, _invoked_as = _invoked_as, prog
+    try:
+        yield
+    finally:
+        _invoked_as = before
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose options come from typed definitions (add_options); ``definitions`` lists
     them, so a test can check every command's help and defaults against its dataclasses."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if _invoked_as is not None:
+            kwargs["prog"] = _invoked_as
         super().__init__(*args, **kwargs)
         self.definitions: list[tuple[type, tuple[Option, ...]]] = []
 

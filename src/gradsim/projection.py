@@ -67,6 +67,7 @@ from torch import nn
 
 from .encode import IGNORE_INDEX, Encoded
 from .errors import GradsimError
+from .finite import FiniteCheck
 from .gradients import GradientComputer, ParamLayout, batch_loss, param_layout
 from .io import json_sha256, load_or_create_json
 
@@ -703,6 +704,7 @@ def calibration_shares(model: nn.Module, device, dtype: str, encs: list[Encoded]
         for enc in encs:
             g = gc.gradient(enc)
             sq = np.array([float(g[lo:hi].double().pow(2).sum()) for _, lo, hi in gc.layout.slices()])
+            FiniteCheck(model=model, dtype=dtype).selfdots(gc.layout.names, sq, enc.id, "calibration original")
             shares += sq / max(sq.sum(), 1e-300)
     finally:
         gc.release()

@@ -19,23 +19,28 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from . import __version__, matrices
 from .config import SETTINGS, Config, Provenance, compat_differences
+from .cost import RUNNING, Cost, closed, end_reason
+from .cost import total as total_cost
 from .data import Dataset, load_dataset, partition_range
 from .encode import Encoded, encode
 from .errors import GradsimError
 from .features import FeatureStore, featurize, manifest_key, per_matrix_self_dots, progress_bar
+from .finite import ALLOW_HINT, FiniteCheck, NonFiniteError, dropped_record, finite_queries, likely_cause
 from .io import (
     append_jsonl,
     atomic_save_npz,
     atomic_write_json,
     atomic_write_jsonl,
     ensure_writable_dir,
+    load_json,
+    load_npz,
     read_json,
     read_jsonl_tolerant,
 )
@@ -112,6 +117,12 @@ class Part:
     fidelity: Optional[dict] = None  # projected runs: projection.per_matrix_fidelity of the featurizer
     normalizer: Optional[dict] = None  # --normalize: what was applied (normalize.GradientNormalizer.to_dict)
     code_versions: set[str] = field(default_factory=set)  # of the code that made resumed progress
+    finite: FiniteCheck = field(default_factory=FiniteCheck)  # --allow-nonfinite: stop at a NaN/inf, or count it
+    # The exact path's spending in this attempt (number ``attempt``; shared by both settings' parts), and the
+    # earlier attempts' as their records logged them (cost.py)
+    cost: Optional[Cost] = None
+    attempt: int = 1
+    attempts: dict[int, dict] = field(default_factory=dict)
 
     @classmethod
     def of(cls, share: Share, lm: LoadedModel, version: str) -> Part:
@@ -125,7 +136,9 @@ class Part:
             variant_data_sha256=share.data.variant_sha256,
             max_length=resolved_max_length(share.cfg, lm),
         )
-        return cls(share.cfg, prov, lm, share.data, share.start, share.end, share.paths)
+        part = cls(share.cfg, prov, lm, share.data, share.start, share.end, share.paths)
+        part.finite = FiniteCheck(share.cfg.allow_nonfinite, lm.model, share.cfg.dtype)
+        return part
 
     def compat(self) -> dict:
         """What must agree for results to mix (COMPAT_FIELDS), of this Config and what the run found out."""
@@ -165,6 +178,8 @@ class Part:
             index=np.array(queries),
         )
         rec = {"kind": "block", "file": name, "metrics": [*self.pending, *metrics]}
+        if self.cost is not None:  # what this attempt spent so far, durable with the block (cost.py)
+            rec["attempt"] = self.cost.attempt(self.attempt, RUNNING)
         append_jsonl(self.paths.progress, rec)
         self.pending = []
         self.done.update(load_block(self.paths, rec))
@@ -201,11 +216,29 @@ def setting_configs(cfg: Config) -> list[Config]:
     ]
 
 
-def prepare(cfg: Config) -> list[Share]:
+def check_budgets(cfg: Config) -> None:
+    """The budgets' environment variables (GRADSIM_MEMORY_GB, GRADSIM_SCRATCH_GB, GRADSIM_HOST_MEMORY_GB; a
+    number >= 0) checked where a flag does not override them, before the model loads or a finished run is
+    found, so a typo never waits for the model and never passes unseen."""
+    from .memory import budget_gb
+
+    for value, env in (
+        (cfg.memory_gb, "GRADSIM_MEMORY_GB"),
+        (cfg.scratch_gb, "GRADSIM_SCRATCH_GB"),
+        (cfg.host_memory_gb, "GRADSIM_HOST_MEMORY_GB"),
+    ):
+        budget_gb(value, env, None)
+
+
+def prepare(cfg: Config, keep: Optional[Callable[[Config, Dataset], Dataset]] = None) -> list[Share]:
+    """Each setting's share: its data (less what ``keep`` leaves out: skip_overlong), query range and files."""
     cfg.validate()
+    check_budgets(cfg)
     shares = []
     for c in setting_configs(cfg):
         data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns, c.ids_file)
+        if keep is not None:
+            data = keep(c, data)
         n = len(data.queries)
         if c.candidates == "bm25" and c.top_k > len(data.originals) - 1:
             # Fewer candidates than asked: chance is then 1/len(data.originals), not 1/(top_k + 1)
@@ -270,6 +303,8 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
         if not cfg.use_random_projection:
             check_exact_fits(cfg, device)  # from the model's config alone, before its weights are loaded
         lm = load_model(cfg, device)
+    if cfg.skip_overlong:  # the rows to leave out are known once the tokenizer is
+        shares = prepare(cfg, lambda c, data: skip_overlong(c, data, lm))
     version = code_version()
     parts = [Part.of(s, lm, version) for s in shares]
     check_encodable(parts)  # bad input (a prompt longer than --max-length) before anything is written
@@ -279,12 +314,66 @@ def run_parts(cfg: Config, lm: Optional[LoadedModel] = None) -> list[dict]:
             held.enter_context(
                 locked(p.paths.lock, f"{p.cfg.setting} queries [{p.start}, {p.end}) of {p.paths.run_dir}")
             )
-        return run_locked(parts)
+        try:
+            return run_locked(parts)
+        except OSError as e:
+            raise write_error(e) from None
+
+
+def write_error(e: OSError) -> Exception:
+    """A failed write (a full disk, a file too large, a quota, a read-only file system) as a one-line error
+    naming the file; other OS errors as they are."""
+    import errno
+
+    if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return e
+    where = f" {e.filename}" if e.filename else ""
+    return GradsimError(
+        f"cannot write{where} ({e.strerror or e}): free some space or make it writable (or pass another "
+        "--output-dir), then rerun the same command: it resumes from the blocks already finished"
+    )
 
 
 def resolved_max_length(cfg: Config, lm: LoadedModel) -> int:
     """--max-length as it applies: at most the model's context (the whole context when not given)."""
     return min(cfg.max_length or lm.context_length, lm.context_length)
+
+
+def skip_overlong(cfg: Config, data: Dataset, lm: LoadedModel) -> Dataset:
+    """--skip-overlong: the data less the rows with no trained token within the max length (for the run's
+    loss target, and the response where the baselines read it): such an original with its variants, such a
+    variant alone; the ids left out (every variant left out under "queries") in Dataset.skipped (results.json ->
+    skipped_overlong)."""
+    from .encode import OverlongError
+
+    max_length = resolved_max_length(cfg, lm)
+    targets = {cfg.loss_on, "response"} if cfg.baselines else {cfg.loss_on}
+
+    def overlong(sample) -> bool:
+        try:
+            for loss_on in sorted(targets):
+                encode(lm.tokenizer, sample, max_length, loss_on, cfg.turns)
+        except OverlongError:
+            return True
+        return False
+
+    originals = {s.id for s in data.originals if overlong(s)}
+    queries = [q.id for q in data.queries if q.id not in originals and overlong(q)]
+    if originals or queries:
+        log.warning(
+            "--skip-overlong: %d originals (with their variants) and %d variants leave no trained token within "
+            "%d tokens: left out (ids in results.json -> skipped_overlong)",
+            len(originals),
+            len(queries),
+            max_length,
+        )
+    left = set(queries) | originals
+    return dataclasses.replace(
+        data,
+        originals=[s for s in data.originals if s.id not in originals],
+        queries=[q for q in data.queries if q.id not in left],
+        skipped={"originals": sorted(originals), "queries": [q.id for q in data.queries if q.id in left]},
+    )
 
 
 def check_encodable(parts: list[Part]) -> None:
@@ -306,12 +395,20 @@ def check_encodable(parts: list[Part]) -> None:
 
 
 def run_locked(parts: list[Part]) -> list[dict]:
+    from .stream import remove_stale_scratch
+
     for p in parts:
+        if removed := remove_stale_scratch(p.paths.scratch):  # we hold the range's lock: its scratch is no one's
+            log.warning("removed %d scratch files left by a run of this range that died: %s", removed, p.paths.scratch)
         p.finished = finished_result(p)
     todo = [p for p in parts if p.finished is None]
     if todo:
         with matrices.only(todo[0].lm.model, selected_matrices(todo[0])):
-            score_parts(todo)
+            try:
+                score_parts(todo)
+            except BaseException as e:
+                end_attempt(todo, e)
+                raise
     return [p.finished for p in parts]
 
 
@@ -335,12 +432,17 @@ def score_parts(todo: list[Part]) -> None:
         check_proj_dim(cfg, todo[0].lm.model)
     for p in todo:
         p.cands = candidate_lists(p.data, p.cfg.candidates, p.cfg.top_k, turns=p.cfg.turns)[p.start : p.end]
+        check_stores_writable(p)
+    for p in todo:
         resume(p)
     if cfg.use_random_projection:
         score_projected(todo)
         cost = None
     else:
-        cost = score_exact(todo)
+        start_attempt(todo)
+        score_exact(todo)
+        first = todo[0]
+        cost = total_cost(first.cost, first.attempt, closed(first.attempts), sum(p.end - p.start for p in todo))
     for p in todo:
         baselines = baseline_scores(p) if p.cfg.baselines else {}
         result = assemble(p, baselines, cost)
@@ -354,7 +456,9 @@ def score_parts(todo: list[Part]) -> None:
 def finished_result(p: Part) -> Optional[dict]:
     if not p.paths.results.exists():
         return None
-    done = read_json(p.paths.results)
+    fix = f"delete it and the other files of this range ({p.paths.results.name}, {p.paths.scores.name}) and rerun"
+    done = load_json(p.paths.results, fix)
+    load_npz(p.paths.scores, fix, read=False)  # a finished range's scores must open (select, combine read them)
     diff = compat_differences(done.get("compat"), p.compat())
     if not diff:
         log.info("already finished: %s", p.paths.results)
@@ -391,6 +495,8 @@ def resume(p: Part) -> None:
             log.info("resuming progress made by code %s (now %s)", progress[0]["code_version"], version)
             p.code_versions.add(progress[0]["code_version"])
     for r in progress:
+        if "attempt" in r:  # an attempt's record: logged when it began, with each block, and when it ended
+            p.attempts[r["attempt"]["attempt"]] = r["attempt"]
         if r.get("kind") == "block":
             p.done.update(load_block(p.paths, r))
             p.groups[f"block:{r['file']}"] = r.get("metrics", [])
@@ -419,10 +525,31 @@ def encode_all(p: Part, samples, what: str) -> list[Encoded]:
 # --------------------------------------------------------------------------------------------
 
 
-def score_exact(parts: list[Part]) -> dict:
+def start_attempt(parts: list[Part]) -> None:
+    """This attempt's Cost, shared by the parts and logged at once in each progress log, so that even an
+    attempt killed before its first block is listed."""
+    cost = Cost(shared_by=[p.cfg.setting for p in parts])
+    n = 1 + max((k for p in parts for k in p.attempts), default=0)
+    for p in parts:
+        p.cost, p.attempt = cost, n
+        append_jsonl(p.paths.progress, {"kind": "attempt", "attempt": cost.attempt(n, RUNNING)})
+
+
+def end_attempt(parts: list[Part], exc: BaseException) -> None:
+    """Log how this attempt ended (SIGTERM, interrupted, error) and what it spent, where a progress log is left."""
+    for p in parts:
+        if p.cost is not None and p.paths.progress.exists():
+            record = p.cost.attempt(p.attempt, end_reason(exc))
+            try:
+                append_jsonl(p.paths.progress, {"kind": "attempt", "attempt": record})
+            except OSError:  # e.g. the disk that just filled up: the block records still count
+                pass
+
+
+def score_exact(parts: list[Part]) -> None:
     from .gradients import GradientComputer
     from .schedule import fewest_held, make_plan
-    from .stream import Cost, ExactStream
+    from .stream import ExactStream
 
     first = parts[0]
     cfg, lm, originals = first.cfg, first.lm, first.data.originals
@@ -430,7 +557,7 @@ def score_exact(parts: list[Part]) -> dict:
     owners = [(p, qi) for p in parts for qi in p.todo]
     cands = [p.cands[qi - p.start] for p, qi in owners]
     if not owners:
-        return Cost(shared_by=[p.cfg.setting for p in parts]).to_dict(0)
+        return
     queries = encode_all(first, [p.data.queries[qi] for p, qi in owners], "queries")
     needed = sorted({j for c in cands for j in c})
     encs = dict(zip(needed, encode_all(first, [originals[j] for j in needed], "originals")))
@@ -447,7 +574,7 @@ def score_exact(parts: list[Part]) -> dict:
     groups = [c[0] for c in cands]  # c[0]: the query's own original
     capacity = fewest_held(cands, groups, capacity)  # no more gradients than save passes
     plan = make_plan(cands, groups, capacity)
-    cost = Cost(shared_by=[p.cfg.setting for p in parts])
+    cost = first.cost
     cache = make_cache(first, grad_bytes, cost)
     log.info(
         "exact: %d queries, %d originals, %s of %d gradients (%.2f GB each): %d blocks, %.2f passes per query "
@@ -481,10 +608,9 @@ def score_exact(parts: list[Part]) -> dict:
                 p.record(*map(list, zip(*mine)))
 
     bar = progress_bar(total=len(owners) + plan.original_passes, desc="exact gradients", unit="pass")
-    ExactStream(computer, cost, cache, bar, on_gradient).run(plan, queries, cands, encs, on_done)
+    ExactStream(computer, cost, cache, bar, on_gradient, first.finite).run(plan, queries, cands, encs, on_done)
     bar.close()
     computer.release()
-    return cost.to_dict(len(owners))
 
 
 def attach_normalizer(p: Part, computer) -> Optional[dict]:
@@ -508,7 +634,9 @@ def attach_normalizer(p: Part, computer) -> Optional[dict]:
         log.info("--normalize %s: state from %s", cfg.normalize, path)
     else:
         bar = progress_bar(p.data.originals, desc=f"estimating --normalize {cfg.normalize}", unit="original")
-        norm.estimate((computer.gradient(p.encode(s)) for s in bar), lm.device)
+        grads = ((s.id, computer.gradient(p.encode(s))) for s in bar)
+        finite = (g for i, g in grads if p.finite.rows(computer.layout, g[None], [i], "original", "gradient"))
+        norm.estimate(finite, lm.device)  # with --allow-nonfinite a non-finite gradient is left out
         atomic_save_npz(path, **norm.state())
     computer.transform = norm
     return {**norm.to_dict(), "estimation_backward_passes": 0 if loaded else norm.count}
@@ -586,7 +714,7 @@ def score_projected(parts: list[Part]) -> None:
         bar = progress_bar(total=len(todo), desc=f"features ({p.cfg.setting} queries)", unit="sample")
         for b0 in range(0, len(todo), block):
             block_q = todo[b0 : b0 + block]
-            feats, m = featurize(featurizer, [enc[qi] for qi in block_q], lm.device, cfg.dtype, "query", bar)
+            feats, m = featurize(featurizer, [enc[qi] for qi in block_q], lm.device, cfg.dtype, "query", bar, p.finite)
             q = torch.from_numpy(feats)
             qself = per_matrix_self_dots(layout, q)
             dots, cself = [], []
@@ -609,14 +737,14 @@ def featurize_into_store(
     p: Part, store, featurizer, rows: list[int], role: str = "original", loss_on: Optional[str] = None
 ) -> None:
     """Featurize the originals ``rows`` not yet in the store; encoded for ``loss_on`` (default: the run's)."""
-    wanted = {store.shard_of(r) for r in rows}
-    todo = [(s, e) for (s, e) in store.shard_ranges() if (s, e) in wanted and not store.has_shard(s, e)]
+    todo = store.missing(rows)
+    store.check_writable(todo)
     store.check_room(sum(e - s for s, e in todo), store.dim * 4 + len(featurizer.layout.names) * 8)
     bar = progress_bar(total=sum(e - s for s, e in todo), desc=f"features ({role}s)", unit="sample")
     index = p.data.original_index()
     for s, e in todo:
         encs = [p.encode(p.data.originals[index[store.ids[r]]], loss_on) for r in range(s, e)]
-        feats, m = featurize(featurizer, encs, p.lm.device, p.cfg.dtype, role, bar)
+        feats, m = featurize(featurizer, encs, p.lm.device, p.cfg.dtype, role, bar, p.finite)
         p.shard_metrics(f"{store.root.name}:{s}-{e}", m)
         store.write_shard(s, e, feats, lambda f: per_matrix_self_dots(featurizer.layout, torch.from_numpy(f)))
     bar.close()
@@ -649,11 +777,33 @@ def corpus_dots(store: FeatureStore, layout, q: torch.Tensor) -> tuple[np.ndarra
 
 def baseline_scores(p: Part) -> dict[str, np.ndarray]:
     """(Q, C) scores of the baselines for this partition's queries and candidates."""
-    from .baselines import POOLINGS, RepresentationFeaturizer, candidate_scores
+    from .baselines import candidate_scores
     from .retrieval import bm25_scores
 
-    cfg, prov, lm, data, cands = p.cfg, p.prov, p.lm, p.data, p.cands
+    cfg, lm, data, cands = p.cfg, p.lm, p.data, p.cands
     out = {"baseline_bm25": candidate_scores(bm25_scores(data, cfg.turns), list(range(p.start, p.end)), cands)}
+    rep, store = representation_store(p)
+    needed = sorted({j for c in cands for j in c})
+    # Representations read the whole conversation whatever the loss target.
+    featurize_into_store(p, store, rep, needed, "representation", "response")
+    encs = [p.encode(data.queries[qi], "response") for qi in range(p.start, p.end)]
+    qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation", finite=p.finite)
+    p.add_metrics(m)
+    orep, oself = gather_rows(store, needed)
+    qself = per_matrix_self_dots(rep.layout, torch.from_numpy(qrep))
+    dots = dense_dots(rep.layout, torch.from_numpy(qrep), orep)  # (Q, len(needed), 2)
+    for m_, name in enumerate(rep.layout.names):
+        full = np.full((p.end - p.start, len(data.originals)), np.nan)
+        full[:, needed] = cosine(dots[:, :, m_], qself[:, m_ : m_ + 1], oself[None, :, m_])
+        out[f"baseline_{name}"] = np.stack([full[k, c] for k, c in enumerate(cands)]).astype(np.float32)
+    return out
+
+
+def representation_store(p: Part):
+    """The baselines' representation featurizer and the store of the originals' representations."""
+    from .baselines import POOLINGS, RepresentationFeaturizer
+
+    cfg, prov, lm = p.cfg, p.prov, p.lm
     rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype, POOLINGS)  # every pooling: one forward
     manifest = dict(
         model=cfg.model_name,
@@ -668,24 +818,18 @@ def baseline_scores(p: Part) -> dict[str, np.ndarray]:
     store = FeatureStore.open(
         feature_store_dir(cfg.output_dir, manifest_key(manifest), "representations"),
         manifest,
-        [s.id for s in data.originals],
+        [s.id for s in p.data.originals],
         rep.layout.total,
         256,
     )
-    needed = sorted({j for c in cands for j in c})
-    # Representations read the whole conversation whatever the loss target.
-    featurize_into_store(p, store, rep, needed, "representation", "response")
-    encs = [p.encode(data.queries[qi], "response") for qi in range(p.start, p.end)]
-    qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation")
-    p.add_metrics(m)
-    orep, oself = gather_rows(store, needed)
-    qself = per_matrix_self_dots(rep.layout, torch.from_numpy(qrep))
-    dots = dense_dots(rep.layout, torch.from_numpy(qrep), orep)  # (Q, len(needed), 2)
-    for m_, name in enumerate(rep.layout.names):
-        full = np.full((p.end - p.start, len(data.originals)), np.nan)
-        full[:, needed] = cosine(dots[:, :, m_], qself[:, m_ : m_ + 1], oself[None, :, m_])
-        out[f"baseline_{name}"] = np.stack([full[k, c] for k, c in enumerate(cands)]).astype(np.float32)
-    return out
+    return rep, store
+
+
+def check_stores_writable(p: Part) -> None:
+    """Before any work: the baselines' representation store must be able to take the shards this range needs."""
+    if p.cfg.baselines:
+        store = representation_store(p)[1]
+        store.check_writable(store.missing(sorted({j for c in p.cands for j in c})))
 
 
 def bm25_columns(p: Part) -> np.ndarray:
@@ -707,8 +851,14 @@ def assemble(p: Part, baselines: dict, cost: Optional[dict]) -> dict:
     arrays.update(baselines)
     if corpus:
         arrays["bm25_columns"] = bm25_columns(p)
+    whole = subset_scores(arrays["dots"], arrays["qself"], arrays["cself"], slice(None), cfg.computation_type)
+    keep = finite_queries(arrays) & np.isfinite(whole).all(-1)
+    nonfinite = None
+    if cfg.allow_nonfinite or not keep.all():
+        nonfinite = dropped_nonfinite(p, arrays, order, keep)
+        arrays = {k: v[keep] for k, v in arrays.items()}
+        whole, order = whole[keep], [qi for qi, k in zip(order, keep) if k]
     dots, qself, cself = arrays["dots"], arrays["qself"], arrays["cself"]
-    whole = subset_scores(dots, qself, cself, slice(None), cfg.computation_type)
     ranks = true_rank(whole)
     queries = []
     for k, qi in enumerate(order):
@@ -746,11 +896,46 @@ def assemble(p: Part, baselines: dict, cost: Optional[dict]) -> dict:
     }
     if cost is not None:
         result["cost"] = cost
+    if nonfinite is not None:
+        result["nonfinite"] = nonfinite
+    if cfg.skip_overlong:
+        result["skipped_overlong"] = data.skipped
     if p.fidelity is not None:  # the per-matrix scores' predicted error (exact runs have none)
         result["per_matrix_fidelity"] = p.fidelity
     result.update(summarize_arrays(names, arrays, cfg.computation_type))
-    result["_arrays"] = arrays
+    result["_arrays"], result["_query_index"] = arrays, np.array(order, dtype=np.int64)
     return result
+
+
+def dropped_nonfinite(p: Part, arrays: dict, order: list[int], keep: np.ndarray) -> dict:
+    """The queries whose scores are not finite (their gradient, a candidate's, or a 0/0 cosine): refused,
+    naming the first, unless --allow-nonfinite, which drops them; what was dropped (finite.dropped_record)."""
+    data = p.data
+    query_ids = [data.queries[qi].id for qi in order]
+    cand_ids = [[data.originals[j].id for j in p.cands[qi - p.start]] for qi in order]
+    record = dropped_record(arrays, keep, query_ids, cand_ids)
+    if not p.cfg.allow_nonfinite:
+        k = int(np.flatnonzero(~keep)[0])
+        raise NonFiniteError(
+            f"the scores of query {query_ids[k]} (against {', '.join(cand_ids[k])}) are not finite (NaN or inf, "
+            f"e.g. a zero gradient's cosine): {likely_cause(p.lm.model, p.cfg.dtype)}; no results were written "
+            f"({ALLOW_HINT})"
+        )
+    if keep.sum() == 0:
+        raise NonFiniteError(
+            f"every query of {p.cfg.setting} [{p.start}, {p.end}) has a non-finite gradient or score: "
+            f"{likely_cause(p.lm.model, p.cfg.dtype)}; no results were written"
+        )
+    if record["queries_dropped"]:
+        log.warning(
+            "--allow-nonfinite: %d of %d queries dropped (non-finite: %d queries, %d candidate originals; ids in "
+            "results.json -> nonfinite)",
+            record["queries_dropped"],
+            len(order),
+            len(record["nonfinite_query_ids"]),
+            len(record["nonfinite_original_ids"]),
+        )
+    return record
 
 
 def truncation(p: Part) -> dict:
@@ -785,8 +970,17 @@ def log_truncation(result: dict) -> None:
 
 
 def write_outputs(p: Part, result: dict) -> None:
+    """Write a range's files, results.json last (its existence marks the range finished). A write that fails
+    (a full disk) removes what this call wrote, so no scores file is left without its results, and leaves the
+    progress log and blocks: rerunning the same command resumes and only writes again."""
     paths = p.paths
-    atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=np.arange(p.start, p.end))
-    atomic_write_jsonl(paths.metrics, p.metrics)
-    atomic_write_json(paths.config, {"config": p.cfg.to_record(p.prov), "compat": p.compat(), "argv": sys.argv})
-    atomic_write_json(paths.results, result)  # last: its existence marks the partition as finished
+    try:
+        atomic_save_npz(paths.scores, **result.pop("_arrays"), query_index=result.pop("_query_index"))
+        atomic_write_jsonl(paths.metrics, p.metrics)
+        atomic_write_json(paths.config, {"config": p.cfg.to_record(p.prov), "compat": p.compat(), "argv": sys.argv})
+        atomic_write_json(paths.results, result)
+    except OSError:
+        if not paths.results.exists():
+            for f in (paths.scores, paths.metrics, paths.config):
+                f.unlink(missing_ok=True)
+        raise

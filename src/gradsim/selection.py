@@ -19,7 +19,8 @@ import numpy as np
 
 from .combine import whole_run
 from .errors import GradsimError
-from .io import atomic_write_json, read_json
+from .finite import check_arrays
+from .io import atomic_write_json, load_json, load_npz
 from .layout import selection_file
 from .metrics import BOOTSTRAP_NOTE, format_interval, mean_margin, rank_intervals, summarize_ranks, true_rank
 from .options import Parser, from_args, option
@@ -104,15 +105,25 @@ def greedy_select(
 
 
 def load_scores(run_dir: Path, protocol: str = "as-run") -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """A finished run's results and its (dots, qself, cself), of the BM25 columns with ``protocol`` bm25."""
-    files = whole_run(Path(run_dir))
-    result = read_json(files.results)
-    with np.load(files.scores) as z:
-        dots, qself, cself = z["dots"], z["qself"], z["cself"]
-        if protocol == "bm25":
-            cols = z["bm25_columns"]
-            dots = np.take_along_axis(dots, cols[..., None], axis=1)
-            cself = np.take_along_axis(cself, cols[..., None], axis=1)
+    """A finished run's results and its (dots, qself, cself), of the BM25 columns with ``protocol`` bm25; a missing,
+    damaged or non-finite run is a one-line error naming it."""
+    run_dir = Path(run_dir)
+    files = whole_run(run_dir)
+    check_is_run(run_dir)
+    fix = "rerun that run (or gradsim combine its partitions again)"
+    result = load_json(files.results, fix)
+    z = load_npz(files.scores, fix)
+    check_arrays(z, files.scores)
+    dots, qself, cself = z["dots"], z["qself"], z["cself"]
+    if protocol == "bm25":
+        if "bm25_columns" not in z:
+            raise GradsimError(
+                f"--protocol bm25 picks the BM25 candidates out of a --candidates all run, which {run_dir} is not: "
+                "drop --protocol bm25"
+            )
+        cols = z["bm25_columns"]
+        dots = np.take_along_axis(dots, cols[..., None], axis=1)
+        cself = np.take_along_axis(cself, cols[..., None], axis=1)
     return result, dots, qself, cself
 
 
@@ -168,6 +179,23 @@ def select_run(
     out["model"] = result.get("model", {}).get("id")  # --matrices refuses a selection of another model
     atomic_write_json(selection_file(run_dir, "bm25" if protocol == "bm25" else ""), out)
     return out
+
+
+def check_is_run(run_dir: Path) -> None:
+    """Refuse a folder without a finished run's results.json and scores.npz, naming what is there instead."""
+    files = whole_run(run_dir)
+    if files.results.is_file() and files.scores.is_file():
+        return
+    if not run_dir.is_dir():
+        raise GradsimError(f"{run_dir} does not exist: give the folder of a finished run")
+    if files.part_dir.is_dir():
+        raise GradsimError(f"{run_dir} holds partitions, not a merged run: gradsim combine {run_dir} first")
+    below = sorted({str(r.parent) for pattern in ("*/results.json", "*/*/results.json") for r in run_dir.glob(pattern)})
+    listed = f"; the finished runs below it: {', '.join(below[:4])}{' ...' if len(below) > 4 else ''}" if below else ""
+    raise GradsimError(
+        f"{run_dir} holds no finished run (results.json and scores.npz): give a run folder such as "
+        f"<output-dir>/gradient-similarity/paraphrased{listed}"
+    )
 
 
 @dataclass

@@ -13,14 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from .cost import Cost
 from .encode import Encoded
+from .finite import FiniteCheck
 from .gradients import GradientComputer, ParamLayout
 from .schedule import Plan, later_uses
 
@@ -37,32 +38,23 @@ def matrix_dots(layout: ParamLayout, a: torch.Tensor, b: torch.Tensor) -> np.nda
     return torch.stack(dots).double().cpu().numpy()
 
 
-@dataclass
-class Cost:
-    """What the exact path spent: reported in results.json (``cost``) and printed at the end."""
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor's memory as uint8 (numpy has no bfloat16: bf16 gradients go to scratch as bytes)."""
+    return t.view(torch.uint8)
 
-    # backward passes, their tokens (forward + backward, every pass) and time
-    query_passes: int = 0
-    original_passes: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    backward_seconds_per_token: Optional[float] = None
-    # the schedule: "hold-queries" or "hold-originals", and how many gradients the budget held
-    mode: str = ""
-    held_gradients: int = 0
-    shared_by: list[str] = field(default_factory=list)  # the settings whose queries shared this schedule
-    # originals kept between blocks and read back instead of recomputed
-    originals_reused: int = 0
-    scratch_bytes_written: int = 0
-    scratch_bytes_read: int = 0
-    host_bytes_kept: int = 0
 
-    def to_dict(self, num_queries: int) -> dict:
-        d = dict(self.__dict__)
-        d["backward_passes"] = {"query": self.query_passes, "original": self.original_passes}
-        d["passes_per_query"] = round((self.query_passes + self.original_passes) / max(1, num_queries), 4)
-        d["num_queries"] = num_queries
-        return d
+def remove_stale_scratch(directory: Path) -> int:
+    """Remove a scratch folder left by a dead run of this query range (its kept gradients and any *.tmp a kill
+    left mid-write); called by the next run once it holds the range's lock. The number of files removed."""
+    files = [f for f in directory.iterdir() if f.is_file()] if directory.is_dir() else []
+    for f in files:
+        f.unlink(missing_ok=True)
+    for d in (directory, directory.parent):  # this range's folder, then .scratch when no other range uses it
+        try:
+            d.rmdir()
+        except OSError:
+            break
+    return len(files)
 
 
 class OriginalCache:
@@ -102,7 +94,7 @@ class OriginalCache:
             path = self.dir / f"original_{j:07d}.bin"
             tmp = path.with_suffix(".tmp")
             with open(tmp, "wb") as f:
-                f.write(memoryview(g.detach().cpu().numpy()).cast("B"))
+                f.write(memoryview(as_bytes(g.detach().cpu()).numpy()))
             os.replace(tmp, path)
             self.entries[j] = path
             self.cost.scratch_bytes_written += self.grad_bytes
@@ -116,7 +108,7 @@ class OriginalCache:
         else:
             host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
             with open(entry, "rb") as f:
-                f.readinto(memoryview(host.numpy()).cast("B"))
+                f.readinto(memoryview(as_bytes(host).numpy()))
             if host is not out:
                 out.copy_(host)
             self.cost.scratch_bytes_read += self.grad_bytes
@@ -133,11 +125,7 @@ class OriginalCache:
         for j in list(self.entries):
             self.drop(j)
         if self.kind == "disk":
-            for d in (self.dir, self.dir.parent):  # this range's folder, then .scratch when no other range uses it
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
+            remove_stale_scratch(self.dir)
 
 
 # A query's finished scores: position, (C, M) dots, (M,) self-dots, (C, M) candidates' self-dots.
@@ -154,16 +142,21 @@ class ExactStream:
         cache: Optional[OriginalCache] = None,
         progress=None,
         on_gradient: Optional[Callable[[Encoded, str, float, Optional[int]], None]] = None,
+        finite: Optional[FiniteCheck] = None,
     ):
         self.computer, self.cache, self.progress, self.on_gradient = computer, cache, progress, on_gradient
+        self.finite = finite if finite is not None else FiniteCheck(model=computer.model, dtype=computer.dtype)
         self.layout = computer.layout
         self.cost = cost if cost is not None else Cost()
         self._tokens = 0
         self._seconds = 0.0
 
-    def _gradient(self, enc: Encoded, role: str, out: Optional[torch.Tensor], q: Optional[int] = None) -> torch.Tensor:
-        """The sample's gradient (in the parameters' dtype): copied into ``out`` (a held slot), or the
-        computer's own buffer when ``out`` is None (a streamed gradient, used before the next is computed)."""
+    def _gradient(
+        self, enc: Encoded, role: str, out: Optional[torch.Tensor], q: Optional[int] = None
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The sample's gradient (in the parameters' dtype) and its (M,) per-matrix self-dots, checked finite
+        (FiniteCheck) before anything uses it: copied into ``out`` (a held slot), or the computer's own buffer
+        when ``out`` is None (a streamed gradient, used before the next is computed)."""
         t0 = time.perf_counter()
         g = self.computer.gradient(enc)
         if out is not None:
@@ -181,9 +174,11 @@ class ExactStream:
             self.cost.original_passes += 1
         if self.progress is not None:
             self.progress.update(1)
+        selfdots = matrix_dots(self.layout, g, g)
+        self.finite.selfdots(self.layout.names, selfdots, enc.id, role)
         if self.on_gradient is not None:
             self.on_gradient(enc, role, seconds, q)
-        return g
+        return g, selfdots
 
     def _work(self, like: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_work_buf", None) is None:
@@ -202,15 +197,20 @@ class ExactStream:
         originals: dict[int, Encoded],
         on_done: Callable[[list[Done]], None],
     ) -> Cost:
-        t_start = time.perf_counter()
+        t_start, base = time.perf_counter(), self.cost.seconds
         dev = self.computer.device
         p = self.layout.total
         self.cost.held_gradients, self.cost.mode = plan.capacity, plan.mode
+
+        def done(finished: list[Done]) -> None:  # the seconds so far go into the block's progress record
+            self.cost.seconds = base + (time.perf_counter() - t_start)
+            on_done(finished)
+
         if plan.mode == "hold-originals":
-            self._hold_originals(queries, cands, originals, on_done, dev, p)
+            self._hold_originals(queries, cands, originals, done, dev, p)
         else:
-            self._hold_queries(plan, queries, cands, originals, on_done, dev, p)
-        self.cost.seconds += time.perf_counter() - t_start
+            self._hold_queries(plan, queries, cands, originals, done, dev, p)
+        self.cost.seconds = base + (time.perf_counter() - t_start)
         self.cost.backward_seconds_per_token = self.seconds_per_token
         if self.cache is not None:
             self.cache.close()
@@ -222,12 +222,11 @@ class ExactStream:
         row = {j: r for r, j in enumerate(needed)}
         oself = {}
         for j in needed:
-            g = self._gradient(originals[j], "original", held[row[j]])
-            oself[j] = matrix_dots(self.layout, g, g)
+            oself[j] = self._gradient(originals[j], "original", held[row[j]])[1]
         for q, enc in enumerate(queries):
-            g = self._gradient(enc, "query", None, q)
+            g, qself = self._gradient(enc, "query", None, q)
             dots = np.stack([matrix_dots(self.layout, g, held[row[j]]) for j in cands[q]])
-            on_done([(q, dots, matrix_dots(self.layout, g, g), np.stack([oself[j] for j in cands[q]]))])
+            on_done([(q, dots, qself, np.stack([oself[j] for j in cands[q]]))])
 
     def _hold_queries(self, plan, queries, cands, originals, on_done, dev, p) -> None:
         block_buf = torch.empty(max(len(b) for b in plan.blocks), p, dtype=self.computer.buffer.dtype, device=dev)
@@ -235,8 +234,7 @@ class ExactStream:
         for b, block in enumerate(plan.blocks):
             qself = {}
             for slot, q in enumerate(block):
-                g = self._gradient(queries[q], "query", block_buf[slot], q)
-                qself[q] = matrix_dots(self.layout, g, g)
+                qself[q] = self._gradient(queries[q], "query", block_buf[slot], q)[1]
             need: dict[int, list[tuple[int, int]]] = {}
             for slot, q in enumerate(block):
                 for col, j in enumerate(cands[q]):
@@ -247,15 +245,15 @@ class ExactStream:
                 left = [u for u in uses[j] if u > b]
                 if self.cache is not None and j in self.cache.entries:
                     g = self.cache.get(j, self._work(block_buf[0]))
+                    s = matrix_dots(self.layout, g, g)
                     if self.progress is not None:
                         self.progress.update(1)
                 else:
-                    g = self._gradient(originals[j], "original", None)
+                    g, s = self._gradient(originals[j], "original", None)
                     per_token = self.seconds_per_token
                     recompute = per_token * originals[j].num_tokens if per_token else None
                     if self.cache is not None and self.cache.worth_keeping(len(left), recompute):
                         self.cache.put(j, g)
-                s = matrix_dots(self.layout, g, g)
                 for slot, col in need[j]:
                     q = block[slot]
                     dots[q][col] = matrix_dots(self.layout, block_buf[slot], g)
