@@ -86,6 +86,7 @@ def test_cost_sums_every_attempt_and_lists_how_each_ended(tiny, tmp_path, monkey
 
 def test_a_rerun_after_a_failed_write_keeps_the_cost_of_the_attempt_that_computed(tiny, tmp_path, monkeypatch):
     import gradsim.run as runmod
+    from gradsim.errors import GradsimError
 
     cfg = cfg_for(tmp_path, sample_size=3)
     real = runmod.write_outputs
@@ -94,7 +95,7 @@ def test_a_rerun_after_a_failed_write_keeps_the_cost_of_the_attempt_that_compute
         raise OSError(27, "File too large")
 
     monkeypatch.setattr(runmod, "write_outputs", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(GradsimError, match="File too large"):
         run(cfg, lm=tiny)
     monkeypatch.setattr(runmod, "write_outputs", real)
     cost = run(cfg, lm=tiny)["cost"]
