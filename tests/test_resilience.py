@@ -232,3 +232,12 @@ def test_combine_refuses_a_partition_holding_nonfinite_scores(tiny, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "scores_00002-00004.npz holds 1 non-finite dots" in err, err
     assert not (run_dir / "results.json").exists()
+
+
+def test_end_reasons_and_a_never_closed_attempt_reads_as_killed():
+    from gradsim.cost import closed, end_reason
+
+    assert end_reason(SystemExit(143)) == "SIGTERM"  # lock.exit_on_sigterm's exit
+    assert end_reason(KeyboardInterrupt()) == "interrupted" and end_reason(OSError(28, "full")) == "error"
+    logged = {2: {"attempt": 2, "end": "running"}, 1: {"attempt": 1, "end": "SIGTERM"}}
+    assert [a["end"] for a in closed(logged)] == ["SIGTERM", "killed"]
