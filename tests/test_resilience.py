@@ -86,6 +86,7 @@ def test_cost_sums_every_attempt_and_lists_how_each_ended(tiny, tmp_path, monkey
 
 def test_a_rerun_after_a_failed_write_keeps_the_cost_of_the_attempt_that_computed(tiny, tmp_path, monkeypatch):
     import gradsim.run as runmod
+    from gradsim.errors import GradsimError
 
     cfg = cfg_for(tmp_path, sample_size=3)
     real = runmod.write_outputs
@@ -94,7 +95,7 @@ def test_a_rerun_after_a_failed_write_keeps_the_cost_of_the_attempt_that_compute
         raise OSError(27, "File too large")
 
     monkeypatch.setattr(runmod, "write_outputs", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(GradsimError, match="File too large"):
         run(cfg, lm=tiny)
     monkeypatch.setattr(runmod, "write_outputs", real)
     cost = run(cfg, lm=tiny)["cost"]
@@ -231,3 +232,12 @@ def test_combine_refuses_a_partition_holding_nonfinite_scores(tiny, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "scores_00002-00004.npz holds 1 non-finite dots" in err, err
     assert not (run_dir / "results.json").exists()
+
+
+def test_end_reasons_and_a_never_closed_attempt_reads_as_killed():
+    from gradsim.cost import closed, end_reason
+
+    assert end_reason(SystemExit(143)) == "SIGTERM"  # lock.exit_on_sigterm's exit
+    assert end_reason(KeyboardInterrupt()) == "interrupted" and end_reason(OSError(28, "full")) == "error"
+    logged = {2: {"attempt": 2, "end": "running"}, 1: {"attempt": 1, "end": "SIGTERM"}}
+    assert [a["end"] for a in closed(logged)] == ["SIGTERM", "killed"]

@@ -61,7 +61,8 @@ class FiniteCheck:
         """Report a non-finite ``what`` (gradient, features) of a sample: raise, or (allow) warn and count."""
         if not self.allow:
             raise NonFiniteError(
-                f"the {what} of {role} {sample_id} is not finite (NaN or inf) in {listed(matrices)}: "
+                f"the {what} of {role} {sample_id} {'are' if what.endswith('s') else 'is'} not finite (NaN or inf) "
+                f"in {listed(matrices)}: "
                 f"{likely_cause(self.model, self.dtype)}; no results were written ({ALLOW_HINT})"
             )
         log.warning(
