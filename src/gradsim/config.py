@@ -36,7 +36,8 @@ ALLOCATIONS = ("norm", "norm-floor", "sqrt", "uniform")
 DTYPES = ("float32", "tf32", "bfloat16", "bfloat16-weights")
 # --dtype when not given: float32 on the CPU; on CUDA the fastest precision whose whole-model top-1 and MRR and
 # whose per-matrix table equal fp32's on the bundled study and on the GPU check's data (bench/precision_fidelity.py,
-# docs/benchmarks.md "GPU precision").
+# docs/benchmarks.md "GPU precision"). Measured 2026-12-06 (CPU, TF32 emulated): TF32 changes 3-5 matrices' top-1,
+# bf16 27-33, bf16-weights also the whole-model top-1, so fp32 it is until a GPU measurement says otherwise.
 CUDA_DTYPE = "float32"
 LOSS_TARGETS = ("response", "prompt", "all")  # encode.py builds the labels of each
 # first: each row's first user/assistant exchange (the study's); all: every turn, each assistant turn trained
