@@ -42,7 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"
-BUNDLED = ROOT / "data" / "lima_sample" / "original.jsonl"
+BUNDLED = ROOT / "src" / "gradsim" / "bundled" / "lima_sample" / "original.jsonl"
 
 
 def load(args):

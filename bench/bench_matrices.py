@@ -77,7 +77,7 @@ def main() -> int:
         "single": [single],
         "subset": matrices.resolve(subset_spec, names, lm.model_id),
     }
-    samples = load_samples(str(ROOT / "data" / "lima_sample" / "original.jsonl"))[: args.samples]
+    samples = load_samples(str(ROOT / "src" / "gradsim" / "bundled" / "lima_sample" / "original.jsonl"))[: args.samples]
     encs = [encode(lm.tokenizer, s, min(args.max_length, lm.context_length)) for s in samples]
 
     def matmul_peak(device) -> float:

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.append(str(ROOT / "src"))
 LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"
-BUNDLED = ROOT / "data" / "lima_sample"
+BUNDLED = ROOT / "src" / "gradsim" / "bundled" / "lima_sample"
 VARIANTS = {"paraphrased": "paraphrased.jsonl", "model-generated": "model_generated.jsonl"}
 
 # H100 SXM dense peaks (FLOP/s) for the estimate.

@@ -211,7 +211,7 @@ class Checker:
             if self.site not in sys.path:  # run without the package installed
                 sys.path.append(self.site)
             self.tokenizer_dir = None
-            self.data_dir = ROOT / "data" / "lima_sample"
+            self.data_dir = ROOT / "src" / "gradsim" / "bundled" / "lima_sample"
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0

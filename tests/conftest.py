@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradsim.config import BUNDLED_DATA
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; fail fast instead of retrying
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "data" / "lima_sample"
+BUNDLED = BUNDLED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from gradsim.config import BUNDLED_DATA
 from gradsim.data import load_dataset, load_samples
 from gradsim.errors import GradsimError
 from gradsim.generate import GenParams, OpenAIBackend, copied_fraction, degenerate_reason
 from gradsim.paraphrase import PARAPHRASE_PROMPT, PARAPHRASE_SYSTEM, Options, main, run
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "data" / "lima_sample"
+BUNDLED = BUNDLED_DATA
 ORIGINAL = str(BUNDLED / "original.jsonl")
 SECRET = "sk-gradsim-test-9f8e7d6c5b4a"
 

@@ -15,10 +15,10 @@ from typing import Optional
 import numpy as np
 
 from .cli import format_summary
-from .config import COMPAT_FIELDS, COMPUTATION_TYPES, REPO_ROOT, compat_differences, redact
+from .config import COMPAT_FIELDS, COMPUTATION_TYPES, compat_differences, redact
 from .errors import GradsimError
 from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
-from .layout import RunPaths
+from .layout import RunPaths, default_output_dir
 from .options import Parser, from_args, option, positionals
 from .score import summarize_arrays
 
@@ -218,9 +218,9 @@ def build_parser() -> Parser:
 
 def combine_main(argv: Optional[list[str]] = None) -> int:
     opts = from_args(CombineOptions, build_parser().parse_args(argv))
-    run_dirs = [Path(d) for d in opts.run_dirs] or find_run_dirs(Path(opts.output_dir or REPO_ROOT / "data"))
+    run_dirs = [Path(d) for d in opts.run_dirs] or find_run_dirs(Path(opts.output_dir or default_output_dir()))
     if not run_dirs:
-        print(f"no runs with partitions under {opts.output_dir or REPO_ROOT / 'data'}", file=sys.stderr)
+        print(f"no runs with partitions under {opts.output_dir or default_output_dir()}", file=sys.stderr)
         return 1
     failed = 0
     for d in run_dirs:

@@ -72,6 +72,11 @@ def run_dir(cfg) -> Path:
     )
 
 
+def default_output_dir() -> Path:
+    """--output-dir when not given: data/ in the current directory (the checkout's data/ when run from its root)."""
+    return Path.cwd() / "data"
+
+
 def features_root(output_dir) -> Path:
     return Path(output_dir) / "features"
 

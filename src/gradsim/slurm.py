@@ -1,8 +1,8 @@
 """Fan a run's queries out over one Slurm job array: planning and submission (compute.py).
 
 ``compute.py`` splits the queries into N contiguous ranges and submits one array: with submitit
-(``map_array`` of a Checkpointable task) or with sbatch (a script rendered from
-``slurm_scripts/batch_processing/job.sbatch.template``). Every task runs main.py's code path for its
+(``map_array`` of a Checkpointable task) or with sbatch (a script rendered from the package's
+``templates/job.sbatch.template``). Every task runs main.py's code path (``python -m gradsim run``) for its
 range, so a task that is preempted or hits its time limit is requeued and resumes from the run's
 progress log. Each submission leaves ``submission.json`` beside its logs; ``gradsim.slurm_status``
 (status.py) reads those and asks squeue/sacct, ``gradsim.combine`` (combine.py) merges the finished
@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import submitit
 
-from .config import REPO_ROOT, Config, redact
+from .config import PACKAGE_DIR, Config, redact
 from .errors import GradsimError
 from .estimate import DEFAULT_GPU_MEMORY_GB, TIME_MARGIN, TIME_SLACK_MIN, Estimate
 from .io import atomic_write_json, read_json
@@ -40,8 +40,9 @@ from .slurm_status import SUBMISSION, collect_status, format_status, partition_p
 
 log = logging.getLogger("gradsim")
 
-TEMPLATE = REPO_ROOT / "slurm_scripts" / "batch_processing" / "job.sbatch.template"
-MAIN_PY = REPO_ROOT / "main.py"
+TEMPLATE = PACKAGE_DIR / "templates" / "job.sbatch.template"  # package data: works installed
+# The task's command after the python: the study's code path through the installed package (no checkout's main.py).
+TASK_MODULE = ("-m", "gradsim", "run")
 BACKENDS = ("submitit", "sbatch")
 DEFAULT_TIME = "01:00:00"  # --time where no estimate can be made (the model's config unreadable here)
 
@@ -497,7 +498,7 @@ def sbatch_script(p: Plan, template_path: Path = TEMPLATE) -> str:
     n = len(p.todo)
     array = f"0-{n - 1}" + (f"%{r.max_parallel}" if r.max_parallel else "")
     lines = [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}" for k, v in r.sbatch_options()]
-    command = f"{r.task_command()} {shlex.quote(str(MAIN_PY))} {' '.join(shlex.quote(a) for a in p.argv)}"
+    command = " ".join([r.task_command(), *TASK_MODULE, *(shlex.quote(a) for a in p.argv)])
     values = {
         "job_name": p.job_name,
         "array": array,
