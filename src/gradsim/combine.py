@@ -6,7 +6,6 @@ unpartitioned run: missing or overlapping query ranges, or partitions made with 
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,9 @@ from .cli import format_summary
 from .config import COMPAT_FIELDS, COMPUTATION_TYPES, compat_differences, redact
 from .errors import GradsimError
 from .io import atomic_save_npz, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl_tolerant
-from .layout import RunPaths, default_output_dir
+from .layout import RunPaths, default_output_dir, part_range
 from .options import Parser, from_args, option, positionals
 from .score import summarize_arrays
-
-_PART = re.compile(r"results_(\d+)-(\d+)\.json$")
 
 
 def whole_run(run_dir: Path, num_queries: int = 0) -> RunPaths:
@@ -34,9 +31,9 @@ def find_partitions(run_dir: Path) -> list[tuple[int, int, Path]]:
     """(start, end, results file) of each finished partition of a run, in query order."""
     parts = []
     for p in sorted(whole_run(run_dir).part_dir.glob("results_*.json")):
-        m = _PART.search(p.name)
-        if m:
-            parts.append((int(m.group(1)), int(m.group(2)), p))
+        rng = part_range(p)
+        if rng:
+            parts.append((*rng, p))
     return sorted(parts)
 
 

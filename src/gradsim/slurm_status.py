@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .io import read_json, read_jsonl_tolerant
-from .layout import RunPaths, default_output_dir
+from .layout import SUBMISSION, RunPaths, default_output_dir
 from .options import Parser, from_args, option, positionals
 
-SUBMISSION = "submission.json"  # the record compute.py leaves in each submission folder
 # squeue/sacct states, as status reports them. A requeued task is PENDING again (or REQUEUED briefly).
 PENDING_STATES = {
     "PENDING",
