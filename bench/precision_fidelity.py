@@ -38,7 +38,7 @@ from gradsim.run import run
 from gradsim.score import whole_and_per_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_featurize  # noqa: E402  (the machine description every bench shares)
+import common  # noqa: E402  (what every bench shares)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("float32", "tf32", "bfloat16", "bfloat16-weights")
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     report = {
-        "machine": bench_featurize.machine_info(),
+        "machine": common.machine_info(),
         "argv": sys.argv,
         "device": args.device,
         "arms": {},
@@ -159,21 +159,20 @@ def main(argv=None) -> int:
     path = Path(args.out) / f"precision_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))
-    print(
-        "| precision | s | setting | top-1 | MRR | = fp32 top-1, MRR | matrices whose top-1 / MRR differ "
-        "| (query, matrix) ranks moved | passes |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    header = ["precision", "s", "setting", "top-1", "MRR", "= fp32 top-1, MRR", "matrices whose top-1 / MRR differ"]
+    rows = []
     for arm, rec in report["arms"].items():
         for setting in ("paraphrased", "model-generated"):
             v = rec[setting]
             name = f"{arm}{' (emulated)' if rec['emulated'] else ''}"
-            print(
-                f"| {name} | {rec['seconds']:.0f} | {setting} | {v['top1']:.4f} | {v['mrr']:.4f} "
-                f"| {v['top1_equal'] and v['mrr_equal']} | {v['matrices_top1_differing']} / "
-                f"{v['matrices_mrr_differing']} | {v['query_matrix_ranks_moved']} of {v['query_matrix_cells']} "
-                f"| {rec['passes']} |"
+            differing = f"{v['matrices_top1_differing']} / {v['matrices_mrr_differing']}"
+            moved = f"{v['query_matrix_ranks_moved']} of {v['query_matrix_cells']}"
+            same = v["top1_equal"] and v["mrr_equal"]
+            rows.append(
+                [name, f"{rec['seconds']:.0f}", setting, f"{v['top1']:.4f}", f"{v['mrr']:.4f}", same, differing]
             )
+            rows[-1] += [moved, rec["passes"]]
+    print(common.markdown_table([*header, "(query, matrix) ranks moved", "passes"], rows))
     print(f"\n{path}")
     return 0
 
