@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,9 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"
-BUNDLED = ROOT / "data" / "lima_sample" / "original.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (what every bench shares)
+from common import LIMA, ROOT, machine_info  # noqa: E402, F401  (bench_sketch_overhead imports them from here)
+
+BUNDLED = common.BUNDLED / "original.jsonl"
 
 
 def load(args):
@@ -362,24 +363,6 @@ def passthrough(args) -> list[str]:
         "--sketch-dims",
         *map(str, args.sketch_dims),
     ]
-
-
-def machine_info() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(mem, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def table(out: dict) -> str:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_featurize  # noqa: E402  (the machine description every bench shares)
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "data" / "lima_sample" / "original.jsonl"
+BUNDLED = ROOT / "src" / "gradsim" / "bundled" / "lima_sample" / "original.jsonl"
 
 
 def per_matrix_gram(x: torch.Tensor, slices) -> np.ndarray:

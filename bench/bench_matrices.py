@@ -29,7 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (what every bench shares)
+from common import ROOT  # noqa: E402
+
 if str(ROOT / "src") not in sys.path:
     sys.path.append(str(ROOT / "src"))
 
@@ -77,7 +80,7 @@ def main() -> int:
         "single": [single],
         "subset": matrices.resolve(subset_spec, names, lm.model_id),
     }
-    samples = load_samples(str(ROOT / "data" / "lima_sample" / "original.jsonl"))[: args.samples]
+    samples = load_samples(str(common.BUNDLED / "original.jsonl"))[: args.samples]
     encs = [encode(lm.tokenizer, s, min(args.max_length, lm.context_length)) for s in samples]
 
     def matmul_peak(device) -> float:
@@ -151,14 +154,15 @@ def main() -> int:
         f"{lm.model_id}, {len(encs)} samples of {tokens:.0f} tokens on average, {device}; "
         f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; full backward at {result['full_fraction_of_peak']:.0%} of it"
     )
-    print("| arm | matrices | share of parameters | s per sample | speed-up vs full | max rel. diff vs full's slices |")
-    print("|---|---|---|---|---|---|")
+    header = ["arm", "matrices", "share of parameters", "s per sample", "speed-up vs full"]
+    rows = []
     for a, r in result["arms"].items():
         what = "all" if a == "full" else (r["matrices"] if isinstance(r["matrices"], str) else r["matrices"][0])
-        print(
-            f"| {a} | {what} | {r['share_of_parameters']:.2%} | {r['seconds_per_sample']:.2f} | "
-            f"{r['speedup_vs_full']:.2f}x | {r['max_rel_diff_vs_full_slices']:.1e} |"
+        share, seconds = f"{r['share_of_parameters']:.2%}", f"{r['seconds_per_sample']:.2f}"
+        rows.append(
+            [a, what, share, seconds, f"{r['speedup_vs_full']:.2f}x", f"{r['max_rel_diff_vs_full_slices']:.1e}"]
         )
+    print(common.markdown_table([*header, "max rel. diff vs full's slices"], rows))
     print(f"written: {out}")
     return 0
 

@@ -28,12 +28,10 @@ Output: bench/results/study_scale_<UTC time>.json and a markdown table on stdout
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -42,11 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (what every bench shares)
+from common import BUNDLED, LIMA, ROOT, log, utc  # noqa: E402
+
 if str(ROOT / "src") not in sys.path:
     sys.path.append(str(ROOT / "src"))
-LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"
-BUNDLED = ROOT / "data" / "lima_sample"
 VARIANTS = {"paraphrased": "paraphrased.jsonl", "model-generated": "model_generated.jsonl"}
 
 # H100 SXM dense peaks (FLOP/s) for the estimate.
@@ -73,33 +72,8 @@ sys.exit(rc)
 """
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def utc() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def machine_info() -> dict:
-    import torch
-
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(mem, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "utc": utc(),
-        "loadavg": os.getloadavg(),
-    }
+    return {**common.machine_info(), "loadavg": os.getloadavg()}
 
 
 def proc_io() -> dict:
@@ -665,11 +639,7 @@ def report(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 2)[2],
-    )
+    p = common.doc_parser(__doc__, epilog_from=2)
     p.add_argument("--model", help="model directory (default: bench/make_model.py --shape SHAPE, built when missing)")
     p.add_argument("--shape", default="amd-olmo-1b", help="make_model.py shape when --model is not given")
     p.add_argument("--sample-size", type=int, default=3, help="first N originals (and their variants)")

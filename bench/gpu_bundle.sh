@@ -55,7 +55,7 @@ rm -f "$DIR/wheels/.gitignore"  # written by uv build
 
 # 3. The embedded tokenizer (with its chat template and the revision it came from), and the sample data.
 "${PY[@]}" bench/gpu_bundle.py tokenizer "$DIR/tokenizer"
-cp -r data/lima_sample "$DIR/data/"
+cp -r src/gradsim/bundled/lima_sample "$DIR/data/"
 
 # 4. Manifest, and the size against the limit.
 "${PY[@]}" bench/gpu_bundle.py manifest "$DIR" "$LIMIT" "${PINS[@]}"

@@ -211,7 +211,7 @@ class Checker:
             if self.site not in sys.path:  # run without the package installed
                 sys.path.append(self.site)
             self.tokenizer_dir = None
-            self.data_dir = ROOT / "data" / "lima_sample"
+            self.data_dir = ROOT / "src" / "gradsim" / "bundled" / "lima_sample"
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -384,14 +384,11 @@ def environment(chk: Checker) -> dict:
             peaks_tflops=card_peaks(props.name),
         )
         try:
-            smi = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
+            from gradsim.doctor import nvidia_smi
+
+            smi = nvidia_smi("name,driver_version,memory.total,clocks.max.sm", timeout=20)
             out["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
-        except (OSError, subprocess.SubprocessError) as e:
+        except (ImportError, OSError, subprocess.SubprocessError) as e:  # ImportError: a bundle older than src
             out["nvidia_smi"] = repr(e)
     # Measured matmul rates: what the throughput's % compare with where the card has no data-sheet peak.
     n = 8192 if dev.type == "cuda" else 512 if args.quick else 1024

@@ -39,104 +39,51 @@ if str(ROOT / "src") not in sys.path:  # run without the package installed (e.g.
 SPEC_FILE = "gradsim_make_model.json"
 SPEC_VERSION = 1
 
-# (model class name, config class name, config kwargs) of each real model's shape.
+
+def _sizes(hidden, intermediate, layers, heads, kv_heads, vocab, context, tied, **extra) -> dict:
+    """A shape's config kwargs: its sizes, then what sets it apart (rope, norm eps, biases); every shape has
+    silu activations, no attention bias and init 0.02."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=context,
+        tie_word_embeddings=tied,
+        attention_bias=False,
+        hidden_act="silu",
+        initializer_range=0.02,
+        **extra,
+    )
+
+
+# (model class name, config class name, config kwargs) of each real model's shape. _sizes's order: hidden,
+# intermediate, layers, attention heads, key/value heads, vocab, context, tied embeddings.
 SHAPES: dict[str, tuple[str, str, dict]] = {
     "amd-olmo-1b": (
         "OlmoForCausalLM",
         "OlmoConfig",
-        dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            vocab_size=50304,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            rope_theta=10000.0,
-            attention_bias=False,
-            clip_qkv=None,
-            hidden_act="silu",
-            initializer_range=0.02,
-        ),
+        _sizes(2048, 8192, 16, 16, 16, 50304, 2048, True, rope_theta=10000.0, clip_qkv=None),
     ),
     "smollm2-135m": (
         "LlamaForCausalLM",
         "LlamaConfig",
-        dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            head_dim=64,
-            vocab_size=49152,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-            rope_theta=100000.0,
-            rms_norm_eps=1e-5,
-            attention_bias=False,
-            mlp_bias=False,
-            hidden_act="silu",
-            initializer_range=0.02,
+        _sizes(
+            576, 1536, 30, 9, 3, 49152, 8192, True, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, mlp_bias=False
         ),
     ),
     "olmo2-1b": (
         "Olmo2ForCausalLM",
         "Olmo2Config",
-        dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            vocab_size=100352,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            rope_theta=500000.0,
-            rms_norm_eps=1e-6,
-            attention_bias=False,
-            hidden_act="silu",
-            initializer_range=0.02,
-        ),
+        _sizes(2048, 8192, 16, 16, 16, 100352, 4096, False, rope_theta=500000.0, rms_norm_eps=1e-6),
     ),
-    "tiny": (
-        "LlamaForCausalLM",
-        "LlamaConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=49152,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            attention_bias=False,
-            mlp_bias=False,
-            hidden_act="silu",
-            initializer_range=0.02,
-        ),
-    ),
+    "tiny": ("LlamaForCausalLM", "LlamaConfig", _sizes(32, 64, 2, 4, 2, 49152, 256, True, mlp_bias=False)),
     "llama-7b": (
         "LlamaForCausalLM",
         "LlamaConfig",
-        dict(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32000,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            rope_theta=10000.0,
-            rms_norm_eps=1e-5,
-            attention_bias=False,
-            mlp_bias=False,
-            hidden_act="silu",
-            initializer_range=0.02,
-        ),
+        _sizes(4096, 11008, 32, 32, 32, 32000, 4096, False, rope_theta=10000.0, rms_norm_eps=1e-5, mlp_bias=False),
     ),
 }
 

@@ -38,9 +38,8 @@ from gradsim.run import run
 from gradsim.score import whole_and_per_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_featurize  # noqa: E402  (the machine description every bench shares)
+from common import ROOT, machine_info  # noqa: E402  (what every bench shares)
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("float32", "tf32", "bfloat16", "bfloat16-weights")
 
 
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     report = {
-        "machine": bench_featurize.machine_info(),
+        "machine": machine_info(),
         "argv": sys.argv,
         "device": args.device,
         "arms": {},

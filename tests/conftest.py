@@ -1,16 +1,40 @@
+from __future__ import annotations
+
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 import torch
+
+from gradsim.config import BUNDLED_DATA, Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; fail fast instead of retrying
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "data" / "lima_sample"
+BUNDLED = BUNDLED_DATA
+
+
+# The tiny test models' shape (the tiny fixture's Llama; test_projection_models' families add their own keys).
+TINY_SIZES = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def cpu_config(output_dir, sample_size: int, **kw) -> Config:
+    """The tests' small study: on the CPU, the first ``sample_size`` originals, results under ``output_dir``."""
+    return Config(device="cpu", sample_size=sample_size, output_dir=str(output_dir), **kw)
 
 
 @pytest.fixture(scope="session")
@@ -32,19 +56,7 @@ def tiny(embedded):
 
     torch.manual_seed(0)
     tok = embedded.tokenizer
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, pad_token_id=tok.pad_token_id, **TINY_SIZES)
     model = LlamaForCausalLM(cfg).eval()
     # Random init gives near-uniform logits and tiny gradients; scale up for a meaningful comparison.
     with torch.no_grad():
@@ -82,3 +94,18 @@ def require_live_slurm(mp: pytest.MonkeyPatch) -> None:
         answer = repr(exc)
     if "is UP" not in answer:
         give_up(f"Slurm controller is not UP ({answer!r}); run slurm_scripts/cluster/start.sh")
+
+
+T = TypeVar("T")
+
+
+def wait_until(probe: Callable[[], T], timeout_s: float, what: str | Callable[[], str], every_s: float = 0.5) -> T:
+    """Poll probe() until it returns something truthy; fail after timeout_s saying `what` (or what())."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what if isinstance(what, str) else what()}")
+        time.sleep(every_s)

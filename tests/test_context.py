@@ -5,6 +5,7 @@ normalizer keys, run folder names (so runs, partitions and stores made before ke
 import dataclasses
 
 import pytest
+from conftest import cpu_config
 
 from gradsim.config import BUNDLED_DATA, COMPAT_FIELDS, RECORDED_WHEN_SET, VARIANT_FILES, Config, Provenance
 from gradsim.features import manifest_key
@@ -113,11 +114,10 @@ def test_a_run_writes_what_it_wrote_before_and_leaves_the_config_alone(tiny, tmp
 
     monkeypatch.setattr(runmod, "code_version", lambda: "pinned")
     out = tmp_path / "out"
-    cfg = Config(
+    cfg = cpu_config(
+        out,
+        4,
         setting="both",
-        device="cpu",
-        sample_size=4,
-        output_dir=str(out),
         top_k=2,
         use_random_projection=True,
         projection="countsketch",

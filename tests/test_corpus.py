@@ -2,27 +2,17 @@
 
 import numpy as np
 import pytest
+from conftest import cpu_config
 
 from gradsim.combine import merge_partitions
-from gradsim.config import Config
 from gradsim.errors import GradsimError
 from gradsim.io import read_jsonl_tolerant
 from gradsim.run import run
 
 
 def cfg_for(tmp_path, **kw):
-    base = dict(
-        device="cpu",
-        sample_size=8,
-        output_dir=str(tmp_path),
-        top_k=3,
-        use_random_projection=True,
-        projection="factorized",
-        proj_dim=64,
-        candidates="all",
-    )
-    base.update(kw)
-    return Config(**base)
+    base = dict(top_k=3, use_random_projection=True, projection="factorized", proj_dim=64, candidates="all")
+    return cpu_config(tmp_path, 8, **{**base, **kw})
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def test_gpu_dry_run_runs_each_task_on_cuda_and_estimates_it(tmp_path, capsys, b
     # both settings: 48 paraphrased and 45 model-generated queries, split over [0, 48)
     assert "48 queries per setting (paraphrased 48, model-generated 45) in 2 partitions ([0, 24), [24, 48))" in out
     if backend == "sbatch":
-        (command,) = [ln for ln in out.splitlines() if "main.py" in ln and "--partition-start" in ln]
+        (command,) = [ln for ln in out.splitlines() if "-m gradsim run" in ln and "--partition-start" in ln]
         assert "--setting both" in command and "--device cuda" in command and "#SBATCH --gres=gpu:1" in out
     else:
         assert "'--setting', 'both'" in out and "'--device', 'cuda'" in out and "--gres=gpu:1" in out

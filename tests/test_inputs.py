@@ -6,6 +6,7 @@ import stat
 
 import orjson
 import pytest
+from conftest import cpu_config
 
 from gradsim.config import BUNDLED_DATA, Config
 from gradsim.data import load_dataset
@@ -48,14 +49,7 @@ def test_outputs_respect_the_umask(tmp_path):
 
 
 def test_top_k_beyond_the_corpus_warns_and_reports_the_real_chance(tiny, tmp_path, caplog):
-    cfg = Config(
-        device="cpu",
-        sample_size=3,
-        output_dir=str(tmp_path),
-        top_k=4,
-        baselines=False,
-        original_data=str(BUNDLED_DATA / "original.jsonl"),
-    )
+    cfg = cpu_config(tmp_path, 3, top_k=4, baselines=False, original_data=str(BUNDLED_DATA / "original.jsonl"))
     with caplog.at_level(logging.WARNING, logger="gradsim"):
         res = run(cfg, lm=tiny)
     assert "--top-k 4 asks for more BM25 candidates than the 2 other originals" in caplog.text
@@ -95,14 +89,7 @@ def test_progress_in_a_log_is_a_line_per_item(capsys):
 
 def test_a_prompt_longer_than_max_length_fails_before_anything_is_written(tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    cfg = Config(
-        device="cpu",
-        sample_size=3,
-        output_dir=str(out),
-        max_length=8,
-        baselines=False,
-        original_data=str(BUNDLED_DATA / "original.jsonl"),
-    )
+    cfg = cpu_config(out, 3, max_length=8, baselines=False, original_data=str(BUNDLED_DATA / "original.jsonl"))
     with pytest.raises(GradsimError, match=r"no response token is left to train on .*raise --max-length") as e:
         run(cfg, lm=tiny)
     assert "\n" not in str(e.value)
@@ -263,14 +250,7 @@ def test_turns_and_system_messages_left_out_are_counted_and_logged(tmp_path, cap
 
 
 def test_results_report_what_the_data_held_beyond_the_first_exchange(tiny, tmp_path):
-    cfg = Config(
-        device="cpu",
-        sample_size=3,
-        output_dir=str(tmp_path / "out"),
-        top_k=2,
-        baselines=False,
-        original_data=multi_turn_originals(tmp_path),
-    )
+    cfg = cpu_config(tmp_path / "out", 3, top_k=2, baselines=False, original_data=multi_turn_originals(tmp_path))
     res = run(cfg, lm=tiny)
     assert res["data_dropped"]["original"]["later_turns"] == 3
     assert res["data_dropped"]["original"]["system_messages"] == 3
@@ -314,15 +294,8 @@ def test_turns_all_reaches_the_parser_the_run_name_and_the_results(tiny, tmp_pat
     assert run_dir(cfg).name == "paraphrased-turns-all" and run_dir(Config()).name == "paraphrased"
     # Feature stores made before --turns existed keep their keys; --turns all gets its own.
     assert "turns" not in store_manifest(Config().compat()) and store_manifest(cfg.compat())["turns"] == "all"
-    cfg = Config(
-        device="cpu",
-        sample_size=3,
-        output_dir=str(tmp_path / "out"),
-        top_k=2,
-        baselines=False,
-        original_data=multi_turn_originals(tmp_path),
-        turns="all",
-    )
+    originals = multi_turn_originals(tmp_path)
+    cfg = cpu_config(tmp_path / "out", 3, top_k=2, baselines=False, original_data=originals, turns="all")
     res = run(cfg, lm=tiny)
     assert res["compat"]["turns"] == "all"
     assert res["data_dropped"]["original"]["later_turns"] == 1  # row 2's unanswered last user turn

@@ -8,6 +8,7 @@ from datetime import datetime
 import pytest
 import torch
 import transformers
+from conftest import TINY_SIZES
 from transformers import AutoTokenizer
 
 from gradsim.config import Config
@@ -141,18 +142,7 @@ def tok(tok_dir):
 
 
 def tiny_config(family: str, vocab: int):
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=2,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = dict(TINY_SIZES, vocab_size=vocab, max_position_embeddings=512, pad_token_id=2)
     if family == "llama":
         return transformers.LlamaConfig(tie_word_embeddings=True, **common), transformers.LlamaForCausalLM
     if family == "qwen3":

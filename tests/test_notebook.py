@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gradsim import analysis
+from gradsim.config import BUNDLED_REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "analysis.ipynb"
@@ -101,17 +102,17 @@ def test_reference_tables_draw_into_their_own_folder_titled_with_their_source(tm
     figures = tmp_path / "gradient-similarity"
     figures.mkdir()
     table, source = analysis.load_targets(tmp_path)
-    assert source == ROOT / "docs" / "targets-bundled.json"
+    assert source == BUNDLED_REFERENCE / "targets-bundled.json"
     out, note = analysis.table_figures(figures, source, tmp_path)
-    assert out == figures / analysis.REFERENCE_DIR and "docs/targets-bundled.json" in note
+    assert out == figures / analysis.REFERENCE_DIR and "gradsim/bundled/reference/targets-bundled.json" in note
     assert analysis.plot_targets(table, out, "BM25", note).parent == out
     front, source = analysis.load_frontier(tmp_path)
     out, note = analysis.table_figures(figures, source, tmp_path)
     frontier.plot(front, out / "frontier.png", note)
-    assert "docs/frontier/frontier.json" in note and (out / "frontier.png").is_file()
+    assert "gradsim/bundled/reference/frontier.json" in note and (out / "frontier.png").is_file()
     assert not list(figures.glob("*.png"))  # nothing drawn from the reference tables among the user's figures
     own = tmp_path / "targets" / "targets.json"
     own.parent.mkdir()
-    own.write_bytes((ROOT / "docs" / "targets-bundled.json").read_bytes())
+    own.write_bytes((BUNDLED_REFERENCE / "targets-bundled.json").read_bytes())
     table, source = analysis.load_targets(tmp_path)
     assert source == own and analysis.table_figures(figures, source, tmp_path) == (figures, None)

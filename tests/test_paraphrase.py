@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from gradsim.config import BUNDLED_DATA
 from gradsim.data import load_dataset, load_samples
 from gradsim.errors import GradsimError
 from gradsim.generate import GenParams, OpenAIBackend, copied_fraction, degenerate_reason
 from gradsim.paraphrase import PARAPHRASE_PROMPT, PARAPHRASE_SYSTEM, Options, main, run
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "data" / "lima_sample"
+BUNDLED = BUNDLED_DATA
 ORIGINAL = str(BUNDLED / "original.jsonl")
 SECRET = "sk-gradsim-test-9f8e7d6c5b4a"
 
@@ -183,18 +183,16 @@ def test_degenerate_answers_are_retried_then_recorded_as_failed(embedded, tmp_pa
         ],
     )
     out = tmp_path / "mg.jsonl"
-    run(
-        Options(
-            dataset_type="model-generated",
-            original_data=orig,
-            paraphrased_output=para,
-            model_generated_output=str(out),
-            max_new_tokens=64,
-            batch_size=2,
-            device="cpu",
-        ),
-        lm=embedded,
+    opts = Options(
+        dataset_type="model-generated",
+        original_data=orig,
+        paraphrased_output=para,
+        model_generated_output=str(out),
+        max_new_tokens=64,
+        batch_size=2,
+        device="cpu",
     )
+    run(opts, lm=embedded)
     written = rows(out)
     failed = rows(tmp_path / "mg.failures.jsonl")
     assert sorted(r["id"] for r in written + failed) == ["loop_buffalo", "loop_la"]
@@ -210,18 +208,7 @@ def test_degenerate_answers_are_retried_then_recorded_as_failed(embedded, tmp_pa
     prov = json.loads((tmp_path / "mg.provenance.json").read_text())
     assert prov["counts"] == {"rows": len(written), "failed": len(failed), "inputs": 2}
     # Failed rows are done: a rerun does not retry them unless asked to.
-    run(
-        Options(
-            dataset_type="model-generated",
-            original_data=orig,
-            paraphrased_output=para,
-            model_generated_output=str(out),
-            max_new_tokens=64,
-            batch_size=2,
-            device="cpu",
-        ),
-        lm=embedded,
-    )
+    run(opts, lm=embedded)
     assert rows(tmp_path / "mg.failures.jsonl") == failed
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_SIZES
 from test_gradients import reference_gradients
 from test_projection import countsketch_reference, expected_projection, tensorsketch_reference
 from torch import nn
@@ -24,16 +25,7 @@ from gradsim.projection import (
     stable_seed,
 )
 
-SIZES = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+SIZES = TINY_SIZES
 
 
 def _llama():

@@ -13,12 +13,11 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import cloudpickle
 import pytest
 import submitit
-from conftest import require_live_slurm
+from conftest import require_live_slurm, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -26,7 +25,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 # package), so submitit's cloudpickle must carry the functions and classes below by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-T = TypeVar("T")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
 
 
@@ -40,18 +38,6 @@ def slurm_cluster():
 
 def run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30).stdout
-
-
-def wait_until(probe: Callable[[], T], timeout_s: float, what: str | Callable[[], str], every_s: float = 0.5) -> T:
-    """Poll probe() until it returns something truthy; fail after timeout_s saying `what` (or what())."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what if isinstance(what, str) else what()}")
-        time.sleep(every_s)
 
 
 def sbatch(*args: str) -> str:

@@ -13,19 +13,17 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable
 
 import pytest
-from conftest import require_live_slurm
+from conftest import require_live_slurm, wait_until
 
 from gradsim.io import read_json, read_jsonl_tolerant
 from gradsim.slurm_status import collect_status, format_status, partition_paths, queries_scored
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "slurm_scripts" / "batch_processing"
 # sitecustomize.py there installs the GRADSIM_TEST_SLOWDOWN pause in every Python process that has the
@@ -87,17 +85,6 @@ def reference(study_args, tmp_path_factory) -> dict:
     return run(config_from_args([*study_args, "--output-dir", str(tmp_path_factory.mktemp("whole"))]))
 
 
-def wait_until(probe: Callable[[], T], timeout_s: float, what: str | Callable[[], str], every_s: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what if isinstance(what, str) else what()}")
-        time.sleep(every_s)
-
-
 def script(name: str, *args: str, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
     cmd = ["bash", str(SCRIPTS / name)] if name.endswith(".sh") else [sys.executable, str(SCRIPTS / name)]
     proc = subprocess.run(
@@ -111,6 +98,19 @@ def script(name: str, *args: str, env: dict | None = None, ok: bool = True) -> s
     if ok:
         assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def submit(study_args, out: Path, backend: str, *extra, partitions: int = 3, env: dict | None = None):
+    """compute.py: the study into ``out`` as ``partitions`` array tasks on ``backend``, with the test's resources."""
+    flags = ("--output-dir", out, "--num-partitions", partitions, "--backend", backend)
+    return script("compute.py", *study_args, *flags, *RESOURCES, *extra, env=env)
+
+
+def slowed(seconds: int) -> dict:
+    """The environment of tasks that pause before each query (tests/slurm_hooks/sitecustomize.py), so that a task can
+    be caught between its queries; the pause also logs which queries each attempt computed."""
+    pythonpath = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))
+    return {"GRADSIM_TEST_SLOWDOWN": str(seconds), "PYTHONPATH": pythonpath}
 
 
 def submitted_jobs(stdout: str) -> dict[tuple[int, int], str]:
@@ -149,22 +149,7 @@ def assert_same_study(run_dir: Path, reference: dict) -> None:
 def test_submitit_preemption_resumes_and_a_cancelled_partition_is_named(study_args, reference, tmp_path):
     out = tmp_path / "out"
     run_dir = out / "gradient-similarity" / "paraphrased"
-    # A pause before each query, so that a task can be caught between its queries; the pause also
-    # logs which queries each attempt computed. It is installed by tests/slurm_hooks/sitecustomize.py.
-    pythonpath = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))
-    slow = {"GRADSIM_TEST_SLOWDOWN": "10", "PYTHONPATH": pythonpath}
-    proc = script(
-        "compute.py",
-        *study_args,
-        "--output-dir",
-        out,
-        "--num-partitions",
-        "3",
-        "--backend",
-        "submitit",
-        *RESOURCES,
-        env=slow,
-    )
+    proc = submit(study_args, out, "submitit", env=slowed(10))  # a task can be caught between its queries
     jobs = submitted_jobs(proc.stdout)
     assert sorted(jobs) == RANGES, proc.stdout
     assert str(run_dir / "partitions") in proc.stdout
@@ -198,9 +183,7 @@ def test_submitit_preemption_resumes_and_a_cancelled_partition_is_named(study_ar
     assert "[4, 6)" in proc.stderr and "NOT combined" in proc.stderr, proc.stderr
 
     # The same command again submits only the unfinished partition, which resumes too.
-    proc = script(
-        "compute.py", *study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "submitit", *RESOURCES
-    )
+    proc = submit(study_args, out, "submitit")
     assert "already finished, not submitted: [0, 2), [2, 4)" in proc.stdout, proc.stdout
     assert sorted(submitted_jobs(proc.stdout)) == [(4, 6)]
     wait_statuses(out, {r: "done" for r in RANGES})
@@ -222,18 +205,7 @@ def test_sbatch_array_pending_then_done_combines_to_the_unpartitioned_run(study_
     out = tmp_path / "out"
     run_dir = out / "gradient-similarity" / "paraphrased"
     # Held at submission, so that status can be seen to report pending tasks.
-    proc = script(
-        "compute.py",
-        *study_args,
-        "--output-dir",
-        out,
-        "--num-partitions",
-        "3",
-        "--backend",
-        "sbatch",
-        *RESOURCES,
-        "--sbatch-extra=--hold",
-    )
+    proc = submit(study_args, out, "sbatch", "--sbatch-extra=--hold")
     jobs = submitted_jobs(proc.stdout)
     assert sorted(jobs) == RANGES, proc.stdout
     (rendered,) = (out / "slurm").rglob("job.sbatch")
@@ -273,10 +245,7 @@ def sbatch_task_survives(study_args, reference, tmp_path, preempt: Callable[[str
     and that the partitions combine to the unpartitioned run. Returns that task's log up to its attempt 2."""
     out = tmp_path / "out"
     run_dir = out / "gradient-similarity" / "paraphrased"
-    pythonpath = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))
-    slow = {"GRADSIM_TEST_SLOWDOWN": "8", "PYTHONPATH": pythonpath}
-    args = [*study_args, "--output-dir", out, "--num-partitions", "3", "--backend", "sbatch", *RESOURCES]
-    jobs = submitted_jobs(script("compute.py", *args, env=slow).stdout)
+    jobs = submitted_jobs(submit(study_args, out, "sbatch", env=slowed(8)).stdout)
     assert sorted(jobs) == RANGES
     victim = jobs[(2, 4)]
     wait_until(lambda: scored_ids(run_dir, 2, 4, reference), 400, "partition [2, 4) to score a query")
@@ -343,20 +312,7 @@ def test_dry_run_prints_the_script_and_submits_nothing(study_args, tmp_path, bac
     out = tmp_path / "out"
     name = f"gradsim-dry-{backend}-{os.getpid()}"
     before = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    proc = script(
-        "compute.py",
-        *study_args,
-        "--output-dir",
-        out,
-        "--num-partitions",
-        "3",
-        "--backend",
-        backend,
-        *RESOURCES,
-        "--job-name",
-        name,
-        "--dry-run",
-    )
+    proc = submit(study_args, out, backend, "--job-name", name, "--dry-run")
     assert "nothing was submitted" in proc.stdout
     assert "#!/bin/bash" in proc.stdout and "--array=0-2" in proc.stdout and f"--job-name={name}" in proc.stdout
     assert "--partition=debug" in proc.stdout and "--mem=1G" in proc.stdout
@@ -368,23 +324,11 @@ def test_dry_run_prints_the_script_and_submits_nothing(study_args, tmp_path, bac
 
 def test_gpu_task_without_a_device_stops_at_once_and_status_names_why(study_args, tmp_path):
     """--gpus 1 on the local cluster (a GPU gres with no device behind it): the array is accepted and scheduled,
-    its task runs main.py with --device cuda, finds no CUDA and exits 2 at once with one line naming what it saw;
-    gradsim status reports the partition failed with that exit code and that line."""
+    its task runs `python -m gradsim run` with --device cuda, finds no CUDA and exits 2 at once with one line naming
+    what it saw; gradsim status reports the partition failed with that exit code and that line."""
     out = tmp_path / "out"
     args = [a for a in study_args if a not in ("--device", "cpu")]
-    proc = script(
-        "compute.py",
-        *args,
-        "--output-dir",
-        out,
-        "--num-partitions",
-        "1",
-        "--backend",
-        "sbatch",
-        "--gpus",
-        "1",
-        *RESOURCES,
-    )
+    proc = submit(args, out, "sbatch", "--gpus", "1", partitions=1)
     (job,) = submitted_jobs(proc.stdout).values()
     (rendered,) = (out / "slurm").rglob("job.sbatch")
     assert "#SBATCH --gres=gpu:1" in rendered.read_text() and "--device cuda" in rendered.read_text()

@@ -97,7 +97,7 @@ def test_sbatch_dry_run_takes_resources_from_env_and_flags(tmp_path, monkeypatch
         "ENDS=(2 4 5 6)",
     ):
         assert line in out, line
-    assert "apptainer exec --nv img.sif " in out and "main.py --setting paraphrased" in out
+    assert "apptainer exec --nv img.sif " in out and "-m gradsim run --setting paraphrased" in out
     assert "{{" not in out and "nothing was submitted" in out
     assert not (tmp_path / "out").exists()
 

@@ -361,12 +361,12 @@ def plot_baselines(runs: dict[str, Run], out_dir) -> Optional[Path]:
 
 def load_targets(results_dir) -> tuple[Optional[dict], Optional[Path]]:
     """The loss target x normalizer table (``gradsim targets``): the run's own if it made one, else the
-    committed table of the bundled data (docs/targets-bundled.json)."""
-    from .config import REPO_ROOT
+    committed table of the bundled data (package data: bundled/reference/targets-bundled.json)."""
+    from .config import BUNDLED_REFERENCE
     from .io import read_json
     from .layout import targets_file
 
-    for path in (targets_file(results_dir), REPO_ROOT / "docs" / "targets-bundled.json"):
+    for path in (targets_file(results_dir), BUNDLED_REFERENCE / "targets-bundled.json"):
         if path.is_file():
             return read_json(path), path
     return None, None
@@ -374,15 +374,15 @@ def load_targets(results_dir) -> tuple[Optional[dict], Optional[Path]]:
 
 def load_frontier(results_dir, computation_type: str = "gradient-similarity") -> tuple[Optional[dict], Optional[Path]]:
     """The frontier (``gradsim frontier``): beside the runs (its default place, or ``<results dir>/frontier``)
-    if one was made, else the committed frontier of the bundled data (docs/frontier/frontier.json)."""
-    from .config import REPO_ROOT
+    if one was made, else the committed frontier of the bundled data (package data: bundled/reference/frontier.json)."""
+    from .config import BUNDLED_REFERENCE
     from .io import read_json
     from .layout import frontier_files
 
     for root in (
         Path(results_dir) / computation_type / "frontier",
         Path(results_dir) / "frontier",
-        REPO_ROOT / "docs" / "frontier",
+        BUNDLED_REFERENCE,
     ):
         path = frontier_files(root)[0]
         if path.is_file():
@@ -405,9 +405,9 @@ def table_figures(figures, source, results_dir) -> tuple[Path, Optional[str]]:
         return Path(figures), None
     out = Path(figures) / REFERENCE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    from .config import REPO_ROOT
+    from .config import PACKAGE_DIR
 
-    shown = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
+    shown = f"gradsim/{source.relative_to(PACKAGE_DIR)}" if source.is_relative_to(PACKAGE_DIR.resolve()) else source
     return out, f"reference: {shown} (the bundled sample's committed table, not the runs under {root.name}/)"
 
 
@@ -510,9 +510,9 @@ def execute_notebook(
     import nbformat
     from nbclient import NotebookClient
 
-    from .config import REPO_ROOT
+    from .layout import default_output_dir
 
-    results_dir = Path(results_dir or os.environ.get("GRADSIM_RESULTS_DIR") or REPO_ROOT / "data").resolve()
+    results_dir = Path(results_dir or os.environ.get("GRADSIM_RESULTS_DIR") or default_output_dir()).resolve()
     runs = load_runs(results_dir, computation_type)  # a clear error before a kernel starts
     nb = nbformat.read(notebook, as_version=4)
     old = {k: os.environ.get(k) for k in ("GRADSIM_RESULTS_DIR", "GRADSIM_COMPUTATION_TYPE")}

@@ -186,6 +186,22 @@ COMMANDS = {
 
 
 def gradsim_main(argv: Optional[list[str]] = None) -> int:
+    """The ``gradsim`` command. Output cut short by its reader (``gradsim --help | head -3``) ends it quietly:
+    no BrokenPipeError traceback, exit 1 (what Python's documentation advises for SIGPIPE)."""
+    import os
+
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below (argparse's exit too)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at devnull so that this raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(argv: Optional[list[str]]) -> int:
     import importlib
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -6,7 +6,6 @@ unpartitioned run: missing or overlapping query ranges, or partitions made with 
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from .cli import format_summary
-from .config import COMPAT_FIELDS, COMPUTATION_TYPES, RECORDED_WHEN_SET, REPO_ROOT, compat_differences, redact
+from .config import COMPAT_FIELDS, COMPUTATION_TYPES, RECORDED_WHEN_SET, compat_differences, redact
 from .cost import summed as summed_cost
 from .errors import GradsimError
 from .finite import check_arrays
@@ -28,11 +27,9 @@ from .io import (
     read_json,
     read_jsonl_tolerant,
 )
-from .layout import RunPaths
+from .layout import RunPaths, default_output_dir, part_range
 from .options import Parser, from_args, option, positionals
 from .score import summarize_arrays
-
-_PART = re.compile(r"results_(\d+)-(\d+)\.json$")
 
 
 def whole_run(run_dir: Path, num_queries: int = 0) -> RunPaths:
@@ -44,9 +41,9 @@ def find_partitions(run_dir: Path) -> list[tuple[int, int, Path]]:
     """(start, end, results file) of each finished partition of a run, in query order."""
     parts = []
     for p in sorted(whole_run(run_dir).part_dir.glob("results_*.json")):
-        m = _PART.search(p.name)
-        if m:
-            parts.append((int(m.group(1)), int(m.group(2)), p))
+        rng = part_range(p)
+        if rng:
+            parts.append((*rng, p))
     return sorted(parts)
 
 
@@ -250,9 +247,9 @@ def build_parser() -> Parser:
 
 def combine_main(argv: Optional[list[str]] = None) -> int:
     opts = from_args(CombineOptions, build_parser().parse_args(argv))
-    run_dirs = [Path(d) for d in opts.run_dirs] or find_run_dirs(Path(opts.output_dir or REPO_ROOT / "data"))
+    run_dirs = [Path(d) for d in opts.run_dirs] or find_run_dirs(Path(opts.output_dir or default_output_dir()))
     if not run_dirs:
-        print(f"no runs with partitions under {opts.output_dir or REPO_ROOT / 'data'}", file=sys.stderr)
+        print(f"no runs with partitions under {opts.output_dir or default_output_dir()}", file=sys.stderr)
         return 1
     failed = 0
     for d in run_dirs:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import GradsimError
+from .layout import default_output_dir
 from .options import Option, Parser
 
 SETTINGS = ("paraphrased", "model-generated")
@@ -46,8 +47,11 @@ TURNS = ("first", "all")
 NORMALIZERS = ("none", "center", "unit", "center+unit", "adafactor", "adafactor+center", "adafactor+center+unit")
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLED_DATA = REPO_ROOT / "data" / "lima_sample"
+# Package data (shipped in the wheel): the bundled sample works from a checkout and when installed.
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_DATA = PACKAGE_DIR / "bundled" / "lima_sample"
+# The committed reference tables of the bundled data that the analysis falls back on (targets, frontier).
+BUNDLED_REFERENCE = PACKAGE_DIR / "bundled" / "reference"
 VARIANT_FILES = {"paraphrased": "paraphrased.jsonl", "model-generated": "model_generated.jsonl"}
 
 # Fields that change the numbers: partitions (and feature shards) made with different values never mix.
@@ -117,7 +121,7 @@ class Config:
     model_generated_data: Optional[str] = None
     partition_start: Optional[int] = None
     partition_end: Optional[int] = None
-    output_dir: str = str(REPO_ROOT / "data")
+    output_dir: str = field(default_factory=lambda: str(default_output_dir()))  # data/ where the command runs
     use_random_projection: bool = False
     projection: str = "tensorsketch"
     proj_dim: Optional[int] = None  # None: DEFAULT_PROJ_DIM of the projection

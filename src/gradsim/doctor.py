@@ -21,6 +21,12 @@ from .options import Parser, from_args, option
 DRIVER_FOR_CUDA = {"13": 580, "12": 525, "11": 450}
 
 
+def nvidia_smi(fields: str, timeout: float = 10) -> subprocess.CompletedProcess:
+    """nvidia-smi's answer for ``--query-gpu=<fields>`` as CSV without a header (raises as subprocess.run does)."""
+    cmd = ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 def driver_version() -> Optional[str]:
     """The NVIDIA kernel driver's version, from /proc or nvidia-smi; None where neither says."""
     try:
@@ -32,12 +38,7 @@ def driver_version() -> Optional[str]:
         pass
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
+            out = nvidia_smi("driver_version").stdout.strip()
             return out.splitlines()[0].strip() if out else None
         except (OSError, subprocess.SubprocessError):
             return None

@@ -10,14 +10,20 @@
 <output-dir>/features/<key>/originals|representations  projected / representation feature stores (shared)
 <output-dir>/features/<projection>-allocations/<key>.json
 <output-dir>/features/normalizers/<key>.npz            --normalize state estimated from the originals
-<output-dir>/slurm/<computation-type>/<run name>/<stamp>-<backend>/   submissions
+<output-dir>/slurm/<computation-type>/<run name>/<stamp>-<backend>/   a submission: submission_dir
+    submission.json [<setting>/submission.json]        its record (one per setting with --setting both)
+    job.sbatch  logs/<array job>_<task>.log            sbatch's script and task logs (the template's %A_%a.log)
+    submitit/                                          submitit's folder (its own scripts and logs)
 <output-dir>/targets/targets.json                      the loss target x normalizer table (gradsim targets)
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 
 def run_name(
@@ -72,6 +78,11 @@ def run_dir(cfg) -> Path:
     )
 
 
+def default_output_dir() -> Path:
+    """--output-dir when not given: data/ in the current directory (the checkout's data/ when run from its root)."""
+    return Path.cwd() / "data"
+
+
 def features_root(output_dir) -> Path:
     return Path(output_dir) / "features"
 
@@ -104,8 +115,47 @@ def slurm_dir(output_dir, computation_type: str, name: str) -> Path:
     return Path(output_dir) / "slurm" / computation_type / name
 
 
+SUBMISSION = "submission.json"  # the record of a submission (gradsim submit), read by gradsim status
+
+
+def submission_dir(output_dir, computation_type: str, name: str, backend: str, when: datetime) -> Path:
+    """The folder of one submission of a run: its record, script and logs, named by its UTC time and backend."""
+    return slurm_dir(output_dir, computation_type, name) / f"{when.strftime('%Y%m%d-%H%M%S-%f')}-{backend}"
+
+
+def submission_record(sub_dir, setting: Optional[str] = None) -> Path:
+    """A submission's record; with --setting both, one per setting in <submission>/<setting>/."""
+    return Path(sub_dir) / setting / SUBMISSION if setting else Path(sub_dir) / SUBMISSION
+
+
+def sbatch_script_file(sub_dir) -> Path:
+    return Path(sub_dir) / "job.sbatch"
+
+
+def task_log_dir(sub_dir) -> Path:
+    """The sbatch tasks' logs: <array job>_<task>.log (task_log), which the template writes as %A_%a.log."""
+    return Path(sub_dir) / "logs"
+
+
+def task_log(sub_dir, array_job_id: str, task: int) -> Path:
+    return task_log_dir(sub_dir) / f"{array_job_id}_{task}.log"
+
+
+def submitit_dir(sub_dir) -> Path:
+    return Path(sub_dir) / "submitit"
+
+
 def selection_file(run_dir_: Path, protocol: str = "") -> Path:
     return Path(run_dir_) / (f"selection_{protocol}.json" if protocol else "selection.json")
+
+
+PART_RESULTS = re.compile(r"results_(\d+)-(\d+)\.json$")  # what RunPaths names a partition's results
+
+
+def part_range(results_file) -> Optional[tuple[int, int]]:
+    """(start, end) of a partition's results file (results_SSSSS-EEEEE.json, RunPaths.results); None otherwise."""
+    m = PART_RESULTS.search(Path(results_file).name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from .cli import reports_errors
 from .config import (
     BUNDLED_DATA,
     EMBEDDED_MODEL,
-    REPO_ROOT,
     VARIANT_FILES,
     Config,
     add_quiet_flag,
@@ -169,11 +168,11 @@ class Sidecars:
 
 
 def _shown(path) -> str:
-    """A path as recorded in provenance: relative to the repository when inside it, so committed
-    provenance does not name one machine's directories."""
+    """A path as recorded in provenance: relative to the current directory (the checkout's root, where the
+    commands run) when inside it, so committed provenance does not name one machine's directories."""
     p = Path(path).resolve()
     try:
-        return str(p.relative_to(REPO_ROOT))
+        return str(p.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 

@@ -1,8 +1,8 @@
 """Fan a run's queries out over one Slurm job array: planning and submission (compute.py).
 
 ``compute.py`` splits the queries into N contiguous ranges and submits one array: with submitit
-(``map_array`` of a Checkpointable task) or with sbatch (a script rendered from
-``slurm_scripts/batch_processing/job.sbatch.template``). Every task runs main.py's code path for its
+(``map_array`` of a Checkpointable task) or with sbatch (a script rendered from the package's
+``templates/job.sbatch.template``). Every task runs main.py's code path (``python -m gradsim run``) for its
 range, so a task that is preempted or hits its time limit is requeued and resumes from the run's
 progress log. Each submission leaves ``submission.json`` beside its logs; ``gradsim.slurm_status``
 (status.py) reads those and asks squeue/sacct, ``gradsim.combine`` (combine.py) merges the finished
@@ -29,19 +29,28 @@ from typing import Any, Optional
 
 import submitit
 
-from .config import REPO_ROOT, Config, redact
+from .config import PACKAGE_DIR, Config, redact
 from .errors import GradsimError
 from .estimate import DEFAULT_GPU_MEMORY_GB, TIME_MARGIN, TIME_SLACK_MIN, Estimate
 from .io import atomic_write_json, read_json
 from .layout import run_dir as run_dir_of
-from .layout import slurm_dir
+from .layout import (
+    sbatch_script_file,
+    slurm_dir,
+    submission_dir,
+    submission_record,
+    submitit_dir,
+    task_log,
+    task_log_dir,
+)
 from .options import Parser, env_values, from_args, option
-from .slurm_status import SUBMISSION, collect_status, format_status, partition_paths
+from .slurm_status import collect_status, format_status, partition_paths
 
 log = logging.getLogger("gradsim")
 
-TEMPLATE = REPO_ROOT / "slurm_scripts" / "batch_processing" / "job.sbatch.template"
-MAIN_PY = REPO_ROOT / "main.py"
+TEMPLATE = PACKAGE_DIR / "templates" / "job.sbatch.template"  # package data: works installed
+# The task's command after the python: the study's code path through the installed package (no checkout's main.py).
+TASK_MODULE = ("-m", "gradsim", "run")
 BACKENDS = ("submitit", "sbatch")
 DEFAULT_TIME = "01:00:00"  # --time where no estimate can be made (the model's config unreadable here)
 
@@ -338,9 +347,9 @@ def plan(argv_main: list[str], num_partitions: int, backend: str, resources: Res
         for s, e in ranges
         if not all(finished(cfg, r, r.clip(s, e), d) for r, (_, d) in zip(runs, settings) if r.clip(s, e))
     ]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     run_dir = run_dir_of(cfg).resolve()
-    sub_dir = slurm_dir(Path(cfg.output_dir).resolve(), cfg.computation_type, run_dir.name) / f"{stamp}-{backend}"
+    output_dir = Path(cfg.output_dir).resolve()
+    sub_dir = submission_dir(output_dir, cfg.computation_type, run_dir.name, backend, datetime.now(timezone.utc))
     p = Plan(backend, cfg, passthrough, run_dir, sub_dir, num_queries, ranges, todo, resources, runs)
     size_task(p, settings)
     return p
@@ -497,11 +506,11 @@ def sbatch_script(p: Plan, template_path: Path = TEMPLATE) -> str:
     n = len(p.todo)
     array = f"0-{n - 1}" + (f"%{r.max_parallel}" if r.max_parallel else "")
     lines = [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}" for k, v in r.sbatch_options()]
-    command = f"{r.task_command()} {shlex.quote(str(MAIN_PY))} {' '.join(shlex.quote(a) for a in p.argv)}"
+    command = " ".join([r.task_command(), *TASK_MODULE, *(shlex.quote(a) for a in p.argv)])
     values = {
         "job_name": p.job_name,
         "array": array,
-        "log_dir": str(p.sub_dir / "logs"),
+        "log_dir": str(task_log_dir(p.sub_dir)),
         "sbatch_options": "\n".join(lines),
         "signal_delay_s": str(r.signal_delay_s),
         "workdir": shlex.quote(str(Path.cwd())),
@@ -527,7 +536,7 @@ def _submitit_executor(p: Plan, dry_run: bool = False) -> submitit.SlurmExecutor
     r = p.resources
     # SlurmExecutor, not AutoExecutor: the python command (container prefix) is a constructor argument.
     cls = _OfflineSlurmExecutor if dry_run else submitit.SlurmExecutor
-    ex = cls(folder=p.sub_dir / "submitit", max_num_timeout=r.max_requeues, python=r.task_command())
+    ex = cls(folder=submitit_dir(p.sub_dir), max_num_timeout=r.max_requeues, python=r.task_command())
     params: dict[str, Any] = {
         "job_name": p.job_name,
         "time": time_minutes(r.time or DEFAULT_TIME),
@@ -582,11 +591,11 @@ def submit(p: Plan, dry_run: bool = False) -> dict:
         return record
     if p.backend == "sbatch":
         script = sbatch_script(p)
-        script_path = p.sub_dir / "job.sbatch"
+        script_path = sbatch_script_file(p.sub_dir)
         if dry_run:
             record["script"], record["command"] = script, f"sbatch --parsable {script_path}"
             return record
-        (p.sub_dir / "logs").mkdir(parents=True, exist_ok=True)
+        task_log_dir(p.sub_dir).mkdir(parents=True, exist_ok=True)
         script_path.write_text(script)
         out = _slurm(["sbatch", "--parsable", str(script_path)])
         array_id = out.strip().split(";")[0]
@@ -596,7 +605,7 @@ def submit(p: Plan, dry_run: bool = False) -> dict:
                 "start": s,
                 "end": e,
                 "job_id": f"{array_id}_{i}",
-                "logs": [str(p.sub_dir / "logs" / f"{array_id}_{i}.log")],
+                "logs": [str(task_log(p.sub_dir, array_id, i))],
             }
             for i, (s, e) in enumerate(p.todo)
         ]
@@ -604,7 +613,7 @@ def submit(p: Plan, dry_run: bool = False) -> dict:
         if dry_run:
             record["script"] = submitit_script(p)
             record["command"] = (
-                f"submitit.SlurmExecutor(folder={str(p.sub_dir / 'submitit')!r}).map_array("
+                f"submitit.SlurmExecutor(folder={str(submitit_dir(p.sub_dir))!r}).map_array("
                 f"gradsim.slurm.PartitionTask({p.argv!r}), starts={[s for s, _ in p.todo]}, "
                 f"ends={[e for _, e in p.todo]})"
             )
@@ -629,13 +638,13 @@ def write_records(p: Plan, record: dict) -> None:
     """The submission record status.py reads: in the submission folder, or with --setting both one per setting
     (<submission>/<setting>/), each with that setting's run, query count and its tasks' ranges clipped to it."""
     if len(p.runs) == 1:
-        atomic_write_json(p.sub_dir / SUBMISSION, record)
+        atomic_write_json(submission_record(p.sub_dir), record)
         return
     for run in p.runs:
         tasks = [dict(t, start=c[0], end=c[1]) for t in record["tasks"] if (c := run.clip(t["start"], t["end"]))]
         ranges = [list(c) for s, e in p.ranges if (c := run.clip(s, e))]
         mine = dict(record, run_dir=str(run.run_dir), num_queries=run.num_queries, ranges=ranges, tasks=tasks)
-        atomic_write_json(p.sub_dir / run.setting / SUBMISSION, mine)
+        atomic_write_json(submission_record(p.sub_dir, run.setting), mine)
 
 
 def _slurm(cmd: list[str], check: bool = True) -> str:

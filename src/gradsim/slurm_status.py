@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import REPO_ROOT
 from .io import read_json, read_jsonl_tolerant
-from .layout import RunPaths
+from .layout import SUBMISSION, RunPaths, default_output_dir
 from .options import Parser, from_args, option, positionals
 
-SUBMISSION = "submission.json"  # the record compute.py leaves in each submission folder
 # squeue/sacct states, as status reports them. A requeued task is PENDING again (or REQUEUED briefly).
 PENDING_STATES = {
     "PENDING",
@@ -221,6 +219,6 @@ def build_parser() -> Parser:
 
 def status_main(argv: Optional[list[str]] = None) -> int:
     opts = from_args(StatusOptions, build_parser().parse_args(argv))
-    paths = [Path(x) for x in opts.paths] or [Path(opts.output_dir or REPO_ROOT / "data") / "slurm"]
+    paths = [Path(x) for x in opts.paths] or [Path(opts.output_dir or default_output_dir()) / "slurm"]
     print(format_status(collect_status(paths, opts.lines)))
     return 0
