@@ -332,9 +332,14 @@ def test_gpu_task_without_a_device_stops_at_once_and_status_names_why(study_args
     (job,) = submitted_jobs(proc.stdout).values()
     (rendered,) = (out / "slurm").rglob("job.sbatch")
     assert "#SBATCH --gres=gpu:1" in rendered.read_text() and "--device cuda" in rendered.read_text()
-    rows = wait_statuses(out, {(0, 6): "failed"}, timeout_s=120)
-    row = rows[(0, 6)]
-    assert row["job_id"] == job and row["reason"].startswith("FAILED (exit 2")
+    wait_statuses(out, {(0, 6): "failed"}, timeout_s=120)
+    # squeue sees the end first (reason NonZeroExitCode); sacct, which lags slurmdbd by about a second, has the code
+    row = wait_until(
+        lambda: (r := run_status(out)[(0, 6)])["reason"].startswith("FAILED (exit 2") and r,
+        30,
+        lambda: f"sacct's exit code; now: {run_status(out)[(0, 6)]['reason']}",
+    )
+    assert row["job_id"] == job
     (log,) = row["log_tail"].values()
     (message,) = [x for x in log if x.startswith("error:")]
     assert "device 'cuda' asked for, but CUDA is not available here" in message and "CUDA_VISIBLE_DEVICES" in message
