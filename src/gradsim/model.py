@@ -19,6 +19,7 @@ import torch
 
 from .config import EMBEDDED_MODEL, Config, hf_token, redact
 from .errors import GradsimError
+from .memory import limit_cpu_threads
 
 log = logging.getLogger("gradsim")
 
@@ -240,6 +241,8 @@ def load_model(cfg: Config, device: Optional[torch.device] = None) -> LoadedMode
 
     device = device or resolve_device(cfg)
     check_dtype(cfg.dtype, device)
+    if device.type == "cpu":
+        limit_cpu_threads()  # a container's --cpus: torch would size its pool from the machine's cores
     if cfg.model_name == EMBEDDED_MODEL:
         if cfg.revision is not None:
             raise GradsimError(
