@@ -11,7 +11,7 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 report=bench/results/two_at_once_$stamp.txt
 {
   echo "# two default studies at once, started $stamp on $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GB"
-  echo "# OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-(gradsim's default, PASSIVE)} OMP_NUM_THREADS=${OMP_NUM_THREADS:-(unset)}"
+  echo "# OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE (the gradsim default)} OMP_NUM_THREADS=${OMP_NUM_THREADS:-(unset)}"
   echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } >"$report"
 for k in a b; do

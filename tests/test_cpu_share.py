@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from gradsim import memory
-from gradsim.memory import cgroup_cpus, cpu_threads, limit_cpu_threads
+from gradsim import doctor
+from gradsim.doctor import cgroup_cpus, cpu_threads, limit_cpu_threads
 
 
 def write(path, text):
@@ -44,15 +44,15 @@ def test_cgroup_v1_cpu_quota_and_no_quota(tmp_path):
 
 def test_threads_follow_affinity_and_quota(monkeypatch):
     allowed = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(memory, "cgroup_cpus", lambda: None)
+    monkeypatch.setattr(doctor, "cgroup_cpus", lambda: None)
     assert cpu_threads() == allowed
-    monkeypatch.setattr(memory, "cgroup_cpus", lambda: 0.5)  # half a CPU still runs one thread
+    monkeypatch.setattr(doctor, "cgroup_cpus", lambda: 0.5)  # half a CPU still runs one thread
     assert cpu_threads() == 1
     before = torch.get_num_threads()
     try:
         assert limit_cpu_threads() == 1
         assert torch.get_num_threads() == 1
-        monkeypatch.setattr(memory, "cgroup_cpus", lambda: 64.0)  # never raised above what torch chose
+        monkeypatch.setattr(doctor, "cgroup_cpus", lambda: 64.0)  # never raised above what torch chose
         torch.set_num_threads(1)
         assert limit_cpu_threads() == 1
     finally:

@@ -187,68 +187,6 @@ def cgroup_memory(
     return best
 
 
-def cgroup_cpus(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> Optional[float]:
-    """The tightest CPU quota, in CPUs, over this process's cgroup and its ancestors (a container's --cpus, a
-    Slurm job under cgroup CPU limits), cgroup v2 (cpu.max) or v1 (cpu.cfs_quota_us / cpu.cfs_period_us); None
-    where no quota is set or none can be read."""
-    try:
-        lines = proc.read_text().splitlines()
-    except OSError:
-        return None
-    best: Optional[float] = None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            bases, v2 = [root, root / "unified"], True
-        elif "cpu" in controllers.split(","):
-            bases, v2 = [root / "cpu", root / "cpu,cpuacct"], False
-        else:
-            continue
-        for base in bases:
-            d = base / path.lstrip("/")
-            while True:
-                cpus = None
-                try:
-                    if v2:
-                        quota, period = (d / "cpu.max").read_text().split()[:2]
-                        if quota != "max":
-                            cpus = int(quota) / int(period)
-                    else:
-                        quota = int((d / "cpu.cfs_quota_us").read_text())
-                        if quota > 0:
-                            cpus = quota / int((d / "cpu.cfs_period_us").read_text())
-                except (OSError, ValueError):
-                    pass
-                if cpus is not None and cpus > 0 and (best is None or cpus < best):
-                    best = cpus
-                if d == base or d.parent == d:
-                    break
-                d = d.parent
-    return best
-
-
-def cpu_threads() -> int:
-    """How many threads this process's CPU share runs well: the CPUs it may run on (its affinity mask, which
-    Slurm's task/affinity and taskset set) within its cgroup's CPU quota (a container's --cpus), at least 1."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = os.cpu_count() or 1
-    quota = cgroup_cpus()
-    if quota is not None:
-        allowed = min(allowed, max(1, int(quota)))  # a fraction of a CPU runs one thread
-    return max(1, allowed)
-
-
-def limit_cpu_threads() -> int:
-    """Run torch's intra-op pool at most at cpu_threads() (torch sizes it from the machine's cores, not the
-    cgroup quota); an OMP_NUM_THREADS or an earlier torch.set_num_threads below that is kept. Returns the count."""
-    threads = min(torch.get_num_threads(), cpu_threads())
-    if threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-    return threads
-
-
 def device_bytes(device: torch.device) -> tuple[int, int]:
     """(total, free now) bytes of the device's memory: host RAM for the CPU, within this process's cgroup
     limit where one is set (a Slurm job, a container)."""

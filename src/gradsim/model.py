@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from .config import EMBEDDED_MODEL, Config, hf_token, redact
+from .doctor import limit_cpu_threads
 from .errors import GradsimError
-from .memory import limit_cpu_threads
 
 log = logging.getLogger("gradsim")
 
