@@ -41,7 +41,7 @@ def cpu_config(output_dir, sample_size: int, **kw) -> Config:
 def embedded():
     """The real embedded model (SmolLM2-135M-Instruct), loaded once."""
     from gradsim.config import Config
-    from gradsim.model import load_model
+    from gradsim.core.model import load_model
 
     return load_model(Config(device="cpu"))
 
@@ -52,7 +52,7 @@ def tiny(embedded):
     tied embeddings and padding_idx on <|im_end|> like SmolLM2."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gradsim.model import LoadedModel
+    from gradsim.core.model import LoadedModel
 
     torch.manual_seed(0)
     tok = embedded.tokenizer
@@ -68,7 +68,7 @@ def tiny(embedded):
 
 @pytest.fixture(scope="session")
 def samples():
-    from gradsim.data import load_samples
+    from gradsim.data.load import load_samples
 
     return load_samples(str(BUNDLED / "original.jsonl"))
 

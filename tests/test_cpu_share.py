@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from gradsim import doctor
-from gradsim.doctor import cgroup_cpus, cpu_threads, limit_cpu_threads
+from gradsim.core import doctor
+from gradsim.core.doctor import cgroup_cpus, cpu_threads, limit_cpu_threads
 
 
 def write(path, text):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradsim import memory
 from gradsim.config import Config
-from gradsim.memory import GB, cgroup_memory, gradient_capacity
-from gradsim.schedule import fewest_held, make_plan
+from gradsim.study import memory
+from gradsim.study.memory import GB, cgroup_memory, gradient_capacity
+from gradsim.study.schedule import fewest_held, make_plan
 
 
 def write(path, text):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gradsim.cli import main
-from gradsim.schedule import later_uses, make_plan, plan_blocks
+from gradsim.study.schedule import later_uses, make_plan, plan_blocks
 
 
 def test_blocks_keep_an_ids_two_queries_together_and_grow_by_overlap():
