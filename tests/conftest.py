@@ -109,3 +109,14 @@ def wait_until(probe: Callable[[], T], timeout_s: float, what: str | Callable[[]
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what if isinstance(what, str) else what()}")
         time.sleep(every_s)
+
+
+def cgroup_tree(tmp, proc_line: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A fake /sys/fs/cgroup holding ``files`` (path under it -> text) and a fake /proc/self/cgroup of one line:
+    (root, proc) for memory.cgroup_memory and doctor.cgroup_cpus."""
+    proc, root = tmp / "proc_cgroup", tmp / "cg"
+    proc.write_text(proc_line + "\n")
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root, proc
