@@ -120,3 +120,18 @@ def cgroup_tree(tmp, proc_line: str, files: dict[str, str]) -> tuple[Path, Path]
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     return root, proc
+
+
+def config_only_model(directory: Path, shape: str):
+    """A model directory holding only the config of a real model's shape (bench/make_model.py's SHAPES, e.g.
+    amd-olmo-1b, llama-7b), no weights: what gradsim reads before it loads any. Returns the config."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from make_model import make_config
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    config = make_config(shape)[0]
+    config.save_pretrained(directory)
+    return config

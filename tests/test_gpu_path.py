@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import config_only_model
 
 from gradsim.cluster.slurm import compute_main
 from gradsim.study.estimate import DEFAULT_GPU_MEMORY_GB, slurm_time, throughput
@@ -166,23 +167,11 @@ def test_a_gpu_tasks_host_memory_is_memory_py_host_need(tmp_path, capsys):
     runtime, data and results, kept originals with their pinned buffer), and a card too small is refused."""
     import math
 
-    from transformers import OlmoConfig
-
     from gradsim.cluster.slurm import Resources, plan
     from gradsim.study.memory import GB, host_bytes, shape_of_config
 
-    config = OlmoConfig(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=50304,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
     model = tmp_path / "olmo-1b-shape"
-    config.save_pretrained(model)
+    config = config_only_model(model, "amd-olmo-1b")
     shape = shape_of_config(config)
     assert shape.params == 1_176_764_416
     base = ["--model", str(model), "--output-dir", str(tmp_path / "out"), "--sample-size", "6"]
