@@ -2,7 +2,7 @@
 
 import sys
 
-from gradsim.paraphrase import main
+from gradsim.variants.paraphrase import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,10 +13,10 @@ import sys
 import torch
 
 from gradsim.config import BUNDLED_DATA, Config
-from gradsim.data import load_samples
-from gradsim.encode import encode
-from gradsim.gradients import GradientComputer
-from gradsim.model import load_model
+from gradsim.core.gradients import GradientComputer
+from gradsim.core.model import load_model
+from gradsim.data.encode import encode
+from gradsim.data.load import load_samples
 
 
 def main() -> int:

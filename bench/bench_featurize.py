@@ -48,9 +48,9 @@ BUNDLED = common.BUNDLED / "original.jsonl"
 
 def load(args):
     from gradsim.config import Config
-    from gradsim.data import load_samples
-    from gradsim.encode import encode
-    from gradsim.model import load_model
+    from gradsim.core.model import load_model
+    from gradsim.data.encode import encode
+    from gradsim.data.load import load_samples
 
     lm = load_model(Config(device="cpu"))
     rows = load_samples(str(args.data))
@@ -102,8 +102,8 @@ def timed_features(featurizer, encs, batch: int):
 
 
 def worker(args) -> dict:
-    from gradsim.features import ExactFeaturizer
-    from gradsim.projection import FactorizedFeaturizer, TrakFeaturizer
+    from gradsim.core.projection import FactorizedFeaturizer, TrakFeaturizer
+    from gradsim.study.features import ExactFeaturizer
 
     torch.manual_seed(0)
     method = args.worker
@@ -155,7 +155,7 @@ def worker(args) -> dict:
         if n >= nfid:
             np.save(scratch / f"gram-{method}.npy", gram_by_matrix(np.stack(feats[:nfid]), f.layout))
     elif method.startswith("tensorsketch"):
-        from gradsim.projection import TensorSketchFeaturizer
+        from gradsim.core.projection import TensorSketchFeaturizer
 
         _, k, dtype, batch = method.split("-")
         t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def worker(args) -> dict:
         np.save(scratch / f"gram-{method}.npy", gram_by_matrix(np.stack(feats[:nfid]), f.layout))
     elif method.startswith("countsketch-sweep"):
         # Fidelity at other sizes, from the exact fp32 gradients the exact worker kept (sketching is linear).
-        from gradsim.projection import CountSketchFeaturizer
+        from gradsim.core.projection import CountSketchFeaturizer
 
         ref = np.load(scratch / "exact-float32.npy", mmap_mode="r")
         rec["fidelity_by_dims"] = {}
@@ -185,7 +185,7 @@ def worker(args) -> dict:
             rec["fidelity_by_dims"][k] = int(f.layout.total)
         rec["samples"] = 0
     elif method.startswith("countsketch"):
-        from gradsim.projection import CountSketchFeaturizer
+        from gradsim.core.projection import CountSketchFeaturizer
 
         _, k, dtype, batch = method.split("-")
         t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def worker(args) -> dict:
         rec["exact_matrices"] = int(sum(f.exact))
         np.save(scratch / f"gram-{method}.npy", gram_by_matrix(np.stack(feats[:nfid]), f.layout))
     elif method == "a-original":
-        from gradsim.gradients import GradientComputer
+        from gradsim.core.gradients import GradientComputer
 
         gc = GradientComputer(lm.model, lm.device)
         nq = min(args.a_queries, len(encs) - 5)
@@ -284,7 +284,7 @@ def fidelity(scratch: Path, method: str, exact_gram: np.ndarray) -> dict | None:
 
 
 def run_all(args) -> dict:
-    from gradsim.projection import split_dim  # noqa: F401  (fail early if the package is broken)
+    from gradsim.core.projection import split_dim  # noqa: F401  (fail early if the package is broken)
 
     scratch = Path(tempfile.mkdtemp(prefix="gradsim-bench-", dir=args.scratch_dir))
     # Most important first: under a time limit the run can be stopped and what finished is kept.

@@ -92,12 +92,9 @@ def machine_info() -> dict:
 
 def run(args) -> dict:
     from gradsim.config import ALLOCATIONS, Config
-    from gradsim.data import load_samples
-    from gradsim.encode import encode
-    from gradsim.errors import GradsimError
-    from gradsim.gradients import GradientComputer
-    from gradsim.model import load_model
-    from gradsim.projection import (
+    from gradsim.core.gradients import GradientComputer
+    from gradsim.core.model import load_model
+    from gradsim.core.projection import (
         CountSketchFeaturizer,
         FactorizedFeaturizer,
         TensorSketchFeaturizer,
@@ -105,6 +102,9 @@ def run(args) -> dict:
         calibration_shares,
         per_matrix_fidelity,
     )
+    from gradsim.data.encode import encode
+    from gradsim.data.load import load_samples
+    from gradsim.errors import GradsimError
 
     t_start = time.perf_counter()
     torch.manual_seed(0)

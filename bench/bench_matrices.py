@@ -44,10 +44,10 @@ def main() -> int:
 
     from gradsim import matrices
     from gradsim.config import Config
-    from gradsim.data import load_samples
-    from gradsim.encode import encode
-    from gradsim.gradients import GradientComputer
-    from gradsim.model import load_model
+    from gradsim.core.gradients import GradientComputer
+    from gradsim.core.model import load_model
+    from gradsim.data.encode import encode
+    from gradsim.data.load import load_samples
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model dir or hub id (default: the embedded model)")

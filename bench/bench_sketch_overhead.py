@@ -53,10 +53,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
     from gradsim.config import Config
-    from gradsim.data import load_samples
-    from gradsim.encode import encode
-    from gradsim.model import load_model
-    from gradsim.projection import CountSketchFeaturizer
+    from gradsim.core.model import load_model
+    from gradsim.core.projection import CountSketchFeaturizer
+    from gradsim.data.encode import encode
+    from gradsim.data.load import load_samples
 
     lm = load_model(Config(device="cpu"))
     rows = load_samples(str(args.data))

@@ -10,7 +10,7 @@ missing) and the first --sample-size originals of the bundled sample with their 
   (a)   the original study's approach, in this process: for every query of both settings, one backward
         for the query and one for each of its candidates (its own original + the BM25 top-4 others;
         fewer when --sample-size < 5), nothing stored; per-matrix dot products on the flat gradient
-        buffers (gradsim.gradients.GradientComputer), cosines from them. Peak RSS is this process's
+        buffers (gradsim.core.gradients.GradientComputer), cosines from them. Peak RSS is this process's
         ru_maxrss; bytes written from /proc/self/io.
   (b)   gradsim itself, as a child process, run first (while this process holds no model, so that
         gradsim's default budget, a share of the free memory, is the machine's):
@@ -139,7 +139,7 @@ def ensure_model(args) -> Path:
 
 
 def load_settings(n: int):
-    from gradsim.data import load_dataset
+    from gradsim.data.load import load_dataset
 
     return {s: load_dataset(str(BUNDLED / "original.jsonl"), str(BUNDLED / f), n) for s, f in VARIANTS.items()}
 
@@ -169,9 +169,9 @@ def run_original(args, lm, datasets) -> dict:
     import numpy as np
     import torch
 
-    from gradsim.encode import encode
-    from gradsim.gradients import GradientComputer
-    from gradsim.retrieval import candidate_lists
+    from gradsim.core.gradients import GradientComputer
+    from gradsim.data.encode import encode
+    from gradsim.data.retrieval import candidate_lists
 
     max_length = min(args.max_length, lm.context_length)
     io0 = proc_io()
@@ -310,8 +310,8 @@ def dir_bytes(path: Path) -> int:
 def expected_gradsim_work(lm, datasets, args) -> dict:
     """Tokens of every query and of every needed original once (both settings share the originals):
     the fallback for (b)'s token count when its metrics are missing."""
-    from gradsim.encode import encode
-    from gradsim.retrieval import candidate_lists
+    from gradsim.data.encode import encode
+    from gradsim.data.retrieval import candidate_lists
 
     max_length = min(args.max_length, lm.context_length)
     tq, nq, needed = 0, 0, {}
@@ -492,8 +492,8 @@ def compare(a: dict, b: dict) -> dict:
 
 
 def mean_lima_tokens(tokenizer, context: int) -> dict:
-    from gradsim.data import load_samples
-    from gradsim.encode import encode
+    from gradsim.data.encode import encode
+    from gradsim.data.load import load_samples
 
     if not LIMA.exists():
         return {"mean_tokens": 553.0, "source": "assumed (../shared/data/lima/train.jsonl not found)"}
@@ -668,7 +668,7 @@ def main(argv=None) -> int:
     import torch
 
     from gradsim.config import Config
-    from gradsim.model import load_model
+    from gradsim.core.model import load_model
 
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -26,11 +26,11 @@ from bench_featurize import machine_info, matmul_gflops  # noqa: E402
 
 from gradsim import projection  # noqa: E402
 from gradsim.config import Config  # noqa: E402
-from gradsim.data import load_dataset  # noqa: E402
-from gradsim.encode import encode  # noqa: E402
-from gradsim.features import featurize  # noqa: E402
-from gradsim.model import load_model, resolve_device  # noqa: E402
-from gradsim.multisize import make_multi_size  # noqa: E402
+from gradsim.core.model import load_model, resolve_device  # noqa: E402
+from gradsim.core.multisize import make_multi_size  # noqa: E402
+from gradsim.data.encode import encode  # noqa: E402
+from gradsim.data.load import load_dataset  # noqa: E402
+from gradsim.study.features import featurize  # noqa: E402
 
 FRONTIER_SIZES = [2**10, 2**12, 2**14, 2**16, 2**18, 2**20]
 

@@ -29,7 +29,7 @@ def prompt_fits(row: dict, max_length: int) -> bool:
     if _TOKENIZER is None:
         from transformers import AutoTokenizer
 
-        from gradsim.model import embedded_model_dir
+        from gradsim.core.model import embedded_model_dir
 
         _TOKENIZER = AutoTokenizer.from_pretrained(str(embedded_model_dir()[0]))
     chat = [{"role": "user", "content": row["conversations"][0]}]
@@ -87,7 +87,16 @@ def main() -> int:
     t1 = time.time()
     run = a.out / "gradient-similarity" / "paraphrased-all"
     subprocess.run(
-        [sys.executable, "-m", "gradsim.frontier", str(run), "--sizes", a.sizes, "--projections", a.projections],
+        [
+            sys.executable,
+            "-m",
+            "gradsim.analysis.frontier",
+            str(run),
+            "--sizes",
+            a.sizes,
+            "--projections",
+            a.projections,
+        ],
         check=True,
     )
     t2 = time.time()

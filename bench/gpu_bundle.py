@@ -71,7 +71,7 @@ def tokenizer(dest: Path) -> None:
     """The embedded SmolLM2 tokenizer with its chat template, and the revision it came from."""
     from transformers import AutoTokenizer
 
-    from gradsim.model import embedded_model_dir
+    from gradsim.core.model import embedded_model_dir
 
     path, _revision = embedded_model_dir()
     AutoTokenizer.from_pretrained(str(path)).save_pretrained(str(dest))

@@ -25,7 +25,7 @@ through the same path setup. Without --bundle, gradsim is imported from the envi
 Sections (each guarded: a failure is reported and the rest still runs; a section is skipped once --budget-s
 has passed; the JSON report is written after every section):
   environment          torch, CUDA, GPU, driver, matmul TFLOP/s measured, the card's dense peaks, bundle contents
-  exactness_tiny       per-sample gradients (gradsim.gradients.GradientComputer) on --device for float32, tf32
+  exactness_tiny       per-sample gradients (gradsim.core.gradients.GradientComputer) on --device for float32, tf32
                        (CUDA only: fp32 storage, TF32 matmuls), bfloat16 (autocast) and bfloat16-weights, against
                        a CPU float64 reference (the same model cast to float64, plain autograd of the shifted
                        cross-entropy over the response tokens: HF's loss, computed in float64); relative L2 error,
@@ -329,8 +329,8 @@ def tf32_mode(on: bool):
 
 
 def card_peaks(name: str) -> dict | None:
-    """The device's dense peaks (gradsim.estimate.card_peaks: one table for the check and the estimates)."""
-    from gradsim.estimate import card_peaks as peaks
+    """The device's dense peaks (gradsim.study.estimate.card_peaks: one table for the check and the estimates)."""
+    from gradsim.study.estimate import card_peaks as peaks
 
     return peaks(name)
 
@@ -384,7 +384,7 @@ def environment(chk: Checker) -> dict:
             peaks_tflops=card_peaks(props.name),
         )
         try:
-            from gradsim.doctor import nvidia_smi
+            from gradsim.core.doctor import nvidia_smi
 
             smi = nvidia_smi("name,driver_version,memory.total,clocks.max.sm", timeout=20)
             out["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
@@ -439,7 +439,7 @@ def tokenizer(chk: Checker):
 
 
 def samples(chk: Checker, n: int):
-    from gradsim.data import load_samples
+    from gradsim.data.load import load_samples
 
     return load_samples(str(chk.data_dir / "original.jsonl"))[:n]
 
@@ -453,7 +453,7 @@ def cpu_model(chk: Checker, which: str):
     import torch
     import transformers
 
-    from gradsim.model import LoadedModel
+    from gradsim.core.model import LoadedModel
 
     mm = make_model_module()
     tok, revision = tokenizer(chk)
@@ -474,7 +474,7 @@ def cpu_model(chk: Checker, which: str):
 
 def encodings(chk: Checker, lm, n: int):
     """The first n samples that keep a trained token within the max length."""
-    from gradsim.encode import encode
+    from gradsim.data.encode import encode
     from gradsim.errors import GradsimError
 
     max_len = min(lm.context_length, chk.max_length)
@@ -555,7 +555,7 @@ def precisions(device, with_weights: bool = True) -> list[str]:
 def exactness(chk: Checker, which: str, n: int) -> dict:
     import torch
 
-    from gradsim.gradients import GradientComputer
+    from gradsim.core.gradients import GradientComputer
 
     device = torch.device(chk.args.device)
     lm = cpu_model(chk, which)
@@ -608,7 +608,7 @@ def projection_dim(kind: str, which: str, device) -> int:
     """gradsim's defaults (65,536 in all for the sketches, 4,096 per matrix for factorized and trak), except
     4,096 for the sketches on the tiny model, and for trak 512 per matrix (64 on the tiny model) unless
     CudaProjector (CUDA + fast_jl) does it: BasicProjector draws entries x proj_dim normals per matrix per sample."""
-    from gradsim.projection import uses_cuda_projector
+    from gradsim.core.projection import uses_cuda_projector
 
     if kind in ("tensorsketch", "countsketch"):
         return 4096 if which == "tiny" else 65536
@@ -618,8 +618,13 @@ def projection_dim(kind: str, which: str, device) -> int:
 
 
 def make_featurizer(kind: str, lm, dtype: str, allocation=None, dim: int | None = None):
-    from gradsim.features import ExactFeaturizer
-    from gradsim.projection import CountSketchFeaturizer, FactorizedFeaturizer, TensorSketchFeaturizer, TrakFeaturizer
+    from gradsim.core.projection import (
+        CountSketchFeaturizer,
+        FactorizedFeaturizer,
+        TensorSketchFeaturizer,
+        TrakFeaturizer,
+    )
+    from gradsim.study.features import ExactFeaturizer
 
     if kind == "exact":
         return ExactFeaturizer(lm.model, lm.device, dtype)
@@ -638,7 +643,7 @@ def allocation_for(kind: str, lm, dtype: str, calib, dim: int):
     """The sketches' allocation (from exact gradients of the calibration samples), shared by both sides."""
     if kind not in ("tensorsketch", "countsketch"):
         return None
-    from gradsim.projection import make_allocation
+    from gradsim.core.projection import make_allocation
 
     alloc = make_allocation(lm.model, lm.device, dtype, dim, calib, "fft" if kind == "tensorsketch" else "coprime")
     drop_grads(lm.model)
@@ -729,7 +734,7 @@ def build_model(chk: Checker) -> dict:
 def model_shape(model_dir: str):
     from transformers import AutoConfig
 
-    from gradsim.memory import shape_of_config
+    from gradsim.study.memory import shape_of_config
 
     return shape_of_config(AutoConfig.from_pretrained(model_dir))
 
@@ -806,8 +811,8 @@ def throughput(chk: Checker) -> dict:
     import torch
 
     from gradsim.config import Config
-    from gradsim.memory import shape_of_config
-    from gradsim.model import load_model
+    from gradsim.core.model import load_model
+    from gradsim.study.memory import shape_of_config
 
     model_dir = chk.cache.get("model_dir")
     if not model_dir:

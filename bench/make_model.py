@@ -93,7 +93,7 @@ def log(msg: str) -> None:
 
 
 def default_out(shape: str) -> Path:
-    from gradsim.model import cache_dir
+    from gradsim.core.model import cache_dir
 
     return cache_dir() / "models" / shape
 
@@ -106,7 +106,7 @@ def load_tokenizer(path=None):
     from transformers import AutoTokenizer
 
     if path is None:
-        from gradsim.model import embedded_model_dir
+        from gradsim.core.model import embedded_model_dir
 
         path, revision = embedded_model_dir()
     else:

@@ -13,7 +13,7 @@ precision and compares each with the fp32 run:
 A precision passes when, in both settings, whole-model top-1 and MRR equal fp32's and so does every parameter
 matrix's top-1 and MRR (the per-matrix table, and with it the ranking of the matrices, is fp32's). How many
 (query, matrix) ranks moved is reported beside it. The
-rule in gradsim.model.CUDA_DTYPE: the fastest passing precision is the default on CUDA.
+rule in gradsim.core.model.CUDA_DTYPE: the fastest passing precision is the default on CUDA.
 Results: <out>/precision_<UTC time>.json and a markdown table on stdout.
 """
 
@@ -32,10 +32,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradsim.config import Config
+from gradsim.core.metrics import true_rank
+from gradsim.core.score import whole_and_per_matrix
 from gradsim.layout import run_dir
-from gradsim.metrics import true_rank
-from gradsim.run import run
-from gradsim.score import whole_and_per_matrix
+from gradsim.study.run import run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine_info  # noqa: E402  (what every bench shares)

@@ -15,9 +15,9 @@ import sys
 
 import numpy as np
 
-from gradsim.metrics import summarize_ranks
-from gradsim.score import subset_scores
-from gradsim.selection import greedy_select, split_queries
+from gradsim.analysis.selection import greedy_select, split_queries
+from gradsim.core.metrics import summarize_ranks
+from gradsim.core.score import subset_scores
 
 run = sys.argv[1]
 res = json.load(open(f"{run}/results.json"))

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsim.frontier import best_k_order, load_exact_run, selection_curves
+from gradsim.analysis.frontier import best_k_order, load_exact_run, selection_curves
+from gradsim.analysis.selection import greedy_select
+from gradsim.core.metrics import component_of, layer_of, rank_intervals, summarize, summarize_ranks, true_rank
+from gradsim.core.score import subset_scores
 from gradsim.io import atomic_write_json
-from gradsim.metrics import component_of, layer_of, rank_intervals, summarize, summarize_ranks, true_rank
-from gradsim.score import subset_scores
-from gradsim.selection import greedy_select
 
 SETTINGS = ("paraphrased", "model-generated")
 ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
@@ -52,8 +52,8 @@ def in_sample(run, max_size: int, best_k) -> dict:
 def paired_gain(run, splits: int, max_size: int) -> dict:
     """Greedy minus the full gradient on the same held-out half, per split: does selection beat the full
     gradient out of sample (the paper's headline, which it measured in sample)?"""
-    from gradsim.frontier import interval
-    from gradsim.selection import split_queries
+    from gradsim.analysis.frontier import interval
+    from gradsim.analysis.selection import split_queries
 
     a, n = run.arrays, run.arrays["dots"].shape[0]
     gain = {"top1": [], "mrr": []}

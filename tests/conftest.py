@@ -41,7 +41,7 @@ def cpu_config(output_dir, sample_size: int, **kw) -> Config:
 def embedded():
     """The real embedded model (SmolLM2-135M-Instruct), loaded once."""
     from gradsim.config import Config
-    from gradsim.model import load_model
+    from gradsim.core.model import load_model
 
     return load_model(Config(device="cpu"))
 
@@ -52,7 +52,7 @@ def tiny(embedded):
     tied embeddings and padding_idx on <|im_end|> like SmolLM2."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gradsim.model import LoadedModel
+    from gradsim.core.model import LoadedModel
 
     torch.manual_seed(0)
     tok = embedded.tokenizer
@@ -68,7 +68,7 @@ def tiny(embedded):
 
 @pytest.fixture(scope="session")
 def samples():
-    from gradsim.data import load_samples
+    from gradsim.data.load import load_samples
 
     return load_samples(str(BUNDLED / "original.jsonl"))
 
@@ -109,3 +109,29 @@ def wait_until(probe: Callable[[], T], timeout_s: float, what: str | Callable[[]
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what if isinstance(what, str) else what()}")
         time.sleep(every_s)
+
+
+def cgroup_tree(tmp, proc_line: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A fake /sys/fs/cgroup holding ``files`` (path under it -> text) and a fake /proc/self/cgroup of one line:
+    (root, proc) for memory.cgroup_memory and doctor.cgroup_cpus."""
+    proc, root = tmp / "proc_cgroup", tmp / "cg"
+    proc.write_text(proc_line + "\n")
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root, proc
+
+
+def config_only_model(directory: Path, shape: str):
+    """A model directory holding only the config of a real model's shape (bench/make_model.py's SHAPES, e.g.
+    amd-olmo-1b, llama-7b), no weights: what gradsim reads before it loads any. Returns the config."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from make_model import make_config
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    config = make_config(shape)[0]
+    config.save_pretrained(directory)
+    return config

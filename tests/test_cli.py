@@ -92,9 +92,9 @@ def test_gradsim_command_help_exits_0(name, monkeypatch, capsys):
 
 def test_commands_build_their_typed_options_with_the_environment(no_env, monkeypatch, tmp_path):
     from gradsim.cli import config_from_args
+    from gradsim.cluster.slurm import ComputeOptions, Resources, build_parser, resources_from
     from gradsim.config import Config
-    from gradsim.paraphrase import Options, options_from_args
-    from gradsim.slurm import ComputeOptions, Resources, build_parser, resources_from
+    from gradsim.variants.paraphrase import Options, options_from_args
 
     assert config_from_args([]) == Config()
     assert options_from_args([]) == Options()
@@ -131,7 +131,8 @@ def test_environment_values_are_typed_and_bad_ones_refused():
 
 
 def test_bad_values_are_usage_errors(capsys):
-    from gradsim import memory, selection
+    from gradsim.analysis import selection
+    from gradsim.study import memory
 
     for main, argv in ((selection.main, []), (selection.main, ["RUN", "--protocol", "all"]), (memory.main, ["many"])):
         with pytest.raises(SystemExit) as e:

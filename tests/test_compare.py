@@ -4,11 +4,11 @@ import numpy as np
 import orjson
 from test_study_import import write_study
 
+from gradsim.analysis.compare import compare, spearman
+from gradsim.analysis.compare import main as compare_main
+from gradsim.analysis.study_import import main as import_main
 from gradsim.cli import format_summary
-from gradsim.compare import compare, spearman
-from gradsim.compare import main as compare_main
-from gradsim.metrics import BOOTSTRAP_NOTE, bootstrap_interval, rank_intervals
-from gradsim.study_import import main as import_main
+from gradsim.core.metrics import BOOTSTRAP_NOTE, bootstrap_interval, rank_intervals
 
 
 def imported(tmp_path, name, **kw):
@@ -78,7 +78,7 @@ def test_summary_line_carries_bootstrap_intervals(tmp_path):
 def test_targets_intervals_come_from_the_shared_helper_with_the_numbers_they_had():
     """targets.bootstrap now calls metrics.rank_intervals; its numbers (targets.json) are those of the
     one-draw formula it used before, at sizes below and above the helper's chunking."""
-    from gradsim.targets import bootstrap
+    from gradsim.analysis.targets import bootstrap
 
     for n, resamples in ((48, 1000), (5000, 1000)):
         r = np.random.default_rng(n).integers(1, 6, size=n).astype(float)

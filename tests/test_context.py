@@ -8,9 +8,9 @@ import pytest
 from conftest import cpu_config
 
 from gradsim.config import BUNDLED_DATA, COMPAT_FIELDS, RECORDED_WHEN_SET, VARIANT_FILES, Config, Provenance
-from gradsim.features import manifest_key
 from gradsim.io import read_json
-from gradsim.run import run
+from gradsim.study.features import manifest_key
+from gradsim.study.run import run
 
 # A tiny projected run of both settings (tests/conftest.py's tiny model, code version pinned) as the
 # code wrote it before Config and Provenance were split: the keys in their order, and the values
@@ -110,7 +110,7 @@ def test_the_record_is_the_config_with_what_the_run_found_out():
 
 
 def test_a_run_writes_what_it_wrote_before_and_leaves_the_config_alone(tiny, tmp_path, monkeypatch):
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
 
     monkeypatch.setattr(runmod, "code_version", lambda: "pinned")
     out = tmp_path / "out"

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from conftest import cpu_config
 
-from gradsim.combine import merge_partitions
+from gradsim.cluster.combine import merge_partitions
 from gradsim.errors import GradsimError
 from gradsim.io import read_jsonl_tolerant
-from gradsim.run import run
+from gradsim.study.run import run
 
 
 def cfg_for(tmp_path, **kw):
@@ -50,7 +50,7 @@ def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_pat
     assert bm25["summary"] == whole["bm25_protocol"]["summary"]
     assert bm25["baselines"] == whole["bm25_protocol"]["baselines"]
 
-    from gradsim.selection import select_run
+    from gradsim.analysis.selection import select_run
 
     run_dir = tmp_path / "whole" / "gradient-similarity" / f"paraphrased-all-{projection}{dim}"
     sel = select_run(run_dir, protocol="bm25")
@@ -61,7 +61,7 @@ def test_corpus_partitions_merge_and_bm25_protocol_reuses_features(tiny, tmp_pat
 @pytest.mark.slow
 def test_main_cli_corpus_with_projection_on_the_embedded_model(embedded, tmp_path, monkeypatch):
     """main.py's path (flags -> run) with the real model: factorized features, the whole corpus, batched."""
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
     from gradsim.cli import main
 
     monkeypatch.setattr(runmod, "load_model", lambda cfg, device=None: embedded)
@@ -100,7 +100,7 @@ def test_main_cli_corpus_with_projection_on_the_embedded_model(embedded, tmp_pat
 @pytest.mark.slow
 def test_main_cli_default_projection_is_tensorsketch_on_the_embedded_model(embedded, tmp_path, monkeypatch):
     """--use-random-projection alone: tensorsketch, 65,536 dims shared by norm, calibrated once and reused."""
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
     from gradsim.cli import main
     from gradsim.io import read_json
 
@@ -127,8 +127,8 @@ def test_main_cli_default_projection_is_tensorsketch_on_the_embedded_model(embed
 def test_representation_baseline_is_the_mean_final_hidden_state(tiny, samples):
     import torch
 
-    from gradsim.baselines import RepresentationFeaturizer
-    from gradsim.encode import IGNORE_INDEX, encode
+    from gradsim.core.baselines import RepresentationFeaturizer
+    from gradsim.data.encode import IGNORE_INDEX, encode
 
     enc = encode(tiny.tokenizer, samples[0], 256)
     f = RepresentationFeaturizer(tiny.model, tiny.device)
@@ -159,8 +159,8 @@ def test_exact_corpus_run_streams_and_its_bm25_columns_equal_the_bm25_run(tiny, 
 @pytest.mark.parametrize("projection", ["countsketch", "tensorsketch", "factorized", "trak"])
 def test_a_proj_dim_that_projects_nothing_is_refused(tiny, tmp_path, projection):
     """Features as big as the gradient would be stored in the shared feature store: refused."""
+    from gradsim.core.gradients import param_layout
     from gradsim.errors import GradsimError
-    from gradsim.gradients import param_layout
 
     layout = param_layout(tiny.model)
     total = int(layout.total)
@@ -177,8 +177,8 @@ def test_a_proj_dim_that_projects_nothing_is_refused(tiny, tmp_path, projection)
 
 
 def test_feature_dims_match_the_featurizers(tiny):
-    from gradsim.gradients import param_layout
-    from gradsim.projection import FactorizedFeaturizer, TrakFeaturizer, feature_dims
+    from gradsim.core.gradients import param_layout
+    from gradsim.core.projection import FactorizedFeaturizer, TrakFeaturizer, feature_dims
 
     shapes = param_layout(tiny.model).shapes
     for k in (16, 64, 2048, 5000):

@@ -8,36 +8,25 @@ import subprocess
 import sys
 
 import torch
+from conftest import cgroup_tree
 
-from gradsim import doctor
-from gradsim.doctor import cgroup_cpus, cpu_threads, limit_cpu_threads
-
-
-def write(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+from gradsim.core import doctor
+from gradsim.core.doctor import cgroup_cpus, cpu_threads, limit_cpu_threads
 
 
 def test_cgroup_v2_cpu_quota_is_the_tightest_of_the_path_and_its_ancestors(tmp_path):
-    proc = tmp_path / "proc_cgroup"
-    proc.write_text("0::/docker/abc\n")
-    root = tmp_path / "cg"
-    write(root / "cpu.max", "max 100000\n")
-    write(root / "docker/cpu.max", "400000 100000\n")  # 4 CPUs for all containers
-    write(root / "docker/abc/cpu.max", "150000 100000\n")  # this one: --cpus 1.5
+    files = {"cpu.max": "max 100000\n", "docker/cpu.max": "400000 100000\n", "docker/abc/cpu.max": "150000 100000\n"}
+    root, proc = cgroup_tree(tmp_path, "0::/docker/abc", files)  # 4 CPUs for all containers, --cpus 1.5 for this one
     assert cgroup_cpus(root, proc) == 1.5
-    write(root / "docker/abc/cpu.max", "max 100000\n")
+    (root / "docker/abc/cpu.max").write_text("max 100000\n")
     assert cgroup_cpus(root, proc) == 4.0
 
 
 def test_cgroup_v1_cpu_quota_and_no_quota(tmp_path):
-    proc = tmp_path / "proc_cgroup"
-    proc.write_text("5:cpu,cpuacct:/job\n3:memory:/job\n")
-    root = tmp_path / "cg"
-    write(root / "cpu,cpuacct/job/cpu.cfs_quota_us", "200000\n")
-    write(root / "cpu,cpuacct/job/cpu.cfs_period_us", "100000\n")
+    quota = {"cpu,cpuacct/job/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/job/cpu.cfs_period_us": "100000\n"}
+    root, proc = cgroup_tree(tmp_path, "5:cpu,cpuacct:/job\n3:memory:/job", quota)
     assert cgroup_cpus(root, proc) == 2.0
-    write(root / "cpu,cpuacct/job/cpu.cfs_quota_us", "-1\n")  # v1's "no quota"
+    (root / "cpu,cpuacct/job/cpu.cfs_quota_us").write_text("-1\n")  # v1's "no quota"
     assert cgroup_cpus(root, proc) is None
     assert cgroup_cpus(root, tmp_path / "missing") is None
 

@@ -1,7 +1,7 @@
 import pytest
 
-from gradsim.data import Sample
-from gradsim.encode import IGNORE_INDEX, encode
+from gradsim.data.encode import IGNORE_INDEX, encode
+from gradsim.data.load import Sample
 from gradsim.errors import GradsimError
 
 
@@ -43,7 +43,7 @@ TWO_EXCHANGES = ["What is 2+2?", "It is 4.", "And 3+3?", "That is 6, twice 3."]
 
 
 def two_exchanges():
-    from gradsim.data import _parse_row
+    from gradsim.data.load import _parse_row
 
     return _parse_row({"id": "mt", "conversations": TWO_EXCHANGES}, "test", 0)
 
@@ -103,7 +103,7 @@ def test_turns_all_refuses_other_loss_targets(embedded):
 def test_turns_all_gradient_is_autograd_of_the_mean_loss_over_the_assistant_turns(tiny):
     import torch
 
-    from gradsim.gradients import GradientComputer
+    from gradsim.core.gradients import GradientComputer
 
     enc = encode(tiny.tokenizer, two_exchanges(), 256, "response", "all")
     gc = GradientComputer(tiny.model, tiny.device)

@@ -132,12 +132,12 @@ def test_real_process_exit_code_and_single_line(tmp_path):
 
 @pytest.mark.parametrize("model", ["/nonexistent/models/x", "./models/x", "models/org/x", "~/no-such-model-dir"])
 def test_a_missing_model_directory_is_not_sent_to_the_hub(tmp_path, capsys, monkeypatch, model):
-    import gradsim.model
+    import gradsim.core.model
 
     def no_hub(*a, **k):
         raise AssertionError("the hub was asked")
 
-    monkeypatch.setattr(gradsim.model, "hub_reachable", no_hub)
+    monkeypatch.setattr(gradsim.core.model, "hub_reachable", no_hub)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--model", model)
     assert code == 2 and err.count("\n") == 0 and not outdir.exists(), err
@@ -147,18 +147,18 @@ def test_a_missing_model_directory_is_not_sent_to_the_hub(tmp_path, capsys, monk
 def test_a_hub_model_without_the_hub_fails_at_once(tmp_path, capsys, monkeypatch):
     import socket
 
-    import gradsim.model
+    import gradsim.core.model
 
     def refused(*a, **k):
         raise OSError("unreachable")
 
     monkeypatch.setattr(socket, "create_connection", refused)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    gradsim.model.hub_reachable.cache_clear()
+    gradsim.core.model.hub_reachable.cache_clear()
     try:
         code, err, _, outdir = run_cli(tmp_path, capsys, monkeypatch, "--model", "no-such-org/no-such-model")
     finally:
-        gradsim.model.hub_reachable.cache_clear()
+        gradsim.core.model.hub_reachable.cache_clear()
     assert code == 2 and err.count("\n") == 0 and not outdir.exists(), err
     assert "cannot be reached" in err and "HF_HUB_OFFLINE=1" in err and "local model directory" in err
 
@@ -166,12 +166,12 @@ def test_a_hub_model_without_the_hub_fails_at_once(tmp_path, capsys, monkeypatch
 @pytest.mark.parametrize("env", ["GRADSIM_MEMORY_GB", "GRADSIM_SCRATCH_GB", "GRADSIM_HOST_MEMORY_GB"])
 @pytest.mark.parametrize("finished", [False, True])
 def test_budget_variables_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, env, finished):
-    import gradsim.run
+    import gradsim.study.run
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(gradsim.run, "load_model", no_model)
+    monkeypatch.setattr(gradsim.study.run, "load_model", no_model)
     if finished:  # a finished run folder is no reason to pass an invalid environment unseen
         done = tmp_path / "out" / "gradient-similarity" / "paraphrased"
         done.mkdir(parents=True)
@@ -181,12 +181,12 @@ def test_budget_variables_are_checked_before_the_model_loads(tmp_path, capsys, m
 
 
 def test_an_unsupported_device_names_the_variable_it_came_from(tmp_path, capsys, monkeypatch):
-    import gradsim.run
+    import gradsim.study.run
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(gradsim.run, "load_model", no_model)
+    monkeypatch.setattr(gradsim.study.run, "load_model", no_model)
     monkeypatch.setenv("MT_DEVICE", "tpu")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
@@ -213,7 +213,7 @@ def test_skip_overlong_leaves_out_and_counts_the_rows_that_cannot_train(tiny, tm
     have no response token left: the run stops, naming the flag; with it they are left out and counted."""
     from gradsim.config import Config
     from gradsim.errors import GradsimError
-    from gradsim.run import run
+    from gradsim.study.run import run
 
     cfg = dict(device="cpu", sample_size=6, top_k=1, max_length=70, baselines=False, output_dir=str(tmp_path))
     with pytest.raises(GradsimError, match="sample lima_4: no response token is left.*--skip-overlong"):

@@ -12,9 +12,7 @@ import torch
 from test_gradients import reference_gradients
 
 from gradsim.config import ALLOCATIONS, Config
-from gradsim.encode import encode
-from gradsim.errors import GradsimError
-from gradsim.projection import (
+from gradsim.core.projection import (
     NOISY_P90,
     Z90,
     CountSketchFeaturizer,
@@ -24,6 +22,8 @@ from gradsim.projection import (
     make_allocation,
     smooth_at_most,
 )
+from gradsim.data.encode import encode
+from gradsim.errors import GradsimError
 
 # 30 layers of SmolLM2-135M's matrices, their norm vectors and a large embedding: 272 matrices.
 SHAPES = [(49152, 576)]
@@ -118,7 +118,7 @@ def test_predicted_sd_matches_the_observed_per_matrix_cosine_error(tiny, samples
 
 
 def test_noisy_flags_in_the_results_of_a_tiny_projected_run(tiny, tmp_path):
-    from gradsim.run import run
+    from gradsim.study.run import run
 
     kw = dict(device="cpu", output_dir=str(tmp_path), sample_size=4, baselines=False)
     res = run(
@@ -145,8 +145,8 @@ def test_noisy_flags_in_the_results_of_a_tiny_projected_run(tiny, tmp_path):
     allocations = list((tmp_path / "features" / "countsketch-allocations").glob("*.json"))
     assert [json.loads(p.read_text())["allocation"] for p in allocations] == ["norm-floor"]
     # Selection on the projected run leaves the noisy matrices out of the choice, not out of the full gradient.
-    from gradsim.selection import main as select_main
-    from gradsim.selection import select_run
+    from gradsim.analysis.selection import main as select_main
+    from gradsim.analysis.selection import select_run
 
     sel = select_run(run_dir)
     assert sel["excluded_noisy"] == fid["noisy"] and not set(sel["chosen"]) & set(fid["noisy"])
@@ -164,8 +164,8 @@ def test_noisy_flags_in_the_results_of_a_tiny_projected_run(tiny, tmp_path):
     assert "per_matrix_fidelity" not in exact
 
     # The analysis marks the noisy matrices of the projected run, and none of the exact one.
-    from gradsim import analysis
-    from gradsim.metrics import component_of
+    from gradsim.analysis import figures as analysis
+    from gradsim.core.metrics import component_of
 
     runs = analysis.load_runs(tmp_path)
     proj, ex = runs["paraphrased-countsketch4000-alloc-norm-floor"], runs["paraphrased"]
@@ -186,7 +186,7 @@ def test_noisy_flags_in_the_results_of_a_tiny_projected_run(tiny, tmp_path):
 
 
 def test_factorized_and_trak_state_their_per_matrix_error(tiny):
-    from gradsim.projection import KRONECKER_EXCESS, FactorizedFeaturizer, TrakFeaturizer, per_matrix_fidelity
+    from gradsim.core.projection import KRONECKER_EXCESS, FactorizedFeaturizer, TrakFeaturizer, per_matrix_fidelity
 
     f = FactorizedFeaturizer(tiny.model, tiny.device, proj_dim=64)  # 8 x 8: the 32-wide sides are sketched
     fid = per_matrix_fidelity(f)

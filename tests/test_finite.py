@@ -9,8 +9,8 @@ import torch
 
 from gradsim.cli import main
 from gradsim.config import Config
+from gradsim.core.model import LoadedModel
 from gradsim.io import read_json
-from gradsim.model import LoadedModel
 
 
 def nan_model(tiny) -> LoadedModel:
@@ -21,10 +21,10 @@ def nan_model(tiny) -> LoadedModel:
 
 
 def run_main(monkeypatch, capsys, lm, out, *argv):
-    import gradsim.run
+    import gradsim.study.run
 
-    monkeypatch.setattr(gradsim.run, "load_model", lambda cfg, device: lm)
-    monkeypatch.setattr(gradsim.run, "check_exact_fits", lambda cfg, device: None)
+    monkeypatch.setattr(gradsim.study.run, "load_model", lambda cfg, device: lm)
+    monkeypatch.setattr(gradsim.study.run, "check_exact_fits", lambda cfg, device: None)
     code = main(["--output-dir", str(out), "--device", "cpu", "--sample-size", "2", "--top-k", "1", *argv])
     cap = capsys.readouterr()
     assert "Traceback" not in cap.err
@@ -44,12 +44,12 @@ def test_a_nan_weight_stops_the_run_with_one_line_and_no_results(tiny, tmp_path,
 
 def test_allow_nonfinite_drops_and_counts_the_query(tiny, tmp_path, monkeypatch, capsys):
     """One query's gradient made NaN: it is dropped and counted, the others are ranked as before."""
-    from gradsim.gradients import GradientComputer
-    from gradsim.run import run
+    from gradsim.core.gradients import GradientComputer
+    from gradsim.study.run import run
 
     ref = run(Config(device="cpu", sample_size=3, top_k=1, output_dir=str(tmp_path / "ref"), baselines=False), tiny)
     bad = ref["queries"][1]["id"]
-    from gradsim.stream import ExactStream
+    from gradsim.study.stream import ExactStream
 
     real, real_stream = GradientComputer.gradient, ExactStream._gradient
     role = []
@@ -92,9 +92,9 @@ def fake_run(run_dir, dots):
 
 
 def test_select_and_analyze_refuse_nonfinite_scores(tmp_path, capsys):
-    from gradsim.analysis import load_runs
+    from gradsim.analysis.figures import load_runs
+    from gradsim.analysis.selection import main as select_main
     from gradsim.errors import GradsimError
-    from gradsim.selection import main as select_main
 
     run_dir = tmp_path / "gradient-similarity" / "paraphrased"
     fake_run(run_dir, np.full((4, 3, 2), np.nan))
@@ -107,7 +107,7 @@ def test_select_and_analyze_refuse_nonfinite_scores(tmp_path, capsys):
 
 
 def test_analyze_names_a_truncated_run_file(tmp_path):
-    from gradsim.analysis import load_runs
+    from gradsim.analysis.figures import load_runs
     from gradsim.errors import GradsimError
 
     run_dir = tmp_path / "gradient-similarity" / "paraphrased"

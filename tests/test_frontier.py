@@ -9,16 +9,16 @@ import pytest
 import torch
 from test_selection import synthetic
 
+from gradsim.analysis.frontier import ExactRun, format_table, frontier, main, plot, selection_curves
+from gradsim.analysis.selection import greedy_select, split_queries
 from gradsim.config import Config
-from gradsim.data import load_dataset
-from gradsim.encode import encode
-from gradsim.frontier import ExactRun, format_table, frontier, main, plot, selection_curves
-from gradsim.metrics import summarize_ranks, true_rank
-from gradsim.projection import CALIBRATION_SAMPLES, CountSketchFeaturizer, make_allocation
-from gradsim.retrieval import candidate_lists
-from gradsim.run import run
-from gradsim.score import subset_scores
-from gradsim.selection import greedy_select, split_queries
+from gradsim.core.metrics import summarize_ranks, true_rank
+from gradsim.core.projection import CALIBRATION_SAMPLES, CountSketchFeaturizer, make_allocation
+from gradsim.core.score import subset_scores
+from gradsim.data.encode import encode
+from gradsim.data.load import load_dataset
+from gradsim.data.retrieval import candidate_lists
+from gradsim.study.run import run
 
 
 def synthetic_run(q=40):

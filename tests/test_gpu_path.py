@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import config_only_model
 
-from gradsim.estimate import DEFAULT_GPU_MEMORY_GB, slurm_time, throughput
-from gradsim.slurm import compute_main
+from gradsim.cluster.slurm import compute_main
+from gradsim.study.estimate import DEFAULT_GPU_MEMORY_GB, slurm_time, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
@@ -100,8 +101,8 @@ def test_the_estimate_counts_the_passes_a_run_makes(tmp_path, capsys):
     """The estimate's backward passes and tokens are the run's own: plan a CPU task with a budget of 3 gradients,
     then run the same study and compare with its cost record."""
     from gradsim.cli import config_from_args
-    from gradsim.run import run
-    from gradsim.slurm import Resources, plan
+    from gradsim.cluster.slurm import Resources, plan
+    from gradsim.study.run import run
 
     argv = ["--sample-size", "5", "--device", "cpu", "--max-length", "128", "--memory-gb", "1.52", "--no-baselines"]
     p = plan([*argv, "--output-dir", str(tmp_path)], 1, "sbatch", Resources())
@@ -138,7 +139,7 @@ def test_main_on_cuda_without_cuda_exits_2_naming_it_and_writes_nothing(tmp_path
 
 @no_cuda
 def test_doctor_names_the_missing_device(capsys):
-    from gradsim.doctor import main
+    from gradsim.core.doctor import main
 
     assert main(["--device", "cpu"]) == 0
     assert "ok: cpu is available" in capsys.readouterr().out
@@ -166,23 +167,11 @@ def test_a_gpu_tasks_host_memory_is_memory_py_host_need(tmp_path, capsys):
     runtime, data and results, kept originals with their pinned buffer), and a card too small is refused."""
     import math
 
-    from transformers import OlmoConfig
+    from gradsim.cluster.slurm import Resources, plan
+    from gradsim.study.memory import GB, host_bytes, shape_of_config
 
-    from gradsim.memory import GB, host_bytes, shape_of_config
-    from gradsim.slurm import Resources, plan
-
-    config = OlmoConfig(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=50304,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
     model = tmp_path / "olmo-1b-shape"
-    config.save_pretrained(model)
+    config = config_only_model(model, "amd-olmo-1b")
     shape = shape_of_config(config)
     assert shape.params == 1_176_764_416
     base = ["--model", str(model), "--output-dir", str(tmp_path / "out"), "--sample-size", "6"]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gradsim.encode import encode
-from gradsim.gradients import GradientComputer
+from gradsim.core.gradients import GradientComputer
+from gradsim.data.encode import encode
 
 
 def reference_gradients(model, enc):

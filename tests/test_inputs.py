@@ -9,10 +9,10 @@ import pytest
 from conftest import cpu_config
 
 from gradsim.config import BUNDLED_DATA, Config
-from gradsim.data import load_dataset
+from gradsim.data.load import load_dataset
 from gradsim.errors import GradsimError
 from gradsim.io import atomic_write_json
-from gradsim.run import run
+from gradsim.study.run import run
 
 
 def write_jsonl(path, rows):
@@ -74,7 +74,7 @@ def test_the_gradsim_command_lists_its_verbs_and_forwards_to_them(capsys):
 
 def test_progress_in_a_log_is_a_line_per_item(capsys):
     """stderr is not a terminal under pytest: every update is written at once."""
-    from gradsim.features import progress_bar
+    from gradsim.study.features import progress_bar
 
     bar = progress_bar(total=3, desc="gradients", unit="pass")
     for _ in range(3):
@@ -98,7 +98,7 @@ def test_a_prompt_longer_than_max_length_fails_before_anything_is_written(tiny, 
 
 
 def test_a_file_that_is_not_utf8_names_line_column_and_byte(tmp_path):
-    from gradsim.data import load_samples
+    from gradsim.data.load import load_samples
 
     path = tmp_path / "latin1.jsonl"
     ok = orjson.dumps({"conversations": ["q", "a"]})
@@ -114,7 +114,7 @@ def test_a_file_that_is_not_utf8_names_line_column_and_byte(tmp_path):
 
 
 def test_sharegpt_rows_are_read_like_lima_rows(tmp_path):
-    from gradsim.data import load_samples
+    from gradsim.data.load import load_samples
 
     sharegpt = [
         {"id": "a", "conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "r1"}]},
@@ -159,7 +159,7 @@ def test_local_files_in_other_formats_give_the_same_samples(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gradsim.data import load_samples, samples_sha256
+    from gradsim.data.load import load_samples, samples_sha256
 
     expected = load_samples(str(BUNDLED_DATA / "original.jsonl"))
     rows = bundled_rows()
@@ -197,7 +197,7 @@ def codecs_bom():
 
 
 def test_a_broken_json_array_or_parquet_names_the_file_and_line(tmp_path):
-    from gradsim.data import load_samples
+    from gradsim.data.load import load_samples
 
     path = tmp_path / "broken.json"
     path.write_bytes(b'[\n  {"conversations": ["q", "a"]},\n  {"conversations" ["q", "a"]}\n]\n')
@@ -286,7 +286,7 @@ def test_turns_all_uses_every_answered_turn_and_counts_only_what_is_left_out(tmp
 def test_turns_all_reaches_the_parser_the_run_name_and_the_results(tiny, tmp_path):
     from gradsim.cli import build_parser, config_from_args
     from gradsim.layout import run_dir
-    from gradsim.run import store_manifest
+    from gradsim.study.run import store_manifest
 
     assert "--turns" in build_parser().format_help()
     cfg = config_from_args(["--turns", "all", "--device", "cpu"])

@@ -59,7 +59,7 @@ def elsewhere(tmp_path) -> tuple[Path, dict]:
 def test_the_package_is_imported_from_the_venv_with_its_data(installed, elsewhere):
     cwd, env = elsewhere
     code = (
-        "import gradsim, gradsim.config as c, gradsim.slurm as s; print(gradsim.__file__); "
+        "import gradsim, gradsim.config as c, gradsim.cluster.slurm as s; print(gradsim.__file__); "
         "print(all(p.is_file() for p in (c.BUNDLED_DATA / 'original.jsonl', s.TEMPLATE, "
         "c.BUNDLED_REFERENCE / 'frontier.json', c.BUNDLED_REFERENCE / 'targets-bundled.json')))"
     )

@@ -12,14 +12,14 @@ import pytest
 from test_pipeline import cfg_for, interrupt_after
 
 from gradsim.errors import GradsimError
-from gradsim.features import FeatureStore
 from gradsim.layout import RunPaths
-from gradsim.lock import acquire, locked, release
-from gradsim.run import run
+from gradsim.study.features import FeatureStore
+from gradsim.study.lock import acquire, locked, release
+from gradsim.study.run import run
 
 HOLD = """
 import sys, time
-from gradsim.lock import acquire
+from gradsim.study.lock import acquire
 acquire(sys.argv[1], "test")
 print("held", flush=True)
 time.sleep(600)
@@ -74,7 +74,7 @@ def test_the_lock_is_released_when_the_run_fails(tiny, tmp_path, monkeypatch):
 
 HOLD_UNTIL_TERM = """
 import sys, time
-from gradsim.lock import exit_on_sigterm, locked
+from gradsim.study.lock import exit_on_sigterm, locked
 with exit_on_sigterm(), locked(sys.argv[1], "test"):
     print("held", flush=True)
     time.sleep(600)

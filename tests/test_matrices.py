@@ -9,9 +9,9 @@ import torch
 
 from gradsim import matrices
 from gradsim.config import Config
-from gradsim.encode import encode
+from gradsim.core.gradients import GradientComputer
+from gradsim.data.encode import encode
 from gradsim.errors import GradsimError
-from gradsim.gradients import GradientComputer
 
 
 def test_restricted_gradient_equals_the_full_gradients_slices(tiny, samples):
@@ -58,7 +58,7 @@ def test_the_backward_stops_below_the_lowest_chosen_layer(tiny, samples):
 
 
 def test_a_run_with_matrices_scores_the_full_runs_slices(tiny, tmp_path):
-    from gradsim.run import run
+    from gradsim.study.run import run
 
     common = dict(device="cpu", sample_size=4, output_dir=str(tmp_path), top_k=2, baselines=False)
     full = run(Config(**common), lm=tiny)
@@ -88,7 +88,7 @@ def test_bad_selections_are_refused_before_anything_is_written(tiny, tmp_path):
     with pytest.raises(GradsimError, match="--matrices restricts the exact gradient"):
         Config(matrices="q_proj", use_random_projection=True, projection="tensorsketch").validate()
 
-    from gradsim.run import run
+    from gradsim.study.run import run
 
     out = tmp_path / "out"
     with pytest.raises(GradsimError, match="matches none"):

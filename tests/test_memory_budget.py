@@ -5,39 +5,41 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cgroup_tree
 
-from gradsim import memory
 from gradsim.config import Config
-from gradsim.memory import GB, cgroup_memory, gradient_capacity
-from gradsim.schedule import fewest_held, make_plan
-
-
-def write(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+from gradsim.study import memory
+from gradsim.study.memory import GB, cgroup_memory, gradient_capacity
+from gradsim.study.schedule import fewest_held, make_plan
 
 
 def test_cgroup_v2_limit_is_the_tightest_of_the_path_and_its_ancestors(tmp_path):
-    proc = tmp_path / "proc_cgroup"
-    proc.write_text("0::/slurm/job_7/step_0\n")
-    root = tmp_path / "cg"
-    write(root / "slurm/memory.max", "max\n")
-    write(root / "slurm/memory.current", str(9 * GB))
-    write(root / "slurm/job_7/memory.max", str(3 * GB))  # the job's --mem 3G
-    write(root / "slurm/job_7/memory.current", str(1 * GB))
-    write(root / "slurm/job_7/step_0/memory.max", "max\n")
-    write(root / "slurm/job_7/step_0/memory.current", str(GB // 2))
+    root, proc = cgroup_tree(
+        tmp_path,
+        "0::/slurm/job_7/step_0",
+        {
+            "slurm/memory.max": "max\n",
+            "slurm/memory.current": str(9 * GB),
+            "slurm/job_7/memory.max": str(3 * GB),  # the job's --mem 3G
+            "slurm/job_7/memory.current": str(1 * GB),
+            "slurm/job_7/step_0/memory.max": "max\n",
+            "slurm/job_7/step_0/memory.current": str(GB // 2),
+        },
+    )
     assert cgroup_memory(root, proc) == (3 * GB, 1 * GB)
 
 
 def test_cgroup_v1_reads_the_memory_controller_and_ignores_no_limit(tmp_path):
-    proc = tmp_path / "proc_cgroup"
-    proc.write_text("9:cpu,cpuacct:/x\n4:memory:/docker/abc\n")
-    root = tmp_path / "cg"
-    write(root / "memory/docker/abc/memory.limit_in_bytes", str(8 * GB))
-    write(root / "memory/docker/abc/memory.usage_in_bytes", str(2 * GB))
-    write(root / "memory/memory.limit_in_bytes", "9223372036854771712")  # v1's "no limit"
-    write(root / "memory/memory.usage_in_bytes", str(20 * GB))
+    root, proc = cgroup_tree(
+        tmp_path,
+        "9:cpu,cpuacct:/x\n4:memory:/docker/abc",
+        {
+            "memory/docker/abc/memory.limit_in_bytes": str(8 * GB),
+            "memory/docker/abc/memory.usage_in_bytes": str(2 * GB),
+            "memory/memory.limit_in_bytes": "9223372036854771712",  # v1's "no limit"
+            "memory/memory.usage_in_bytes": str(20 * GB),
+        },
+    )
     assert cgroup_memory(root, proc) == (8 * GB, 2 * GB)
     proc.write_text("4:memory:/\n")
     assert cgroup_memory(root, proc) is None  # the root's limit is "none"

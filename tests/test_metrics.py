@@ -4,10 +4,10 @@
 import numpy as np
 import pytest
 
-from gradsim.data import Dataset, Sample
-from gradsim.metrics import component_of, layer_of, mean_margin, summarize, true_rank
-from gradsim.retrieval import candidate_lists, user_text
-from gradsim.score import random_expectation
+from gradsim.core.metrics import component_of, layer_of, mean_margin, summarize, true_rank
+from gradsim.core.score import random_expectation
+from gradsim.data.load import Dataset, Sample
+from gradsim.data.retrieval import candidate_lists, user_text
 
 
 def test_rank_counts_ties_against_the_true_original_and_nan_last():

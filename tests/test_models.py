@@ -12,11 +12,11 @@ from conftest import TINY_SIZES
 from transformers import AutoTokenizer
 
 from gradsim.config import Config
-from gradsim.data import Sample
-from gradsim.encode import IGNORE_INDEX, encode
+from gradsim.core.gradients import GradientComputer
+from gradsim.core.model import TULU_TEMPLATE, check_dtype, embedded_model_dir, load_model
+from gradsim.data.encode import IGNORE_INDEX, encode
+from gradsim.data.load import Sample
 from gradsim.errors import GradsimError
-from gradsim.gradients import GradientComputer
-from gradsim.model import TULU_TEMPLATE, check_dtype, embedded_model_dir, load_model
 
 # The families' templates, reduced to what a single-turn conversation exercises (from the models' own
 # tokenizer_config.json / chat_template.jinja); their special tokens are plain text to this tokenizer.
@@ -309,7 +309,7 @@ def test_qwen3_template_trains_on_the_answer_only(tok):
 
 @pytest.mark.parametrize("family", [*FAMILIES, "tulu", "rewrites"])
 def test_turns_all_trains_each_answer_or_refuses_a_template_that_rewrites_earlier_turns(family, tok):
-    from gradsim.data import _parse_row
+    from gradsim.data.load import _parse_row
 
     # Qwen3's renders an answer differently once another turn follows (its empty <think> block), as does this.
     rewrites = (

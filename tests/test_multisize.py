@@ -4,10 +4,10 @@ whole multi-size featurization costs one backward pass per sample."""
 import pytest
 import torch
 
-from gradsim.encode import encode
+from gradsim.core.multisize import make_multi_size
+from gradsim.core.projection import SKETCHES, FactorizedFeaturizer, TrakFeaturizer, _TensorSketchSlot, make_allocation
+from gradsim.data.encode import encode
 from gradsim.errors import GradsimError
-from gradsim.multisize import make_multi_size
-from gradsim.projection import SKETCHES, FactorizedFeaturizer, TrakFeaturizer, _TensorSketchSlot, make_allocation
 
 SIZES = {"tensorsketch": [256, 1024, 4096], "countsketch": [256, 1024, 4096], "factorized": [16, 64], "trak": [8, 32]}
 

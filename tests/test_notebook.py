@@ -9,7 +9,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from gradsim import analysis
+from gradsim.analysis import figures as analysis
 from gradsim.config import BUNDLED_REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +20,9 @@ NOTEBOOK = ROOT / "notebooks" / "analysis.ipynb"
 def results(tiny, tmp_path_factory):
     """Both settings run end to end on the tiny model over the first 6 bundled originals, and a projected
     paraphrased run (its per-matrix fidelity is shown)."""
+    from gradsim.analysis.selection import select_run
     from gradsim.config import Config
-    from gradsim.run import run
-    from gradsim.selection import select_run
+    from gradsim.study.run import run
 
     out = tmp_path_factory.mktemp("results")
     for setting in ("paraphrased", "model-generated"):
@@ -59,7 +59,7 @@ def test_analysis_matches_the_run_summaries(results):
 
 @pytest.mark.slow
 def test_notebook_runs_headless_and_saves_figures(results):
-    # The CI entry point: python -m gradsim.analysis --execute notebooks/analysis.ipynb (a cell that
+    # The CI entry point: python -m gradsim.analysis.figures --execute notebooks/analysis.ipynb (a cell that
     # raises makes it fail).
     assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(results)]) == 0
     figures = results / "gradient-similarity"
@@ -97,7 +97,7 @@ def test_execute_without_results_is_a_one_line_error(tmp_path, capsys):
 def test_reference_tables_draw_into_their_own_folder_titled_with_their_source(tmp_path):
     """A user's results folder without a targets table or frontier gets the bundled data's reference
     figures only in reference-bundled-data/, titled with the source; its own tables' figures go beside it."""
-    from gradsim import frontier
+    from gradsim.analysis import frontier
 
     figures = tmp_path / "gradient-similarity"
     figures.mkdir()

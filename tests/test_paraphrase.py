@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from gradsim.config import BUNDLED_DATA
-from gradsim.data import load_dataset, load_samples
+from gradsim.data.load import load_dataset, load_samples
 from gradsim.errors import GradsimError
-from gradsim.generate import GenParams, OpenAIBackend, copied_fraction, degenerate_reason
-from gradsim.paraphrase import PARAPHRASE_PROMPT, PARAPHRASE_SYSTEM, Options, main, run
+from gradsim.variants.generate import GenParams, OpenAIBackend, copied_fraction, degenerate_reason
+from gradsim.variants.paraphrase import PARAPHRASE_PROMPT, PARAPHRASE_SYSTEM, Options, main, run
 
 BUNDLED = BUNDLED_DATA
 ORIGINAL = str(BUNDLED / "original.jsonl")
@@ -243,7 +243,7 @@ class LlamaServer:
     """llama.cpp's server (xllamacpp wheel) with the embedded GGUF, in its own process so it can be stopped."""
 
     def __init__(self, port: int):
-        from gradsim.model import _gguf_path
+        from gradsim.core.model import _gguf_path
 
         self.port, self.gguf = port, str(_gguf_path())
         self.proc = None
@@ -388,9 +388,9 @@ def test_paraphrase_prompt_folds_the_system_turn_for_templates_without_one():
     import torch
     from transformers import AutoTokenizer
 
-    from gradsim.generate import LocalBackend
-    from gradsim.model import LoadedModel, embedded_model_dir
-    from gradsim.paraphrase import paraphrase_messages
+    from gradsim.core.model import LoadedModel, embedded_model_dir
+    from gradsim.variants.generate import LocalBackend
+    from gradsim.variants.paraphrase import paraphrase_messages
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir()[0])
     msgs = paraphrase_messages("Why is the sky blue?", "prompt")

@@ -5,11 +5,11 @@ import pytest
 import torch
 from test_gradients import reference_gradients
 
-from gradsim.combine import merge_partitions
+from gradsim.cluster.combine import merge_partitions
 from gradsim.config import BUNDLED_DATA, Config
 from gradsim.errors import GradsimError
 from gradsim.io import read_json
-from gradsim.run import run
+from gradsim.study.run import run
 
 # Every test here runs the study end to end (tiny model): `-m 'not slow'` leaves them to the full suite.
 pytestmark = pytest.mark.slow
@@ -39,8 +39,8 @@ def test_partitions_merge_to_the_whole_run(tiny, tmp_path, computation_type):
 
 
 def test_scores_equal_direct_autograd_cosines(tiny, tmp_path, samples):
-    from gradsim.data import load_samples
-    from gradsim.encode import encode
+    from gradsim.data.encode import encode
+    from gradsim.data.load import load_samples
 
     res = run(cfg_for(tmp_path, sample_size=4), lm=tiny)
     variants = {s.id: s for s in load_samples(str(BUNDLED_DATA / "paraphrased.jsonl"))}
@@ -84,7 +84,7 @@ def test_each_original_featurized_once(tiny, tmp_path, monkeypatch):
 
 def interrupt_after(monkeypatch, blocks: int):
     """Make the run die (as a kill would) once ``blocks`` query blocks have been logged."""
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
 
     real, calls = runmod.Part.record, {"n": 0}
 
@@ -153,7 +153,7 @@ def test_merge_refuses_gaps_overlaps_and_mixed_configs(tiny, tmp_path):
 
 
 def pin_code_version(monkeypatch, version: str) -> None:
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
 
     monkeypatch.setattr(runmod, "code_version", lambda: version)
 
@@ -224,8 +224,8 @@ def test_resume_with_another_memory_budget_gives_the_same_bytes(tiny, tmp_path, 
 
 
 def all_gradients(lm, samples):
-    from gradsim.encode import encode
-    from gradsim.gradients import GradientComputer
+    from gradsim.core.gradients import GradientComputer
+    from gradsim.data.encode import encode
 
     gc = GradientComputer(lm.model, lm.device)
     out = torch.stack([gc.gradient(encode(lm.tokenizer, s, 256)).clone() for s in samples])
@@ -248,9 +248,9 @@ def test_streamed_dots_equal_stored_gradients(tiny, tmp_path, memory_gb):
     """Streamed per-matrix dots and self-dots equal the dots of stored full gradients (computed apart,
     all kept in memory: the old design) to fp32 rounding, whatever the schedule; both are checked
     against float64 (the streamed ones within the fp32 allowance)."""
-    from gradsim.data import load_dataset
-    from gradsim.retrieval import candidate_lists
-    from gradsim.score import dense_dots
+    from gradsim.core.score import dense_dots
+    from gradsim.data.load import load_dataset
+    from gradsim.data.retrieval import candidate_lists
 
     res = run(cfg_for(tmp_path, memory_gb=memory_gb, baselines=False), lm=tiny)
     z = np.load(tmp_path / "gradient-similarity" / "paraphrased" / "scores.npz")
@@ -273,7 +273,7 @@ def test_streamed_dots_equal_stored_gradients(tiny, tmp_path, memory_gb):
 
 
 def test_both_settings_in_one_run_write_what_two_runs_would(tiny, tmp_path, monkeypatch):
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
 
     monkeypatch.setattr(runmod, "code_version", lambda: "pinned-for-this-test")
     both = run(cfg_for(tmp_path / "both", setting="both", memory_gb=1.0), lm=tiny)
@@ -314,7 +314,7 @@ def test_bf16_weights_stream_bf16_gradients_with_fp32_dots(tiny, tmp_path):
     the scores stay close to fp32's."""
     import copy
 
-    from gradsim.model import LoadedModel
+    from gradsim.core.model import LoadedModel
 
     model = copy.deepcopy(tiny.model)
     for p in model.parameters():  # parameters only, as load_model does (RoPE's inv_freq stays fp32)
@@ -357,10 +357,10 @@ def die_after(monkeypatch, owner, name: str, calls: int):
 def test_a_resumed_exact_run_keeps_every_metric_row_once(tiny, tmp_path, monkeypatch):
     """Killed before a block is logged, or right after: the resumed run's metrics.jsonl has the rows of
     an uninterrupted one (each query once, each original once), truncation included."""
-    import gradsim.run as runmod
-    from gradsim.data import load_dataset
-    from gradsim.encode import encode
-    from gradsim.retrieval import candidate_lists
+    import gradsim.study.run as runmod
+    from gradsim.data.encode import encode
+    from gradsim.data.load import load_dataset
+    from gradsim.data.retrieval import candidate_lists
 
     whole = run(cfg_for(tmp_path / "ref", memory_gb=0.013, baselines=False), lm=tiny)
     ref = metric_rows(tmp_path / "ref" / "gradient-similarity" / "paraphrased")
@@ -394,8 +394,8 @@ def test_a_resumed_projected_run_keeps_every_metric_row_once(tiny, tmp_path, mon
     they describe."""
     import logging
 
-    import gradsim.run as runmod
-    from gradsim.features import FeatureStore
+    import gradsim.study.run as runmod
+    from gradsim.study.features import FeatureStore
 
     kw = dict(use_random_projection=True, projection="factorized", proj_dim=64, memory_gb=1e-5, baselines=False)
     run(cfg_for(tmp_path / "ref", **kw), lm=tiny)

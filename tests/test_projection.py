@@ -12,12 +12,9 @@ import pytest
 import torch
 from test_gradients import reference_gradients
 
-from gradsim import projection
-from gradsim.encode import encode
-from gradsim.errors import GradsimError
-from gradsim.gradients import GradientComputer
-from gradsim.io import load_or_create_json
-from gradsim.projection import (
+from gradsim.core import projection
+from gradsim.core.gradients import GradientComputer
+from gradsim.core.projection import (
     CountSketchFeaturizer,
     FactorizedFeaturizer,
     TensorSketchFeaturizer,
@@ -29,6 +26,9 @@ from gradsim.projection import (
     split_dim,
     stable_seed,
 )
+from gradsim.data.encode import encode
+from gradsim.errors import GradsimError
+from gradsim.io import load_or_create_json
 
 
 def expected_projection(slot, grad: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ def test_sketch_sizes_and_seeds():
 _DIGEST = """
 import hashlib, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from gradsim.projection import FactorizedFeaturizer
+from gradsim.core.projection import FactorizedFeaturizer
 
 def digest(proj_dim, seed):
     cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -291,7 +291,7 @@ def test_allocation_file_is_created_once_and_reused(tmp_path):
 _SIGNS_DIGEST = """
 import hashlib, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from gradsim.projection import CountSketchFeaturizer, TensorSketchFeaturizer, allocate_dims
+from gradsim.core.projection import CountSketchFeaturizer, TensorSketchFeaturizer, allocate_dims
 import numpy as np
 
 cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -12,11 +12,9 @@ from test_gradients import reference_gradients
 from test_projection import countsketch_reference, expected_projection, tensorsketch_reference
 from torch import nn
 
-from gradsim.encode import encode
-from gradsim.errors import GradsimError
-from gradsim.gradients import GradientComputer
-from gradsim.model import LoadedModel
-from gradsim.projection import (
+from gradsim.core.gradients import GradientComputer
+from gradsim.core.model import LoadedModel
+from gradsim.core.projection import (
     CountSketchFeaturizer,
     FactorizedFeaturizer,
     TensorSketchFeaturizer,
@@ -24,6 +22,8 @@ from gradsim.projection import (
     make_allocation,
     stable_seed,
 )
+from gradsim.data.encode import encode
+from gradsim.errors import GradsimError
 
 SIZES = TINY_SIZES
 
@@ -134,7 +134,7 @@ def test_tensorsketch_equals_its_definition_and_calibration_leaves_no_gradient(f
 def test_tensorsketch_the_cuda_way_equals_its_definition(family, encs, refs, monkeypatch):
     """On CUDA every sum into buckets takes the sorted, fixed-order way (projection.Buckets) instead of an atomic
     scatter-add: forced here on the CPU, the sketch still equals its definition."""
-    from gradsim import projection
+    from gradsim.core import projection
 
     taken = []
     monkeypatch.setattr(projection, "ordered_sums", lambda t: taken.append(t.shape) or True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gradsim.config import Config
+from gradsim.core.model import LoadedModel
 from gradsim.io import read_json
-from gradsim.model import LoadedModel
-from gradsim.run import run
+from gradsim.study.run import run
 
 
 def cfg_for(tmp_path, **kw):
@@ -44,7 +44,7 @@ def test_stale_scratch_of_a_dead_run_is_removed_by_the_next(tiny, tmp_path):
 
 def stop_after(monkeypatch, blocks: int, exc=KeyboardInterrupt):
     """Part.record raises ``exc`` once ``blocks`` blocks are logged (an interrupt, a kill between blocks)."""
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
 
     real, n = runmod.Part.record, [0]
 
@@ -59,7 +59,7 @@ def stop_after(monkeypatch, blocks: int, exc=KeyboardInterrupt):
 
 
 def test_cost_sums_every_attempt_and_lists_how_each_ended(tiny, tmp_path, monkeypatch):
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
 
     clean = run(cfg_for(tmp_path / "ref", sample_size=6, memory_gb=0.013), lm=tiny)["cost"]  # 3 blocks of 2
     cfg = cfg_for(tmp_path / "cut", sample_size=6, memory_gb=0.013)
@@ -85,7 +85,7 @@ def test_cost_sums_every_attempt_and_lists_how_each_ended(tiny, tmp_path, monkey
 
 
 def test_a_rerun_after_a_failed_write_keeps_the_cost_of_the_attempt_that_computed(tiny, tmp_path, monkeypatch):
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
     from gradsim.errors import GradsimError
 
     cfg = cfg_for(tmp_path, sample_size=3)
@@ -104,7 +104,7 @@ def test_a_rerun_after_a_failed_write_keeps_the_cost_of_the_attempt_that_compute
 
 
 def test_combine_sums_the_partitions_costs(tiny, tmp_path):
-    from gradsim.combine import merge_partitions
+    from gradsim.cluster.combine import merge_partitions
 
     for s, e in ((0, 2), (2, 4)):
         run(cfg_for(tmp_path, partition_start=s, partition_end=e), lm=tiny)
@@ -129,7 +129,7 @@ def truncate(path):
 
 @pytest.mark.parametrize("damaged", ["results_00000-00002.json", "scores_00000-00002.npz"])
 def test_combine_and_a_rerun_name_a_truncated_partition_file(tiny, tmp_path, capsys, damaged):
-    from gradsim.combine import combine_main
+    from gradsim.cluster.combine import combine_main
     from gradsim.errors import GradsimError
 
     run_dir = partitioned(tiny, tmp_path)
@@ -146,7 +146,7 @@ def test_combine_and_a_rerun_name_a_truncated_partition_file(tiny, tmp_path, cap
 def test_a_full_disk_leaves_no_scores_without_results_and_the_rerun_resumes(tiny, tmp_path, monkeypatch, capsys):
     import errno
 
-    import gradsim.run as runmod
+    import gradsim.study.run as runmod
     from gradsim.cli import main
     from gradsim.io import atomic_writer
 
@@ -178,7 +178,7 @@ def test_a_full_disk_leaves_no_scores_without_results_and_the_rerun_resumes(tiny
 def test_a_read_only_feature_store_that_needs_shards_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
     import os
 
-    import gradsim.features
+    import gradsim.study.features
     from gradsim.errors import GradsimError
 
     run(cfg_for(tmp_path, sample_size=2, baselines=True), lm=tiny)
@@ -186,7 +186,7 @@ def test_a_read_only_feature_store_that_needs_shards_is_refused_before_any_work(
     for f in store.glob("*_000000_*.npy"):
         f.unlink()  # the shard this store still needs
     if os.geteuid() == 0:  # root writes anywhere: a read-only mount is what stops it
-        monkeypatch.setattr(gradsim.features, "dir_writable", lambda path: False)
+        monkeypatch.setattr(gradsim.study.features, "dir_writable", lambda path: False)
     else:
         store.chmod(0o555)
     try:
@@ -200,7 +200,7 @@ def test_a_read_only_feature_store_that_needs_shards_is_refused_before_any_work(
 
 
 def test_select_on_a_folder_without_a_run_says_what_is_there(tiny, tmp_path, capsys):
-    from gradsim.selection import main as select_main
+    from gradsim.analysis.selection import main as select_main
 
     (tmp_path / "empty").mkdir()
     assert select_main([str(tmp_path / "empty")]) == 2
@@ -219,7 +219,7 @@ def test_select_on_a_folder_without_a_run_says_what_is_there(tiny, tmp_path, cap
 def test_combine_refuses_a_partition_holding_nonfinite_scores(tiny, tmp_path, capsys):
     import numpy as np
 
-    from gradsim.combine import combine_main
+    from gradsim.cluster.combine import combine_main
 
     run_dir = partitioned(tiny, tmp_path)
     damaged = run_dir / "partitions" / "scores_00002-00004.npz"
@@ -235,7 +235,7 @@ def test_combine_refuses_a_partition_holding_nonfinite_scores(tiny, tmp_path, ca
 
 
 def test_end_reasons_and_a_never_closed_attempt_reads_as_killed():
-    from gradsim.cost import closed, end_reason
+    from gradsim.study.cost import closed, end_reason
 
     assert end_reason(SystemExit(143)) == "SIGTERM"  # lock.exit_on_sigterm's exit
     assert end_reason(KeyboardInterrupt()) == "interrupted" and end_reason(OSError(28, "full")) == "error"

@@ -1,12 +1,11 @@
 """The study at scale: the exact path's schedule (hand-computed), and refusing before any weight is
 loaded what the model's config alone shows cannot fit."""
 
-import json
-
 import pytest
+from conftest import config_only_model
 
 from gradsim.cli import main
-from gradsim.schedule import later_uses, make_plan, plan_blocks
+from gradsim.study.schedule import later_uses, make_plan, plan_blocks
 
 
 def test_blocks_keep_an_ids_two_queries_together_and_grow_by_overlap():
@@ -47,20 +46,8 @@ def test_hold_originals_when_every_original_fits_but_queries_do_not():
 @pytest.fixture(scope="module")
 def big_config_dir(tmp_path_factory):
     """A model directory holding only a config: a Llama of ~6.7B parameters (no weights)."""
-    from transformers import LlamaConfig
-
     d = tmp_path_factory.mktemp("llama-7b-config")
-    LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    ).save_pretrained(d)
-    (d / "config.json").write_text(
-        json.dumps({**json.loads((d / "config.json").read_text()), "architectures": ["LlamaForCausalLM"]})
-    )
+    config_only_model(d, "llama-7b")
     return d
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from gradsim.metrics import mean_margin, summarize_ranks
-from gradsim.score import subset_scores
-from gradsim.selection import greedy_select, split_queries
+from gradsim.analysis.selection import greedy_select, split_queries
+from gradsim.core.metrics import mean_margin, summarize_ranks
+from gradsim.core.score import subset_scores
 
 
 def synthetic(q=40, c=6, m=5, seed=0):

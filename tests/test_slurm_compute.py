@@ -19,8 +19,9 @@ from typing import Callable
 import pytest
 from conftest import require_live_slurm, wait_until
 
+from gradsim.cluster.status import collect_status, format_status, queries_scored
 from gradsim.io import read_json, read_jsonl_tolerant
-from gradsim.slurm_status import collect_status, format_status, partition_paths, queries_scored
+from gradsim.layout import partition_paths
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -80,7 +81,7 @@ def study_args(model_dir) -> list[str]:
 def reference(study_args, tmp_path_factory) -> dict:
     """The same study, unpartitioned, in this process (main.py's code path)."""
     from gradsim.cli import config_from_args
-    from gradsim.run import run
+    from gradsim.study.run import run
 
     return run(config_from_args([*study_args, "--output-dir", str(tmp_path_factory.mktemp("whole"))]))
 
@@ -353,7 +354,7 @@ def test_sbatch_both_settings_in_one_array_combine_to_the_unpartitioned_runs(stu
     """--setting both: one array whose tasks run both settings of their range; one submission record per setting,
     so status sees two runs, and each setting's partitions combine to that setting of an unpartitioned run."""
     from gradsim.cli import config_from_args
-    from gradsim.run import run
+    from gradsim.study.run import run
 
     args = ["both" if a == "paraphrased" else a for a in study_args]
     whole = run(config_from_args([*args, "--output-dir", str(tmp_path / "whole")]))["settings"]

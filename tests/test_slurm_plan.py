@@ -2,8 +2,8 @@
 
 import pytest
 
+from gradsim.cluster.slurm import compute_main, split_ranges, time_minutes
 from gradsim.errors import GradsimError
-from gradsim.slurm import compute_main, split_ranges, time_minutes
 
 
 @pytest.mark.parametrize("n_queries,n", [(48, 10), (6, 3), (7, 3), (5, 5), (3, 10)])
@@ -141,7 +141,7 @@ def test_memory_request_comes_from_the_models_estimate(tmp_path, caplog):
     (the node's free memory says nothing about the job's share); a smaller --mem is warned about."""
     import logging
 
-    from gradsim.slurm import Resources, parse_mem_gb, plan
+    from gradsim.cluster.slurm import Resources, parse_mem_gb, plan
 
     argv = ["--setting", "paraphrased", "--output-dir", str(tmp_path), "--device", "cpu", "--max-length", "512"]
     p = plan(argv, 2, "sbatch", Resources())
@@ -149,7 +149,7 @@ def test_memory_request_comes_from_the_models_estimate(tmp_path, caplog):
     assert p.resources.mem == "5G"
     # 2 x 0.501 GB, rounded up so that the budget the task reads holds both (1.00 held only one)
     assert p.argv[-2:] == ["--memory-gb", "1.01"]
-    from gradsim.memory import GB, budget_capacity
+    from gradsim.study.memory import GB, budget_capacity
 
     assert budget_capacity(1.01 * GB, 134_515_008 * 4) == 2 and budget_capacity(1.00 * GB, 134_515_008 * 4) == 1
     with caplog.at_level(logging.WARNING, logger="gradsim"):
@@ -165,10 +165,9 @@ def test_a_finished_partition_of_other_rows_is_refused_not_skipped(tmp_path):
     import orjson
 
     from gradsim.cli import config_from_args
-    from gradsim.data import load_dataset
-    from gradsim.layout import run_dir
-    from gradsim.slurm import Resources, plan
-    from gradsim.slurm_status import partition_paths
+    from gradsim.cluster.slurm import Resources, plan
+    from gradsim.data.load import load_dataset
+    from gradsim.layout import partition_paths, run_dir
 
     argv = ["--setting", "paraphrased", "--sample-size", "6", "--output-dir", str(tmp_path / "out")]
     cfg = config_from_args(argv)

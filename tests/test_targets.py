@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gradsim.encode import IGNORE_INDEX, combine_targets, encode
+from gradsim.core.gradients import GradientComputer
+from gradsim.data.encode import IGNORE_INDEX, combine_targets, encode
 from gradsim.errors import GradsimError
-from gradsim.gradients import GradientComputer
 
 
 def hf_gradient(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -111,8 +111,8 @@ def test_targets_and_normalizers_equal_plain_torch_on_exact_gradients(tiny, samp
     """TargetSketcher with more dims per matrix than any matrix has keeps every gradient exact; each
     (target, normalizer) score matrix must equal plain torch on HF-loss gradients (``all`` computed
     directly, not combined), with the adafactor scale from its full (not factored-in-place) form."""
-    from gradsim.normalize import NORMALIZERS, parse_normalizer
-    from gradsim.targets import TARGETS, TargetSketcher, scores_for
+    from gradsim.analysis.targets import TARGETS, TargetSketcher, scores_for
+    from gradsim.core.normalize import NORMALIZERS, parse_normalizer
 
     origs, queries = samples[:4], samples[4:7]
     damping = 0.05
@@ -139,7 +139,7 @@ def test_targets_and_normalizers_equal_plain_torch_on_exact_gradients(tiny, samp
 
 def test_sketched_target_scores_track_the_exact_ones(tiny, samples):
     """With 256 dims per matrix the sketch's whole-model cosines stay close to the exact ones."""
-    from gradsim.targets import TargetSketcher, scores_for
+    from gradsim.analysis.targets import TargetSketcher, scores_for
 
     origs, queries = samples[:4], samples[4:6]
     exact = TargetSketcher(tiny, 256, 10**8, 0, 0.01)
@@ -160,7 +160,7 @@ def test_sketched_target_scores_track_the_exact_ones(tiny, samples):
 
 
 def test_an_unknown_normalizer_and_too_few_originals_are_refused(tiny, samples):
-    from gradsim.normalize import FactoredSecondMoment, parse_normalizer
+    from gradsim.core.normalize import FactoredSecondMoment, parse_normalizer
 
     with pytest.raises(GradsimError, match="unknown normalizer 'whiten'"):
         parse_normalizer("whiten")
@@ -177,12 +177,12 @@ def test_an_unknown_normalizer_and_too_few_originals_are_refused(tiny, samples):
 def test_table_scores_equal_a_main_run_with_that_loss_target(tiny, tmp_path, loss_on):
     """Targets from one featurization (``all`` combined from prompt and response) against separate exact
     runs of the study with --loss-on: the same whole-model cosines for every query and original."""
+    from gradsim.analysis.targets import TargetOptions
     from gradsim.config import Config
-    from gradsim.data import load_dataset
-    from gradsim.retrieval import candidate_lists
-    from gradsim.run import run
-    from gradsim.score import subset_scores
-    from gradsim.targets import TargetOptions
+    from gradsim.core.score import subset_scores
+    from gradsim.data.load import load_dataset
+    from gradsim.data.retrieval import candidate_lists
+    from gradsim.study.run import run
 
     common = dict(device="cpu", sample_size=4, output_dir=str(tmp_path), top_k=3)
     opts = TargetOptions(dims_per_matrix=10**8, bootstrap=50, layers=[-1, 1])
@@ -210,7 +210,7 @@ def test_table_scores_equal_a_main_run_with_that_loss_target(tiny, tmp_path, los
 
 
 def run_targets_for_test(cfg, opts, lm):
-    from gradsim.targets import run_targets
+    from gradsim.analysis.targets import run_targets
 
     return run_targets(cfg, opts, lm)
 
@@ -224,11 +224,11 @@ def test_main_run_normalizers_equal_plain_torch(tiny, tmp_path, normalizer, proj
     gradients normalized by the definitions; countsketch and trak track them within their sketch noise.
     A second setting reuses the state estimated by the first."""
     from gradsim.config import Config
-    from gradsim.data import load_dataset
-    from gradsim.normalize import parse_normalizer
-    from gradsim.retrieval import candidate_lists
-    from gradsim.run import run
-    from gradsim.score import subset_scores
+    from gradsim.core.normalize import parse_normalizer
+    from gradsim.core.score import subset_scores
+    from gradsim.data.load import load_dataset
+    from gradsim.data.retrieval import candidate_lists
+    from gradsim.study.run import run
 
     common = dict(device="cpu", sample_size=4, output_dir=str(tmp_path), candidates="all", baselines=False)
     kw = dict(use_random_projection=True, projection=projection, proj_dim=2**19 if projection == "countsketch" else 512)
@@ -271,7 +271,7 @@ def test_normalize_is_refused_where_the_flat_gradient_is_never_formed():
 
 
 def test_targets_command_refuses_too_few_originals_and_writes_nothing(tmp_path, capsys):
-    from gradsim.targets import main
+    from gradsim.analysis.targets import main
 
     assert main(["--sample-size", "1", "--output-dir", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import gradsim_main
+from gradsim.cli import gradsim_main
 
 if __name__ == "__main__":
     sys.exit(gradsim_main())

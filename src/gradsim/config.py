@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import GradsimError
-from .layout import default_output_dir
-from .options import Option, Parser
+from gradsim.errors import GradsimError
+from gradsim.layout import default_output_dir
+from gradsim.options import Option, Parser
 
 SETTINGS = ("paraphrased", "model-generated")
 # "both": one run over both settings, writing what two runs would; a candidate's gradient serves both.

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import orjson
 
-from .errors import GradsimError
+from gradsim.errors import GradsimError
 
 JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2
 

@@ -52,7 +52,7 @@ def run_name(
     if normalize != "none":
         name += f"-norm-{normalize}"
     if matrices is not None:
-        from .matrices import spec_tag
+        from gradsim.matrices import spec_tag
 
         name += f"-matrices-{spec_tag(matrices)}"
     return name
@@ -206,3 +206,24 @@ class RunPaths:
         ext = {"scores": ".npz", "metrics": ".jsonl", "config": ".json", "results": ".json"}[kind]
         name = Path(results_file).name
         return Path(results_file).with_name(kind + name[len("results") : -len(".json")] + ext)
+
+
+def partition_paths(run_dir: Path, s: int, e: int, num_queries: Optional[int] = None) -> RunPaths:
+    """The files of the query range [s, e) of a run. A single partition covering every query is an
+    ordinary run: its files are not under partitions/."""
+    return RunPaths(Path(run_dir), s, e, partitioned=(s, e) != (0, num_queries))
+
+
+def whole_run(run_dir: Path, num_queries: int = 0) -> RunPaths:
+    """The files of a whole run: what an unpartitioned run writes, and what combine merges partitions into."""
+    return RunPaths(Path(run_dir), 0, num_queries, partitioned=False)
+
+
+def find_partitions(run_dir: Path) -> list[tuple[int, int, Path]]:
+    """(start, end, results file) of each finished partition of a run, in query order."""
+    parts = []
+    for p in sorted(whole_run(run_dir).part_dir.glob("results_*.json")):
+        rng = part_range(p)
+        if rng:
+            parts.append((*rng, p))
+    return sorted(parts)

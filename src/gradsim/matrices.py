@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import GradsimError
+from gradsim.errors import GradsimError
 
 
 def resolve(spec: str, names: list[str], model_id: str = "") -> list[str]:
@@ -26,7 +26,7 @@ def resolve(spec: str, names: list[str], model_id: str = "") -> list[str]:
     names a matrix the model lacks."""
     spec = spec.strip()
     if spec.endswith(".json"):
-        from .io import read_json
+        from gradsim.io import read_json
 
         path = Path(spec)
         if not path.is_file():

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import GradsimError
+from gradsim.errors import GradsimError
 
 
 @dataclass(frozen=True)

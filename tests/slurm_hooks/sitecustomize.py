@@ -5,7 +5,7 @@ array tasks inherit that environment, so Python imports this module at start-up 
 ``sitecustomize``) in every task. With GRADSIM_TEST_SLOWDOWN=S it sleeps S seconds before each query's
 gradient or features, so that a test can preempt a task while it is mid-run, and logs which queries
 each attempt computed ("test slowdown: featurized queries <id> ..."). Without the variable it does
-nothing; it never imports gradsim itself, it only patches gradsim.run and gradsim.stream once the task
+nothing; it never imports gradsim itself, it only patches gradsim.study.run and gradsim.study.stream once the task
 imports them.
 """
 
@@ -76,7 +76,9 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 def install() -> None:
     seconds = float(os.environ.get("GRADSIM_TEST_SLOWDOWN", "0") or 0)
     if seconds > 0:
-        sys.meta_path.insert(0, _PatchOnImport({"gradsim.run": _slow_run, "gradsim.stream": _slow_stream}, seconds))
+        sys.meta_path.insert(
+            0, _PatchOnImport({"gradsim.study.run": _slow_run, "gradsim.study.stream": _slow_stream}, seconds)
+        )
 
 
 install()
