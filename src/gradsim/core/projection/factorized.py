@@ -1,8 +1,8 @@
 """factorized (LoGra): projected per-sample gradients from forward/backward hooks.
 
-factorized (LoGra): a linear layer y = x W^T has the per-sample gradient grad W = G^T X (G = dL/dy,
-T x d_out; X: T x d_in). With Gaussian sketches R_rows (d_out x k_rows) and R_cols (d_in x k_cols),
-each scaled by 1/sqrt(k) so norms are preserved in expectation,
+A linear layer y = x W^T has the per-sample gradient grad W = G^T X (G = dL/dy, T x d_out; X: T x d_in).
+With Gaussian sketches R_rows (d_out x k_rows) and R_cols (d_in x k_cols), each scaled by 1/sqrt(k) so norms
+are preserved in expectation,
     R_rows^T grad W R_cols = (G R_rows)^T (X R_cols) = reshape((R_rows kron R_cols)^T vec(grad W)),
 formed from two thin products inside forward/backward hooks; grad W is never materialised and the
 backward skips every weight-gradient matmul (about a third of its FLOPs). G comes from the loss as
