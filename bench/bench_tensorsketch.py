@@ -4,7 +4,7 @@ their weight gradient), side by side in one process, on the same samples:
     uv run python bench/bench_tensorsketch.py [--samples 6] [--sizes 65536 262144 1048576] [--frontier]
 
 For each total size (and, with --frontier, the bundled frontier's multi-size pass: 2^10..2^20 in one
-backward), seconds per sample with projection.DIRECT_RATIO = 0 (every matrix through the FFT) and with the
+backward), seconds per sample with tensorsketch.DIRECT_RATIO = 0 (every matrix through the FFT) and with the
 default, the number of matrices sketched directly, and the largest difference between the two feature
 vectors relative to their largest entry (the two ways give the same sketch up to float rounding). The
 embedded model, the bundled originals at full length; the first sample of each configuration is a warm-up.
@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_featurize import machine_info, matmul_gflops  # noqa: E402
 
-from gradsim import projection  # noqa: E402
 from gradsim.config import Config  # noqa: E402
 from gradsim.core.model import load_model, resolve_device  # noqa: E402
 from gradsim.core.multisize import make_multi_size  # noqa: E402
+from gradsim.core.projection import tensorsketch  # noqa: E402
 from gradsim.data.encode import encode  # noqa: E402
 from gradsim.data.load import load_dataset  # noqa: E402
 from gradsim.study.features import featurize  # noqa: E402
@@ -36,9 +36,11 @@ FRONTIER_SIZES = [2**10, 2**12, 2**14, 2**16, 2**18, 2**20]
 
 
 def timed(spec, lm, encs, calibration, ratio: int) -> tuple[float, int, torch.Tensor]:
-    projection.DIRECT_RATIO = ratio
+    tensorsketch.DIRECT_RATIO = ratio
     multi = make_multi_size(spec, lm.model, lm.device, dtype="float32", seed=42, calibration=calibration)
-    direct = sum(s.direct for p in multi.parts for s in p.slots.values() if isinstance(s, projection._TensorSketchSlot))
+    direct = sum(
+        s.direct for p in multi.parts for s in p.slots.values() if isinstance(s, tensorsketch._TensorSketchSlot)
+    )
     featurize(multi, encs[:1], lm.device, "float32", "original")  # warm-up
     t0 = time.perf_counter()
     feats, _ = featurize(multi, encs[1:], lm.device, "float32", "original")
@@ -52,7 +54,7 @@ def main() -> int:
     p.add_argument("--frontier", action="store_true", help="also the frontier's multi-size pass (2^10..2^20)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
-    default_ratio = projection.DIRECT_RATIO
+    default_ratio = tensorsketch.DIRECT_RATIO
     cfg = Config()
     lm = load_model(cfg, resolve_device(cfg))
     data = load_dataset(cfg.original_data, cfg.variant_data, None, "first")

@@ -103,10 +103,16 @@ def test_ordered_bucket_sums_equal_the_scatter_add_and_ignore_entry_order(size):
 
 
 def test_no_atomic_adds_reach_cuda():
-    """Every scatter_add_ / index_add_ of projection.py sits behind ordered_sums (the CPU side of Buckets)."""
+    """Every scatter_add_ / index_add_ of the projection package sits behind ordered_sums (the CPU side of
+    Buckets)."""
+    import importlib
     import inspect
+    import pkgutil
 
-    src = inspect.getsource(projection)
+    src = "".join(
+        inspect.getsource(importlib.import_module(f"{projection.__name__}.{m.name}"))
+        for m in pkgutil.iter_modules(projection.__path__)
+    )
     for op in ("scatter_add_", "index_add_"):
         for line in [ln for ln in src.splitlines() if op in ln]:
             assert "new_zeros" in line or "out[:, self.lo" in line, line
@@ -364,7 +370,7 @@ def check_tensorsketch(f, lm, enc, seed, rtol):
 def test_tensorsketch_equals_the_sketch_of_the_autograd_gradient(tiny, samples, tiny_calibration, monkeypatch, ratio):
     """Every matrix through the FFT (ratio 0), every one directly from its weight gradient (10^9), and the
     default mix: each the same sketch as the definition."""
-    monkeypatch.setattr(projection, "DIRECT_RATIO", ratio)
+    monkeypatch.setattr("gradsim.core.projection.tensorsketch.DIRECT_RATIO", ratio)
     f = TensorSketchFeaturizer(tiny.model, tiny.device, proj_dim=20_000, seed=3, calibration=tiny_calibration)
     direct = {s.direct for s in f.slots.values() if isinstance(s, _TensorSketchSlot)}
     assert direct == ({False} if ratio == 0 else {True} if ratio == 10**9 else {False, True})

@@ -134,10 +134,11 @@ def test_tensorsketch_equals_its_definition_and_calibration_leaves_no_gradient(f
 def test_tensorsketch_the_cuda_way_equals_its_definition(family, encs, refs, monkeypatch):
     """On CUDA every sum into buckets takes the sorted, fixed-order way (projection.Buckets) instead of an atomic
     scatter-add: forced here on the CPU, the sketch still equals its definition."""
-    from gradsim.core import projection
+    from gradsim.core.projection import buckets, tensorsketch
 
     taken = []
-    monkeypatch.setattr(projection, "ordered_sums", lambda t: taken.append(t.shape) or True)
+    for module in (buckets, tensorsketch):  # each module that asks ordered_sums
+        monkeypatch.setattr(module, "ordered_sums", lambda t: taken.append(t.shape) or True)
     f = TensorSketchFeaturizer(family.model, family.device, proj_dim=20_000, seed=3, calibration=encs[:1])
 
     def definition(m, name, g, k):

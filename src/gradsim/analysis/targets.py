@@ -74,7 +74,8 @@ class TargetOptions:
 
 def per_matrix_allocation(model, dims_per_matrix: int) -> dict:
     """A countsketch allocation giving every matrix the same dims (kept exact when it has fewer entries)."""
-    from gradsim.core.projection import _trainable, fitted_dims
+    from gradsim.core.projection import fitted_dims
+    from gradsim.core.projection import trainable as _trainable
 
     names, shapes = _trainable(model)
     numel = [math.prod(s) for s in shapes]

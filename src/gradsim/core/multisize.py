@@ -25,9 +25,9 @@ from gradsim.core.projection import (
     SKETCHES,
     FactorizedFeaturizer,
     TrakFeaturizer,
-    _trainable,
     allocation_from_shares,
     calibration_shares,
+    trainable,
     weight_gradient,
 )
 from gradsim.data.encode import Encoded
@@ -163,7 +163,7 @@ def make_multi_size(
     gives for that size and allocation ``rule``."""
     wanted = {kind: sizes} if isinstance(kind, str) else dict(kind)
     parts, computer, shares = [], None, None
-    names, shapes = _trainable(model)
+    names, shapes = trainable(model)
     for k, ks in wanted.items():
         if k not in KINDS:
             raise GradsimError(f"unknown projection {k!r}: choose from {', '.join(KINDS)}")
