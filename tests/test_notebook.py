@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gradsim.analysis import figures as analysis
+from gradsim.cli.analysis import analyze_main
 from gradsim.config import BUNDLED_REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +60,9 @@ def test_analysis_matches_the_run_summaries(results):
 
 @pytest.mark.slow
 def test_notebook_runs_headless_and_saves_figures(results):
-    # The CI entry point: python -m gradsim.analysis.figures --execute notebooks/analysis.ipynb (a cell that
+    # The CI entry point: gradsim analyze --execute notebooks/analysis.ipynb (a cell that
     # raises makes it fail).
-    assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(results)]) == 0
+    assert analyze_main(["--execute", str(NOTEBOOK), "--results-dir", str(results)]) == 0
     figures = results / "gradient-similarity"
     for name in (
         "settings_top1_mrr.png",
@@ -90,14 +91,14 @@ def test_notebook_runs_headless_and_saves_figures(results):
 
 
 def test_execute_without_results_is_a_one_line_error(tmp_path, capsys):
-    assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(tmp_path)]) == 2
+    assert analyze_main(["--execute", str(NOTEBOOK), "--results-dir", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
 
 
 def test_reference_tables_draw_into_their_own_folder_titled_with_their_source(tmp_path):
     """A user's results folder without a targets table or frontier gets the bundled data's reference
     figures only in reference-bundled-data/, titled with the source; its own tables' figures go beside it."""
-    from gradsim.analysis import frontier
+    from gradsim.analysis import frontier_table
 
     figures = tmp_path / "gradient-similarity"
     figures.mkdir()
@@ -108,7 +109,7 @@ def test_reference_tables_draw_into_their_own_folder_titled_with_their_source(tm
     assert analysis.plot_targets(table, out, "BM25", note).parent == out
     front, source = analysis.load_frontier(tmp_path)
     out, note = analysis.table_figures(figures, source, tmp_path)
-    frontier.plot(front, out / "frontier.png", note)
+    frontier_table.plot(front, out / "frontier.png", note)
     assert "gradsim/bundled/reference/frontier.json" in note and (out / "frontier.png").is_file()
     assert not list(figures.glob("*.png"))  # nothing drawn from the reference tables among the user's figures
     own = tmp_path / "targets" / "targets.json"

@@ -22,7 +22,6 @@ from gradsim.core.score import random_expectation, subset_scores
 from gradsim.errors import GradsimError
 from gradsim.io import load_json, load_npz, read_json
 from gradsim.layout import RunPaths, selection_file
-from gradsim.options import Parser, from_args, option
 
 SETTING_ORDER = ("paraphrased", "model-generated")
 METRICS = ("top1", "mrr")
@@ -494,80 +493,3 @@ def plot_greedy(runs: dict[str, Run], out_dir) -> Optional[Path]:
         ax.set_title(f"held-out {LABELS[metric]} (dotted: selection half; dashed: full gradient)", fontsize=9)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, out_dir, "greedy_selection.png")
-
-
-# --- headless execution (CI: python -m gradsim.analysis.figures --execute notebooks/analysis.ipynb) -----
-
-
-def execute_notebook(
-    notebook, results_dir=None, computation_type: str = "gradient-similarity", timeout: int = 1800
-) -> Path:
-    """Run the notebook with nbclient on ``results_dir`` (default: the repository's data/) and write the
-    executed copy beside the results, leaving the committed notebook without outputs. A cell that
-    raises makes this raise (nbclient's CellExecutionError)."""
-    import os
-
-    import nbformat
-    from nbclient import NotebookClient
-
-    from gradsim.layout import default_output_dir
-
-    results_dir = Path(results_dir or os.environ.get("GRADSIM_RESULTS_DIR") or default_output_dir()).resolve()
-    runs = load_runs(results_dir, computation_type)  # a clear error before a kernel starts
-    nb = nbformat.read(notebook, as_version=4)
-    old = {k: os.environ.get(k) for k in ("GRADSIM_RESULTS_DIR", "GRADSIM_COMPUTATION_TYPE")}
-    os.environ.update(GRADSIM_RESULTS_DIR=str(results_dir), GRADSIM_COMPUTATION_TYPE=computation_type)
-    try:  # the kernel inherits this process's environment
-        NotebookClient(
-            nb,
-            timeout=timeout,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(Path(notebook).resolve().parent)}},
-        ).execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    out = next(iter(runs.values())).path.parent / Path(notebook).name.replace(".ipynb", ".executed.ipynb")
-    nbformat.write(nb, out)
-    return out
-
-
-@dataclass
-class AnalyzeOptions:
-    """The options of gradsim analyze (python -m gradsim.analysis.figures)."""
-
-    execute: str = option("the notebook to run, e.g. notebooks/analysis.ipynb", metavar="NOTEBOOK")
-    results_dir: Optional[str] = option(
-        "an --output-dir of main.py", default=None, default_help="GRADSIM_RESULTS_DIR or data/"
-    )
-    computation_type: str = option("the runs' --computation-type", default="gradient-similarity")
-
-
-def build_parser() -> Parser:
-    return Parser.of(
-        AnalyzeOptions, "python -m gradsim.analysis.figures", "Execute the analysis notebook headless on finished runs."
-    )
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    import sys
-
-    args = from_args(AnalyzeOptions, build_parser().parse_args(argv))
-    try:
-        out = execute_notebook(args.execute, args.results_dir, args.computation_type)
-    except GradsimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"executed {args.execute}: {out} (figures beside it)")
-    from gradsim.cli import format_summary
-
-    for run in load_runs(out.parent).values():  # the runs it analysed (the executed copy is beside them)
-        print(f"{run.name}: {format_summary(run.result)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
