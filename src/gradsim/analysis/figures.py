@@ -5,7 +5,7 @@ parameter names, per-query ranks) and ``scores.npz`` (``dots`` (Q, C, M), ``qsel
 ``cself`` (Q, C, M); candidate 0 of each query is its true original). Layer x component numbers are
 recomputed from the arrays, so they hold for any model whose matrices follow the usual naming.
 Sections whose inputs a run lacks (baselines in results.json, a greedy matrix selection in
-selection*.json from ``python -m gradsim.analysis.selection``) are skipped, not failed.
+selection*.json from ``gradsim select``) are skipped, not failed.
 """
 
 from __future__ import annotations
@@ -436,7 +436,7 @@ def plot_targets(table: dict, out_dir, protocol: str = "corpus", note: Optional[
 
 
 def greedy_selections(run: Run) -> dict[str, dict]:
-    """The greedy matrix selections made on a run (``python -m gradsim.analysis.selection``): selection.json and
+    """The greedy matrix selections made on a run (``gradsim select``): selection.json and
     selection_bm25.json beside its results, by protocol."""
     out = {}
     for f in (selection_file(run.path), selection_file(run.path, "bm25")):

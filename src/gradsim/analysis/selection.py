@@ -5,7 +5,7 @@ reported on the other half.
 Selection needs no new gradients: the cosine (or dot) over any subset of matrices is exact from the
 per-matrix dots and self-dots a run stores in scores.npz.
 
-    python -m gradsim.analysis.selection data/gradient-similarity/paraphrased-all-factorized4096 [--protocol bm25]
+    gradsim select data/gradient-similarity/paraphrased-all-factorized4096 [--protocol bm25]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Merge partition results into one result per run, refusing anything that would not equal an
 unpartitioned run: missing or overlapping query ranges, or partitions made with different configs.
 
-    python -m gradsim.cluster.combine [RUN_DIR ...] [--output-dir DIR]    (also combine.py, combine_all.sh)
+    gradsim combine [RUN_DIR ...] [--output-dir DIR]    (also combine.py, combine_all.sh)
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def gradient_capacity(
     return int(capacity)
 
 
-# Real shapes, for the table in the README (python -m gradsim.study.memory); parameter counts from bench/make_model.py --meta.
+# Real shapes, for the table in the README (gradsim memory); parameter counts from bench/make_model.py --meta.
 KNOWN_SHAPES = {
     "SmolLM2-135M (embedded)": ModelShape(134_515_008, 30, 576, 49152, 8192),
     "AMD-OLMo-1B-SFT (1.2B)": ModelShape(1_176_764_416, 16, 2048, 50304, 2048),
