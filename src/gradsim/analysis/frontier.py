@@ -14,6 +14,7 @@ against the floats (and bytes, fp32) stored per sample for:
 Selection needs no new gradients (a cosine over any subset of matrices is exact from the run's
 per-matrix dots and self-dots); projection featurizes the runs' originals and queries once per method
 family (factorized and tensorsketch share the hooks' pass, countsketch and trak the exact gradient).
+The table and the figure are drawn by frontier_table.py.
 
     gradsim frontier data/gradient-similarity/paraphrased-all data/gradient-similarity/model-generated-all
 """
