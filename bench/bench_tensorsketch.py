@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_featurize import machine_info, matmul_gflops  # noqa: E402
 
-from gradsim import projection  # noqa: E402
 from gradsim.config import Config  # noqa: E402
+from gradsim.core import projection  # noqa: E402
 from gradsim.core.model import load_model, resolve_device  # noqa: E402
 from gradsim.core.multisize import make_multi_size  # noqa: E402
 from gradsim.data.encode import encode  # noqa: E402
