@@ -42,7 +42,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path, note: Optional[str] = None) -> None:
-    """The frontier's figure; ``note`` (analysis.table_figures: a reference table's source) as its title."""
+    """The frontier's figure; ``note`` (reference.table_figures: a reference table's source) as its title."""
     try:
         import matplotlib
 
