@@ -2,7 +2,7 @@
 
 import sys
 
-from gradsim.variants.paraphrase import main
+from gradsim.cli.variants import paraphrase_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,6 @@
 defaults --help states are the dataclasses' own, and parsing nothing gives exactly those defaults."""
 
 import dataclasses
-import importlib
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ UNTYPED = ("help", "quiet")
 
 
 def parser_of(name: str) -> Parser:
-    return importlib.import_module(COMMANDS[name][0]).build_parser()
+    return COMMANDS[name].load()[1]()
 
 
 @pytest.fixture
@@ -91,10 +90,13 @@ def test_gradsim_command_help_exits_0(name, monkeypatch, capsys):
 
 
 def test_commands_build_their_typed_options_with_the_environment(no_env, monkeypatch, tmp_path):
-    from gradsim.cli import config_from_args
-    from gradsim.cluster.slurm import ComputeOptions, Resources, build_parser, resources_from
+    from gradsim.cli.cluster import ComputeOptions
+    from gradsim.cli.cluster import compute_parser as build_parser
+    from gradsim.cli.common import config_from_args
+    from gradsim.cli.variants import options_from_args
+    from gradsim.cluster.resources import Resources, resources_from
     from gradsim.config import Config
-    from gradsim.variants.paraphrase import Options, options_from_args
+    from gradsim.variants.paraphrase import Options
 
     assert config_from_args([]) == Config()
     assert options_from_args([]) == Options()
@@ -131,10 +133,10 @@ def test_environment_values_are_typed_and_bad_ones_refused():
 
 
 def test_bad_values_are_usage_errors(capsys):
-    from gradsim.analysis import selection
-    from gradsim.study import memory
+    from gradsim.cli.analysis import select_main
+    from gradsim.cli.tools import memory_main
 
-    for main, argv in ((selection.main, []), (selection.main, ["RUN", "--protocol", "all"]), (memory.main, ["many"])):
+    for main, argv in ((select_main, []), (select_main, ["RUN", "--protocol", "all"]), (memory_main, ["many"])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and "error:" in capsys.readouterr().err
@@ -142,7 +144,7 @@ def test_bad_values_are_usage_errors(capsys):
 
 def test_dims_per_matrix_names_the_size_of_factorized_and_trak(caplog):
     """--proj-dim is the sketches' total; factorized and trak take --dims-per-matrix (both are Config.proj_dim)."""
-    from gradsim.cli import config_from_args
+    from gradsim.cli.common import config_from_args
 
     base = ["--use-random-projection", "--projection"]
     assert config_from_args([*base, "factorized", "--dims-per-matrix", "64"]).proj_dim == 64

@@ -5,9 +5,9 @@ import orjson
 from test_study_import import write_study
 
 from gradsim.analysis.compare import compare, spearman
-from gradsim.analysis.compare import main as compare_main
-from gradsim.analysis.study_import import main as import_main
-from gradsim.cli import format_summary
+from gradsim.cli.analysis import compare_main
+from gradsim.cli.analysis import import_study_main as import_main
+from gradsim.cli.common import format_summary
 from gradsim.core.metrics import BOOTSTRAP_NOTE, bootstrap_interval, rank_intervals
 
 

@@ -145,8 +145,8 @@ def test_noisy_flags_in_the_results_of_a_tiny_projected_run(tiny, tmp_path):
     allocations = list((tmp_path / "features" / "countsketch-allocations").glob("*.json"))
     assert [json.loads(p.read_text())["allocation"] for p in allocations] == ["norm-floor"]
     # Selection on the projected run leaves the noisy matrices out of the choice, not out of the full gradient.
-    from gradsim.analysis.selection import main as select_main
     from gradsim.analysis.selection import select_run
+    from gradsim.cli.analysis import select_main
 
     sel = select_run(run_dir)
     assert sel["excluded_noisy"] == fid["noisy"] and not set(sel["chosen"]) & set(fid["noisy"])

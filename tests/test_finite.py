@@ -93,7 +93,7 @@ def fake_run(run_dir, dots):
 
 def test_select_and_analyze_refuse_nonfinite_scores(tmp_path, capsys):
     from gradsim.analysis.figures import load_runs
-    from gradsim.analysis.selection import main as select_main
+    from gradsim.cli.analysis import select_main
     from gradsim.errors import GradsimError
 
     run_dir = tmp_path / "gradient-similarity" / "paraphrased"

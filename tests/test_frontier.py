@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_selection import synthetic
 
-from gradsim.analysis.frontier import ExactRun, format_table, frontier, main, plot, selection_curves
+from gradsim.analysis.frontier import ExactRun, frontier, selection_curves
+from gradsim.analysis.frontier_table import format_table, plot
 from gradsim.analysis.selection import greedy_select, split_queries
+from gradsim.cli.analysis import frontier_main as main
 from gradsim.config import Config
 from gradsim.core.metrics import summarize_ranks, true_rank
 from gradsim.core.projection import CALIBRATION_SAMPLES, CountSketchFeaturizer, make_allocation

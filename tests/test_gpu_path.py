@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import config_only_model
 
-from gradsim.cluster.slurm import compute_main
+from gradsim.cli.cluster import compute_main
 from gradsim.study.estimate import DEFAULT_GPU_MEMORY_GB, slurm_time, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +100,9 @@ def test_estimate_rules():
 def test_the_estimate_counts_the_passes_a_run_makes(tmp_path, capsys):
     """The estimate's backward passes and tokens are the run's own: plan a CPU task with a budget of 3 gradients,
     then run the same study and compare with its cost record."""
-    from gradsim.cli import config_from_args
-    from gradsim.cluster.slurm import Resources, plan
+    from gradsim.cli.cluster import plan_from_argv as plan
+    from gradsim.cli.common import config_from_args
+    from gradsim.cluster.resources import Resources
     from gradsim.study.run import run
 
     argv = ["--sample-size", "5", "--device", "cpu", "--max-length", "128", "--memory-gb", "1.52", "--no-baselines"]
@@ -139,7 +140,7 @@ def test_main_on_cuda_without_cuda_exits_2_naming_it_and_writes_nothing(tmp_path
 
 @no_cuda
 def test_doctor_names_the_missing_device(capsys):
-    from gradsim.core.doctor import main
+    from gradsim.cli.tools import doctor_main as main
 
     assert main(["--device", "cpu"]) == 0
     assert "ok: cpu is available" in capsys.readouterr().out
@@ -167,7 +168,8 @@ def test_a_gpu_tasks_host_memory_is_memory_py_host_need(tmp_path, capsys):
     runtime, data and results, kept originals with their pinned buffer), and a card too small is refused."""
     import math
 
-    from gradsim.cluster.slurm import Resources, plan
+    from gradsim.cli.cluster import plan_from_argv as plan
+    from gradsim.cluster.resources import Resources
     from gradsim.study.memory import GB, host_bytes, shape_of_config
 
     model = tmp_path / "olmo-1b-shape"

@@ -284,7 +284,7 @@ def test_turns_all_uses_every_answered_turn_and_counts_only_what_is_left_out(tmp
 
 
 def test_turns_all_reaches_the_parser_the_run_name_and_the_results(tiny, tmp_path):
-    from gradsim.cli import build_parser, config_from_args
+    from gradsim.cli.common import build_parser, config_from_args
     from gradsim.layout import run_dir
     from gradsim.study.run import store_manifest
 

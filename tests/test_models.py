@@ -258,7 +258,7 @@ def test_revision_refused_where_it_cannot_apply(tok, tmp_path):
 
 
 def test_cli_flags_reach_the_config(monkeypatch):
-    from gradsim.cli import build_parser, config_from_args
+    from gradsim.cli.common import build_parser, config_from_args
 
     assert all(f in build_parser().format_help() for f in ("--revision", "--trust-remote-code", "--chat-template"))
 

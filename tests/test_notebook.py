@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from gradsim.analysis import figures as analysis
+from gradsim.analysis import reference
+from gradsim.cli.analysis import analyze_main
 from gradsim.config import BUNDLED_REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +61,9 @@ def test_analysis_matches_the_run_summaries(results):
 
 @pytest.mark.slow
 def test_notebook_runs_headless_and_saves_figures(results):
-    # The CI entry point: python -m gradsim.analysis.figures --execute notebooks/analysis.ipynb (a cell that
+    # The CI entry point: gradsim analyze --execute notebooks/analysis.ipynb (a cell that
     # raises makes it fail).
-    assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(results)]) == 0
+    assert analyze_main(["--execute", str(NOTEBOOK), "--results-dir", str(results)]) == 0
     figures = results / "gradient-similarity"
     for name in (
         "settings_top1_mrr.png",
@@ -76,7 +78,7 @@ def test_notebook_runs_headless_and_saves_figures(results):
         assert (figures / setting / f"heatmap_{setting}_top1.png").exists()
     # The bundled data's reference tables (no targets table or frontier was made here) in their own folder.
     for name in ("frontier.png", "targets_corpus.png", "targets_BM25.png"):
-        assert not (figures / name).exists() and (figures / analysis.REFERENCE_DIR / name).exists(), name
+        assert not (figures / name).exists() and (figures / reference.REFERENCE_DIR / name).exists(), name
     nb = nbformat.read(figures / "analysis.executed.ipynb", as_version=4)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "3 runs under" in text and "model-generated" in text
@@ -90,29 +92,29 @@ def test_notebook_runs_headless_and_saves_figures(results):
 
 
 def test_execute_without_results_is_a_one_line_error(tmp_path, capsys):
-    assert analysis.main(["--execute", str(NOTEBOOK), "--results-dir", str(tmp_path)]) == 2
+    assert analyze_main(["--execute", str(NOTEBOOK), "--results-dir", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
 
 
 def test_reference_tables_draw_into_their_own_folder_titled_with_their_source(tmp_path):
     """A user's results folder without a targets table or frontier gets the bundled data's reference
     figures only in reference-bundled-data/, titled with the source; its own tables' figures go beside it."""
-    from gradsim.analysis import frontier
+    from gradsim.analysis import frontier_table
 
     figures = tmp_path / "gradient-similarity"
     figures.mkdir()
-    table, source = analysis.load_targets(tmp_path)
+    table, source = reference.load_targets(tmp_path)
     assert source == BUNDLED_REFERENCE / "targets-bundled.json"
-    out, note = analysis.table_figures(figures, source, tmp_path)
-    assert out == figures / analysis.REFERENCE_DIR and "gradsim/bundled/reference/targets-bundled.json" in note
-    assert analysis.plot_targets(table, out, "BM25", note).parent == out
-    front, source = analysis.load_frontier(tmp_path)
-    out, note = analysis.table_figures(figures, source, tmp_path)
-    frontier.plot(front, out / "frontier.png", note)
+    out, note = reference.table_figures(figures, source, tmp_path)
+    assert out == figures / reference.REFERENCE_DIR and "gradsim/bundled/reference/targets-bundled.json" in note
+    assert reference.plot_targets(table, out, "BM25", note).parent == out
+    front, source = reference.load_frontier(tmp_path)
+    out, note = reference.table_figures(figures, source, tmp_path)
+    frontier_table.plot(front, out / "frontier.png", note)
     assert "gradsim/bundled/reference/frontier.json" in note and (out / "frontier.png").is_file()
     assert not list(figures.glob("*.png"))  # nothing drawn from the reference tables among the user's figures
     own = tmp_path / "targets" / "targets.json"
     own.parent.mkdir()
     own.write_bytes((BUNDLED_REFERENCE / "targets-bundled.json").read_bytes())
-    table, source = analysis.load_targets(tmp_path)
-    assert source == own and analysis.table_figures(figures, source, tmp_path) == (figures, None)
+    table, source = reference.load_targets(tmp_path)
+    assert source == own and reference.table_figures(figures, source, tmp_path) == (figures, None)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from gradsim.cli.variants import paraphrase_main as main
 from gradsim.config import BUNDLED_DATA
 from gradsim.data.load import load_dataset, load_samples
 from gradsim.errors import GradsimError
 from gradsim.variants.generate import GenParams, OpenAIBackend, copied_fraction, degenerate_reason
-from gradsim.variants.paraphrase import PARAPHRASE_PROMPT, PARAPHRASE_SYSTEM, Options, main, run
+from gradsim.variants.paraphrase import PARAPHRASE_PROMPT, PARAPHRASE_SYSTEM, Options, run
 
 BUNDLED = BUNDLED_DATA
 ORIGINAL = str(BUNDLED / "original.jsonl")

@@ -129,7 +129,7 @@ def truncate(path):
 
 @pytest.mark.parametrize("damaged", ["results_00000-00002.json", "scores_00000-00002.npz"])
 def test_combine_and_a_rerun_name_a_truncated_partition_file(tiny, tmp_path, capsys, damaged):
-    from gradsim.cluster.combine import combine_main
+    from gradsim.cli.cluster import combine_main
     from gradsim.errors import GradsimError
 
     run_dir = partitioned(tiny, tmp_path)
@@ -200,7 +200,7 @@ def test_a_read_only_feature_store_that_needs_shards_is_refused_before_any_work(
 
 
 def test_select_on_a_folder_without_a_run_says_what_is_there(tiny, tmp_path, capsys):
-    from gradsim.analysis.selection import main as select_main
+    from gradsim.cli.analysis import select_main
 
     (tmp_path / "empty").mkdir()
     assert select_main([str(tmp_path / "empty")]) == 2
@@ -219,7 +219,7 @@ def test_select_on_a_folder_without_a_run_says_what_is_there(tiny, tmp_path, cap
 def test_combine_refuses_a_partition_holding_nonfinite_scores(tiny, tmp_path, capsys):
     import numpy as np
 
-    from gradsim.cluster.combine import combine_main
+    from gradsim.cli.cluster import combine_main
 
     run_dir = partitioned(tiny, tmp_path)
     damaged = run_dir / "partitions" / "scores_00002-00004.npz"

@@ -80,7 +80,7 @@ def study_args(model_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(study_args, tmp_path_factory) -> dict:
     """The same study, unpartitioned, in this process (main.py's code path)."""
-    from gradsim.cli import config_from_args
+    from gradsim.cli.common import config_from_args
     from gradsim.study.run import run
 
     return run(config_from_args([*study_args, "--output-dir", str(tmp_path_factory.mktemp("whole"))]))
@@ -353,7 +353,7 @@ def test_gpu_task_without_a_device_stops_at_once_and_status_names_why(study_args
 def test_sbatch_both_settings_in_one_array_combine_to_the_unpartitioned_runs(study_args, tmp_path):
     """--setting both: one array whose tasks run both settings of their range; one submission record per setting,
     so status sees two runs, and each setting's partitions combine to that setting of an unpartitioned run."""
-    from gradsim.cli import config_from_args
+    from gradsim.cli.common import config_from_args
     from gradsim.study.run import run
 
     args = ["both" if a == "paraphrased" else a for a in study_args]

@@ -2,7 +2,9 @@
 
 import pytest
 
-from gradsim.cluster.slurm import compute_main, split_ranges, time_minutes
+from gradsim.cli.cluster import compute_main
+from gradsim.cluster.resources import time_minutes
+from gradsim.cluster.slurm import split_ranges
 from gradsim.errors import GradsimError
 
 
@@ -141,7 +143,8 @@ def test_memory_request_comes_from_the_models_estimate(tmp_path, caplog):
     (the node's free memory says nothing about the job's share); a smaller --mem is warned about."""
     import logging
 
-    from gradsim.cluster.slurm import Resources, parse_mem_gb, plan
+    from gradsim.cli.cluster import plan_from_argv as plan
+    from gradsim.cluster.resources import Resources, parse_mem_gb
 
     argv = ["--setting", "paraphrased", "--output-dir", str(tmp_path), "--device", "cpu", "--max-length", "512"]
     p = plan(argv, 2, "sbatch", Resources())
@@ -164,8 +167,9 @@ def test_a_finished_partition_of_other_rows_is_refused_not_skipped(tmp_path):
     settings but other data hashes: resubmitting must not count it as done."""
     import orjson
 
-    from gradsim.cli import config_from_args
-    from gradsim.cluster.slurm import Resources, plan
+    from gradsim.cli.cluster import plan_from_argv as plan
+    from gradsim.cli.common import config_from_args
+    from gradsim.cluster.resources import Resources
     from gradsim.data.load import load_dataset
     from gradsim.layout import partition_paths, run_dir
 

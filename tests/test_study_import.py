@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
-from gradsim.analysis.study_import import main as import_main
+from gradsim.cli.analysis import import_study_main as import_main
 
 NAMES = [
     "model.embed_tokens.weight",
@@ -102,7 +102,7 @@ def test_import_gives_the_rule_numbers_and_a_standard_run(tmp_path, capsys):
 
 
 def test_partitions_combine_into_the_whole_import(tmp_path):
-    from gradsim.cluster.combine import combine_main
+    from gradsim.cli.cluster import combine_main
 
     folder = write_study(tmp_path / "study")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -134,7 +134,7 @@ def test_combined_files_import_like_their_parts(tmp_path):
 def test_downstream_commands_run_on_an_import(tmp_path, capsys):
     from gradsim.analysis.figures import load_runs, summary_table
     from gradsim.analysis.frontier import frontier
-    from gradsim.analysis.selection import main as select_main
+    from gradsim.cli.analysis import select_main
 
     for setting, seed in (("paraphrased", 0), ("model-generated", 1)):
         folder = write_study(tmp_path / setting, n=20, parts=((0, 20),), seed=seed, noise=2.5 if seed else 0.5)
@@ -226,7 +226,7 @@ def test_real_study_files_reproduce_its_table_exactly(tmp_path, setting, top1):
 
 
 def test_ids_file_keeps_exactly_those_rows(tmp_path, capsys):
-    from gradsim.cli import config_from_args
+    from gradsim.cli.common import config_from_args
     from gradsim.config import BUNDLED_DATA, Config
     from gradsim.data.load import STUDY_IDS, load_dataset, read_ids
 

@@ -271,7 +271,7 @@ def test_normalize_is_refused_where_the_flat_gradient_is_never_formed():
 
 
 def test_targets_command_refuses_too_few_originals_and_writes_nothing(tmp_path, capsys):
-    from gradsim.analysis.targets import main
+    from gradsim.cli.analysis import targets_main as main
 
     assert main(["--sample-size", "1", "--output-dir", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err

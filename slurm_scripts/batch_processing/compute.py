@@ -13,7 +13,7 @@ from pathlib import Path
 # Works from a checkout without `pip install -e .` too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from gradsim.cluster.slurm import compute_main  # noqa: E402
+from gradsim.cli.cluster import compute_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(compute_main())

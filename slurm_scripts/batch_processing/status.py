@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from gradsim.cluster.status import status_main  # noqa: E402
+from gradsim.cli.cluster import status_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(status_main())

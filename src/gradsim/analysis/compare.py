@@ -10,8 +10,6 @@ checked against the published study.
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,9 +17,8 @@ import numpy as np
 
 from gradsim.core.metrics import BOOTSTRAP_NOTE, BOOTSTRAP_SEED, bootstrap_interval, format_interval, rank_intervals
 from gradsim.errors import GradsimError
-from gradsim.io import atomic_write_json, read_json
+from gradsim.io import read_json
 from gradsim.layout import whole_run
-from gradsim.options import Parser, from_args, option
 
 
 def load_ranks(run_dir: Path) -> tuple[dict, dict[str, int]]:
@@ -139,37 +136,3 @@ def format_comparison(out: dict, show: int = 10) -> str:
         f"B right {q['b_right']})" + (f": {listed}" + (" ..." if q["count"] > show else "") if q["count"] else "")
     )
     return "\n".join(lines)
-
-
-@dataclass
-class CompareOptions:
-    """The options of gradsim compare."""
-
-    a: str = option("a finished run folder (results.json), e.g. an imported study", positional=True)
-    b: str = option("another finished run folder on the same query ids", positional=True)
-    seed: int = option("seed of the paired bootstrap", default=BOOTSTRAP_SEED)
-    output: Optional[str] = option("also write the comparison (every disagreeing query) to this JSON", default=None)
-
-
-def build_parser() -> Parser:
-    return Parser.of(CompareOptions, "gradsim compare", __doc__.split("\n\n")[0])
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from gradsim.cli import reports_errors
-
-    return reports_errors(_main)(argv)
-
-
-def _main(argv: Optional[list[str]]) -> int:
-    opts = from_args(CompareOptions, build_parser().parse_args(argv))
-    out = compare(Path(opts.a), Path(opts.b), opts.seed)
-    print(format_comparison(out))
-    if opts.output:
-        atomic_write_json(Path(opts.output), out)
-        print(f"wrote {opts.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

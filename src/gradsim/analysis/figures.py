@@ -5,7 +5,7 @@ parameter names, per-query ranks) and ``scores.npz`` (``dots`` (Q, C, M), ``qsel
 ``cself`` (Q, C, M); candidate 0 of each query is its true original). Layer x component numbers are
 recomputed from the arrays, so they hold for any model whose matrices follow the usual naming.
 Sections whose inputs a run lacks (baselines in results.json, a greedy matrix selection in
-selection*.json from ``python -m gradsim.analysis.selection``) are skipped, not failed.
+selection*.json from ``gradsim select``) are skipped, not failed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from gradsim.core.score import random_expectation, subset_scores
 from gradsim.errors import GradsimError
 from gradsim.io import load_json, load_npz, read_json
 from gradsim.layout import RunPaths, selection_file
-from gradsim.options import Parser, from_args, option
 
 SETTING_ORDER = ("paraphrased", "model-generated")
 METRICS = ("top1", "mrr")
@@ -197,7 +196,7 @@ def true_vs_others(run: Run) -> tuple[np.ndarray, np.ndarray]:
 # --- figures ------------------------------------------------------------------------------------
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the notebook also runs in CI
@@ -206,7 +205,7 @@ def _plt():
     return plt
 
 
-def _save(fig, out_dir: Path, name: str) -> Path:
+def save_figure(fig, out_dir: Path, name: str) -> Path:
     path = Path(out_dir) / name
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -214,7 +213,7 @@ def _save(fig, out_dir: Path, name: str) -> Path:
 
 
 def plot_settings(runs: dict[str, Run], out_dir) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(runs), 3.6))
     names = list(runs)
     for ax, metric in zip(axes, METRICS):
@@ -234,11 +233,11 @@ def plot_settings(runs: dict[str, Run], out_dir) -> Path:
         ax.set_title(f"whole-model {LABELS[metric]}")
         ax.tick_params(axis="x", rotation=20)
     axes[0].legend(loc="lower left", fontsize=8)
-    return _save(fig, out_dir, "settings_top1_mrr.png")
+    return save_figure(fig, out_dir, "settings_top1_mrr.png")
 
 
 def plot_components(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path:
-    plt = _plt()
+    plt = pyplot()
     per = {n: group_metrics(r, component_of) for n, r in runs.items()}
     comps = sorted({c for v in per.values() for c in v}, key=component_order)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.5 * len(comps) * (len(runs) + 1)), 3.6))
@@ -255,11 +254,11 @@ def plot_components(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path
     ax.set_ylabel(LABELS[metric])
     ax.set_title(f"{LABELS[metric]} per component type (its matrices in all layers together)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, out_dir, f"components_{metric}.png")
+    return save_figure(fig, out_dir, f"components_{metric}.png")
 
 
 def plot_layers(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for n, r in runs.items():
         per = group_metrics(r, layer_of)
@@ -270,7 +269,7 @@ def plot_layers(runs: dict[str, Run], out_dir, metric: str = "top1") -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{LABELS[metric]} per layer (all matrices of a layer together)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, out_dir, f"layers_{metric}.png")
+    return save_figure(fig, out_dir, f"layers_{metric}.png")
 
 
 def noisy_cells(run: Run, layers: list[int], comps: list[str]) -> np.ndarray:
@@ -285,7 +284,7 @@ def noisy_cells(run: Run, layers: list[int], comps: list[str]) -> np.ndarray:
 
 def plot_heatmap(run: Run, out_dir, metric: str = "top1") -> Path:
     """One cell per layer x component; a projected run's cells holding a matrix too noisy to rank are crossed."""
-    plt = _plt()
+    plt = pyplot()
     layers, comps, grid = layer_component_grid(run, metric)
     fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(comps), 1.2 + 0.22 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
@@ -299,11 +298,11 @@ def plot_heatmap(run: Run, out_dir, metric: str = "top1") -> Path:
     ax.set_ylabel("layer")
     ax.set_title(f"{run.name}: {LABELS[metric]} per matrix", fontsize=10)
     fig.colorbar(im, ax=ax, label=LABELS[metric])
-    return _save(fig, out_dir, f"heatmap_{run.name}_{metric}.png")
+    return save_figure(fig, out_dir, f"heatmap_{run.name}_{metric}.png")
 
 
 def plot_similarity(runs: dict[str, Run], out_dir) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
     for ax, (n, r) in zip(axes[0], runs.items()):
         true, others = true_vs_others(r)
@@ -317,7 +316,7 @@ def plot_similarity(runs: dict[str, Run], out_dir) -> Path:
         ax.set_xlabel("whole-model gradient similarity")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("density")
-    return _save(fig, out_dir, "similarity_true_vs_others.png")
+    return save_figure(fig, out_dir, "similarity_true_vs_others.png")
 
 
 def baseline_rows(runs: dict[str, Run]) -> list[dict]:
@@ -339,7 +338,7 @@ def plot_baselines(runs: dict[str, Run], out_dir) -> Optional[Path]:
     rows = baseline_rows(runs)
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     names = list(dict.fromkeys(r["run"] for r in rows))
     # "random" is an expectation, not a method: drawn as a level, not a bar.
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "random"]
@@ -356,88 +355,11 @@ def plot_baselines(runs: dict[str, Run], out_dir) -> Optional[Path]:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{metric}: gradients vs baselines")
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    return _save(fig, out_dir, "baselines.png")
-
-
-def load_targets(results_dir) -> tuple[Optional[dict], Optional[Path]]:
-    """The loss target x normalizer table (``gradsim targets``): the run's own if it made one, else the
-    committed table of the bundled data (package data: bundled/reference/targets-bundled.json)."""
-    from gradsim.config import BUNDLED_REFERENCE
-    from gradsim.io import read_json
-    from gradsim.layout import targets_file
-
-    for path in (targets_file(results_dir), BUNDLED_REFERENCE / "targets-bundled.json"):
-        if path.is_file():
-            return read_json(path), path
-    return None, None
-
-
-def load_frontier(results_dir, computation_type: str = "gradient-similarity") -> tuple[Optional[dict], Optional[Path]]:
-    """The frontier (``gradsim frontier``): beside the runs (its default place, or ``<results dir>/frontier``)
-    if one was made, else the committed frontier of the bundled data (package data: bundled/reference/frontier.json)."""
-    from gradsim.config import BUNDLED_REFERENCE
-    from gradsim.io import read_json
-    from gradsim.layout import frontier_files
-
-    for root in (
-        Path(results_dir) / computation_type / "frontier",
-        Path(results_dir) / "frontier",
-        BUNDLED_REFERENCE,
-    ):
-        path = frontier_files(root)[0]
-        if path.is_file():
-            return read_json(path), path
-    return None, None
-
-
-# Figures drawn from the committed reference tables of the bundled data (docs/), never from a user's runs,
-# go to this subfolder of the figures' folder, with their source in the title (table_figures).
-REFERENCE_DIR = "reference-bundled-data"
-
-
-def table_figures(figures, source, results_dir) -> tuple[Path, Optional[str]]:
-    """Where the figures of a table read from ``source`` (load_targets, load_frontier) go, and the note their
-    title carries: a table made from the runs under ``results_dir`` goes beside them, untitled; the committed
-    reference table of the bundled data goes to ``<figures>/reference-bundled-data/`` (created), titled with
-    its source, so it is never taken for a figure of these runs."""
-    source, root = Path(source).resolve(), Path(results_dir).resolve()
-    if source.is_relative_to(root):
-        return Path(figures), None
-    out = Path(figures) / REFERENCE_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    from gradsim.config import PACKAGE_DIR
-
-    shown = f"gradsim/{source.relative_to(PACKAGE_DIR)}" if source.is_relative_to(PACKAGE_DIR.resolve()) else source
-    return out, f"reference: {shown} (the bundled sample's committed table, not the runs under {root.name}/)"
-
-
-def plot_targets(table: dict, out_dir, protocol: str = "corpus", note: Optional[str] = None) -> Path:
-    """Top-1 with its 95% interval per loss target x normalizer and per baseline, one panel per setting
-    (``protocol``: the prefix of the protocol shown, ``corpus`` or ``BM25``); ``note`` (table_figures) as
-    the figure's title."""
-    plt = _plt()
-    settings = list(dict.fromkeys(r["setting"] for r in table["rows"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 6), sharey=True, squeeze=False)
-    if note:
-        fig.suptitle(note, fontsize=9, color="firebrick")
-    for ax, setting in zip(axes[0], settings):
-        rows = [r for r in table["rows"] if r["setting"] == setting and r["protocol"].startswith(protocol)]
-        labels = [
-            f"{r['method']} {r['target']}" + ("" if r["normalizer"] == "-" else f" {r['normalizer']}") for r in rows
-        ]
-        y = np.arange(len(rows))[::-1]
-        top1 = np.array([r["top1"] for r in rows])
-        ci = np.array([r["top1_ci"] or [r["top1"], r["top1"]] for r in rows])
-        colors = [{"gradient": "C0", "bm25": "C1", "representation": "C2"}.get(r["method"], "k") for r in rows]
-        ax.barh(y, top1, xerr=[top1 - ci[:, 0], ci[:, 1] - top1], color=colors, capsize=2)
-        ax.set_yticks(y, labels, fontsize=7)
-        ax.set_xlim(0, 1.05)
-        ax.set_title(f"{setting}: top-1, {rows[0]['protocol']} (n={rows[0]['n']})")
-    return _save(fig, out_dir, f"targets_{protocol}.png")
+    return save_figure(fig, out_dir, "baselines.png")
 
 
 def greedy_selections(run: Run) -> dict[str, dict]:
-    """The greedy matrix selections made on a run (``python -m gradsim.analysis.selection``): selection.json and
+    """The greedy matrix selections made on a run (``gradsim select``): selection.json and
     selection_bm25.json beside its results, by protocol."""
     out = {}
     for f in (selection_file(run.path), selection_file(run.path, "bm25")):
@@ -475,7 +397,7 @@ def plot_greedy(runs: dict[str, Run], out_dir) -> Optional[Path]:
     curves = [(n, p, sel) for n, r in runs.items() for p, sel in greedy_selections(r).items()]
     if not curves:
         return None
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -493,81 +415,4 @@ def plot_greedy(runs: dict[str, Run], out_dir) -> Optional[Path]:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"held-out {LABELS[metric]} (dotted: selection half; dashed: full gradient)", fontsize=9)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    return _save(fig, out_dir, "greedy_selection.png")
-
-
-# --- headless execution (CI: python -m gradsim.analysis.figures --execute notebooks/analysis.ipynb) -----
-
-
-def execute_notebook(
-    notebook, results_dir=None, computation_type: str = "gradient-similarity", timeout: int = 1800
-) -> Path:
-    """Run the notebook with nbclient on ``results_dir`` (default: the repository's data/) and write the
-    executed copy beside the results, leaving the committed notebook without outputs. A cell that
-    raises makes this raise (nbclient's CellExecutionError)."""
-    import os
-
-    import nbformat
-    from nbclient import NotebookClient
-
-    from gradsim.layout import default_output_dir
-
-    results_dir = Path(results_dir or os.environ.get("GRADSIM_RESULTS_DIR") or default_output_dir()).resolve()
-    runs = load_runs(results_dir, computation_type)  # a clear error before a kernel starts
-    nb = nbformat.read(notebook, as_version=4)
-    old = {k: os.environ.get(k) for k in ("GRADSIM_RESULTS_DIR", "GRADSIM_COMPUTATION_TYPE")}
-    os.environ.update(GRADSIM_RESULTS_DIR=str(results_dir), GRADSIM_COMPUTATION_TYPE=computation_type)
-    try:  # the kernel inherits this process's environment
-        NotebookClient(
-            nb,
-            timeout=timeout,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(Path(notebook).resolve().parent)}},
-        ).execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    out = next(iter(runs.values())).path.parent / Path(notebook).name.replace(".ipynb", ".executed.ipynb")
-    nbformat.write(nb, out)
-    return out
-
-
-@dataclass
-class AnalyzeOptions:
-    """The options of gradsim analyze (python -m gradsim.analysis.figures)."""
-
-    execute: str = option("the notebook to run, e.g. notebooks/analysis.ipynb", metavar="NOTEBOOK")
-    results_dir: Optional[str] = option(
-        "an --output-dir of main.py", default=None, default_help="GRADSIM_RESULTS_DIR or data/"
-    )
-    computation_type: str = option("the runs' --computation-type", default="gradient-similarity")
-
-
-def build_parser() -> Parser:
-    return Parser.of(
-        AnalyzeOptions, "python -m gradsim.analysis.figures", "Execute the analysis notebook headless on finished runs."
-    )
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    import sys
-
-    args = from_args(AnalyzeOptions, build_parser().parse_args(argv))
-    try:
-        out = execute_notebook(args.execute, args.results_dir, args.computation_type)
-    except GradsimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"executed {args.execute}: {out} (figures beside it)")
-    from gradsim.cli import format_summary
-
-    for run in load_runs(out.parent).values():  # the runs it analysed (the executed copy is beside them)
-        print(f"{run.name}: {format_summary(run.result)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return save_figure(fig, out_dir, "greedy_selection.png")

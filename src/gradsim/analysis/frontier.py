@@ -14,15 +14,14 @@ against the floats (and bytes, fp32) stored per sample for:
 Selection needs no new gradients (a cosine over any subset of matrices is exact from the run's
 per-matrix dots and self-dots); projection featurizes the runs' originals and queries once per method
 family (factorized and tensorsketch share the hooks' pass, countsketch and trak the exact gradient).
+The table and the figure are drawn by frontier_table.py.
 
     gradsim frontier data/gradient-similarity/paraphrased-all data/gradient-similarity/model-generated-all
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,12 @@ from typing import Optional
 import numpy as np
 
 from gradsim.analysis.selection import greedy_select, split_queries, subset_key
-from gradsim.config import ALLOCATIONS, Config
+from gradsim.config import Config
 from gradsim.core.metrics import summarize_ranks
 from gradsim.core.score import random_expectation, subset_scores
 from gradsim.errors import GradsimError
-from gradsim.io import atomic_write_json, atomic_writer, read_json
-from gradsim.layout import frontier_files, whole_run
-from gradsim.options import Parser, from_args, option
+from gradsim.io import read_json
+from gradsim.layout import whole_run
 
 DEFAULT_SIZES = (2**10, 2**12, 2**14, 2**16, 2**18, 2**20)
 HOOKED = ("tensorsketch", "factorized")  # formed in the forward/backward hooks: one pass for both
@@ -419,182 +417,3 @@ def frontier(
         out["notes"] = notes
     out["seconds"] = round(time.time() - started, 1)
     return out
-
-
-def format_table(result: dict) -> str:
-    lines = []
-    for setting, per in result["settings"].items():
-        for proto, e in per.items():
-            lines.append(f"{setting} / {proto} ({e['references']['full gradient']['n']} queries)")
-            lines.append(f"  {'method':<34} {'floats':>12} {'top-1':>7} {'MRR':>7}")
-
-            def row(label, floats, top1, mrr, ci=None):
-                f = f"{floats:>12,.0f}" if floats is not None else f"{'-':>12}"
-                c = f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-                lines.append(f"  {label:<34} {f} {top1:>7.3f} {mrr:>7.3f}{c}")
-
-            for name, ref in e["references"].items():
-                row(name, ref.get("floats"), ref["top1"], ref["mrr"])
-
-            def held(label, p):  # a point over splits: its mean and interval
-                row(label, p["floats"], p["top1"]["mean"], p["mrr"]["mean"], p["top1"]["ci"])
-
-            held(f"greedy ({e['greedy_final']['matrices']:.1f} matrices, held-out)", e["greedy_final"])
-            held("full gradient (held-out halves)", e["full_gradient_held_out"])
-            for p in e["best_k"]:
-                held(f"best-{p['matrices']} matrices (held-out)", p)
-            for kind, pts in e.get("projection", {}).items():
-                for p in pts:
-                    row(f"{kind} {p['proj_dim']}", p["floats"], p["top1"], p["mrr"])
-            for kind, pts in e.get("select_then_project", {}).items():
-                for p in pts:
-                    held(f"greedy -> {kind} {p['proj_dim']}", p)
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path, note: Optional[str] = None) -> None:
-    """The frontier's figure; ``note`` (analysis.table_figures: a reference table's source) as its title."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise GradsimError(
-            f"the frontier's figure needs matplotlib ({e}): uv sync (dev group) or pip install matplotlib"
-        ) from None
-    settings = list(result["settings"])
-    protos = list(dict.fromkeys(p for per in result["settings"].values() for p in per))
-    fig, axes = plt.subplots(
-        len(settings), len(protos), figsize=(5.6 * len(protos), 4.0 * len(settings)), squeeze=False
-    )
-    colors = {"tensorsketch": "C0", "countsketch": "C1", "factorized": "C2", "trak": "C4"}
-    for (i, setting), (j, proto) in itertools.product(enumerate(settings), enumerate(protos)):
-        ax = axes[i][j]
-        if proto not in result["settings"][setting]:
-            ax.set_visible(False)
-            continue
-        e = result["settings"][setting][proto]
-        g = e["greedy"]
-        if g:
-            x = [p["floats"] for p in g]
-            ax.plot(x, [p["top1"]["mean"] for p in g], "k-o", ms=3, label="greedy selection (held-out)")
-            ax.fill_between(x, [p["top1"]["ci"][0] for p in g], [p["top1"]["ci"][1] for p in g], color="k", alpha=0.12)
-        b = e["best_k"]
-        ax.plot(
-            [p["floats"] for p in b],
-            [p["top1"]["mean"] for p in b],
-            "s--",
-            color="C3",
-            ms=4,
-            label="best-k matrices (held-out)",
-        )
-        for kind, pts in e.get("projection", {}).items():
-            ax.plot(
-                [p["floats"] for p in pts], [p["top1"] for p in pts], "-^", color=colors.get(kind), ms=4, label=kind
-            )
-        for kind, pts in e.get("select_then_project", {}).items():
-            ax.plot(
-                [p["floats"] for p in pts],
-                [p["top1"]["mean"] for p in pts],
-                ":x",
-                color=colors.get(kind),
-                ms=4,
-                label=f"greedy -> {kind}",
-            )
-        refs = e["references"]
-        ax.axhline(refs["full gradient"]["top1"], color="k", lw=1, ls="--", label="full gradient")
-        for name, style in (("bm25", ("C5", ":")), ("random", ("grey", ":"))):
-            if name in refs:
-                ax.axhline(refs[name]["top1"], color=style[0], ls=style[1], lw=1, label=name)
-        reps = {k: v for k, v in refs.items() if k.startswith("representation")}
-        if reps:
-            best = max(reps, key=lambda k: reps[k]["top1"])
-            ax.axhline(reps[best]["top1"], color="C6", ls="-.", lw=1, label=best.replace("_", " "))
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("floats stored per sample")
-        ax.set_ylabel("top-1")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{setting}, {proto}")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    if note:
-        fig.suptitle(note, fontsize=9, color="firebrick")
-    fig.tight_layout()
-    with atomic_writer(path) as f:
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-@dataclass
-class FrontierOptions:
-    """The options of gradsim frontier (python -m gradsim.analysis.frontier)."""
-
-    run_dirs: list[Path] = option("exact runs (one per setting) of one model and data", positional=True, nargs="+")
-    output_dir: Optional[Path] = option(
-        "where frontier.json and frontier.png go", default=None, default_help="beside the runs"
-    )
-    projections: str = option(
-        "comma list of tensorsketch, countsketch, factorized, trak, or none (trak regenerates its Gaussian "
-        "matrices on every call: slow on a CPU, fast with fast_jl on CUDA)",
-        default="tensorsketch,countsketch,factorized",
-    )
-    sizes: str = option(
-        "total dims per sample to project to (comma list); factorized and trak: the nearest power of two per matrix",
-        default=",".join(str(s) for s in DEFAULT_SIZES),
-    )
-    splits: int = option("random choose/report splits of the queries", default=10)
-    max_size: int = option("largest greedy subset (matrices)", default=16)
-    device: Optional[str] = option("device for the projection pass", default=None, default_help="the runs' own")
-    allocation: str = option(
-        "how the sketches share their dims among the matrices (as main.py's --allocation)",
-        default="norm",
-        choices=ALLOCATIONS,
-    )
-    batch_size: int = option("samples per forward/backward (hook-formed sketches)", default=1)
-
-
-def build_parser() -> Parser:
-    return Parser.of(FrontierOptions, "gradsim frontier", __doc__.split("\n\n")[0])
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from gradsim.cli import reports_errors
-
-    return reports_errors(_main)(argv)
-
-
-def _main(argv: Optional[list[str]]) -> int:
-    a = from_args(FrontierOptions, build_parser().parse_args(argv))
-    kinds = [] if a.projections.strip() == "none" else [k.strip() for k in a.projections.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in ("tensorsketch", "countsketch", "factorized", "trak")]
-    if bad:
-        raise GradsimError(
-            f"--projections {','.join(bad)}: choose from tensorsketch, countsketch, factorized, trak or none"
-        )
-    try:
-        sizes = sorted({int(s) for s in a.sizes.split(",") if s.strip()})
-    except ValueError:
-        raise GradsimError(f"--sizes {a.sizes!r}: give a comma list of positive integers") from None
-    if not sizes or sizes[0] < 1 or a.splits < 1 or a.max_size < 1:
-        raise GradsimError("--sizes, --splits and --max-size must be positive")
-    out_dir = a.output_dir or Path(a.run_dirs[0]).resolve().parent / "frontier"
-    result = frontier(a.run_dirs, kinds, sizes, a.splits, a.max_size, a.device, a.batch_size, allocation=a.allocation)
-    table, figure = frontier_files(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot(result, figure)
-    atomic_write_json(table, result)
-    print(format_table(result))
-    for note in result.get("notes", []):
-        print(note)
-    from gradsim.cli import format_summary
-
-    for run in result["runs"]:  # each run's own summary, with bootstrap intervals over its queries
-        print(f"{run}: {format_summary(read_json(whole_run(Path(run)).results))}")
-    print(f"wrote {table} and {figure} ({result['seconds']:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,22 +5,18 @@ reported on the other half.
 Selection needs no new gradients: the cosine (or dot) over any subset of matrices is exact from the
 per-matrix dots and self-dots a run stores in scores.npz.
 
-    python -m gradsim.analysis.selection data/gradient-similarity/paraphrased-all-factorized4096 [--protocol bm25]
+    gradsim select data/gradient-similarity/paraphrased-all-factorized4096 [--protocol bm25]
 """
 
 from __future__ import annotations
 
 import logging
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gradsim.core.finite import check_arrays
 from gradsim.core.metrics import (
-    BOOTSTRAP_NOTE,
-    format_interval,
     mean_margin,
     rank_intervals,
     summarize_ranks,
@@ -30,7 +26,6 @@ from gradsim.core.score import cosine, subset_scores
 from gradsim.errors import GradsimError
 from gradsim.io import atomic_write_json, load_json, load_npz
 from gradsim.layout import selection_file, whole_run
-from gradsim.options import Parser, from_args, option
 
 log = logging.getLogger("gradsim")
 
@@ -202,56 +197,3 @@ def check_is_run(run_dir: Path) -> None:
         f"{run_dir} holds no finished run (results.json and scores.npz): give a run folder such as "
         f"<output-dir>/gradient-similarity/paraphrased{listed}"
     )
-
-
-@dataclass
-class SelectOptions:
-    """The options of gradsim select (python -m gradsim.analysis.selection)."""
-
-    run_dir: str = option("a finished run (or merged partitions): holds results.json and scores.npz", positional=True)
-    seed: int = option("seed of the half/half query split", default=0)
-    protocol: str = option(
-        "bm25: the BM25 top-k protocol picked out of a --candidates all run",
-        default="as-run",
-        choices=("as-run", "bm25"),
-    )
-    max_size: int | None = option("stop after this many matrices", default=None)
-    include_noisy: bool = option(
-        "on a projected run, also choose among the matrices its per_matrix_fidelity flags as too noisy to rank",
-        default=False,
-        const=True,
-    )
-
-
-def build_parser() -> Parser:
-    return Parser.of(SelectOptions, "python -m gradsim.analysis.selection", __doc__.split("\n\n")[0])
-
-
-def main(argv: list[str] | None = None) -> int:
-    from gradsim.cli import reports_errors
-
-    return reports_errors(_main)(argv)
-
-
-def _main(argv: list[str] | None) -> int:
-    a = from_args(SelectOptions, build_parser().parse_args(argv))
-    out = select_run(Path(a.run_dir), a.seed, a.protocol, a.max_size, a.include_noisy)
-    full, held = out["full_gradient_held_out"], out["held_out"] or {}
-    if out["excluded_noisy"]:
-        print(f"left out {len(out['excluded_noisy'])} matrices too noisy to rank under the run's projection")
-    print(
-        f"chose {len(out['chosen'])} matrices: {', '.join(out['chosen'][:8])}{' ...' if len(out['chosen']) > 8 else ''}"
-    )
-    ci = held_out_intervals(Path(a.run_dir), out)
-    sel = ci.get("selected", {"top1": [float("nan")] * 2, "mrr": [float("nan")] * 2})
-    print(
-        f"held-out ({full['n']} queries): selected top-1 {held.get('top1', float('nan')):.3f} "
-        f"{format_interval(sel['top1'])} MRR {held.get('mrr', float('nan')):.3f} {format_interval(sel['mrr'])} | "
-        f"full gradient top-1 {full['top1']:.3f} {format_interval(ci['full']['top1'])} MRR {full['mrr']:.3f} "
-        f"{format_interval(ci['full']['mrr'])}  [intervals: {BOOTSTRAP_NOTE}]"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +32,7 @@ from gradsim.data.load import Dataset, Sample
 from gradsim.errors import GradsimError
 from gradsim.io import ensure_writable_dir, json_sha256, read_json
 from gradsim.layout import RunPaths, run_dir
-from gradsim.options import Parser, from_args, option
+from gradsim.options import option
 
 _FILE = re.compile(
     r"^(?P<kind>dot_products|original_dot_products|paraphrased_dot_products|model_generated_dot_products)"
@@ -357,30 +356,3 @@ class ImportOptions:
     partitions: bool = option(
         "write each part as a partition of the run (gradsim combine merges them)", default=False, const=True
     )
-
-
-def build_parser() -> Parser:
-    return Parser.of(ImportOptions, "gradsim import-study", __doc__.split("\n\n")[0])
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from gradsim.cli import reports_errors
-
-    return reports_errors(_main)(argv)
-
-
-def _main(argv: Optional[list[str]]) -> int:
-    from gradsim.cli import format_summary
-
-    opts = from_args(ImportOptions, build_parser().parse_args(argv))
-    results = import_study(Path(opts.path), opts.setting, opts)
-    for r in results:
-        if r["partition"]["end"] - r["partition"]["start"] == r["partition"]["num_queries"]:
-            print(format_summary(r))
-    dirs = sorted({str(Path(run_dir(Config.from_dict(r["config"])))) for r in results})
-    print(f"imported {results[0]['study_import']['queries']} queries into {', '.join(dirs)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -33,10 +32,6 @@ from gradsim.config import (
     SETTINGS,
     Config,
     Provenance,
-    add_options,
-    add_quiet_flag,
-    env_defaults,
-    parse_flags,
 )
 from gradsim.core.metrics import rank_intervals, true_rank
 from gradsim.core.normalize import (
@@ -48,8 +43,7 @@ from gradsim.core.normalize import (
 )
 from gradsim.data.encode import combine_targets, encode
 from gradsim.errors import GradsimError
-from gradsim.io import atomic_write_json
-from gradsim.options import Parser, from_args, option
+from gradsim.options import option
 from gradsim.study.features import progress_bar
 
 log = logging.getLogger("gradsim")
@@ -306,42 +300,3 @@ def format_table(result: dict) -> str:
         for k in keys:
             lines.append(f"{k[0]:<16} {k[1]:<18} {k[2]:<22}" + "".join(f" {cell(by[(*k, p)]):<26}" for p in protos))
     return "\n".join(lines)
-
-
-def build_parser() -> Parser:
-    p = Parser(
-        prog="gradsim targets",
-        description="Loss target (response, prompt, all) x normalizer, beside BM25, representation similarity and "
-        "random, for both settings: 1-of-(k+1) BM25 candidates and the whole corpus.",
-    )
-    shared = ("model_name", "original_data", "paraphrased_data", "model_generated_data", "sample_size")
-    add_options(p, (*shared, "max_length", "top_k", "device", "dtype", "seed", "damping", "output_dir"))
-    p.add_options(TargetOptions)
-    add_quiet_flag(p)
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from gradsim.cli import reports_errors
-    from gradsim.layout import targets_file
-
-    @reports_errors
-    def inner(argv):
-        args = parse_flags(build_parser(), argv)
-        opts = from_args(TargetOptions, args)
-        if opts.dims_per_matrix < 1 or opts.bootstrap < 1:
-            raise GradsimError("--dims-per-matrix and --bootstrap must be positive integers")
-        cfg = from_args(Config, args, fallback={**env_defaults(), "setting": "both"})
-        out = targets_file(cfg.output_dir)
-        result = run_targets(cfg, opts)
-        result.pop("_scores")
-        atomic_write_json(out, result)
-        print(format_table(result))
-        print(f"\nwritten: {out} ({result['seconds']:.0f} s)")
-        return 0
-
-    return inner(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,190 +1,133 @@
-"""Command-line entry point of main.py: parse flags over .env defaults, run, print the summary."""
+"""The command layer: the ``gradsim`` command (``gradsim COMMAND ...``, ``python -m gradsim``) and main.py's run.
+
+The only layer that parses argv, prints results and turns errors into exit codes (tests/test_layers.py): one
+module per command or group (run, variants, cluster, analysis, tools) over what they share (common). Each
+command's module is imported when the command runs, so that ``gradsim --help`` stays quick.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import logging
 import sys
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
-from gradsim.config import (
-    SKETCHED,
-    Config,
-    add_options,
-    add_quiet_flag,
-    env_defaults,
-    parse_flags,
-    redact,
-)
-from gradsim.errors import GradsimError
-from gradsim.options import Parser, from_args, option
+from gradsim.cli.common import build_parser, config_from_args, format_cost, format_summary, reports_errors
+from gradsim.cli.run import main
+from gradsim.options import Parser
 
-log = logging.getLogger("gradsim")
+__all__ = [
+    "COMMANDS",
+    "build_parser",
+    "config_from_args",
+    "format_cost",
+    "format_summary",
+    "gradsim_main",
+    "main",
+    "reports_errors",
+]
 
-
-@dataclass(frozen=True)
-class ProjectionNames:
-    """--proj-dim has one meaning, the total number of projected dims (tensorsketch, countsketch); the
-    per-matrix size of factorized and trak has its own name. Both land in Config.proj_dim, whose meaning
-    the projection states (results' projection spec)."""
-
-    dims_per_matrix: Optional[int] = option(
-        "dims per parameter matrix for --projection factorized or trak (default 4096); the sketches take "
-        "their total with --proj-dim",
-        default=None,
-    )
+Main = Callable[[Optional[list[str]]], int]
 
 
-def build_parser() -> Parser:
-    p = Parser(
-        prog="main.py",
-        description="Per-sample gradient similarity between LIMA originals and their variants. "
-        "Flags override .env (MT_MODEL_NAME, MT_DEVICE, MT_DTYPE, MT_SAMPLE_SIZE, USE_GPU).",
-    )
-    add_options(p)  # every flag from config.OPTIONS: types and defaults from Config
-    p.add_options(ProjectionNames)
-    add_quiet_flag(p)
-    return p
+class Command(NamedTuple):
+    """A verb of the ``gradsim`` command: ``load`` imports its module and gives its main(argv) and the parser
+    behind its --help; ``help`` is its line in ``gradsim --help``."""
+
+    load: Callable[[], tuple[Main, Callable[[], Parser]]]
+    help: str
 
 
-def config_from_args(argv: Optional[list[str]] = None) -> Config:
-    args = parse_flags(build_parser(), argv)
-    per_matrix = args.pop("dims_per_matrix", None)
-    cfg = from_args(Config, args, fallback=env_defaults())
-    return projection_size(cfg, args.get("proj_dim"), per_matrix)
+def _run():
+    return main, build_parser
 
 
-def projection_size(cfg: Config, proj_dim: Optional[int], per_matrix: Optional[int]) -> Config:
-    """cfg with --dims-per-matrix as its proj_dim: refused with a sketch or beside --proj-dim; --proj-dim given
-    for factorized or trak (read as dims per matrix, as before) is warned about."""
-    per_matrix_kind = cfg.projection not in SKETCHED
-    if per_matrix is not None:
-        if not per_matrix_kind:
-            raise GradsimError(
-                f"--dims-per-matrix is for --projection factorized or trak; {cfg.projection} shares a total "
-                "among the matrices: give --proj-dim instead"
-            )
-        if proj_dim is not None and proj_dim != per_matrix:
-            raise GradsimError(
-                f"--proj-dim {proj_dim} and --dims-per-matrix {per_matrix} both set the size of --projection "
-                f"{cfg.projection}: give --dims-per-matrix only"
-            )
-        return dataclasses.replace(cfg, proj_dim=per_matrix)
-    if proj_dim is not None and per_matrix_kind and cfg.use_random_projection:
-        log.warning(
-            "--proj-dim %d with --projection %s is read as %d dims per parameter matrix (--proj-dim is the "
-            "total for the sketches): --dims-per-matrix %d says so",
-            proj_dim,
-            cfg.projection,
-            proj_dim,
-            proj_dim,
-        )
-    return cfg
+def _paraphrase():
+    from gradsim.cli.variants import build_parser, paraphrase_main
+
+    return paraphrase_main, build_parser
 
 
-def format_summary(result: dict) -> str:
-    """A run's one summary line: whole-model metrics, top-1 and MRR with bootstrap intervals over its queries
-    (metrics.BOOTSTRAP_NOTE), chance, the best matrix."""
-    from gradsim.core.metrics import BOOTSTRAP_NOTE, format_interval, rank_intervals
+def _submit():
+    from gradsim.cli.cluster import compute_main, compute_parser
 
-    s = result["summary"]["whole_model"]
-    ranks = [q["rank"] for q in result.get("queries", ())]
-    ci = rank_intervals(ranks) if ranks else None
-    top1 = f"top-1 {s['top1']:.3f}" + (f" {format_interval(ci['top1'])}" if ci else "")
-    mrr = f"MRR {s['mrr']:.3f}" + (f" {format_interval(ci['mrr'])}" if ci else "")
-    cfg = result["config"]
-    best = max(result["summary"]["per_matrix"].items(), key=lambda kv: (kv[1]["top1"], kv[1]["mrr"]))
-    chance = (result.get("baselines") or {}).get("random", {}).get("top1")
-    noisy = set((result.get("per_matrix_fidelity") or {}).get("noisy", []))
-    return (
-        f"{cfg['setting']} / {cfg['computation_type']}"
-        + (f" / loss on {cfg['loss_on']}" if cfg.get("loss_on", "response") != "response" else "")
-        + (" / all turns" if cfg.get("turns", "first") != "first" else "")
-        + (f" / {cfg['normalize']}" if cfg.get("normalize", "none") != "none" else "")
-        + f" ({cfg['candidates']}, n={s['n']}): "
-        f"{top1}  {mrr}  recall@5 {s['recall@5']:.3f}"
-        + (f"  (chance top-1 {chance:.3f})" if chance is not None else "")
-        + f"  | best matrix {best[0]} top-1 {best[1]['top1']:.3f}"
-        + (" (noisy: its projection's predicted p90 cosine error > 0.05)" if best[0] in noisy else "")
-        + (f"  [intervals: {BOOTSTRAP_NOTE}]" if ci else "")
-    )
+    return compute_main, compute_parser
 
 
-def format_cost(cost: dict) -> str:
-    """The exact path's spending: backward passes per query (the original study: 1 + 5 candidates = 6)."""
-    shared = " + ".join(cost.get("shared_by") or [])
-    return (
-        f"cost ({shared}): {cost['passes_per_query']:.2f} backward passes per query "
-        f"({cost['backward_passes']['query']} queries + {cost['backward_passes']['original']} originals, "
-        f"{cost.get('originals_reused', 0)} originals kept and reused; {cost['mode']}, "
-        f"{cost['held_gradients']} gradients held), scratch written {cost['scratch_bytes_written'] / 2**30:.2f} GB, "
-        f"read {cost['scratch_bytes_read'] / 2**30:.2f} GB, {cost['seconds']:.0f} s"
-    )
+def _status():
+    from gradsim.cli.cluster import status_main, status_parser
+
+    return status_main, status_parser
 
 
-def reports_errors(main: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[list[str]]], int]:
-    """A command's main(argv): bad input (a GradsimError) ends it with a one-line ``error: ...`` and the
-    error's exit code, Ctrl-C with a hint to rerun (a rerun resumes) and 130."""
+def _combine():
+    from gradsim.cli.cluster import combine_main, combine_parser
 
-    @functools.wraps(main)
-    def guarded(argv: Optional[list[str]] = None) -> int:
-        try:
-            return main(argv)
-        except GradsimError as e:
-            print(f"error: {redact(str(e))}", file=sys.stderr)
-            return e.exit_code
-        except KeyboardInterrupt:
-            print("interrupted: rerun the same command to resume", file=sys.stderr)
-            return 130
-
-    return guarded
+    return combine_main, combine_parser
 
 
-@reports_errors
-def main(argv: Optional[list[str]] = None) -> int:
-    from gradsim.study.run import run
+def _select():
+    from gradsim.cli.analysis import select_main, select_parser
 
-    result = run(config_from_args(argv))
-    results = list(result["settings"].values()) if "settings" in result else [result]
-    for r in results:
-        print(format_summary(r))
-    if results[0].get("cost"):
-        print(format_cost(results[0]["cost"]))
-    return 0
+    return select_main, select_parser
+
+
+def _frontier():
+    from gradsim.cli.analysis import frontier_main, frontier_parser
+
+    return frontier_main, frontier_parser
+
+
+def _analyze():
+    from gradsim.cli.analysis import analyze_main, analyze_parser
+
+    return analyze_main, analyze_parser
+
+
+def _memory():
+    from gradsim.cli.tools import memory_main, memory_parser
+
+    return memory_main, memory_parser
+
+
+def _doctor():
+    from gradsim.cli.tools import doctor_main, doctor_parser
+
+    return doctor_main, doctor_parser
+
+
+def _targets():
+    from gradsim.cli.analysis import targets_main, targets_parser
+
+    return targets_main, targets_parser
+
+
+def _compare():
+    from gradsim.cli.analysis import compare_main, compare_parser
+
+    return compare_main, compare_parser
+
+
+def _import_study():
+    from gradsim.cli.analysis import import_study_main, import_study_parser
+
+    return import_study_main, import_study_parser
 
 
 # The `gradsim` command: one front door, a verb per thing researchers do; each verb keeps its own flags.
 COMMANDS = {
-    "run": ("gradsim.cli", "main", "the study: gradients of originals and variants, scores, metrics (main.py)"),
-    "paraphrase": (
-        "gradsim.variants.paraphrase",
-        "main",
-        "build the paraphrased / model-generated variants (paraphrase.py)",
-    ),
-    "submit": ("gradsim.cluster.slurm", "compute_main", "split a run into partitions on Slurm (compute.py)"),
-    "status": ("gradsim.cluster.status", "status_main", "done / running / pending / failed partitions (status.py)"),
-    "combine": ("gradsim.cluster.combine", "combine_main", "merge finished partitions (combine_all.sh)"),
-    "select": ("gradsim.analysis.selection", "main", "greedy selection of parameter matrices on held-out queries"),
-    "frontier": (
-        "gradsim.analysis.frontier",
-        "main",
-        "select or project? quality against storage per sample, as table and figure",
-    ),
-    "analyze": ("gradsim.analysis.figures", "main", "figures and tables; runs the notebook headless"),
-    "memory": ("gradsim.study.memory", "main", "memory and time the exact path needs per model size and dtype"),
-    "doctor": (
-        "gradsim.core.doctor",
-        "main",
-        "torch, CUDA build, driver and devices of this node; exit 2 if one is missing",
-    ),
-    "targets": ("gradsim.analysis.targets", "main", "loss target x normalizer table beside the baselines (issue 10)"),
-    "compare": ("gradsim.analysis.compare", "main", "two runs on the same queries: paired differences, rank agreement"),
-    "import-study": (
-        "gradsim.analysis.study_import",
-        "main",
-        "the original study's published dot products as a gradsim run (both views, checked)",
+    "run": Command(_run, "the study: gradients of originals and variants, scores, metrics (main.py)"),
+    "paraphrase": Command(_paraphrase, "build the paraphrased / model-generated variants (paraphrase.py)"),
+    "submit": Command(_submit, "split a run into partitions on Slurm (compute.py)"),
+    "status": Command(_status, "done / running / pending / failed partitions (status.py)"),
+    "combine": Command(_combine, "merge finished partitions (combine_all.sh)"),
+    "select": Command(_select, "greedy selection of parameter matrices on held-out queries"),
+    "frontier": Command(_frontier, "select or project? quality against storage per sample, as table and figure"),
+    "analyze": Command(_analyze, "figures and tables; runs the notebook headless"),
+    "memory": Command(_memory, "memory and time the exact path needs per model size and dtype"),
+    "doctor": Command(_doctor, "torch, CUDA build, driver and devices of this node; exit 2 if one is missing"),
+    "targets": Command(_targets, "loss target x normalizer table beside the baselines (issue 10)"),
+    "compare": Command(_compare, "two runs on the same queries: paired differences, rank agreement"),
+    "import-study": Command(
+        _import_study, "the original study's published dot products as a gradsim run (both views, checked)"
     ),
 }
 
@@ -206,12 +149,10 @@ def gradsim_main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(argv: Optional[list[str]]) -> int:
-    import importlib
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
-        lines = [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
         print(
             "usage: gradsim COMMAND [options]   (gradsim COMMAND --help for its options)\n\ncommands:\n"
             + "\n".join(lines)
@@ -222,7 +163,7 @@ def _dispatch(argv: Optional[list[str]]) -> int:
         return 0
     from gradsim.options import invoked_as
 
-    module, func, _ = COMMANDS[argv[0]]
+    main, _ = COMMANDS[argv[0]].load()
     sys.argv = [f"gradsim {argv[0]}", *argv[1:]]
     with invoked_as(sys.argv[0]):  # every usage line names `gradsim COMMAND`, not compute.py or python -m ...
-        return getattr(importlib.import_module(module), func)(argv[1:])
+        return main(argv[1:])

@@ -1,20 +1,16 @@
 """Merge partition results into one result per run, refusing anything that would not equal an
 unpartitioned run: missing or overlapping query ranges, or partitions made with different configs.
 
-    python -m gradsim.cluster.combine [RUN_DIR ...] [--output-dir DIR]    (also combine.py, combine_all.sh)
+    gradsim combine [RUN_DIR ...] [--output-dir DIR]    (also combine.py, combine_all.sh)
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from gradsim.cli import format_summary
-from gradsim.config import COMPAT_FIELDS, COMPUTATION_TYPES, RECORDED_WHEN_SET, compat_differences, redact
+from gradsim.config import COMPAT_FIELDS, COMPUTATION_TYPES, RECORDED_WHEN_SET, compat_differences
 from gradsim.core.finite import check_arrays
 from gradsim.core.score import summarize_arrays
 from gradsim.errors import GradsimError
@@ -27,8 +23,7 @@ from gradsim.io import (
     read_json,
     read_jsonl_tolerant,
 )
-from gradsim.layout import RunPaths, default_output_dir, find_partitions, whole_run
-from gradsim.options import Parser, from_args, option, positionals
+from gradsim.layout import RunPaths, find_partitions, whole_run
 from gradsim.study.cost import summed as summed_cost
 
 
@@ -208,50 +203,3 @@ def combine_run(run_dir: Path) -> tuple[dict, bool]:
     if up_to_date(run_dir):
         return read_json(whole_run(run_dir).results), False
     return merge_partitions(run_dir), True
-
-
-@dataclass
-class CombineOptions:
-    """The options of combine.py (gradsim combine, combine_all.sh)."""
-
-    run_dirs: list[str] = positionals(
-        "run directories (<output-dir>/<computation-type>/<run>)", "every run with partitions under --output-dir"
-    )
-    output_dir: Optional[str] = option("where to look for runs", default=None, default_help="data/")
-
-
-def build_parser() -> Parser:
-    return Parser.of(
-        CombineOptions,
-        "combine.py",
-        "Merge the finished partitions of one run, or of "
-        "every run under an output dir, into results.json/scores.npz/metrics.jsonl; refuse "
-        "with the reason when partitions are missing, overlap or differ in configuration.",
-    )
-
-
-def combine_main(argv: Optional[list[str]] = None) -> int:
-    opts = from_args(CombineOptions, build_parser().parse_args(argv))
-    run_dirs = [Path(d) for d in opts.run_dirs] or find_run_dirs(Path(opts.output_dir or default_output_dir()))
-    if not run_dirs:
-        print(f"no runs with partitions under {opts.output_dir or default_output_dir()}", file=sys.stderr)
-        return 1
-    failed = 0
-    for d in run_dirs:
-        try:
-            result, merged = combine_run(d)
-        except GradsimError as e:
-            print(f"{d}: NOT combined: {redact(str(e))}", file=sys.stderr)
-            failed += 1
-            continue
-        what = (
-            f"merged {len(result['partition'].get('merged_from', []))} partitions" if merged else "already up to date"
-        )
-        print(f"{d}: {what}")
-        print(f"  {format_summary(result)}")
-        print(format_times(partition_times(d)))
-    return 2 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(combine_main())

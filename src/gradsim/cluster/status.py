@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from gradsim.io import read_json, read_jsonl_tolerant
-from gradsim.layout import SUBMISSION, default_output_dir, partition_paths
-from gradsim.options import Parser, from_args, option, positionals
+from gradsim.layout import SUBMISSION, partition_paths
 
 # squeue/sacct states, as status reports them. A requeued task is PENDING again (or REQUEUED briefly).
 PENDING_STATES = {
@@ -192,27 +190,3 @@ def format_status(runs: list[dict]) -> str:
         elif c["failed"]:
             lines.append("  rerun the same compute.py command to resubmit the unfinished partitions")
     return "\n".join(lines)
-
-
-@dataclass
-class StatusOptions:
-    """The options of status.py (gradsim status)."""
-
-    paths: list[str] = positionals(
-        "a submission folder, a run's jobs folder (<output-dir>/slurm/<type>/<run>) or an output dir", "data/"
-    )
-    output_dir: Optional[str] = option(
-        "look at every submission under <output-dir>/slurm", default=None, default_help="data/"
-    )
-    lines: int = option("log lines to show for a failed partition", default=15)
-
-
-def build_parser() -> Parser:
-    return Parser.of(StatusOptions, "status.py", __doc__.split("\n\n")[0])
-
-
-def status_main(argv: Optional[list[str]] = None) -> int:
-    opts = from_args(StatusOptions, build_parser().parse_args(argv))
-    paths = [Path(x) for x in opts.paths] or [Path(opts.output_dir or default_output_dir()) / "slurm"]
-    print(format_status(collect_status(paths, opts.lines)))
-    return 0

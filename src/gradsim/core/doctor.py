@@ -11,11 +11,8 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-
-from gradsim.options import Parser, from_args, option
 
 # The locked torch is a CUDA 13 build: its kernels need an NVIDIA driver of the 580 series or newer.
 DRIVER_FOR_CUDA = {"13": 580, "12": 525, "11": 450}
@@ -184,41 +181,3 @@ def format_facts(f: dict) -> str:
             f"{d['free_gb']} GB free, bf16 {'yes' if d['bf16'] else 'no'}"
         )
     return "\n".join(lines)
-
-
-@dataclass
-class DoctorOptions:
-    """gradsim doctor's options."""
-
-    device: str = option(
-        "the device a run will ask for: cpu, cuda or cuda:N (exit 2 when it is missing)", default="cuda"
-    )
-
-
-def build_parser() -> Parser:
-    return Parser.of(DoctorOptions, "gradsim doctor", __doc__.splitlines()[0])
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Print what this node offers; exit 2 when the device asked for is not there."""
-    args = from_args(DoctorOptions, build_parser().parse_args(argv))
-    f = facts()
-    print(format_facts(f))
-    want = args.device
-    if want.startswith("cuda"):
-        index = int(want.split(":")[1]) if ":" in want else 0
-        if not f["cuda_available"]:
-            print(f"error: {cuda_missing(want)}", file=sys.stderr)
-            return 2
-        if index >= len(f["devices"]):
-            print(f"error: device {want!r} does not exist ({len(f['devices'])} CUDA devices)", file=sys.stderr)
-            return 2
-    elif want != "cpu":
-        print(f"error: unknown device {want!r}: use cpu, cuda or cuda:N", file=sys.stderr)
-        return 2
-    print(f"ok: {want} is available")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -31,7 +31,6 @@ import torch
 
 from gradsim.config import EMBEDDED_MODEL, Config, hf_token
 from gradsim.errors import GradsimError
-from gradsim.options import Parser, from_args, positionals
 
 log = logging.getLogger("gradsim")
 
@@ -266,7 +265,7 @@ def gradient_capacity(
     return int(capacity)
 
 
-# Real shapes, for the table in the README (python -m gradsim.study.memory); parameter counts from bench/make_model.py --meta.
+# Real shapes, for the table in the README (gradsim memory); parameter counts from bench/make_model.py --meta.
 KNOWN_SHAPES = {
     "SmolLM2-135M (embedded)": ModelShape(134_515_008, 30, 576, 49152, 8192),
     "AMD-OLMo-1B-SFT (1.2B)": ModelShape(1_176_764_416, 16, 2048, 50304, 2048),
@@ -290,19 +289,6 @@ def memory_table(tokens: int = 2048) -> str:
             f"| {name} | {shape.params / 1e9:.2f}B | {' | '.join(cells)} | {shape.params * 4 / GB:.2f} / {shape.params * 2 / GB:.2f} |"
         )
     return "\n".join(rows)
-
-
-@dataclass
-class MemoryOptions:
-    """The options of gradsim memory (python -m gradsim.study.memory)."""
-
-    tokens: list[int] = positionals("sample lengths in tokens, one table each", default_factory=lambda: [512, 2048])
-
-
-def build_parser() -> Parser:
-    return Parser.of(
-        MemoryOptions, "python -m gradsim.study.memory", "GB the exact path needs on the device per model and dtype."
-    )
 
 
 # The full study, for the time table: LIMA's 988 single-turn ids in both settings, 1-of-5 BM25 candidates, the
@@ -334,26 +320,3 @@ def time_table() -> str:
             cells.append(format_duration(est.seconds))
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Print the memory table for the given token counts (default 512 and 2048), then the study's time."""
-    from gradsim.study.estimate import ASSUMED_GPU_FRACTION, CPU_SOURCE
-
-    for t in from_args(MemoryOptions, build_parser().parse_args(argv)).tokens:
-        print(f"\nExact path, GB on the device for samples of {t} tokens (one held gradient):\n")
-        print(memory_table(t))
-    print(
-        f"\nTime of the full study ({STUDY_QUERIES} queries: 988 LIMA ids x 2 settings, 1-of-5, mean "
-        f"{STUDY_MEAN_TOKENS} tokens, {STUDY_PASSES_PER_QUERY} backward passes per query, 6 P T FLOPs each):\n"
-    )
-    print(time_table())
-    print(
-        f"\nGPUs: {ASSUMED_GPU_FRACTION:.0%} of the card's dense peak, assumed (no GPU measurement yet); CPU: "
-        f"{CPU_SOURCE}. For a run's own schedule, lengths and tasks: gradsim submit ... --dry-run"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -27,24 +27,20 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from gradsim import __version__
-from gradsim.cli import reports_errors
 from gradsim.config import (
     BUNDLED_DATA,
     EMBEDDED_MODEL,
     VARIANT_FILES,
     Config,
-    add_quiet_flag,
     check_at_least,
     check_choice,
-    env_defaults,
-    parse_flags,
     redact,
 )
 from gradsim.core.model import LoadedModel, load_model, resolve_device
 from gradsim.data.load import Sample, load_samples, samples_sha256
 from gradsim.errors import GradsimError
 from gradsim.io import append_jsonl, atomic_write_json, atomic_write_jsonl, json_sha256, read_json, read_jsonl_tolerant
-from gradsim.options import Parser, from_args, option
+from gradsim.options import option
 from gradsim.variants.generate import GenParams, LocalBackend, OpenAIBackend, degenerate_reason
 
 log = logging.getLogger("gradsim")
@@ -464,29 +460,3 @@ def run(opts: Options, lm: Optional[LoadedModel] = None) -> dict[str, dict]:
         results[kind] = Builder(kind, backend, params, opts, sources, settings, output).run()
         results[kind]["output"] = str(output)
     return results
-
-
-def build_parser() -> Parser:
-    p = Parser(
-        prog="paraphrase.py",
-        description="Build the variant datasets: 'paraphrased' (user and assistant messages paraphrased separately "
-        "by an LLM) and 'model-generated' (the paraphrased prompt + the analysed model's greedy answer). "
-        "Resumable: rerun the same command after an interruption.",
-    )
-    p.add_options(Options)
-    add_quiet_flag(p)
-    return p
-
-
-def options_from_args(argv: Optional[list[str]] = None) -> Options:
-    args = parse_flags(build_parser(), argv)
-    env = env_defaults()  # MT_MODEL_NAME and MT_DEVICE, as main.py reads them
-    return from_args(Options, args, fallback={"model": env.get("model_name"), "device": env.get("device")})
-
-
-@reports_errors
-def main(argv: Optional[list[str]] = None) -> int:
-    results = run(options_from_args(argv))
-    for kind, c in results.items():
-        print(f"{kind}: {c['rows']} rows written, {c['failed']} failed, of {c['inputs']} -> {c['output']}")
-    return 0
