@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_featurize import machine_info, matmul_gflops  # noqa: E402
 
 from gradsim.config import Config  # noqa: E402
-from gradsim.core import projection  # noqa: E402
 from gradsim.core.model import load_model, resolve_device  # noqa: E402
 from gradsim.core.multisize import make_multi_size  # noqa: E402
 from gradsim.core.projection import tensorsketch  # noqa: E402

@@ -68,10 +68,9 @@ class TargetOptions:
 
 def per_matrix_allocation(model, dims_per_matrix: int) -> dict:
     """A countsketch allocation giving every matrix the same dims (kept exact when it has fewer entries)."""
-    from gradsim.core.projection import fitted_dims
-    from gradsim.core.projection import trainable as _trainable
+    from gradsim.core.projection import fitted_dims, trainable
 
-    names, shapes = _trainable(model)
+    names, shapes = trainable(model)
     numel = [math.prod(s) for s in shapes]
     # Small matrices exact; a sketched size lowered to be coprime with the matrix's sides (countsketch's rule).
     dims = [n if n <= dims_per_matrix else fitted_dims(dims_per_matrix, s, "coprime") for n, s in zip(numel, shapes)]

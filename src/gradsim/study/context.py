@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from gradsim.config import SETTINGS, Config, Provenance
+from gradsim.core.model import LoadedModel, load_model, resolve_device
 from gradsim.data.encode import Encoded, encode
 from gradsim.data.load import Dataset, load_dataset
 from gradsim.errors import GradsimError
-from gradsim.core.model import LoadedModel, load_model, resolve_device
 
 
 def setting_configs(cfg: Config) -> list[Config]:
