@@ -67,6 +67,18 @@ def tiny(embedded):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(request, tmp_path_factory) -> Path:
+    """The tiny model saved as a model folder (for commands and Slurm tasks that load a --model)."""
+    # Looked up here rather than requested: pytest sets up session fixtures before module ones, so a
+    # requested `tiny` would load the embedded model even when the module is about to be skipped.
+    tiny = request.getfixturevalue("tiny")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny.model.save_pretrained(d)
+    tiny.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def samples():
     from gradsim.data.load import load_samples
 

@@ -36,10 +36,12 @@ def test_gpu_dry_run_runs_each_task_on_cuda_and_estimates_it(tmp_path, capsys, b
     # both settings: 48 paraphrased and 45 model-generated queries, split over [0, 48)
     assert "48 queries per setting (paraphrased 48, model-generated 45) in 2 partitions ([0, 24), [24, 48))" in out
     if backend == "sbatch":
-        (command,) = [ln for ln in out.splitlines() if "-m gradsim run" in ln and "--partition-start" in ln]
-        assert "--setting both" in command and "--device cuda" in command and "#SBATCH --gres=gpu:1" in out
+        (command,) = [ln for ln in out.splitlines() if "-m gradsim task" in ln and "--partition-start" in ln]
+        assert "task_config.json" in command and "#SBATCH --gres=gpu:1" in out
     else:
-        assert "'--setting', 'both'" in out and "'--device', 'cuda'" in out and "--gres=gpu:1" in out
+        assert "PartitionTask(<the Config of task_config.json>)" in out and "--gres=gpu:1" in out
+    # what every task runs, typed: both settings, on CUDA
+    assert "\n  setting = both\n" in out and "\n  device = cuda\n" in out
     tasks = re.findall(
         r"task \[(\d+), (\d+)\)\s+(\d+) queries\s+(\d+) backward passes\s+([\d,]+) tokens\s+~(\d+) min", out
     )
@@ -183,7 +185,7 @@ def test_a_gpu_tasks_host_memory_is_memory_py_host_need(tmp_path, capsys):
         results = 24 * p.num_queries * 5 * (9 * 16 + 3)
         want = host_bytes(shape, "float32", "cuda", host_cache, results)["total"]
         assert p.resources.mem == f"{math.ceil(want / GB)}G"
-        assert "--device" in p.argv and p.argv[p.argv.index("--device") + 1] == "cuda"
+        assert p.task_cfg.device == "cuda" and p.task_cfg.memory_gb is None  # the GPU budget is read on the node
         assert "approximated" in p.estimates[0].notes[0]  # no tokenizer beside the config
     assert want - host_bytes(shape, "float32", "cuda", 0.0, results)["total"] == 10 * GB + shape.params * 4
     rc = compute_main([*base, "--gpus", "1", "--gpu-memory-gb", "12", "--dry-run"])

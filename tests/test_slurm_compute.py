@@ -9,6 +9,7 @@ cluster the module is skipped.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -51,25 +52,14 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="module")
-def model_dir(request, tmp_path_factory) -> Path:
-    # Looked up here rather than requested: pytest sets up session fixtures before module ones, so a
-    # requested `tiny` would load the embedded model even when the module is about to be skipped.
-    tiny = request.getfixturevalue("tiny")
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny.model.save_pretrained(d)
-    tiny.tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def study_args(model_dir) -> list[str]:
+def study_args(tiny_model_dir) -> list[str]:
     return [
         "--setting",
         "paraphrased",
         "--computation-type",
         "gradient-similarity",
         "--model",
-        str(model_dir),
+        str(tiny_model_dir),
         "--sample-size",
         "6",
         "--device",
@@ -325,14 +315,16 @@ def test_dry_run_prints_the_script_and_submits_nothing(study_args, tmp_path, bac
 
 def test_gpu_task_without_a_device_stops_at_once_and_status_names_why(study_args, tmp_path):
     """--gpus 1 on the local cluster (a GPU gres with no device behind it): the array is accepted and scheduled,
-    its task runs `python -m gradsim run` with --device cuda, finds no CUDA and exits 2 at once with one line naming
-    what it saw; gradsim status reports the partition failed with that exit code and that line."""
+    its task runs `python -m gradsim task` of a Config with device cuda, finds no CUDA and exits 2 at once with
+    one line naming what it saw; gradsim status reports the partition failed with that exit code and that line."""
     out = tmp_path / "out"
     args = [a for a in study_args if a not in ("--device", "cpu")]
     proc = submit(args, out, "sbatch", "--gpus", "1", partitions=1)
     (job,) = submitted_jobs(proc.stdout).values()
     (rendered,) = (out / "slurm").rglob("job.sbatch")
-    assert "#SBATCH --gres=gpu:1" in rendered.read_text() and "--device cuda" in rendered.read_text()
+    assert "#SBATCH --gres=gpu:1" in rendered.read_text() and "-m gradsim task" in rendered.read_text()
+    (task_config,) = (out / "slurm").rglob("task_config.json")
+    assert json.loads(task_config.read_text())["config"]["device"] == "cuda"
     wait_statuses(out, {(0, 6): "failed"}, timeout_s=120)
     # squeue sees the end first (reason NonZeroExitCode); sacct, which lags slurmdbd by about a second, has the code
     row = wait_until(

@@ -99,7 +99,7 @@ def test_sbatch_dry_run_takes_resources_from_env_and_flags(tmp_path, monkeypatch
         "ENDS=(2 4 5 6)",
     ):
         assert line in out, line
-    assert "apptainer exec --nv img.sif " in out and "-m gradsim run --setting paraphrased" in out
+    assert "apptainer exec --nv img.sif " in out and "-m gradsim task " in out and "task_config.json" in out
     assert "{{" not in out and "nothing was submitted" in out
     assert not (tmp_path / "out").exists()
 
@@ -151,7 +151,7 @@ def test_memory_request_comes_from_the_models_estimate(tmp_path, caplog):
     # embedded model: 134.5M params; weights + buffer + activations of 512 tokens + 2 held + 2 GB, rounded up
     assert p.resources.mem == "5G"
     # 2 x 0.501 GB, rounded up so that the budget the task reads holds both (1.00 held only one)
-    assert p.argv[-2:] == ["--memory-gb", "1.01"]
+    assert p.task_cfg.memory_gb == 1.01 and p.cfg.memory_gb is None
     from gradsim.study.memory import GB, budget_capacity
 
     assert budget_capacity(1.01 * GB, 134_515_008 * 4) == 2 and budget_capacity(1.00 * GB, 134_515_008 * 4) == 1

@@ -12,6 +12,7 @@
 <output-dir>/features/normalizers/<key>.npz            --normalize state estimated from the originals
 <output-dir>/slurm/<computation-type>/<run name>/<stamp>-<backend>/   a submission: submission_dir
     submission.json [<setting>/submission.json]        its record (one per setting with --setting both)
+    task_config.json                                   the typed Config every task runs (gradsim task reads it)
     job.sbatch  logs/<array job>_<task>.log            sbatch's script and task logs (the template's %A_%a.log)
     submitit/                                          submitit's folder (its own scripts and logs)
 <output-dir>/targets/targets.json                      the loss target x normalizer table (gradsim targets)
@@ -126,6 +127,11 @@ def submission_dir(output_dir, computation_type: str, name: str, backend: str, w
 def submission_record(sub_dir, setting: Optional[str] = None) -> Path:
     """A submission's record; with --setting both, one per setting in <submission>/<setting>/."""
     return Path(sub_dir) / setting / SUBMISSION if setting else Path(sub_dir) / SUBMISSION
+
+
+def task_config_file(sub_dir) -> Path:
+    """The typed Config every task of a submission runs (slurm.task_config_record)."""
+    return Path(sub_dir) / "task_config.json"
 
 
 def sbatch_script_file(sub_dir) -> Path:

@@ -52,6 +52,12 @@ def _submit():
     return compute_main, compute_parser
 
 
+def _task():
+    from gradsim.cli.cluster import task_main, task_parser
+
+    return task_main, task_parser
+
+
 def _status():
     from gradsim.cli.cluster import status_main, status_parser
 
@@ -117,6 +123,7 @@ COMMANDS = {
     "run": Command(_run, "the study: gradients of originals and variants, scores, metrics (main.py)"),
     "paraphrase": Command(_paraphrase, "build the paraphrased / model-generated variants (paraphrase.py)"),
     "submit": Command(_submit, "split a run into partitions on Slurm (compute.py)"),
+    "task": Command(_task, "one Slurm task of a submission: its typed task_config.json over one query range"),
     "status": Command(_status, "done / running / pending / failed partitions (status.py)"),
     "combine": Command(_combine, "merge finished partitions (combine_all.sh)"),
     "select": Command(_select, "greedy selection of parameter matrices on held-out queries"),

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from gradsim.cli.common import build_parser as study_parser
-from gradsim.cli.common import config_from_args, format_summary
+from gradsim.cli.common import config_from_args, format_summary, reports_errors
 from gradsim.cluster.resources import BACKENDS, DEFAULT_TIME, RESOURCES_TITLE, Resources
-from gradsim.config import redact
+from gradsim.config import add_quiet_flag, parse_flags, redact
 from gradsim.errors import GradsimError
 from gradsim.options import Parser, env_values, from_args, option, positionals
 
@@ -47,21 +47,61 @@ def compute_parser() -> Parser:
     return p
 
 
+def absolute_paths(argv: list[str]) -> list[str]:
+    """Tasks may start in another directory (sbatch --chdir, containers): pass paths absolute."""
+    out, i = [], 0
+    flags = ("--output-dir", "--original-data", "--variant-data", "--model", "--ids-file")
+    while i < len(argv):
+        a = argv[i]
+        key, eq, val = a.partition("=")
+        if key in flags and eq:
+            out.append(f"{key}={_abs_if_path(val)}")
+        elif a in flags and i + 1 < len(argv):
+            out += [a, _abs_if_path(argv[i + 1])]
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _abs_if_path(v: str) -> str:
+    p = Path(v).expanduser()
+    # A hub id (org/name) is not a path unless such a directory exists here.
+    return str(p.resolve()) if p.exists() or v.startswith((".", "/", "~")) else v
+
+
+def strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in names:
+            skip = True
+            continue
+        if a.partition("=")[0] in names and "=" in a:
+            continue
+        out.append(a)
+    return out
+
+
 def plan_from_argv(argv_main: list[str], num_partitions: int, backend: str, resources: Resources) -> Plan:
-    """The plan (slurm.plan) of the run main.py's flags ``argv_main`` describe."""
-    from gradsim.cluster.slurm import absolute_paths, check_backend, on_gpus, plan
+    """The plan (slurm.plan) of the run main.py's flags ``argv_main`` describe: read here once, into the Config
+    the tasks get typed (paths absolute; --device cuda where --gpus asks for GPUs)."""
+    from gradsim.cluster.slurm import check_backend, gpu_device, plan
 
     check_backend(backend)
     argv_main = absolute_paths(argv_main)
     parsed = study_parser().parse_args(argv_main)  # a typo in a flag fails here, not in N jobs
-    argv_main = on_gpus(argv_main, parsed.device, resources)
-    cfg = config_from_args(argv_main)
-    return plan(cfg, argv_main, num_partitions, backend, resources, parsed.output_dir is not None, config_from_args)
+    device = gpu_device(parsed.device, resources)
+    if device is not None:
+        argv_main = [*argv_main, "--device", device]
+    return plan(config_from_args(argv_main), num_partitions, backend, resources, quiet=parsed.quiet)
 
 
 def compute_main(argv: Optional[list[str]] = None) -> int:
     from gradsim.cluster.resources import resources_from, slurm_environ
-    from gradsim.cluster.slurm import absolute_paths, strip_flags
     from gradsim.cluster.status import collect_status, format_status
     from gradsim.cluster.submit import submit
     from gradsim.layout import run_dir as run_dir_of
@@ -110,6 +150,8 @@ def print_submission(p: Plan, record: dict, dry_run: bool) -> None:
         print(f"\n--- dry run ({p.backend}): nothing was submitted. The script:\n")
         print(record["script"])
         print(f"--- and the command:\n{record['command']}")
+        print(f"--- every task runs this Config ({record['task_config']}; fields not at their default):")
+        print(config_lines(p.task_cfg))
         print(f"\nresults would go to {', '.join(f'{r.run_dir}/partitions/' for r in p.runs)}, logs to {p.sub_dir}/")
         return
     print(f"submitted job array {record['array_job_id']} ({p.backend}):")
@@ -120,6 +162,15 @@ def print_submission(p: Plan, record: dict, dry_run: bool) -> None:
     print(f"status:  gradsim status {p.sub_dir.parent}")
     if p.ranges != [(0, p.num_queries)]:
         print("combine: " + "; ".join(f"gradsim combine {r.run_dir}" for r in p.runs))
+
+
+def config_lines(cfg) -> str:
+    """The fields of a Config that differ from the defaults, one ``name = value`` a line."""
+
+    from gradsim.config import Config
+
+    default = Config(setting=cfg.setting).to_dict()
+    return "\n".join(f"  {k} = {v}" for k, v in cfg.to_dict().items() if v != default.get(k) or k == "setting")
 
 
 def print_estimate(p: Plan) -> None:
@@ -150,6 +201,45 @@ def print_estimate(p: Plan) -> None:
         f"  --time {p.resources.time} per task"
         + (f" (the longest task's estimate x {TIME_MARGIN:g} + {TIME_SLACK_MIN} min)" if p.timed else " (given)")
     )
+
+
+# gradsim task
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskOptions:
+    """The options of gradsim task: what a Slurm task of gradsim submit (--backend sbatch) starts."""
+
+    task_config: list[str] = positionals("the submission's task_config.json (gradsim submit writes it)", "")
+    partition_start: int = option("first query index of this task", default=0)
+    partition_end: Optional[int] = option("query index one past this task's last", default=None)
+
+
+def task_parser() -> Parser:
+    p = Parser.of(
+        TaskOptions,
+        "gradsim task",
+        "One task of a Slurm submission: the run whose typed Config the submission's task_config.json holds, over "
+        "the queries [--partition-start, --partition-end); refused if the data files changed since the submission.",
+    )
+    add_quiet_flag(p)
+    return p
+
+
+@reports_errors
+def task_main(argv: Optional[list[str]] = None) -> int:
+    from gradsim.cluster.slurm import read_task_config, run_task
+
+    args = parse_flags(task_parser(), argv)
+    opts = from_args(TaskOptions, args)
+    if len(opts.task_config) != 1:
+        raise GradsimError("give one task_config.json (the one in the submission's folder that gradsim submit wrote)")
+    cfg, data = read_task_config(Path(opts.task_config[0]))
+    result = run_task(cfg, opts.partition_start, opts.partition_end, data)
+    for r in list(result["settings"].values()) if "settings" in result else [result]:
+        print(format_summary(r))
+    return 0
 
 
 # gradsim status

@@ -6,8 +6,10 @@ package's ``templates/job.sbatch.template``). Every task runs main.py's code pat
 for its range, so a task that is preempted or hits its time limit is requeued and resumes from the run's
 progress log. Each submission leaves ``submission.json`` beside its logs; ``gradsim.cluster.status``
 (status.py) reads those and asks squeue/sacct, ``gradsim.cluster.combine`` (combine.py) merges the finished
-partitions. The study's flags are read by the command layer (gradsim.cli), which hands the plan a Config,
-the flags to pass on and how a task reads them.
+partitions. The study's flags are read once, by the command layer (gradsim.cli), which hands the plan a
+Config; the tasks get that Config typed, never as flags: submitit pickles it into each PartitionTask, the sbatch
+script starts ``python -m gradsim task <submission>/task_config.json`` (the Config and the data hashes it was
+planned on, written atomically at submit), and a task whose data files changed since refuses to run.
 
 Slurm resources come from flags and ``GRADSIM_SLURM_*`` variables (environment or .env), never
 from this file (resources.py): clusters differ in partitions, accounts, GPUs and containers.
@@ -21,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import submitit
 
@@ -51,48 +53,73 @@ def split_ranges(start: int, end: int, n: int) -> list[tuple[int, int]]:
     return out
 
 
-def strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in names:
-            skip = True
-            continue
-        if a.partition("=")[0] in names and "=" in a:
-            continue
-        out.append(a)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------------
 
 
-# How a task makes its Config from the study's flags, on its node: the command layer's reading of them (flags over
-# .env over the defaults, gradsim.cli.common.config_from_args), handed down so that this layer parses nothing.
-ConfigOf = Callable[[list[str]], Config]
+TASK_CONFIG_FORMAT = "gradsim-task-config/1"
+
+
+def task_config_record(cfg: Config, data: dict) -> dict:
+    """What every task of a submission runs: the study's Config less its range (each task's comes from the array)
+    and the hashes of the data it was planned on, per setting (``data``: setting -> Dataset)."""
+    from gradsim import __version__
+
+    return {
+        "format": TASK_CONFIG_FORMAT,
+        "gradsim_version": __version__,
+        "config": cfg.to_dict(),
+        "data": {
+            s: {"original_data_sha256": d.original_sha256, "variant_data_sha256": d.variant_sha256}
+            for s, d in data.items()
+        },
+    }
+
+
+def read_task_config(path: Path) -> tuple[Config, dict]:
+    """(Config, data hashes per setting) of a submission's task_config.json; a missing or damaged file is a
+    one-line error."""
+    from gradsim.io import load_json
+
+    if not Path(path).is_file():
+        raise GradsimError(f"task config {path} does not exist: give the task_config.json of a submission's folder")
+    record = load_json(Path(path), "submit the run again (gradsim submit writes it)")
+    if record.get("format") != TASK_CONFIG_FORMAT:
+        raise GradsimError(f"{path} is not a gradsim task config ({TASK_CONFIG_FORMAT}): submit the run again")
+    return Config.from_dict(record["config"]).validate(), record.get("data", {})
+
+
+def run_task(cfg: Config, start: int, end: int, data: Optional[dict] = None) -> dict:
+    """One task: the run ``cfg`` over the queries [start, end), after checking that its data files still hold what
+    the submission was planned on (``data``: hashes per setting, as task_config_record wrote them)."""
+    from dataclasses import replace
+
+    from gradsim.study.context import check_unchanged, load_data, setting_configs
+    from gradsim.study.run import run
+
+    attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) + 1
+    print(f"gradsim task [{start}, {end}) job {os.environ.get('SLURM_JOB_ID', '?')} attempt {attempt}", flush=True)
+    for c in setting_configs(cfg):
+        if data and c.setting in data:
+            record = dict(data[c.setting], original_data=c.original_data, variant_data=c.variant_data)
+            check_unchanged(load_data(c), record, f"this submission's {c.setting} run")
+    return run(replace(cfg, partition_start=start, partition_end=end))
 
 
 class PartitionTask(submitit.helpers.Checkpointable):
-    """main.py's code path for one query range. On preemption or time limit submitit calls
-    checkpoint(), which (inherited) requeues this same call; run() then resumes from its progress
-    log, so the call itself needs no state. ``config_of`` is pickled by reference (a module's function)."""
+    """One query range of the run ``cfg`` (the submission's Config, pickled typed; no flags are read on the node).
+    On preemption or time limit submitit calls checkpoint(), which (inherited) requeues this same call; run()
+    then resumes from its progress log, so the call itself needs no state."""
 
-    def __init__(self, argv: list[str], config_of: ConfigOf) -> None:
-        self.argv = list(argv)
-        self.config_of = config_of
+    def __init__(self, cfg: Config, data: Optional[dict] = None, quiet: bool = False) -> None:
+        self.cfg, self.data, self.quiet = cfg, data, quiet
 
     def __call__(self, start: int, end: int) -> dict:
-        from gradsim.study.run import run
-
-        attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) + 1
-        print(f"gradsim task [{start}, {end}) job {os.environ.get('SLURM_JOB_ID', '?')} attempt {attempt}", flush=True)
-        cfg = self.config_of([*self.argv, "--partition-start", str(start), "--partition-end", str(end)])
-        result = run(cfg)
-        return {"partition": result["partition"], "summary": result.get("summary", {}).get("whole_model")}
+        logging.basicConfig(level=logging.WARNING if self.quiet else logging.INFO, format="%(message)s")
+        result = run_task(self.cfg, start, end, self.data)
+        results = list(result["settings"].values()) if "settings" in result else [result]
+        return {"partition": results[0]["partition"], "summary": results[0].get("summary", {}).get("whole_model")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,8 +143,8 @@ class SettingRun:
 @dataclass
 class Plan:
     backend: str
-    cfg: Config
-    argv: list[str]
+    cfg: Config  # the study as asked (its overall range included)
+    task_cfg: Config  # what every task runs, less its range: output folder absolute, --memory-gb sized (size_task)
     run_dir: Path  # the run's folder (of --setting both: where its name says both; each setting's in runs)
     sub_dir: Path
     num_queries: int
@@ -128,7 +155,8 @@ class Plan:
     estimates: list[Estimate] = field(default_factory=list)  # per task of todo
     throughput_source: str = ""
     timed: bool = False  # --time set from the estimate
-    config_of: Optional[ConfigOf] = None  # how the tasks read argv (PartitionTask)
+    data: dict = field(default_factory=dict)  # per setting: the hashes of the data it was planned on
+    quiet: bool = False  # tasks log warnings only (-q)
 
     @property
     def job_name(self) -> str:
@@ -150,63 +178,28 @@ SUBMIT_COMPAT = (
 )
 
 
-def absolute_paths(argv: list[str]) -> list[str]:
-    """Tasks may start in another directory (sbatch --chdir, containers): pass paths absolute."""
-    out, i = [], 0
-    flags = ("--output-dir", "--original-data", "--variant-data", "--model", "--ids-file")
-    while i < len(argv):
-        a = argv[i]
-        key, eq, val = a.partition("=")
-        if key in flags and eq:
-            out.append(f"{key}={_abs_if_path(val)}")
-        elif a in flags and i + 1 < len(argv):
-            out += [a, _abs_if_path(argv[i + 1])]
-            i += 1
-        else:
-            out.append(a)
-        i += 1
-    return out
-
-
-def _abs_if_path(v: str) -> str:
-    p = Path(v).expanduser()
-    # A hub id (org/name) is not a path unless such a directory exists here.
-    return str(p.resolve()) if p.exists() or v.startswith((".", "/", "~")) else v
-
-
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise GradsimError(f"unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
-def plan(
-    cfg: Config,
-    argv_main: list[str],
-    num_partitions: int,
-    backend: str,
-    resources: Resources,
-    output_dir_given: bool,
-    config_of: ConfigOf,
-) -> Plan:
-    """The array for the run ``cfg``: its ranges, those not finished yet, each task's size. ``argv_main``: the
-    study's flags cfg was made of (paths absolute, on_gpus applied), passed on to the tasks, which read them with
-    ``config_of``; ``output_dir_given``: whether --output-dir is among them (else the tasks get cfg's)."""
-    from gradsim.data.load import load_dataset, partition_range
-    from gradsim.study.run import setting_configs
+def plan(cfg: Config, num_partitions: int, backend: str, resources: Resources, quiet: bool = False) -> Plan:
+    """The array for the run ``cfg`` (the command layer's reading of the study's flags, paths absolute, --device cuda
+    where --gpus asks for GPUs): its ranges, those not finished yet, each task's size and the Config every task runs."""
+    from dataclasses import replace
+
+    from gradsim.data.load import partition_range
+    from gradsim.study.context import load_data, setting_configs
 
     check_backend(backend)
     cfg.validate()
-    settings = [
-        (c, load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns, c.ids_file))
-        for c in setting_configs(cfg)
-    ]
+    settings = [(c, load_data(c)) for c in setting_configs(cfg)]
     runs = [SettingRun(c.setting, run_dir_of(c).resolve(), len(d.queries)) for c, d in settings]
     num_queries = max(r.num_queries for r in runs)  # --setting both: each task clips the range to each setting
     start, end = partition_range(num_queries, cfg.partition_start, cfg.partition_end)
-    # The tasks get their own range; drop the user's overall range from what they are passed.
-    passthrough = strip_flags(argv_main, ("--partition-start", "--partition-end"))
-    if cfg.output_dir and not output_dir_given:
-        passthrough += ["--output-dir", str(Path(cfg.output_dir).resolve())]
+    output_dir = Path(cfg.output_dir).resolve()
+    # The tasks get their own range, and the output folder absolute (they may start in another directory).
+    task_cfg = replace(cfg, partition_start=None, partition_end=None, output_dir=str(output_dir))
     ranges = split_ranges(start, end, num_partitions)
     todo = [
         (s, e)
@@ -214,27 +207,24 @@ def plan(
         if not all(finished(cfg, r, r.clip(s, e), d) for r, (_, d) in zip(runs, settings) if r.clip(s, e))
     ]
     run_dir = run_dir_of(cfg).resolve()
-    output_dir = Path(cfg.output_dir).resolve()
     sub_dir = submission_dir(output_dir, cfg.computation_type, run_dir.name, backend, datetime.now(timezone.utc))
-    p = Plan(
-        backend, cfg, passthrough, run_dir, sub_dir, num_queries, ranges, todo, resources, runs, config_of=config_of
-    )
+    data = {c.setting: d for c, d in settings}
+    p = Plan(backend, cfg, task_cfg, run_dir, sub_dir, num_queries, ranges, todo, resources, runs, quiet=quiet)
     size_task(p, settings)
+    p.data = task_config_record(p.task_cfg, data)["data"]
     return p
 
 
-def on_gpus(argv: list[str], device: Optional[str], resources: Resources) -> list[str]:
-    """A task that asks Slurm for GPUs runs on CUDA (--device cuda), so that one which finds none stops at once
-    instead of computing on the CPU within a memory request sized for the GPU."""
+def gpu_device(device: Optional[str], resources: Resources) -> Optional[str]:
+    """The --device of a task that asks Slurm for GPUs: CUDA, so that one which finds none stops at once instead
+    of computing on the CPU within a memory request sized for the GPU (None: --device as given)."""
     if not resources.gpus:
-        return argv
+        return None
     if device is not None and not device.startswith("cuda"):
         raise GradsimError(
             f"--gpus {resources.gpus} asks Slurm for GPUs but --device {device} runs on the CPU: drop one of them"
         )
-    if device is None:
-        argv = [*argv, "--device", "cuda"]
-    return argv
+    return None if device is not None else "cuda"
 
 
 def finished(cfg: Config, run: SettingRun, rng: tuple[int, int], data) -> bool:
@@ -307,7 +297,7 @@ def size_task(p: Plan, settings) -> None:
         if budget is None and not cfg.use_random_projection:
             budget = TASK_HELD_GRADIENTS * grad / GB
             # rounded up, so that the budget holds what it was sized for
-            p.argv = [*p.argv, "--memory-gb", f"{math.ceil(budget * 100) / 100:.2f}"]
+            p.task_cfg = replace(p.task_cfg, memory_gb=math.ceil(budget * 100) / 100)
         if cfg.use_random_projection:
             host = shape.params * w * 2 + shape.activation_bytes(tokens, cfg.dtype)
         else:

@@ -14,16 +14,24 @@ from typing import Any
 
 import submitit
 
-from gradsim.cluster.resources import DEFAULT_TIME, sbatch_option, time_minutes
-from gradsim.cluster.slurm import PartitionTask, Plan
+from gradsim.cluster.resources import time_minutes
+from gradsim.cluster.slurm import PartitionTask, Plan, task_config_record
 from gradsim.config import PACKAGE_DIR, redact
 from gradsim.errors import GradsimError
 from gradsim.io import atomic_write_json
-from gradsim.layout import sbatch_script_file, submission_record, submitit_dir, task_log, task_log_dir
+from gradsim.layout import (
+    sbatch_script_file,
+    submission_record,
+    submitit_dir,
+    task_config_file,
+    task_log,
+    task_log_dir,
+)
 
 TEMPLATE = PACKAGE_DIR / "templates" / "job.sbatch.template"  # package data: works installed
-# The task's command after the python: the study's code path through the installed package (no checkout's main.py).
-TASK_MODULE = ("-m", "gradsim", "run")
+# The task's command after the python: one task of the submission through the installed package (no checkout's
+# main.py), reading the typed Config of task_config.json.
+TASK_MODULE = ("-m", "gradsim", "task")
 
 
 def render_template(template: str, values: dict[str, str]) -> str:
@@ -39,7 +47,8 @@ def sbatch_script(p: Plan, template_path: Path = TEMPLATE) -> str:
     n = len(p.todo)
     array = f"0-{n - 1}" + (f"%{r.max_parallel}" if r.max_parallel else "")
     lines = [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}" for k, v in r.sbatch_options()]
-    command = " ".join([r.task_command(), *TASK_MODULE, *(shlex.quote(a) for a in p.argv)])
+    quiet = ["-q"] if p.quiet else []
+    command = " ".join([r.task_command(), *TASK_MODULE, shlex.quote(str(task_config_file(p.sub_dir))), *quiet])
     values = {
         "job_name": p.job_name,
         "array": array,
@@ -65,26 +74,29 @@ class _OfflineSlurmExecutor(submitit.SlurmExecutor):
         return 1
 
 
+# Slurm options submitit's executor takes by name; any other goes to its additional_parameters.
+SUBMITIT_NATIVE = ("partition", "mem", "account", "qos", "cpus_per_task", "gres")
+
+
 def _submitit_executor(p: Plan, dry_run: bool = False) -> submitit.SlurmExecutor:
     r = p.resources
     # SlurmExecutor, not AutoExecutor: the python command (container prefix) is a constructor argument.
     cls = _OfflineSlurmExecutor if dry_run else submitit.SlurmExecutor
     ex = cls(folder=submitit_dir(p.sub_dir), max_num_timeout=r.max_requeues, python=r.task_command())
-    params: dict[str, Any] = {
-        "job_name": p.job_name,
-        "time": time_minutes(r.time or DEFAULT_TIME),
-        "signal_delay_s": r.signal_delay_s,
-    }
-    for key in ("partition", "mem", "account", "qos", "cpus_per_task"):
-        if getattr(r, key):
-            params[key] = getattr(r, key)
-    if r.gpus:
-        params["gres"] = f"gpu:{r.gpus}"
+    params: dict[str, Any] = {"job_name": p.job_name, "signal_delay_s": r.signal_delay_s}
+    extra: dict[str, Any] = {}
+    for key, value in r.sbatch_options():  # the one mapping of resources to Slurm's options, as sbatch's script
+        name = key.replace("-", "_")
+        if key == "time":
+            params["time"] = time_minutes(value)  # submitit wants minutes
+        elif name in SUBMITIT_NATIVE:
+            params[name] = value
+        else:
+            extra[key] = value
     if r.setup:
         params["setup"] = list(r.setup)
     if r.max_parallel:
         params["array_parallelism"] = r.max_parallel
-    extra = dict(sbatch_option(x) for x in r.sbatch_extra)
     if extra:
         params["additional_parameters"] = extra
     ex.update_parameters(**params)
@@ -101,6 +113,14 @@ def submitit_script(p: Plan) -> str:
     )
 
 
+def write_task_config(p: Plan) -> Path:
+    """What every task runs, typed (the Config and the data hashes it was planned on): read back by `gradsim task`
+    (sbatch); submitit pickles the same Config into its tasks."""
+    path = task_config_file(p.sub_dir)
+    atomic_write_json(path, task_config_record(p.task_cfg, {}) | {"data": p.data})
+    return path
+
+
 def submit(p: Plan, dry_run: bool = False) -> dict:
     """Submit the plan's pending ranges as one array; returns the submission record."""
     record = {
@@ -109,7 +129,8 @@ def submit(p: Plan, dry_run: bool = False) -> dict:
         "sub_dir": str(p.sub_dir),
         "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cwd": str(Path.cwd()),
-        "argv": p.argv,
+        "task_config": str(task_config_file(p.sub_dir)),
+        "config": p.task_cfg.to_dict(),
         "num_queries": p.num_queries,
         "ranges": [list(r) for r in p.ranges],
         "resources": asdict(p.resources),
@@ -122,6 +143,8 @@ def submit(p: Plan, dry_run: bool = False) -> dict:
     }
     if not p.todo:
         return record
+    if not dry_run:
+        write_task_config(p)
     if p.backend == "sbatch":
         script = sbatch_script(p)
         script_path = sbatch_script_file(p.sub_dir)
@@ -147,12 +170,13 @@ def submit(p: Plan, dry_run: bool = False) -> dict:
             record["script"] = submitit_script(p)
             record["command"] = (
                 f"submitit.SlurmExecutor(folder={str(submitit_dir(p.sub_dir))!r}).map_array("
-                f"gradsim.cluster.slurm.PartitionTask({p.argv!r}), starts={[s for s, _ in p.todo]}, "
+                f"gradsim.cluster.slurm.PartitionTask(<the Config of {task_config_file(p.sub_dir).name}>), "
+                f"starts={[s for s, _ in p.todo]}, "
                 f"ends={[e for _, e in p.todo]})"
             )
             return record
         ex = _submitit_executor(p)
-        jobs = ex.map_array(PartitionTask(p.argv, p.config_of), [s for s, _ in p.todo], [e for _, e in p.todo])
+        jobs = ex.map_array(PartitionTask(p.task_cfg, p.data, p.quiet), [s for s, _ in p.todo], [e for _, e in p.todo])
         record["array_job_id"] = jobs[0].job_id.split("_")[0]
         record["tasks"] = [
             {
