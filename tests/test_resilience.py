@@ -146,11 +146,12 @@ def test_combine_and_a_rerun_name_a_truncated_partition_file(tiny, tmp_path, cap
 def test_a_full_disk_leaves_no_scores_without_results_and_the_rerun_resumes(tiny, tmp_path, monkeypatch, capsys):
     import errno
 
+    import gradsim.study.outputs
     import gradsim.study.run as runmod
     from gradsim.cli import main
     from gradsim.io import atomic_writer
 
-    real = runmod.atomic_write_json
+    real = gradsim.study.outputs.atomic_write_json  # looked up where results.json is written (write_outputs)
 
     def full(path, obj, indent=True):
         if path.name != "results.json":
@@ -158,7 +159,7 @@ def test_a_full_disk_leaves_no_scores_without_results_and_the_rerun_resumes(tiny
         with atomic_writer(path):
             raise OSError(errno.EFBIG, "File too large")  # write() names no file
 
-    monkeypatch.setattr(runmod, "atomic_write_json", full)
+    monkeypatch.setattr(gradsim.study.outputs, "atomic_write_json", full)
     monkeypatch.setattr(runmod, "load_model", lambda cfg, device: tiny)
     monkeypatch.setattr(runmod, "check_exact_fits", lambda cfg, device: None)
     argv = ["--output-dir", str(tmp_path), "--device", "cpu", "--sample-size", "3", "--top-k", "1", "--no-baselines"]
@@ -169,7 +170,7 @@ def test_a_full_disk_leaves_no_scores_without_results_and_the_rerun_resumes(tiny
     assert "rerun the same command" in err[0]
     assert not (out / "scores.npz").exists() and not (out / "results.json").exists()
     assert (out / "progress.jsonl").exists()  # resumable
-    monkeypatch.setattr(runmod, "atomic_write_json", real)
+    monkeypatch.setattr(gradsim.study.outputs, "atomic_write_json", real)
     assert main(argv) == 0
     res = read_json(out / "results.json")
     assert res["cost"]["query_passes"] == 3 and [a["end"] for a in res["cost"]["attempts"]] == ["error", "finished"]

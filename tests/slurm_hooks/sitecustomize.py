@@ -5,8 +5,8 @@ array tasks inherit that environment, so Python imports this module at start-up 
 ``sitecustomize``) in every task. With GRADSIM_TEST_SLOWDOWN=S it sleeps S seconds before each query's
 gradient or features, so that a test can preempt a task while it is mid-run, and logs which queries
 each attempt computed ("test slowdown: featurized queries <id> ..."). Without the variable it does
-nothing; it never imports gradsim itself, it only patches gradsim.study.run and gradsim.study.stream once the task
-imports them.
+nothing; it never imports gradsim itself, it only patches gradsim.study.projected and gradsim.study.stream once
+the task imports them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 log = logging.getLogger("gradsim")
 
 
-def _slow_run(module, seconds: float) -> None:
+def _slow_projected(module, seconds: float) -> None:
     real_featurize = module.featurize
 
     def slow(featurizer, encs, device, dtype, role, *args, **kwargs):
@@ -77,7 +77,8 @@ def install() -> None:
     seconds = float(os.environ.get("GRADSIM_TEST_SLOWDOWN", "0") or 0)
     if seconds > 0:
         sys.meta_path.insert(
-            0, _PatchOnImport({"gradsim.study.run": _slow_run, "gradsim.study.stream": _slow_stream}, seconds)
+            0,
+            _PatchOnImport({"gradsim.study.projected": _slow_projected, "gradsim.study.stream": _slow_stream}, seconds),
         )
 
 

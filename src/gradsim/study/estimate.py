@@ -174,7 +174,7 @@ def estimate_shares(
     cfg: Config, shares: list[tuple[Config, object, int, int]], params: int, capacity: Optional[int], max_length: int
 ) -> Estimate:
     """Passes and tokens of one task covering ``shares`` ((setting's Config, Dataset, start, end) each, one
-    schedule as run.score_exact makes it), with ``capacity`` exact gradients held (None: a projected run, each
+    schedule as exact.score_exact makes it), with ``capacity`` exact gradients held (None: a projected run, each
     needed original featurized once)."""
     from gradsim.data.retrieval import candidate_lists
     from gradsim.study.schedule import fewest_held, make_plan
@@ -197,7 +197,7 @@ def estimate_shares(
         est.tokens = sum(q_tokens) + sum(o_tokens.values())
         return est
     groups = [c[0] for c in cands]
-    plan = make_plan(cands, groups, fewest_held(cands, groups, max(1, capacity)))  # as run.score_exact
+    plan = make_plan(cands, groups, fewest_held(cands, groups, max(1, capacity)))  # as exact.score_exact
     est.passes = len(cands) + plan.original_passes
     if plan.mode == "hold-originals":
         est.tokens = sum(q_tokens) + sum(o_tokens.values())
