@@ -106,17 +106,26 @@ def reference_normalized(G_o: torch.Tensor, G_q: torch.Tensor, layout, steps, da
     return torch.nn.functional.normalize(G_q, dim=1) @ torch.nn.functional.normalize(G_o, dim=1).T
 
 
+def sketcher(lm, *args):
+    """A TargetSketcher over a tiny model at 256 tokens (a Study of the default config, no data)."""
+    from gradsim.analysis.targets import TargetSketcher
+    from gradsim.config import Config, Provenance
+    from gradsim.study.context import Study
+
+    return TargetSketcher(Study(Config(device="cpu"), None, lm, Provenance(max_length=256)), *args)
+
+
 @pytest.mark.slow
 def test_targets_and_normalizers_equal_plain_torch_on_exact_gradients(tiny, samples):
     """TargetSketcher with more dims per matrix than any matrix has keeps every gradient exact; each
     (target, normalizer) score matrix must equal plain torch on HF-loss gradients (``all`` computed
     directly, not combined), with the adafactor scale from its full (not factored-in-place) form."""
-    from gradsim.analysis.targets import TARGETS, TargetSketcher, scores_for
+    from gradsim.analysis.targets import TARGETS, scores_for
     from gradsim.core.normalize import NORMALIZERS, parse_normalizer
 
     origs, queries = samples[:4], samples[4:7]
     damping = 0.05
-    sk = TargetSketcher(tiny, 256, 10**8, 0, damping)
+    sk = sketcher(tiny, 10**8, 0, damping)
     assert all(sk.sketch.exact)
     sk.estimate(origs)
     fo, fq = sk.features(origs), sk.features(queries)
@@ -139,14 +148,14 @@ def test_targets_and_normalizers_equal_plain_torch_on_exact_gradients(tiny, samp
 
 def test_sketched_target_scores_track_the_exact_ones(tiny, samples):
     """With 256 dims per matrix the sketch's whole-model cosines stay close to the exact ones."""
-    from gradsim.analysis.targets import TargetSketcher, scores_for
+    from gradsim.analysis.targets import scores_for
 
     origs, queries = samples[:4], samples[4:6]
-    exact = TargetSketcher(tiny, 256, 10**8, 0, 0.01)
+    exact = sketcher(tiny, 10**8, 0, 0.01)
     exact.estimate(origs)
     e_o, e_q = exact.features(origs), exact.features(queries)
     exact.release()
-    small = TargetSketcher(tiny, 256, 256, 0, 0.01)
+    small = sketcher(tiny, 256, 0, 0.01)
     assert not all(small.sketch.exact)
     small.estimate(origs)
     s_o, s_q = small.features(origs), small.features(queries)

@@ -221,19 +221,17 @@ def project_runs(
     from gradsim.core.model import load_model, resolve_device
     from gradsim.core.multisize import GRADIENT_KINDS, make_multi_size
     from gradsim.core.projection import CALIBRATION_SAMPLES
-    from gradsim.data.encode import encode
+    from gradsim.study.context import Study, provenance
     from gradsim.study.features import featurize, progress_bar
-    from gradsim.study.run import resolved_max_length
 
-    raw = dict(runs[0].result["config"], **({"device": device} if device else {}))
-    cfg = Config.from_dict(raw)
+    on = {"device": device} if device else {}
+    cfgs = {run.setting: Config.from_dict(dict(run.result["config"], **on)) for run in runs}
+    cfg = cfgs[runs[0].setting]
     lm = lm or load_model(cfg, resolve_device(cfg))
-    max_length = resolved_max_length(cfg, lm)
+    studies = {s: Study(cfgs[s], d, lm, provenance(cfgs[s], d, lm, None)) for s, d in data.items()}
     originals = data[runs[0].setting].originals
-    enc_o = [encode(lm.tokenizer, s, max_length, cfg.loss_on, cfg.turns) for s in originals]
-    enc_q = {
-        s: [encode(lm.tokenizer, q, max_length, cfg.loss_on, cfg.turns) for q in d.queries] for s, d in data.items()
-    }
+    enc_o = [studies[runs[0].setting].encode(s) for s in originals]
+    enc_q = {s: [st.encode(q) for q in st.data.queries] for s, st in studies.items()}
     out = {}
     for family in ([k for k in sizes if k not in GRADIENT_KINDS], [k for k in sizes if k in GRADIENT_KINDS]):
         if not family:
@@ -268,18 +266,15 @@ def project_runs(
 
 
 def load_datasets(runs: list[ExactRun]) -> dict:
-    """Each run's dataset by setting, refused if its files changed since the run."""
-    from gradsim.data.load import load_dataset
+    """Each run's dataset by setting, read as the run read it (study.context.load_data: its --turns and --ids-file
+    included), refused if its files changed since the run."""
+    from gradsim.study.context import check_unchanged, load_data
 
     out = {}
     for run in runs:
         c = run.result["config"]
-        data = load_dataset(c["original_data"], c["variant_data"], c.get("sample_size"), ids_file=c.get("ids_file"))
-        if data.original_sha256 != c.get("original_data_sha256") or data.variant_sha256 != c.get("variant_data_sha256"):
-            raise GradsimError(
-                f"the data files of {run.path} changed since it ran ({c['original_data']}, {c['variant_data']}): "
-                "run it again"
-            )
+        data = load_data(Config.from_dict(c))
+        check_unchanged(data, c, str(run.path))
         out[run.setting] = data
     return out
 

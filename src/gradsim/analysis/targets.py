@@ -19,6 +19,7 @@ configuration, model revision, code version and seeds that reproduce it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -41,7 +42,7 @@ from gradsim.core.normalize import (
     normalized_features,
     parse_normalizer,
 )
-from gradsim.data.encode import combine_targets, encode
+from gradsim.data.encode import combine_targets
 from gradsim.errors import GradsimError
 from gradsim.options import option
 from gradsim.study.features import progress_bar
@@ -89,14 +90,15 @@ class TargetSketcher:
     """Per sample: prompt and response gradients (two backward passes), their combination for ``all``,
     each sketched per matrix, raw and (once estimated) scaled by each target's second moment."""
 
-    def __init__(self, lm, max_length: int, dims_per_matrix: int, seed: int, damping: float, dtype="float32"):
+    def __init__(self, study, dims_per_matrix: int, seed: int, damping: float, dtype="float32"):
         from gradsim.core.projection import CountSketchFeaturizer
 
+        lm = study.lm
         allocation = per_matrix_allocation(lm.model, dims_per_matrix)
         self.sketch = CountSketchFeaturizer(
             lm.model, lm.device, dtype, allocation["total"], seed, allocation=allocation
         )
-        self.lm, self.max_length, self.device = lm, max_length, lm.device
+        self.study, self.lm, self.device = study, lm, lm.device
         self.computer = self.sketch.computer
         full = self.computer.layout
         self.prompt_grad = torch.empty(full.total, dtype=torch.float32, device=lm.device)
@@ -108,8 +110,8 @@ class TargetSketcher:
 
     def gradients(self, sample) -> dict[str, torch.Tensor]:
         """The three targets' flat gradients (views of reused buffers: use them before the next call)."""
-        ep = encode(self.lm.tokenizer, sample, self.max_length, "prompt")
-        er = encode(self.lm.tokenizer, sample, self.max_length, "response")
+        ep = self.study.encode(sample, "prompt")
+        er = self.study.encode(sample, "response")
         gp = self.prompt_grad.copy_(self.computer.gradient(ep))
         gr = self.computer.gradient(er)
         ga = combine_targets(gp, ep.num_trained, gr, er.num_trained, out=self.all_grad)
@@ -179,27 +181,31 @@ def random_rows(num_candidates: int, n: int) -> dict:
 def run_targets(cfg: Config, opts: TargetOptions, lm=None) -> dict:
     from gradsim import __version__
     from gradsim.core.baselines import RepresentationFeaturizer
-    from gradsim.core.model import load_model, resolve_device
-    from gradsim.data.load import load_dataset
     from gradsim.data.retrieval import bm25_scores, candidate_lists
-    from gradsim.study.run import code_version, resolved_max_length
+    from gradsim.study.context import load_data, open_study, setting_configs
+    from gradsim.study.run import code_version
 
     cfg.validate()
+    if cfg.turns != "first":
+        raise GradsimError(
+            "gradsim targets compares the prompt and response targets of each row's first exchange: drop --turns"
+        )
     started = time.time()
-    variants = {"paraphrased": cfg.paraphrased_data, "model-generated": cfg.model_generated_data}
-    data = {s: load_dataset(cfg.original_data, variants[s], cfg.sample_size, ids_file=cfg.ids_file) for s in SETTINGS}
+    both = cfg if cfg.setting == "both" else dataclasses.replace(cfg, setting="both", variant_data=None)
+    data = {c.setting: load_data(c) for c in setting_configs(both)}
     originals = data["paraphrased"].originals
     if len(originals) < 2:
         raise GradsimError(f"{len(originals)} original: the normalizers and the corpus need at least 2")
-    lm = lm or load_model(cfg, resolve_device(cfg))
+    studies = {st.cfg.setting: st for st in open_study(both, lm, data=data)}
+    study = studies["paraphrased"]
+    lm, max_length = study.lm, study.max_length
     rep = RepresentationFeaturizer(lm.model, lm.device, cfg.dtype, ("response", "prompt", "all", "last"), opts.layers)
-    max_length = resolved_max_length(cfg, lm)
     for s in SETTINGS:  # refuse bad input (a target with no token left) before any gradient
         for sample in [*originals, *data[s].queries]:
             for t in ("prompt", "response"):
-                encode(lm.tokenizer, sample, max_length, t)
+                study.encode(sample, t)
 
-    sk = TargetSketcher(lm, max_length, opts.dims_per_matrix, cfg.seed, cfg.damping, cfg.dtype)
+    sk = TargetSketcher(study, opts.dims_per_matrix, cfg.seed, cfg.damping, cfg.dtype)
     queries = {s: data[s].queries for s in SETTINGS}
     total = 2 * len(originals) + sum(len(q) for q in queries.values())
     bar = progress_bar(total=total, desc="gradients (2 passes each)", unit="sample")
@@ -212,7 +218,7 @@ def run_targets(cfg: Config, opts: TargetOptions, lm=None) -> dict:
     rep_slices = [(lo, hi) for _, lo, hi in rep.layout.slices()]
 
     def reps(samples):
-        encs = [encode(lm.tokenizer, s, max_length, "response") for s in samples]
+        encs = [study.encode(s, "response") for s in samples]
         return torch.stack([rep.features(e).cpu() for e in encs]).numpy()
 
     rep_o = reps(originals)

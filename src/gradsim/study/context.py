@@ -66,6 +66,12 @@ def provenance(cfg: Config, data: Dataset, lm: LoadedModel, version: Optional[st
     )
 
 
+def encode_sample(cfg: Config, prov: Provenance, lm: LoadedModel, sample, loss_on: Optional[str] = None) -> Encoded:
+    """A sample as a study trains on it: its --turns, cut at the max length in force, the loss on ``loss_on``
+    (default: --loss-on)."""
+    return encode(lm.tokenizer, sample, prov.max_length, loss_on or cfg.loss_on, cfg.turns)
+
+
 @dataclass(frozen=True)
 class Study:
     """One setting of a study once the model is loaded: what was asked (cfg), the data, the model and what the
@@ -81,9 +87,8 @@ class Study:
         return self.prov.max_length
 
     def encode(self, sample, loss_on: Optional[str] = None) -> Encoded:
-        """A sample as this study trains on it: its --turns, cut at the max length in force, the loss on
-        ``loss_on`` (default: --loss-on)."""
-        return encode(self.lm.tokenizer, sample, self.prov.max_length, loss_on or self.cfg.loss_on, self.cfg.turns)
+        """A sample as this study trains on it (encode_sample)."""
+        return encode_sample(self.cfg, self.prov, self.lm, sample, loss_on)
 
 
 def open_study(

@@ -19,6 +19,7 @@ from gradsim.data.encode import Encoded, encode
 from gradsim.data.load import Dataset
 from gradsim.io import append_jsonl, atomic_save_npz
 from gradsim.layout import RunPaths
+from gradsim.study.context import encode_sample, provenance, resolved_max_length
 from gradsim.study.cost import RUNNING, Cost
 from gradsim.study.features import progress_bar
 
@@ -94,14 +95,7 @@ class Part:
     def of(cls, share: Share, lm: LoadedModel, version: str) -> Part:
         """The share with what the run found out: the model's commit and chat template, the code, the
         data's hashes and the max length in force."""
-        prov = Provenance(
-            model_revision=lm.revision,
-            chat_template_sha256=lm.chat_template_sha256,
-            code_version=version,
-            original_data_sha256=share.data.original_sha256,
-            variant_data_sha256=share.data.variant_sha256,
-            max_length=resolved_max_length(share.cfg, lm),
-        )
+        prov = provenance(share.cfg, share.data, lm, version)
         part = cls(share.cfg, prov, lm, share.data, share.start, share.end, share.paths)
         part.finite = FiniteCheck(share.cfg.allow_nonfinite, lm.model, share.cfg.dtype)
         return part
@@ -121,7 +115,7 @@ class Part:
     def encode(self, sample, loss_on: Optional[str] = None) -> Encoded:
         """A sample as this run trains on it: its --turns, cut at the max length in force, the loss on
         ``loss_on`` (default: --loss-on)."""
-        return encode(self.lm.tokenizer, sample, self.prov.max_length, loss_on or self.cfg.loss_on, self.cfg.turns)
+        return encode_sample(self.cfg, self.prov, self.lm, sample, loss_on)
 
     @property
     def todo(self) -> list[int]:
@@ -169,11 +163,6 @@ class Part:
     def add_metrics(self, rows: list[dict]) -> None:
         """Rows computed after the last block (baselines): not logged, as they are recomputed on resume."""
         self.groups[f"row:{len(self.groups)}"] = list(rows)
-
-
-def resolved_max_length(cfg: Config, lm: LoadedModel) -> int:
-    """--max-length as it applies: at most the model's context (the whole context when not given)."""
-    return min(cfg.max_length or lm.context_length, lm.context_length)
 
 
 def skip_overlong(cfg: Config, data: Dataset, lm: LoadedModel) -> Dataset:

@@ -23,14 +23,15 @@ from contextlib import ExitStack
 from typing import Callable, Optional
 
 from gradsim import __version__, matrices
-from gradsim.config import SETTINGS, Config
+from gradsim.config import Config
 from gradsim.core.model import LoadedModel, load_model, resolve_device
-from gradsim.data.load import Dataset, load_dataset, partition_range
+from gradsim.data.load import Dataset, partition_range
 from gradsim.data.retrieval import candidate_lists
 from gradsim.errors import GradsimError
 from gradsim.io import ensure_writable_dir, read_json
 from gradsim.layout import RunPaths, run_dir
 from gradsim.study.baselines import baseline_scores, check_stores_writable
+from gradsim.study.context import load_data, setting_configs
 from gradsim.study.cost import closed
 from gradsim.study.cost import total as total_cost
 from gradsim.study.exact import end_attempt, score_exact, start_attempt
@@ -64,17 +65,6 @@ __all__ = [
 log = logging.getLogger("gradsim")
 
 
-def setting_configs(cfg: Config) -> list[Config]:
-    """One Config per setting: ``both`` gives the two that separate runs would have."""
-    if cfg.setting != "both":
-        return [cfg]
-    data = {"paraphrased": cfg.paraphrased_data, "model-generated": cfg.model_generated_data}
-    return [
-        dataclasses.replace(cfg, setting=s, variant_data=data[s], paraphrased_data=None, model_generated_data=None)
-        for s in SETTINGS
-    ]
-
-
 def check_budgets(cfg: Config) -> None:
     """The budgets' environment variables (GRADSIM_MEMORY_GB, GRADSIM_SCRATCH_GB, GRADSIM_HOST_MEMORY_GB; a
     number >= 0) checked where a flag does not override them, before the model loads or a finished run is
@@ -95,7 +85,7 @@ def prepare(cfg: Config, keep: Optional[Callable[[Config, Dataset], Dataset]] = 
     check_budgets(cfg)
     shares = []
     for c in setting_configs(cfg):
-        data = load_dataset(c.original_data, c.variant_data, c.sample_size, c.turns, c.ids_file)
+        data = load_data(c)
         if keep is not None:
             data = keep(c, data)
         n = len(data.queries)
