@@ -23,8 +23,22 @@ from pathlib import Path
 
 from common import ROOT, doc_parser, log
 
-# Fields that differ between two runs of one version: times, the code that ran, the attempt log.
-VOLATILE = {"seconds", "backward_seconds_per_token", "code_versions", "code_version", "attempts", "utc"}
+# Fields that differ between two runs of one version: times, memory readings, the code that ran, the attempt log,
+# the command line.
+VOLATILE = {
+    "seconds",
+    "backward_seconds_per_token",
+    "code_versions",
+    "code_version",
+    "attempts",
+    "utc",
+    "argv",
+    "peak_rss_bytes",
+    "peak_device_bytes",
+    "wall_seconds",
+    "started",
+    "finished",
+}
 
 N = "6"  # queries: enough for every stage to have work, small enough for a few minutes per version
 
@@ -103,15 +117,32 @@ def volatile_found(value, found: set) -> set:
     return found
 
 
-def parse(path: Path):
+def parse(path: Path, roots: dict[str, str]):
+    """A JSON or JSONL file's values, with each version's own folders (its checkout, its outputs) written as the
+    same placeholder; None for other files."""
+    if path.suffix not in (".json", ".jsonl"):
+        return None
+    text = path.read_text()
+    for root, name in roots.items():
+        text = text.replace(root, name)
     if path.suffix == ".json":
-        return [json.loads(path.read_text())]
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return None
+        return [json.loads(text)]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def compare(a: Path, b: Path) -> tuple[list[str], list[str], list[str]]:
+def differences(a, b, where: str = "") -> list[str]:
+    """The key paths where two parsed values differ (first few)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{where}.{k}" for k in sorted(set(a) ^ set(b))]
+        for k in sorted(set(a) & set(b)):
+            out += differences(a[k], b[k], f"{where}.{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [where or "(value)"]
+
+
+def compare(a: Path, b: Path, roots_a: dict, roots_b: dict) -> tuple[list[str], list[str], list[str]]:
     files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file()}
     files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
     same, nearly, differ = [], [], []
@@ -123,9 +154,12 @@ def compare(a: Path, b: Path) -> tuple[list[str], list[str], list[str]]:
         if pa.read_bytes() == pb.read_bytes():
             same.append(str(rel))
             continue
-        ja, jb = parse(pa), parse(pb)
+        ja, jb = parse(pa, roots_a), parse(pb, roots_b)
         if ja is not None and strip(ja) == strip(jb):
             nearly.append(f"{rel} (but for {', '.join(sorted(volatile_found(ja, set())))})")
+        elif ja is not None:
+            diff = differences(strip(ja), strip(jb))
+            differ.append(f"{rel}: {', '.join(diff[:4])}" + (f" and {len(diff) - 4} more" if len(diff) > 4 else ""))
         else:
             differ.append(str(rel))
     return same, nearly, differ
@@ -144,7 +178,11 @@ def main() -> int:
             out_b = run_version(args.head, tmp)
         else:  # the same version twice: what varies by itself
             out_b = run_version(args.base, tmp, ROOT if args.base == "." else tmp / f"src-{args.base}", "-again")
-        same, nearly, differ = compare(out_a, out_b)
+        src_a = ROOT if args.base == "." else tmp / f"src-{args.base}"
+        src_b = ROOT if args.head == "." else tmp / f"src-{args.head}"
+        roots_a = {str(out_a): "<out>", str(src_a): "<checkout>"}
+        roots_b = {str(out_b): "<out>", str(src_b): "<checkout>"}
+        same, nearly, differ = compare(out_a, out_b, roots_a, roots_b)
         print(
             f"{args.base} vs {args.head}: {len(same)} files byte-identical, {len(nearly)} equal but for "
             f"run-to-run fields, {len(differ)} different"
