@@ -5,3 +5,11 @@ class GradsimError(Exception):
     """A user-facing problem: the message names what is wrong and what to do about it."""
 
     exit_code = 2
+
+
+def refuse_missing(wanted: list, have, what: str, where: str) -> None:
+    """Refuse a list that names items ``have`` lacks: "<where>: N of its M <what> (e.g. X) <are not ...>"; ``what``
+    is the items' name, ``where`` what to say of them after the count (a sentence ending in what to do)."""
+    missing = [x for x in wanted if x not in have]
+    if missing:
+        raise GradsimError(f"{len(missing)} of its {len(wanted)} {what} (e.g. {missing[0]}) {where}")

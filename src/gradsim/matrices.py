@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gradsim.errors import GradsimError
+from gradsim.errors import GradsimError, refuse_missing
 
 
 def resolve(spec: str, names: list[str], model_id: str = "") -> list[str]:
@@ -36,12 +36,11 @@ def resolve(spec: str, names: list[str], model_id: str = "") -> list[str]:
         chosen = read_json(path).get("chosen")
         if not isinstance(chosen, list) or not chosen:
             raise GradsimError(f"--matrices {spec}: the file has no 'chosen' matrices: give a gradsim select output")
-        missing = [c for c in chosen if c not in names]
-        if missing:
-            raise GradsimError(
-                f"--matrices {spec}: {len(missing)} of its {len(chosen)} matrices (e.g. {missing[0]}) are not "
-                f"parameters of {model_id or 'this model'}: the selection was made for another model"
-            )
+        where = f"are not parameters of {model_id or 'this model'}: the selection was made for another model"
+        try:
+            refuse_missing(chosen, names, "matrices", where)
+        except GradsimError as e:
+            raise GradsimError(f"--matrices {spec}: {e}") from None
         wanted = set(chosen)
         return [n for n in names if n in wanted]
     if "," in spec:

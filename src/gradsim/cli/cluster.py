@@ -231,8 +231,7 @@ def task_parser() -> Parser:
 def task_main(argv: Optional[list[str]] = None) -> int:
     from gradsim.cluster.slurm import read_task_config, run_task
 
-    args = parse_flags(task_parser(), argv)
-    opts = from_args(TaskOptions, args)
+    opts = from_args(TaskOptions, parse_flags(task_parser(), argv))  # -q sets the log level
     if len(opts.task_config) != 1:
         raise GradsimError("give one task_config.json (the one in the submission's folder that gradsim submit wrote)")
     cfg, data = read_task_config(Path(opts.task_config[0]))

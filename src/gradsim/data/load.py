@@ -35,7 +35,7 @@ from typing import Any, Optional
 import orjson
 
 from gradsim.config import PACKAGE_DIR, TURNS, hf_token, redact
-from gradsim.errors import GradsimError
+from gradsim.errors import GradsimError, refuse_missing
 
 log = logging.getLogger("gradsim")
 
@@ -390,12 +390,10 @@ def load_dataset(
             )
     if ids_file is not None:
         wanted = read_ids(ids_file)
-        missing = [i for i in wanted if i not in by_id]
-        if missing:
-            raise GradsimError(
-                f"--ids-file {ids_file}: {len(missing)} of its {len(wanted)} ids are not among the originals of "
-                f"{original_source} (e.g. {missing[0]})"
-            )
+        try:
+            refuse_missing(wanted, by_id, "ids", f"are not among the originals of {original_source}")
+        except GradsimError as e:
+            raise GradsimError(f"--ids-file {ids_file}: {e}") from None
         keep = set(wanted)
         originals = [s for s in originals if s.id in keep]
         queries = [q for q in queries if q.id in keep]
