@@ -27,13 +27,22 @@ def baseline_scores(p: Part) -> dict[str, np.ndarray]:
     qrep, m = featurize(rep, encs, lm.device, cfg.dtype, "representation", finite=p.finite)
     p.add_metrics(m)
     orep, oself = gather_rows(store, needed)
-    qself = per_matrix_self_dots(rep.layout, torch.from_numpy(qrep))
-    dots = dense_dots(rep.layout, torch.from_numpy(qrep), orep)  # (Q, len(needed), 2)
+    cos = representation_cosines(rep.layout, torch.from_numpy(qrep), orep, oself)  # (Q, len(needed), M)
     for m_, name in enumerate(rep.layout.names):
         full = np.full((p.end - p.start, len(data.originals)), np.nan)
-        full[:, needed] = cosine(dots[:, :, m_], qself[:, m_ : m_ + 1], oself[None, :, m_])
+        full[:, needed] = cos[:, :, m_]
         out[f"baseline_{name}"] = np.stack([full[k, c] for k, c in enumerate(cands)]).astype(np.float32)
     return out
+
+
+def representation_cosines(layout, q: torch.Tensor, o: torch.Tensor, oself: np.ndarray) -> np.ndarray:
+    """(Q, N, M) cosines of each query's representations with each original's, per pooling/layer slice. In
+    float64: a float32 matmul's rounding depends on how many rows it multiplies, so a partition's scores (fewer
+    queries and candidates) came out one float32 step from the whole run's; products of float32 values are exact
+    in float64 and their sums far below a float32 step, so a query gets the same scores in any partition."""
+    qself = per_matrix_self_dots(layout, q)
+    dots = dense_dots(layout, q.double(), o.double())
+    return cosine(dots, qself[:, None, :], oself[None, :, :])
 
 
 def representation_store(p: Part):
