@@ -33,6 +33,8 @@ VOLATILE = {
     "attempts",
     "utc",
     "argv",
+    "gradsim_version",  # the package version and the commit
+    "peak_rss_mb",
     "peak_rss_bytes",
     "peak_device_bytes",
     "wall_seconds",
@@ -170,11 +172,18 @@ def main() -> int:
     ap.add_argument("--base", default="HEAD", help="git revision, or . for this working tree (default: HEAD)")
     ap.add_argument("--head", default=".", help="git revision, or . for this working tree (default: .)")
     ap.add_argument("--keep", action="store_true", help="keep the worktrees and outputs (printed)")
+    ap.add_argument("--compare", type=Path, help="only compare the outputs kept (--keep) in this folder again")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="gradsim-identity-"))
+    tmp = args.compare or Path(tempfile.mkdtemp(prefix="gradsim-identity-"))
+    args.keep = args.keep or args.compare is not None
     try:
-        out_a = run_version(args.base, tmp)
-        if args.head != args.base:
+        if args.compare:
+            out_a, out_b = tmp / f"out-{args.base}", tmp / f"out-{args.head}"
+        else:
+            out_a = run_version(args.base, tmp)
+        if args.compare:
+            pass
+        elif args.head != args.base:
             out_b = run_version(args.head, tmp)
         else:  # the same version twice: what varies by itself
             out_b = run_version(args.base, tmp, ROOT if args.base == "." else tmp / f"src-{args.base}", "-again")
