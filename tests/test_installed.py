@@ -59,7 +59,7 @@ def elsewhere(tmp_path) -> tuple[Path, dict]:
 def test_the_package_is_imported_from_the_venv_with_its_data(installed, elsewhere):
     cwd, env = elsewhere
     code = (
-        "import gradsim, gradsim.config as c, gradsim.cluster.slurm as s; print(gradsim.__file__); "
+        "import gradsim, gradsim.config as c, gradsim.cluster.submit as s; print(gradsim.__file__); "
         "print(all(p.is_file() for p in (c.BUNDLED_DATA / 'original.jsonl', s.TEMPLATE, "
         "c.BUNDLED_REFERENCE / 'frontier.json', c.BUNDLED_REFERENCE / 'targets-bundled.json')))"
     )
@@ -94,5 +94,5 @@ def test_submit_dry_run_from_outside_the_checkout(installed, elsewhere):
     assert "48 queries in 2 partitions ([0, 24), [24, 48))" in out and "nothing was submitted" in out
     assert "#SBATCH --array=0-1" in out and "{{" not in out
     (command,) = [ln for ln in out.splitlines() if "--partition-start" in ln]
-    assert command.startswith(f"{installed / 'python'} -m gradsim run ") and str(ROOT) not in command
+    assert command.startswith(f"{installed / 'python'} -m gradsim task ") and str(ROOT) not in command
     assert not (cwd / "out2").exists()  # a dry run writes nothing
