@@ -184,3 +184,21 @@ def test_a_finished_partition_of_other_rows_is_refused_not_skipped(tmp_path):
         plan(argv, 2, "sbatch", Resources())
     done.write_bytes(orjson.dumps({"compat": {**compat, "variant_data_sha256": data.variant_sha256}}))
     assert plan(argv, 2, "sbatch", Resources()).todo == [(3, 6)]
+
+
+@pytest.mark.slow
+def test_skip_overlong_plans_over_the_rows_the_tasks_keep(tmp_path, embedded):
+    """--skip-overlong leaves rows out before the queries are indexed: the plan splits the queries the tasks will
+    have (the run's own filter with the model loaded), so no task's range lies past the data."""
+    from gradsim.cli.cluster import plan_from_argv as plan
+    from gradsim.cluster.resources import Resources
+    from gradsim.config import Config
+    from gradsim.study.context import load_data
+    from gradsim.study.part import skip_overlong
+
+    argv = ["--sample-size", "12", "--max-length", "100", "--skip-overlong", "--output-dir", str(tmp_path)]
+    p = plan(argv, 3, "sbatch", Resources())
+    cfg = Config(sample_size=12, max_length=100, skip_overlong=True, output_dir=str(tmp_path))
+    kept = skip_overlong(cfg, load_data(cfg), embedded)
+    assert len(kept.queries) < 12  # the case: some rows are left out
+    assert p.num_queries == len(kept.queries) and p.ranges[-1][1] == len(kept.queries)

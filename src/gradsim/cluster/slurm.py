@@ -194,6 +194,11 @@ def plan(cfg: Config, num_partitions: int, backend: str, resources: Resources, q
     check_backend(backend)
     cfg.validate()
     settings = [(c, load_data(c)) for c in setting_configs(cfg)]
+    if cfg.skip_overlong:  # the tasks' query indices count the rows left after it: plan over the same rows
+        from gradsim.study.part import skip_overlong
+
+        view = tokenizer_view(cfg)
+        settings = [(c, skip_overlong(c, d, view)) for c, d in settings]
     runs = [SettingRun(c.setting, run_dir_of(c).resolve(), len(d.queries)) for c, d in settings]
     num_queries = max(r.num_queries for r in runs)  # --setting both: each task clips the range to each setting
     start, end = partition_range(num_queries, cfg.partition_start, cfg.partition_end)
@@ -213,6 +218,20 @@ def plan(cfg: Config, num_partitions: int, backend: str, resources: Resources, q
     size_task(p, settings)
     p.data = task_config_record(p.task_cfg, data)["data"]
     return p
+
+
+def tokenizer_view(cfg: Config):
+    """What --skip-overlong reads of a loaded model (its tokenizer with the run's chat template, its context
+    length), without the weights: the model's config and tokenizer files."""
+    from types import SimpleNamespace
+
+    from gradsim.core.model import load_tokenizer
+    from gradsim.study.memory import model_shape
+
+    tokenizer = load_tokenizer(cfg)
+    shape = model_shape(cfg)
+    context = (shape.context if shape is not None else 0) or tokenizer.model_max_length
+    return SimpleNamespace(tokenizer=tokenizer, context_length=int(context))
 
 
 def gpu_device(device: Optional[str], resources: Resources) -> Optional[str]:
