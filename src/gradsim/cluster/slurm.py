@@ -61,20 +61,19 @@ def split_ranges(start: int, end: int, n: int) -> list[tuple[int, int]]:
 TASK_CONFIG_FORMAT = "gradsim-task-config/1"
 
 
-def task_config_record(cfg: Config, data: dict) -> dict:
+def data_hashes(data: dict) -> dict:
+    """Per setting (``data``: setting -> Dataset), the hashes of the data a submission was planned on."""
+    return {
+        s: {"original_data_sha256": d.original_sha256, "variant_data_sha256": d.variant_sha256} for s, d in data.items()
+    }
+
+
+def task_config_record(cfg: Config, hashes: dict) -> dict:
     """What every task of a submission runs: the study's Config less its range (each task's comes from the array)
-    and the hashes of the data it was planned on, per setting (``data``: setting -> Dataset)."""
+    and the hashes of the data it was planned on (data_hashes)."""
     from gradsim import __version__
 
-    return {
-        "format": TASK_CONFIG_FORMAT,
-        "gradsim_version": __version__,
-        "config": cfg.to_dict(),
-        "data": {
-            s: {"original_data_sha256": d.original_sha256, "variant_data_sha256": d.variant_sha256}
-            for s, d in data.items()
-        },
-    }
+    return {"format": TASK_CONFIG_FORMAT, "gradsim_version": __version__, "config": cfg.to_dict(), "data": hashes}
 
 
 def read_task_config(path: Path) -> tuple[Config, dict]:
@@ -216,7 +215,7 @@ def plan(cfg: Config, num_partitions: int, backend: str, resources: Resources, q
     data = {c.setting: d for c, d in settings}
     p = Plan(backend, cfg, task_cfg, run_dir, sub_dir, num_queries, ranges, todo, resources, runs, quiet=quiet)
     size_task(p, settings)
-    p.data = task_config_record(p.task_cfg, data)["data"]
+    p.data = data_hashes(data)
     return p
 
 

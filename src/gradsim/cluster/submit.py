@@ -117,7 +117,7 @@ def write_task_config(p: Plan) -> Path:
     """What every task runs, typed (the Config and the data hashes it was planned on): read back by `gradsim task`
     (sbatch); submitit pickles the same Config into its tasks."""
     path = task_config_file(p.sub_dir)
-    atomic_write_json(path, task_config_record(p.task_cfg, {}) | {"data": p.data})
+    atomic_write_json(path, task_config_record(p.task_cfg, p.data))
     return path
 
 
