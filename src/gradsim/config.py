@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from gradsim.errors import GradsimError
 from gradsim.layout import default_output_dir
-from gradsim.options import Option, Parser
+from gradsim.options import Option, Parser, env_values, options_of
 
 SETTINGS = ("paraphrased", "model-generated")
 # "both": one run over both settings, writing what two runs would; a candidate's gradient serves both.
@@ -54,90 +54,255 @@ BUNDLED_DATA = PACKAGE_DIR / "bundled" / "lima_sample"
 BUNDLED_REFERENCE = PACKAGE_DIR / "bundled" / "reference"
 VARIANT_FILES = {"paraphrased": "paraphrased.jsonl", "model-generated": "model_generated.jsonl"}
 
-# Fields that change the numbers: partitions (and feature shards) made with different values never mix.
-# code_version (the git commit) is not one: a commit during a cluster campaign must not throw away its
-# progress, partitions or feature store. It is recorded (config, results' code_versions) as provenance.
-COMPAT_FIELDS = (
-    "setting",
-    "computation_type",
-    "loss_on",
-    "turns",
-    "normalize",
-    "damping",
-    "matrices",
-    "candidates",
-    "top_k",
-    "model_name",
-    "model_revision",
-    "chat_template_sha256",
-    "max_length",
-    "dtype",
-    "seed",
-    "use_random_projection",
-    "projection",
-    "proj_dim",
-    "allocation",
-    "original_data_sha256",
-    "variant_data_sha256",
-    "sample_size",
-    "skip_overlong",  # in a compat record only when set (RECORDED_WHEN_SET)
-)
+# Each setting is defined once, as a field of Config (or of Provenance, for what a run finds out): its type and
+# default, and in its metadata its flag and help (options.Option: --help, env var, section) and what it does to
+# the numbers and the records (Role). Everything else is derived from there: the flags (OPTIONS), the .env and
+# environment reading (env_defaults, env_setting), the compat record (COMPAT_FIELDS), the fields recorded only
+# when set (RECORDED_WHEN_SET), the feature-store and normalizer keys (study.part.store_manifest), and the Slurm
+# task config (the Config itself, serialized).
 
 
-# Options added after results were first written: recorded (config, results' "config") only when set, so
-# that a default run writes the bytes it wrote before they existed.
-RECORDED_WHEN_SET = ("ids_file", "allow_nonfinite", "skip_overlong")
+@dataclass(frozen=True)
+class Role:
+    """What a setting does to the numbers and to the records that hold them."""
+
+    # It changes the numbers: a compat field (COMPAT_FIELDS); partitions, feature shards and finished runs made
+    # with different values never mix. code_version is not one: a commit during a cluster campaign must not
+    # throw away its progress, partitions or feature store (it is recorded as provenance).
+    numbers: bool = False
+    query_side: bool = False  # it changes only the queries' side (scoring): left out of feature-store keys
+    projection_only: bool = False  # it changes only the projection: left out of the --normalize state's key
+    # Added after results were first written: recorded (config, compat) only when set, so that a default run
+    # writes the bytes it wrote before the option existed.
+    when_set: bool = False
+    # Added after feature stores were first keyed: a store key leaves it out at its default, so that stores and
+    # allocation files made before keep their keys.
+    unkeyed_default: bool = False
+    # Its environment variable is read where the run runs (a Slurm task: on its node), not into the Config.
+    env_at_run: bool = False
+
+
+def define(
+    help: str, default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, role=Role(), **kw
+):
+    """A Config field: a command-line option (keywords of options.Option) with its Role."""
+    meta = {"option": Option("", help, **kw), "role": role}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def budget(help: str, env: str):
+    """A Config field of a budget in GB (None: its environment variable where the run runs, else a default)."""
+    return define(help, None, role=Role(env_at_run=True), env=env, minimum=0, env_help=SIZE_IN_GB, group=RUN)
+
+
+def found(role: Role = Role(numbers=True)):
+    """A Provenance field (what a run finds out, None until then) with its Role."""
+    return field(default=None, metadata={"role": role})
+
+
+CHANGES_NUMBERS = Role(numbers=True)
+QUERY_SIDE = Role(numbers=True, query_side=True)
+PROJECTION_ONLY = Role(numbers=True, projection_only=True)
+SIZE_IN_GB = "a size in GB: set it to e.g. 8, or unset it"
+# --help sections (in the order of their first field)
+COMPARED, MODEL, DATA, PROJECTION, RUN = "what is compared", "model", "data", "projection", "run"
 
 
 @dataclass(frozen=True)
 class Config:
     """What the user asked for. Frozen: a run derives per-setting copies (dataclasses.replace) and keeps
-    what it finds out in a Provenance, so the caller's Config is never changed."""
+    what it finds out in a Provenance, so the caller's Config is never changed. The field order is the
+    order of the written records (to_record)."""
 
-    setting: str = "paraphrased"
-    computation_type: str = "gradient-similarity"
-    loss_on: str = "response"  # response (the study's), prompt or all: see encode.py
-    turns: str = "first"  # first (the study's) or all: which turns of each row are used, see data.py/encode.py
-    normalize: str = "none"  # normalize.NORMALIZERS: applied to each gradient before it is compared
-    damping: float = 1e-2  # relative damping of the adafactor normalizer's second moment
-    matrices: Optional[str] = None  # matrices.py: a regex, a comma list or a selection JSON (None: all)
-    candidates: str = "bm25"
-    top_k: int = 4
-    model_name: str = EMBEDDED_MODEL
-    revision: Optional[str] = None  # hub branch, tag or commit (None: main); the resolved commit is model_revision
-    trust_remote_code: bool = False
-    chat_template: Optional[str] = None  # None: the model's own; "tulu" or a Jinja file path
-    device: str = "auto"
-    use_gpu: bool = True
-    dtype: Optional[str] = None  # None: float32, or CUDA_DTYPE where the run is on CUDA (default_dtype)
-    sample_size: Optional[int] = None
-    ids_file: Optional[str] = None  # only the samples with these ids: a file of ids, or "study" (data.STUDY_IDS)
-    max_length: Optional[int] = None
-    seed: int = 42
-    original_data: str = str(BUNDLED_DATA / "original.jsonl")
-    variant_data: Optional[str] = None
-    # --setting both: the variants of each setting (default: the bundled files)
-    paraphrased_data: Optional[str] = None
-    model_generated_data: Optional[str] = None
-    partition_start: Optional[int] = None
-    partition_end: Optional[int] = None
-    output_dir: str = field(default_factory=lambda: str(default_output_dir()))  # data/ where the command runs
-    use_random_projection: bool = False
-    projection: str = "tensorsketch"
-    proj_dim: Optional[int] = None  # None: DEFAULT_PROJ_DIM of the projection
-    allocation: str = "norm"  # ALLOCATIONS: how the sketches share --proj-dim among the matrices
-    batch_size: int = 1
-    baselines: bool = True  # BM25 and representation similarity on the same queries (forward passes only)
-    # Budgets of the exact path (they change the schedule, never the numbers). None: from the environment
-    # (GRADSIM_MEMORY_GB, GRADSIM_SCRATCH_GB, GRADSIM_HOST_MEMORY_GB), else the defaults in memory.py.
-    memory_gb: Optional[float] = None
-    scratch_gb: Optional[float] = None
-    host_memory_gb: Optional[float] = None
-    # Off by default, and then left out of to_record (RECORDED_WHEN_SET), so a default run's files keep their bytes.
-    allow_nonfinite: bool = False  # finite.py: drop and count a sample with a NaN/inf gradient instead of stopping
-    # Leave out (and count) the rows with no trained token within --max-length instead of stopping. It changes
-    # the candidate pool, so it is a compat field (only when set).
-    skip_overlong: bool = False
+    setting: str = define(
+        f"one of {', '.join(SETTING_CHOICES)} (both: one run that writes what the two runs would)",
+        "paraphrased",
+        role=QUERY_SIDE,
+        group=COMPARED,
+    )
+    computation_type: str = define(
+        f"one of {', '.join(COMPUTATION_TYPES)}", "gradient-similarity", role=QUERY_SIDE, group=COMPARED
+    )
+    loss_on: str = define(  # encode.py builds the labels of each
+        "the tokens whose loss the gradient is of: response (the study's), prompt (every prompt token after the "
+        "first, assistant header included) or all",
+        "response",
+        role=CHANGES_NUMBERS,
+        group=COMPARED,
+    )
+    turns: str = define(  # data/load.py, data/encode.py
+        "first: each row's first user/assistant exchange (the study's); all: the whole conversation, every "
+        "assistant turn trained and every other turn masked (with --loss-on response)",
+        "first",
+        role=Role(numbers=True, unkeyed_default=True),
+        group=COMPARED,
+    )
+    normalize: str = define(  # core/normalize.py: applied to each gradient before it is compared
+        "applied to each gradient before comparing: none, center (minus the originals' mean), unit (each matrix "
+        "to unit norm), adafactor (a factored second moment from the originals) or center+unit, adafactor+center, "
+        "adafactor+center+unit (exact path, countsketch, trak)",
+        "none",
+        role=CHANGES_NUMBERS,
+        group=COMPARED,
+    )
+    damping: float = define("relative damping of --normalize adafactor", 1e-2, role=CHANGES_NUMBERS, group=COMPARED)
+    matrices: Optional[str] = define(  # matrices.py (None: all)
+        "only these parameter matrices: a regular expression over names, a comma-separated list, or a selection "
+        "JSON of gradsim select; weight gradients are formed for those alone and the backward stops below the "
+        "lowest (exact path, countsketch, trak; default: all)",
+        None,
+        role=CHANGES_NUMBERS,
+        group=COMPARED,
+    )
+    candidates: str = define(
+        "bm25: own original + BM25 top-k others (the study's protocol); all: every original",
+        "bm25",
+        role=QUERY_SIDE,
+        group=COMPARED,
+    )
+    top_k: int = define("BM25 candidates besides the true original (4: chance 1/5)", 4, role=QUERY_SIDE, group=COMPARED)
+    model_name: str = define(
+        "HF model id or local directory (default: MT_MODEL_NAME or embedded)",
+        EMBEDDED_MODEL,
+        role=CHANGES_NUMBERS,
+        flag="--model",
+        env="MT_MODEL_NAME",
+        group=MODEL,
+    )
+    # The resolved commit is Provenance.model_revision (a compat field); this is what was asked for.
+    revision: Optional[str] = define(
+        "hub branch, tag or commit of --model (default: main); the resolved commit is recorded", None, group=MODEL
+    )
+    trust_remote_code: bool = define(
+        "run the model repository's own Python code (needed by some hub models; off by default)",
+        False,
+        const=True,
+        group=MODEL,
+    )
+    # None: the model's own. Its text's hash is Provenance.chat_template_sha256 (a compat field).
+    chat_template: Optional[str] = define(
+        "tulu (the original study's) or a Jinja file: replaces the model's own template; required for a model "
+        "without one",
+        None,
+        group=MODEL,
+    )
+    device: str = define(
+        "cpu, cuda or cuda:N (default: MT_DEVICE, else CUDA when available and USE_GPU=1)",
+        "auto",
+        env="MT_DEVICE",
+        group=MODEL,
+    )
+    use_gpu: bool = define("--device auto picks CUDA where available", True, env="USE_GPU", cli=False)
+    dtype: Optional[str] = define(  # None: float32, or CUDA_DTYPE where the run is on CUDA (default_dtype)
+        f"{', '.join(DTYPES)}: tf32 runs CUDA matmuls in TF32 over fp32 weights and gradients, bfloat16 "
+        "autocasts over fp32 weights and gradients, bfloat16-weights stores weights and gradients in bf16 "
+        f"(default: MT_DTYPE, else float32 on the CPU and {CUDA_DTYPE} on CUDA, chosen by measured fidelity)",
+        None,
+        role=CHANGES_NUMBERS,
+        env="MT_DTYPE",
+        group=MODEL,
+    )
+    sample_size: Optional[int] = define(
+        "use only the first N originals (default: MT_SAMPLE_SIZE or all)",
+        None,
+        role=CHANGES_NUMBERS,
+        env="MT_SAMPLE_SIZE",
+        minimum=1,
+        env_help="a positive integer: set it to e.g. 10, or unset it to use all samples",
+        group=DATA,
+    )
+    ids_file: Optional[str] = define(  # a file of ids, or "study" (data.STUDY_IDS); the data hashes record it
+        "only the samples with these ids: a file of ids, one per line, or study for the original study's 988 LIMA "
+        "ids (shipped with gradsim, src/gradsim/study_ids/); the data hashes record the subset",
+        None,
+        role=Role(when_set=True),
+        group=DATA,
+    )
+    max_length: Optional[int] = define(  # the one in force is Provenance.max_length
+        "truncate longer samples (flagged in the output); default: model context",
+        None,
+        role=CHANGES_NUMBERS,
+        group=DATA,
+    )
+    seed: int = define("projection seed", 42, role=PROJECTION_ONLY, group=PROJECTION)
+    # The data files; their hashes (Provenance) are the compat fields.
+    original_data: str = define(
+        "original samples: local file (JSONL, JSON, Parquet, ...) or hub id (default: bundled sample)",
+        str(BUNDLED_DATA / "original.jsonl"),
+        group=DATA,
+    )
+    variant_data: Optional[str] = define(
+        "variants (queries): local file or hub id (default: bundled file of --setting)", None, group=DATA
+    )
+    paraphrased_data: Optional[str] = define(
+        "with --setting both: the paraphrased variants (default: bundled)", None, group=DATA
+    )
+    model_generated_data: Optional[str] = define(
+        "with --setting both: the model-generated variants (default: bundled)", None, group=DATA
+    )
+    partition_start: Optional[int] = define("first query index of this partition", None, group=RUN)
+    partition_end: Optional[int] = define("query index one past the end of this partition", None, group=RUN)
+    output_dir: str = define(  # data/ where the command runs
+        "where results go (default: data/)", default_factory=lambda: str(default_output_dir()), group=RUN
+    )
+    use_random_projection: bool = define(
+        "project gradients (see --projection, --proj-dim)", False, role=PROJECTION_ONLY, const=True, group=PROJECTION
+    )
+    projection: str = define(f"one of {', '.join(PROJECTIONS)}", "tensorsketch", role=PROJECTION_ONLY, group=PROJECTION)
+    proj_dim: Optional[int] = define(  # None: DEFAULT_PROJ_DIM of the projection
+        "projected dimensions in all, shared among the matrices by --allocation (tensorsketch, countsketch; "
+        "default 65536); factorized and trak take --dims-per-matrix",
+        None,
+        role=PROJECTION_ONLY,
+        group=PROJECTION,
+    )
+    # It changes only the projection, but the --normalize state's key has held it since it was added.
+    allocation: str = define(
+        "how tensorsketch and countsketch share --proj-dim among the matrices: norm (by calibrated gradient-norm "
+        "share), norm-floor (the same, every matrix at least half the uniform share), sqrt (by the square root "
+        "of its entries) or uniform; results.json states each matrix's predicted error (per_matrix_fidelity)",
+        "norm",
+        role=Role(numbers=True, unkeyed_default=True),
+        group=PROJECTION,
+    )
+    batch_size: int = define("samples per forward/backward where the method batches", 1, group=RUN)
+    baselines: bool = define(  # BM25 and representation similarity on the same queries (forward passes only)
+        "skip the BM25 and representation-similarity baselines", True, flag="--no-baselines", const=False, group=RUN
+    )
+    # Budgets of the exact path (they change the schedule, never the numbers). None: from the environment where
+    # the run runs, else the defaults in study/memory.py.
+    memory_gb: Optional[float] = budget(
+        "exact gradients held at once, in GB (GRADSIM_MEMORY_GB; default: 75%% of the free host memory on CPU, "
+        "90%% of the free GPU memory on CUDA, after the model)",
+        "GRADSIM_MEMORY_GB",
+    )
+    scratch_gb: Optional[float] = budget(
+        "disk for exact gradients of originals kept between blocks, used only where reading one back is measured "
+        "cheaper than recomputing it (GRADSIM_SCRATCH_GB; default 0)",
+        "GRADSIM_SCRATCH_GB",
+    )
+    host_memory_gb: Optional[float] = budget(
+        "on CUDA: host RAM for kept originals' gradients, same rule (GRADSIM_HOST_MEMORY_GB)", "GRADSIM_HOST_MEMORY_GB"
+    )
+    allow_nonfinite: bool = define(  # core/finite.py
+        "drop (and count in results.json) the queries whose gradient, or a candidate's, is NaN or inf, instead "
+        "of stopping the run (off: a non-finite value stops it, naming the sample, the matrix and the likely cause)",
+        False,
+        role=Role(when_set=True),
+        const=True,
+        group=RUN,
+    )
+    # It changes the candidate pool, so it changes the numbers.
+    skip_overlong: bool = define(
+        "leave out, and count in results.json, the rows (originals with their variants, or variants) whose "
+        "prompt leaves no trained token within --max-length, instead of stopping the run",
+        False,
+        role=Role(numbers=True, when_set=True),
+        const=True,
+        group=DATA,
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -257,121 +422,65 @@ class Config:
 @dataclass(frozen=True)
 class Provenance:
     """What a run found out rather than was asked: it identifies what the numbers were computed from.
-    All but code_version are COMPAT_FIELDS (code_version is recorded: a commit during a campaign keeps
+    All but code_version are compat fields (code_version is recorded: a commit during a campaign keeps
     its partitions and stores)."""
 
-    model_revision: Optional[str] = None  # the commit --revision resolved to (LoadedModel.revision)
-    chat_template_sha256: Optional[str] = None
-    code_version: Optional[str] = None  # run.code_version(): package version and git commit
-    original_data_sha256: Optional[str] = None
-    variant_data_sha256: Optional[str] = None
-    max_length: Optional[int] = None  # --max-length resolved against the model's context (None: not yet)
+    model_revision: Optional[str] = found()  # the commit --revision resolved to (LoadedModel.revision)
+    chat_template_sha256: Optional[str] = found()
+    code_version: Optional[str] = found(Role())  # run.code_version(): package version and git commit
+    original_data_sha256: Optional[str] = found()
+    variant_data_sha256: Optional[str] = found(QUERY_SIDE)
+    max_length: Optional[int] = found()  # --max-length resolved against the model's context (None: not yet)
 
 
-# Every flag of the study (main.py / gradsim run), in --help order. Other commands pick theirs from here.
-OPTIONS = (
-    Option("setting", f"one of {', '.join(SETTING_CHOICES)} (both: one run that writes what the two runs would)"),
-    Option("computation_type", f"one of {', '.join(COMPUTATION_TYPES)}"),
-    Option("candidates", "bm25: own original + BM25 top-k others (the study's protocol); all: every original"),
-    Option("top_k", "BM25 candidates besides the true original (4: chance 1/5)"),
-    Option("use_random_projection", "project gradients (see --projection, --proj-dim)", const=True),
-    Option("projection", f"one of {', '.join(PROJECTIONS)}"),
-    Option(
-        "proj_dim",
-        "projected dimensions in all, shared among the matrices by --allocation (tensorsketch, countsketch; "
-        "default 65536); factorized and trak take --dims-per-matrix",
-    ),
-    Option(
-        "allocation",
-        "how tensorsketch and countsketch share --proj-dim among the matrices: norm (by calibrated gradient-norm "
-        "share), norm-floor (the same, every matrix at least half the uniform share), sqrt (by the square root "
-        "of its entries) or uniform; results.json states each matrix's predicted error (per_matrix_fidelity)",
-    ),
-    Option(
-        "loss_on",
-        "the tokens whose loss the gradient is of: response (the study's), prompt (every prompt token after the "
-        "first, assistant header included) or all",
-    ),
-    Option(
-        "turns",
-        "first: each row's first user/assistant exchange (the study's); all: the whole conversation, every "
-        "assistant turn trained and every other turn masked (with --loss-on response)",
-    ),
-    Option(
-        "normalize",
-        "applied to each gradient before comparing: none, center (minus the originals' mean), unit (each matrix "
-        "to unit norm), adafactor (a factored second moment from the originals) or center+unit, adafactor+center, "
-        "adafactor+center+unit (exact path, countsketch, trak)",
-    ),
-    Option("damping", "relative damping of --normalize adafactor"),
-    Option(
-        "matrices",
-        "only these parameter matrices: a regular expression over names, a comma-separated list, or a selection "
-        "JSON of gradsim select; weight gradients are formed for those alone and the backward stops below the "
-        "lowest (exact path, countsketch, trak; default: all)",
-    ),
-    Option("seed", "projection seed"),
-    Option("partition_start", "first query index of this partition"),
-    Option("partition_end", "query index one past the end of this partition"),
-    Option(
-        "original_data", "original samples: local file (JSONL, JSON, Parquet, ...) or hub id (default: bundled sample)"
-    ),
-    Option("variant_data", "variants (queries): local file or hub id (default: bundled file of --setting)"),
-    Option("paraphrased_data", "with --setting both: the paraphrased variants (default: bundled)"),
-    Option("model_generated_data", "with --setting both: the model-generated variants (default: bundled)"),
-    Option(
-        "memory_gb",
-        "exact gradients held at once, in GB (GRADSIM_MEMORY_GB; default: 75%% of the free host memory on CPU, "
-        "90%% of the free GPU memory on CUDA, after the model)",
-    ),
-    Option(
-        "scratch_gb",
-        "disk for exact gradients of originals kept between blocks, used only where reading one back is measured "
-        "cheaper than recomputing it (GRADSIM_SCRATCH_GB; default 0)",
-    ),
-    Option("host_memory_gb", "on CUDA: host RAM for kept originals' gradients, same rule (GRADSIM_HOST_MEMORY_GB)"),
-    Option(
-        "allow_nonfinite",
-        "drop (and count in results.json) the queries whose gradient, or a candidate's, is NaN or inf, instead "
-        "of stopping the run (off: a non-finite value stops it, naming the sample, the matrix and the likely cause)",
-        const=True,
-    ),
-    Option(
-        "skip_overlong",
-        "leave out, and count in results.json, the rows (originals with their variants, or variants) whose "
-        "prompt leaves no trained token within --max-length, instead of stopping the run",
-        const=True,
-    ),
-    Option("model_name", "HF model id or local directory (default: MT_MODEL_NAME or embedded)", flag="--model"),
-    Option("revision", "hub branch, tag or commit of --model (default: main); the resolved commit is recorded"),
-    Option(
-        "trust_remote_code",
-        "run the model repository's own Python code (needed by some hub models; off by default)",
-        const=True,
-    ),
-    Option(
-        "chat_template",
-        "tulu (the original study's) or a Jinja file: replaces the model's own template; required for a model "
-        "without one",
-    ),
-    Option("device", "cpu, cuda or cuda:N (default: MT_DEVICE, else CUDA when available and USE_GPU=1)"),
-    Option(
-        "dtype",
-        f"{', '.join(DTYPES)}: tf32 runs CUDA matmuls in TF32 over fp32 weights and gradients, bfloat16 "
-        "autocasts over fp32 weights and gradients, bfloat16-weights stores weights and gradients in bf16 "
-        f"(default: MT_DTYPE, else float32 on the CPU and {CUDA_DTYPE} on CUDA, chosen by measured fidelity)",
-    ),
-    Option("sample_size", "use only the first N originals (default: MT_SAMPLE_SIZE or all)"),
-    Option(
-        "ids_file",
-        "only the samples with these ids: a file of ids, one per line, or study for the original study's 988 LIMA "
-        "ids (shipped with gradsim, src/gradsim/study_ids/); the data hashes record the subset",
-    ),
-    Option("max_length", "truncate longer samples (flagged in the output); default: model context"),
-    Option("batch_size", "samples per forward/backward where the method batches"),
-    Option("baselines", "skip the BM25 and representation-similarity baselines", flag="--no-baselines", const=False),
-    Option("output_dir", "where results go (default: data/)"),
+def role_of(name: str) -> Role:
+    """The Role of a Config or Provenance field (a Provenance field's where both have it: max_length)."""
+    return _ROLES[name]
+
+
+_ROLES = {f.name: f.metadata.get("role", Role()) for cls in (Config, Provenance) for f in dataclasses.fields(cls)}
+# The compat record's keys in the order they were first written (kept: results keep their bytes); a numbers
+# field added later follows them, in field order.
+_FIRST_COMPAT_ORDER = (
+    "setting",
+    "computation_type",
+    "loss_on",
+    "turns",
+    "normalize",
+    "damping",
+    "matrices",
+    "candidates",
+    "top_k",
+    "model_name",
+    "model_revision",
+    "chat_template_sha256",
+    "max_length",
+    "dtype",
+    "seed",
+    "use_random_projection",
+    "projection",
+    "proj_dim",
+    "allocation",
+    "original_data_sha256",
+    "variant_data_sha256",
+    "sample_size",
+    "skip_overlong",
 )
+_NUMBERS = [name for name, role in _ROLES.items() if role.numbers]
+COMPAT_FIELDS = tuple(k for k in _FIRST_COMPAT_ORDER if k in _NUMBERS) + tuple(
+    k for k in _NUMBERS if k not in _FIRST_COMPAT_ORDER
+)
+RECORDED_WHEN_SET = tuple(f.name for f in dataclasses.fields(Config) if role_of(f.name).when_set)
+# Every flag of the study (main.py / gradsim run), in field order under their --help sections.
+OPTIONS = options_of(Config)
+ENV_OPTIONS = tuple(o for o in options_of(Config, flagless=True) if o.env)
+RUN_TIME_ENV = tuple(o.field for o in ENV_OPTIONS if role_of(o.field).env_at_run)  # the budgets
+
+
+def default_of(name: str) -> Any:
+    """The default of Config field ``name``."""
+    f = Config.__dataclass_fields__[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def default_dtype(device: str, use_gpu: bool = True) -> str:
@@ -436,40 +545,19 @@ def parse_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> d
     return args
 
 
-def _positive_int_env(name: str) -> Optional[int]:
-    raw = os.environ.get(name, "").strip()
-    try:
-        value = int(raw) if raw else None
-    except ValueError:
-        value = 0
-    if value is not None and value < 1:
-        raise GradsimError(
-            f"{name}={raw!r} is not a positive integer: set it to e.g. 10, or unset it to use all samples"
-        )
-    return value
-
-
 def env_defaults(dotenv_path: Optional[str] = None) -> dict[str, Any]:
-    """Read the MT_* settings from the environment and a .env file (the real environment wins over .env)."""
+    """The settings whose environment variable is set (MT_MODEL_NAME, MT_DEVICE, USE_GPU, MT_DTYPE,
+    MT_SAMPLE_SIZE: each field's ``env``), from the environment and a .env file (the real environment wins
+    over .env), converted and checked; those read where the run runs (Role.env_at_run) are left to it."""
     from dotenv import load_dotenv
 
     load_dotenv(dotenv_path or Path.cwd() / ".env", override=False)
-    out: dict[str, Any] = {}
-    if os.environ.get("MT_MODEL_NAME", "").strip():
-        out["model_name"] = os.environ["MT_MODEL_NAME"].strip()
-    if os.environ.get("MT_DEVICE", "").strip():
-        out["device"] = os.environ["MT_DEVICE"].strip()
-    use_gpu = os.environ.get("USE_GPU", "").strip()
-    if use_gpu:
-        if use_gpu.lower() not in ("0", "1", "true", "false", "yes", "no"):
-            raise GradsimError(f"USE_GPU={use_gpu!r} is not a boolean: set it to 1 or 0")
-        out["use_gpu"] = use_gpu.lower() in ("1", "true", "yes")
-    if os.environ.get("MT_DTYPE", "").strip():
-        out["dtype"] = os.environ["MT_DTYPE"].strip()
-    sample_size = _positive_int_env("MT_SAMPLE_SIZE")
-    if sample_size is not None:
-        out["sample_size"] = sample_size
-    return out
+    return env_values(Config, os.environ, [o.field for o in ENV_OPTIONS if o.field not in RUN_TIME_ENV])
+
+
+def env_setting(name: str) -> Any:
+    """The value of Config field ``name`` from its environment variable where the run runs (None: not set)."""
+    return env_values(Config, os.environ, [name]).get(name)
 
 
 def hf_token() -> Optional[str]:

@@ -27,56 +27,34 @@ from pathlib import Path
 from typing import Optional
 
 
-def run_name(
-    setting: str,
-    candidates: str,
-    use_random_projection: bool,
-    projection: str,
-    proj_dim: int,
-    loss_on="response",
-    normalize="none",
-    matrices=None,
-    turns="first",
-    allocation="norm",
-) -> str:
-    name = setting
-    if candidates == "all":
+def run_name(cfg) -> str:
+    """The run folder's name of one setting of ``cfg`` (a Config): the setting, then a tag for each method
+    option away from its default, in the order the tags were added (so runs made before an option existed
+    keep their folders). The inputs (model, data, dtype, size, seed) and top_k and damping name no folder: a
+    run that differs from a finished one there is refused by its compat check (study/outputs.py)."""
+    name = cfg.setting
+    if cfg.candidates == "all":
         name += "-all"
-    if use_random_projection:
-        name += f"-{projection}{proj_dim}"
-    if allocation != "norm":  # the default keeps the names runs had before --allocation existed
-        name += f"-alloc-{allocation}"
-    if loss_on != "response":  # the study's target keeps the original study's names
-        name += f"-loss-{loss_on}"
-    if turns != "first":  # likewise the study's first exchange
-        name += f"-turns-{turns}"
-    if normalize != "none":
-        name += f"-norm-{normalize}"
-    if matrices is not None:
+    if cfg.use_random_projection:
+        name += f"-{cfg.projection}{cfg.proj_dim}"
+    if cfg.allocation != "norm":
+        name += f"-alloc-{cfg.allocation}"
+    if cfg.loss_on != "response":
+        name += f"-loss-{cfg.loss_on}"
+    if cfg.turns != "first":
+        name += f"-turns-{cfg.turns}"
+    if cfg.normalize != "none":
+        name += f"-norm-{cfg.normalize}"
+    if cfg.matrices is not None:
         from gradsim.matrices import spec_tag
 
-        name += f"-matrices-{spec_tag(matrices)}"
+        name += f"-matrices-{spec_tag(cfg.matrices)}"
     return name
 
 
 def run_dir(cfg) -> Path:
     """The run folder of one setting of ``cfg`` (a Config)."""
-    return (
-        Path(cfg.output_dir)
-        / cfg.computation_type
-        / run_name(
-            cfg.setting,
-            cfg.candidates,
-            cfg.use_random_projection,
-            cfg.projection,
-            cfg.proj_dim,
-            cfg.loss_on,
-            cfg.normalize,
-            cfg.matrices,
-            cfg.turns,
-            cfg.allocation,
-        )
-    )
+    return Path(cfg.output_dir) / cfg.computation_type / run_name(cfg)
 
 
 def default_output_dir() -> Path:

@@ -15,8 +15,8 @@ positional place or an environment variable read when the flag is not given::
 
 Every flag's argparse default is None ("not given"): :func:`from_args` takes the given values over a
 fallback (the environment, .env) over the dataclass's own defaults, and the help states the default
-from the dataclass, so the parser never holds a default of its own. ``config.OPTIONS`` is the same
-:class:`Option` for the fields of ``Config`` (kept outside the class, in the study's --help order).
+from the dataclass, so the parser never holds a default of its own. ``Config``'s fields are defined the same
+way (``config.define``: an Option with the setting's Role); ``config.OPTIONS`` is their options.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ class Option:
     metavar: Optional[str] = None
     env: Optional[str] = None  # read when the flag is not given (env_values); a list field's value is ';'-separated
     default_help: Optional[str] = None  # the default as the help states it, where the value itself says too little
+    group: Optional[str] = None  # the --help section it is listed under (sections in order of first appearance)
+    minimum: Optional[float] = None  # the smallest value its environment variable may hold (env_values)
+    # What its environment variable must hold, as a refusal says it: "a size in GB: set it to e.g. 8, or unset it"
+    env_help: Optional[str] = None
+    cli: bool = True  # False: set by its environment variable only, no flag (e.g. USE_GPU)
 
     @property
     def flag_name(self) -> str:
@@ -66,12 +71,13 @@ def positionals(help: str, default_help: Optional[str] = None, default_factory: 
     return option(help, default_factory=default_factory, positional=True, default_help=default_help, **kw)
 
 
-def options_of(cls: type) -> tuple[Option, ...]:
-    """The options of a dataclass, in field order (fields without option metadata are not options)."""
+def options_of(cls: type, flagless: bool = False) -> tuple[Option, ...]:
+    """The options of a dataclass, in field order (fields without option metadata are not options); those
+    without a flag (``cli=False``, read from the environment only) too when ``flagless``."""
     return tuple(
         dataclasses.replace(f.metadata["option"], field=f.name)
         for f in dataclasses.fields(cls)
-        if "option" in f.metadata
+        if "option" in f.metadata and (flagless or f.metadata["option"].cli)
     )
 
 
@@ -143,6 +149,7 @@ class Parser(argparse.ArgumentParser):
             kwargs["prog"] = _invoked_as
         super().__init__(*args, **kwargs)
         self.definitions: list[tuple[type, tuple[Option, ...]]] = []
+        self.sections: dict[str, Any] = {}  # --help sections by title (Option.group, add_options' title)
 
     @classmethod
     def of(cls, options: type, prog: str, description: str) -> Parser:
@@ -156,8 +163,11 @@ class Parser(argparse.ArgumentParser):
         options = tuple(options_of(cls) if options is None else options)
         hints = typing.get_type_hints(cls)
         defaults = defaults_of(cls)
-        target = self.add_argument_group(title) if title else self
         for o in options:
+            section = title or o.group
+            if section and section not in self.sections:
+                self.sections[section] = self.add_argument_group(section)
+            target = self.sections[section] if section else self
             default = defaults.get(o.field, dataclasses.MISSING)
             kind, is_list = _value_type(hints[o.field])
             kw: dict[str, Any] = {"help": help_text(o, default, is_list)}
@@ -195,22 +205,37 @@ def from_args(cls: type, args: argparse.Namespace | Mapping[str, Any], fallback:
     return cls(**values)
 
 
-def env_values(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
-    """The fields of ``cls`` whose option names an environment variable that is set (and not blank), converted
-    to the field's type; a list field's value is ';'-separated."""
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def env_values(cls: type, environ: Mapping[str, str], fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
+    """The fields of ``cls`` (or these of them) whose option names an environment variable that is set (and not
+    blank), converted to the field's type and checked against the option's minimum; a list field's value is
+    ';'-separated, a bool one 1/0, true/false or yes/no. A value that does not convert is refused in one line."""
     hints = typing.get_type_hints(cls)
+    wanted = None if fields is None else set(fields)
     out: dict[str, Any] = {}
-    for o in options_of(cls):
-        raw = (environ.get(o.env) or "").strip() if o.env else ""
+    for o in options_of(cls, flagless=True):
+        raw = (environ.get(o.env) or "").strip() if o.env and (wanted is None or o.field in wanted) else ""
         if not raw:
             continue
         kind, is_list = _value_type(hints[o.field])
         if is_list:
             out[o.field] = [x.strip() for x in raw.split(";") if x.strip()]
             continue
+        if kind is bool:
+            if raw.lower() not in BOOLEANS:
+                raise GradsimError(f"{o.env}={raw!r} is not a boolean: set it to 1 or 0")
+            out[o.field] = BOOLEANS[raw.lower()]
+            continue
         try:
-            out[o.field] = kind(raw)
+            value = kind(raw)
         except ValueError:
+            value = None
+        if value is None or (o.minimum is not None and value < o.minimum):
             what = {int: "an integer", float: "a number"}.get(kind, f"a valid {kind.__name__}")
-            raise GradsimError(f"{o.env}={raw!r} is not {what}") from None
+            if o.minimum is not None:
+                what += f" >= {o.minimum}"
+            raise GradsimError(f"{o.env}={raw!r} is not {o.env_help or what}")
+        out[o.field] = value
     return out

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from gradsim.config import (
+    ENV_OPTIONS,
+    PROJECTION,
     SKETCHED,
     Config,
     add_options,
@@ -35,6 +37,7 @@ class ProjectionNames:
         "dims per parameter matrix for --projection factorized or trak (default 4096); the sketches take "
         "their total with --proj-dim",
         default=None,
+        group=PROJECTION,
     )
 
 
@@ -42,7 +45,7 @@ def build_parser() -> Parser:
     p = Parser(
         prog="main.py",
         description="Per-sample gradient similarity between LIMA originals and their variants. "
-        "Flags override .env (MT_MODEL_NAME, MT_DEVICE, MT_DTYPE, MT_SAMPLE_SIZE, USE_GPU).",
+        f"Flags override .env ({', '.join(o.env for o in ENV_OPTIONS)}).",
     )
     add_options(p)  # every flag from config.OPTIONS: types and defaults from Config
     p.add_options(ProjectionNames)

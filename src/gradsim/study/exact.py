@@ -13,7 +13,7 @@ from gradsim.io import append_jsonl, atomic_save_npz
 from gradsim.study.cost import RUNNING, Cost, end_reason
 from gradsim.study.features import manifest_key, progress_bar
 from gradsim.study.memory import gradient_capacity
-from gradsim.study.part import Part, encode_all, store_manifest
+from gradsim.study.part import Part, encode_all, normalizer_manifest
 
 log = logging.getLogger("gradsim")
 
@@ -116,10 +116,7 @@ def attach_normalizer(p: Part, computer) -> Optional[dict]:
     if cfg.normalize == "none":
         return None
     norm = GradientNormalizer(cfg.normalize, computer.layout, cfg.damping)
-    drop = ("use_random_projection", "projection", "proj_dim", "seed")
-    path = normalizer_file(
-        cfg.output_dir, manifest_key({k: v for k, v in store_manifest(p.compat()).items() if k not in drop})
-    )
+    path = normalizer_file(cfg.output_dir, manifest_key(normalizer_manifest(p.compat())))
     loaded = path.is_file()
     if loaded:
         with np.load(path) as z:
@@ -141,10 +138,10 @@ def make_cache(p: Part, grad_bytes: int, cost):
     from gradsim.study.stream import OriginalCache
 
     cfg, device = p.cfg, p.lm.device
-    host = budget_gb(cfg.host_memory_gb, "GRADSIM_HOST_MEMORY_GB", 0.0) if device.type == "cuda" else 0.0
+    host = budget_gb(cfg.host_memory_gb, "host_memory_gb", 0.0) if device.type == "cuda" else 0.0
     if host * 2**30 >= grad_bytes:
         return OriginalCache("host", int(host * 2**30), grad_bytes, None, cost)
-    scratch = budget_gb(cfg.scratch_gb, "GRADSIM_SCRATCH_GB", 0.0)
+    scratch = budget_gb(cfg.scratch_gb, "scratch_gb", 0.0)
     if scratch * 2**30 >= grad_bytes:
         return OriginalCache("disk", int(scratch * 2**30), grad_bytes, p.paths.scratch, cost)
     return None

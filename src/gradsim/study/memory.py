@@ -22,14 +22,13 @@ A GPU task's host memory (what its Slurm --mem must cover, host_bytes):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from gradsim.config import EMBEDDED_MODEL, Config, hf_token
+from gradsim.config import EMBEDDED_MODEL, Config, env_setting, hf_token
 from gradsim.errors import GradsimError
 
 log = logging.getLogger("gradsim")
@@ -37,20 +36,13 @@ log = logging.getLogger("gradsim")
 GB = 2**30
 
 
-def budget_gb(value: Optional[float], env: str, default: Optional[float]) -> Optional[float]:
-    """A budget in GB: the flag, else the environment variable, else ``default``."""
+def budget_gb(value: Optional[float], name: str, default: Optional[float]) -> Optional[float]:
+    """A budget in GB of Config field ``name``: the flag, else its environment variable where the run runs
+    (GRADSIM_MEMORY_GB, ...), else ``default``."""
     if value is not None:
         return float(value)
-    raw = os.environ.get(env, "").strip()
-    if not raw:
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        v = -1.0
-    if v < 0:
-        raise GradsimError(f"{env}={raw!r} is not a size in GB: set it to e.g. 8, or unset it")
-    return v
+    from_env = env_setting(name)
+    return default if from_env is None else float(from_env)
 
 
 @dataclass(frozen=True)
@@ -218,7 +210,7 @@ def check_exact_fits(cfg: Config, device: torch.device) -> None:
     if shape is None:
         return
     grad = shape.params * (2 if cfg.dtype == "bfloat16-weights" else 4)
-    budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
+    budget = budget_gb(cfg.memory_gb, "memory_gb", None)
     if budget is not None and budget * GB < grad:
         raise GradsimError(
             f"--memory-gb {budget:g} holds no exact gradient of {cfg.model_name} "
@@ -245,7 +237,7 @@ def gradient_capacity(
     """How many exact gradients the budget holds: --memory-gb, else 90% of the free GPU memory on CUDA, or on
     the CPU 75% of the free host memory (within the cgroup's limit) up to CPU_DEFAULT_HELD_GB or two gradients,
     after the model, its gradient buffer and its activations."""
-    budget = budget_gb(cfg.memory_gb, "GRADSIM_MEMORY_GB", None)
+    budget = budget_gb(cfg.memory_gb, "memory_gb", None)
     if budget is None:
         _total, free = device_bytes(device)
         act = shape.activation_bytes(tokens, cfg.dtype) if shape is not None else 0

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from gradsim import __version__
-from gradsim.config import PACKAGE_DIR, Config, Provenance
+from gradsim.config import PACKAGE_DIR, Config, Provenance, default_of, role_of
 from gradsim.core.finite import FiniteCheck
 from gradsim.core.model import LoadedModel
 from gradsim.data.encode import Encoded, encode
@@ -234,12 +234,19 @@ def encode_all(p: Part, samples, what: str) -> list[Encoded]:
 
 
 def store_manifest(compat: dict) -> dict:
-    """What determines the originals' features besides the featurizer, of a run's compat (Part.compat):
-    the query side is excluded. The defaults of options added later (--turns first, --allocation norm)
-    are left out, so that stores and allocation files made before those options existed keep their keys."""
-    drop = {"setting", "computation_type", "candidates", "top_k", "variant_data", "variant_data_sha256"}
-    if compat["turns"] == "first":
-        drop.add("turns")
-    if compat["allocation"] == "norm":
-        drop.add("allocation")
-    return {k: v for k, v in compat.items() if k not in drop}
+    """What determines the originals' features besides the featurizer, of a run's compat (Part.compat): the
+    query side (Role.query_side) is excluded, and so are the defaults of options added after stores were first
+    keyed (Role.unkeyed_default: --turns first, --allocation norm), so that stores and allocation files made
+    before those options existed keep their keys."""
+    return {k: v for k, v in compat.items() if not keyless(k, v)}
+
+
+def keyless(name: str, value) -> bool:
+    role = role_of(name)
+    return role.query_side or (role.unkeyed_default and value == default_of(name))
+
+
+def normalizer_manifest(compat: dict) -> dict:
+    """What determines the --normalize state (estimated from the exact gradients of the originals): the
+    store's manifest less what changes only the projection (Role.projection_only)."""
+    return {k: v for k, v in store_manifest(compat).items() if not role_of(k).projection_only}

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from typing import Callable, Optional
 
 from gradsim import __version__, matrices
-from gradsim.config import Config
+from gradsim.config import RUN_TIME_ENV, Config
 from gradsim.core.model import LoadedModel, load_model, resolve_device
 from gradsim.data.load import Dataset, partition_range
 from gradsim.data.retrieval import candidate_lists
@@ -71,12 +71,8 @@ def check_budgets(cfg: Config) -> None:
     found, so a typo never waits for the model and never passes unseen."""
     from gradsim.study.memory import budget_gb
 
-    for value, env in (
-        (cfg.memory_gb, "GRADSIM_MEMORY_GB"),
-        (cfg.scratch_gb, "GRADSIM_SCRATCH_GB"),
-        (cfg.host_memory_gb, "GRADSIM_HOST_MEMORY_GB"),
-    ):
-        budget_gb(value, env, None)
+    for name in RUN_TIME_ENV:
+        budget_gb(getattr(cfg, name), name, None)
 
 
 def prepare(cfg: Config, keep: Optional[Callable[[Config, Dataset], Dataset]] = None) -> list[Share]:
