@@ -19,7 +19,7 @@ REQUIRED = {
     "compare": ["A", "B"],
     "import-study": ["DIR", "--setting", "paraphrased", "--output-dir", "OUT"],
 }
-# Flags that are no dataclass field: argparse's own -h and -q (config.add_quiet_flag).
+# Flags that are no dataclass field: argparse's own -h and -q (options.add_quiet_flag).
 UNTYPED = ("help", "quiet")
 
 

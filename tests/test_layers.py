@@ -1,6 +1,7 @@
 """The package's layers (issue 25): the folder shows them and this test enforces them.
 
-From the bottom: the foundation modules at the package root (errors, io, options, config, layout, matrices), then
+From the bottom: the foundation modules at the package root (errors, io, options, roles, config, credentials, layout,
+matrices), then
 data (reading, encoding, candidates), core (the model, gradients, projections, scores), study (one run from config
 to outputs), then cluster, analysis and variants side by side, and cli on top, the only layer that parses argv,
 prints results and turns errors into exit codes. A module may import its own subpackage and any layer below its
@@ -15,7 +16,7 @@ from pathlib import Path
 import gradsim
 
 PKG = Path(gradsim.__file__).resolve().parent
-ROOT_MODULES = {"__init__", "errors", "io", "options", "config", "layout", "matrices"}
+ROOT_MODULES = {"__init__", "errors", "io", "options", "roles", "config", "credentials", "layout", "matrices"}
 RANK = {"": 0, "data": 1, "core": 2, "study": 3, "cluster": 4, "analysis": 4, "variants": 4, "cli": 5}
 
 

@@ -154,8 +154,9 @@ ENV_VALUES = {
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no .env
-    for o in ENV_OPTIONS:
-        monkeypatch.delenv(o.env, raising=False)
+    for o in ENV_OPTIONS:  # set, then unset: monkeypatch restores each (also what a .env loads) afterwards
+        monkeypatch.setenv(o.env, "")
+        monkeypatch.delenv(o.env)
     return monkeypatch
 
 
@@ -191,3 +192,19 @@ def test_a_bad_environment_value_is_refused_in_one_line(clean_env, var, raw, say
     with pytest.raises(GradsimError) as err:
         env_defaults() if var != "GRADSIM_MEMORY_GB" else env_setting("memory_gb")
     assert str(err.value).startswith(says) and "\n" not in str(err.value)
+
+
+def test_the_readme_configuration_table_names_every_flag_and_variable():
+    """The README's Configuration table is written by hand: each study flag is in it, each environment
+    variable on its flag's row."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    for o in OPTIONS:
+        assert any(f"`{o.flag_name}`" in row for row in rows), f"README's Configuration table lacks {o.flag_name}"
+    for o in ENV_OPTIONS:
+        row = next((row for row in rows if row.startswith(f"| `{o.env}`")), None)
+        assert row is not None, f"README's Configuration table lacks {o.env}"
+        assert not o.cli or f"`{o.flag_name}`" in row, f"{o.env}: its row should name {o.flag_name}"

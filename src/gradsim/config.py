@@ -8,18 +8,29 @@ decide the numbers (``COMPAT_FIELDS``, of either) agree.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gradsim.errors import GradsimError
+from gradsim.errors import GradsimError, check_at_least, check_choice
 from gradsim.layout import default_output_dir
-from gradsim.options import Option, Parser, env_values, options_of
+from gradsim.options import Parser, env_values, options_of
+from gradsim.roles import (
+    CHANGES_NUMBERS,
+    COMPARED,
+    DATA,
+    MODEL,
+    PROJECTION,
+    PROJECTION_ONLY,
+    QUERY_SIDE,
+    RUN,
+    Role,
+    budget,
+    define,
+    found,
+)
 
 SETTINGS = ("paraphrased", "model-generated")
 # "both": one run over both settings, writing what two runs would; a candidate's gradient serves both.
@@ -59,55 +70,7 @@ VARIANT_FILES = {"paraphrased": "paraphrased.jsonl", "model-generated": "model_g
 # the numbers and the records (Role). Everything else is derived from there: the flags (OPTIONS), the .env and
 # environment reading (env_defaults, env_setting), the compat record (COMPAT_FIELDS), the fields recorded only
 # when set (RECORDED_WHEN_SET), the feature-store and normalizer keys (study.part.store_manifest), and the Slurm
-# task config (the Config itself, serialized).
-
-
-@dataclass(frozen=True)
-class Role:
-    """What a setting does to the numbers and to the records that hold them."""
-
-    # It changes the numbers: a compat field (COMPAT_FIELDS); partitions, feature shards and finished runs made
-    # with different values never mix. code_version is not one: a commit during a cluster campaign must not
-    # throw away its progress, partitions or feature store (it is recorded as provenance).
-    numbers: bool = False
-    query_side: bool = False  # it changes only the queries' side (scoring): left out of feature-store keys
-    projection_only: bool = False  # it changes only the projection: left out of the --normalize state's key
-    # Added after results were first written: recorded (config, compat) only when set, so that a default run
-    # writes the bytes it wrote before the option existed.
-    when_set: bool = False
-    # Added after feature stores were first keyed: a store key leaves it out at its default, so that stores and
-    # allocation files made before keep their keys.
-    unkeyed_default: bool = False
-    # Its environment variable is read where the run runs (a Slurm task: on its node), not into the Config.
-    env_at_run: bool = False
-
-
-def define(
-    help: str, default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, role=Role(), **kw
-):
-    """A Config field: a command-line option (keywords of options.Option) with its Role."""
-    meta = {"option": Option("", help, **kw), "role": role}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def budget(help: str, env: str):
-    """A Config field of a budget in GB (None: its environment variable where the run runs, else a default)."""
-    return define(help, None, role=Role(env_at_run=True), env=env, minimum=0, env_help=SIZE_IN_GB, group=RUN)
-
-
-def found(role: Role = Role(numbers=True)):
-    """A Provenance field (what a run finds out, None until then) with its Role."""
-    return field(default=None, metadata={"role": role})
-
-
-CHANGES_NUMBERS = Role(numbers=True)
-QUERY_SIDE = Role(numbers=True, query_side=True)
-PROJECTION_ONLY = Role(numbers=True, projection_only=True)
-SIZE_IN_GB = "a size in GB: set it to e.g. 8, or unset it"
-# --help sections (in the order of their first field)
-COMPARED, MODEL, DATA, PROJECTION, RUN = "what is compared", "model", "data", "projection", "run"
+# task config (the Config itself, serialized). How a field is defined: roles.py.
 
 
 @dataclass(frozen=True)
@@ -520,31 +483,6 @@ def compat_differences(old: Optional[dict], new: Optional[dict], limit: int = 3)
     return ", ".join(listed)
 
 
-def check_choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise GradsimError(f"unknown {flag} {value!r}: choose one of {', '.join(allowed)}")
-
-
-def check_at_least(minimum: float, requirement: str, flags) -> None:
-    """Refuse the first (flag, value) whose value is below ``minimum`` (None: not given), saying
-    "<flag> must be <requirement>, got <value>"."""
-    for flag, value in flags:
-        if value is not None and value < minimum:
-            raise GradsimError(f"{flag} must be {requirement}, got {value}")
-
-
-def add_quiet_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
-
-
-def parse_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> dict[str, Any]:
-    """The flags as a dict, less -q/--quiet (add_quiet_flag), which sets the log level: warnings only, or info."""
-    args = vars(parser.parse_args(argv))
-    quiet = args.pop("quiet")
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    return args
-
-
 def env_defaults(dotenv_path: Optional[str] = None) -> dict[str, Any]:
     """The settings whose environment variable is set (MT_MODEL_NAME, MT_DEVICE, USE_GPU, MT_DTYPE,
     MT_SAMPLE_SIZE: each field's ``env``), from the environment and a .env file (the real environment wins
@@ -558,17 +496,3 @@ def env_defaults(dotenv_path: Optional[str] = None) -> dict[str, Any]:
 def env_setting(name: str) -> Any:
     """The value of Config field ``name`` from its environment variable where the run runs (None: not set)."""
     return env_values(Config, os.environ, [name]).get(name)
-
-
-def hf_token() -> Optional[str]:
-    """The Hugging Face token, read only where needed and never stored in a Config or written anywhere."""
-    return os.environ.get("HF_TOKEN") or None
-
-
-def redact(text: str) -> str:
-    """Remove secrets from text that may reach a log or an error message."""
-    for name in ("HF_TOKEN", "OPENAI_API_KEY"):
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text

@@ -13,3 +13,16 @@ def refuse_missing(wanted: list, have, what: str, where: str) -> None:
     missing = [x for x in wanted if x not in have]
     if missing:
         raise GradsimError(f"{len(missing)} of its {len(wanted)} {what} (e.g. {missing[0]}) {where}")
+
+
+def check_choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GradsimError(f"unknown {flag} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def check_at_least(minimum: float, requirement: str, flags) -> None:
+    """Refuse the first (flag, value) whose value is below ``minimum`` (None: not given), saying
+    "<flag> must be <requirement>, got <value>"."""
+    for flag, value in flags:
+        if value is not None and value < minimum:
+            raise GradsimError(f"{flag} must be {requirement}, got {value}")

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -239,3 +241,15 @@ def env_values(cls: type, environ: Mapping[str, str], fields: Optional[Iterable[
             raise GradsimError(f"{o.env}={raw!r} is not {o.env_help or what}")
         out[o.field] = value
     return out
+
+
+def add_quiet_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> dict[str, Any]:
+    """The flags as a dict, less -q/--quiet (add_quiet_flag), which sets the log level: warnings only, or info."""
+    args = vars(parser.parse_args(argv))
+    quiet = args.pop("quiet")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    return args

@@ -190,7 +190,8 @@ def analyze_main(argv: Optional[list[str]] = None) -> int:
 
 def targets_parser() -> Parser:
     from gradsim.analysis.targets import TargetOptions
-    from gradsim.config import add_options, add_quiet_flag
+    from gradsim.config import add_options
+    from gradsim.options import add_quiet_flag
 
     p = Parser(
         prog="gradsim targets",
@@ -207,9 +208,10 @@ def targets_parser() -> Parser:
 @reports_errors
 def targets_main(argv: Optional[list[str]] = None) -> int:
     from gradsim.analysis.targets import TargetOptions, format_table, run_targets
-    from gradsim.config import Config, env_defaults, parse_flags
+    from gradsim.config import Config, env_defaults
     from gradsim.io import atomic_write_json
     from gradsim.layout import targets_file
+    from gradsim.options import parse_flags
 
     args = parse_flags(targets_parser(), argv)
     opts = from_args(TargetOptions, args)

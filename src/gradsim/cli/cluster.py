@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Optional
 from gradsim.cli.common import build_parser as study_parser
 from gradsim.cli.common import config_from_args, format_summary, reports_errors
 from gradsim.cluster.resources import BACKENDS, DEFAULT_TIME, RESOURCES_TITLE, Resources
-from gradsim.config import add_quiet_flag, parse_flags, redact
+from gradsim.credentials import redact
 from gradsim.errors import GradsimError
-from gradsim.options import Parser, env_values, from_args, option, positionals
+from gradsim.options import Parser, add_quiet_flag, env_values, from_args, option, parse_flags, positionals
 
 if TYPE_CHECKING:
     from gradsim.cluster.slurm import Plan

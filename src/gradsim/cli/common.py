@@ -10,19 +10,11 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from gradsim.config import (
-    ENV_OPTIONS,
-    PROJECTION,
-    SKETCHED,
-    Config,
-    add_options,
-    add_quiet_flag,
-    env_defaults,
-    parse_flags,
-    redact,
-)
+from gradsim.config import ENV_OPTIONS, SKETCHED, Config, add_options, env_defaults
+from gradsim.credentials import redact
 from gradsim.errors import GradsimError
-from gradsim.options import Parser, from_args, option
+from gradsim.options import Parser, add_quiet_flag, from_args, option, parse_flags
+from gradsim.roles import PROJECTION
 
 log = logging.getLogger("gradsim")
 

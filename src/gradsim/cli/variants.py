@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from gradsim.cli.common import reports_errors
-from gradsim.config import add_quiet_flag, env_defaults, parse_flags
-from gradsim.options import Parser, from_args
+from gradsim.config import env_defaults
+from gradsim.options import Parser, add_quiet_flag, from_args, parse_flags
 
 if TYPE_CHECKING:
     from gradsim.variants.paraphrase import Options

@@ -16,7 +16,8 @@ import submitit
 
 from gradsim.cluster.resources import time_minutes
 from gradsim.cluster.slurm import PartitionTask, Plan, task_config_record
-from gradsim.config import PACKAGE_DIR, redact
+from gradsim.config import PACKAGE_DIR
+from gradsim.credentials import redact
 from gradsim.errors import GradsimError
 from gradsim.io import atomic_write_json
 from gradsim.layout import (

@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from gradsim.config import EMBEDDED_MODEL, Config, hf_token, redact
+from gradsim.config import EMBEDDED_MODEL, Config
 from gradsim.core.doctor import limit_cpu_threads
+from gradsim.credentials import hf_token, redact
 from gradsim.errors import GradsimError
 
 log = logging.getLogger("gradsim")

@@ -34,7 +34,8 @@ from typing import Any, Optional
 
 import orjson
 
-from gradsim.config import PACKAGE_DIR, TURNS, hf_token, redact
+from gradsim.config import PACKAGE_DIR, TURNS
+from gradsim.credentials import hf_token, redact
 from gradsim.errors import GradsimError, refuse_missing
 
 log = logging.getLogger("gradsim")

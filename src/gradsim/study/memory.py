@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from gradsim.config import EMBEDDED_MODEL, Config, env_setting, hf_token
+from gradsim.config import EMBEDDED_MODEL, Config, env_setting
+from gradsim.credentials import hf_token
 from gradsim.errors import GradsimError
 
 log = logging.getLogger("gradsim")

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from gradsim.config import redact
 from gradsim.core.model import LoadedModel
+from gradsim.credentials import redact
 from gradsim.errors import GradsimError
 
 log = logging.getLogger("gradsim")

@@ -27,18 +27,11 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from gradsim import __version__
-from gradsim.config import (
-    BUNDLED_DATA,
-    EMBEDDED_MODEL,
-    VARIANT_FILES,
-    Config,
-    check_at_least,
-    check_choice,
-    redact,
-)
+from gradsim.config import BUNDLED_DATA, EMBEDDED_MODEL, VARIANT_FILES, Config
 from gradsim.core.model import LoadedModel, load_model, resolve_device
+from gradsim.credentials import redact
 from gradsim.data.load import Sample, load_samples, samples_sha256
-from gradsim.errors import GradsimError
+from gradsim.errors import GradsimError, check_at_least, check_choice
 from gradsim.io import append_jsonl, atomic_write_json, atomic_write_jsonl, json_sha256, read_json, read_jsonl_tolerant
 from gradsim.options import option
 from gradsim.variants.generate import GenParams, LocalBackend, OpenAIBackend, degenerate_reason
