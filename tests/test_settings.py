@@ -208,3 +208,16 @@ def test_the_readme_configuration_table_names_every_flag_and_variable():
         row = next((row for row in rows if row.startswith(f"| `{o.env}`")), None)
         assert row is not None, f"README's Configuration table lacks {o.env}"
         assert not o.cli or f"`{o.flag_name}`" in row, f"{o.env}: its row should name {o.flag_name}"
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_a_field_names_the_run_folder_as_its_role_says(name):
+    from gradsim.layout import run_dir
+
+    base = dataclasses.replace(BASE, use_random_projection=True)  # the projection's fields name only projected runs
+    cfg = dataclasses.replace(base, **{name: False if name == "use_random_projection" else OTHER[name]})
+
+    def folder(c):
+        return run_dir(c).relative_to(c.output_dir)
+
+    assert (folder(cfg) != folder(base)) == role_of(name).names_run, (name, folder(cfg))

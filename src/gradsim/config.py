@@ -16,12 +16,15 @@ from typing import Any, Optional
 
 from gradsim.errors import GradsimError, check_at_least, check_choice
 from gradsim.layout import default_output_dir
-from gradsim.options import Parser, env_values, options_of
+from gradsim.options import Parser, defaults_of, env_values, options_of
 from gradsim.roles import (
     CHANGES_NUMBERS,
     COMPARED,
     DATA,
+    METHOD,
     MODEL,
+    NAMED_PROJECTION,
+    NAMED_QUERY_SIDE,
     PROJECTION,
     PROJECTION_ONLY,
     QUERY_SIDE,
@@ -82,24 +85,24 @@ class Config:
     setting: str = define(
         f"one of {', '.join(SETTING_CHOICES)} (both: one run that writes what the two runs would)",
         "paraphrased",
-        role=QUERY_SIDE,
+        role=NAMED_QUERY_SIDE,
         group=COMPARED,
     )
     computation_type: str = define(
-        f"one of {', '.join(COMPUTATION_TYPES)}", "gradient-similarity", role=QUERY_SIDE, group=COMPARED
+        f"one of {', '.join(COMPUTATION_TYPES)}", "gradient-similarity", role=NAMED_QUERY_SIDE, group=COMPARED
     )
     loss_on: str = define(  # encode.py builds the labels of each
         "the tokens whose loss the gradient is of: response (the study's), prompt (every prompt token after the "
         "first, assistant header included) or all",
         "response",
-        role=CHANGES_NUMBERS,
+        role=METHOD,
         group=COMPARED,
     )
     turns: str = define(  # data/load.py, data/encode.py
         "first: each row's first user/assistant exchange (the study's); all: the whole conversation, every "
         "assistant turn trained and every other turn masked (with --loss-on response)",
         "first",
-        role=Role(numbers=True, unkeyed_default=True),
+        role=Role(numbers=True, unkeyed_default=True, names_run=True),
         group=COMPARED,
     )
     normalize: str = define(  # core/normalize.py: applied to each gradient before it is compared
@@ -107,7 +110,7 @@ class Config:
         "to unit norm), adafactor (a factored second moment from the originals) or center+unit, adafactor+center, "
         "adafactor+center+unit (exact path, countsketch, trak)",
         "none",
-        role=CHANGES_NUMBERS,
+        role=METHOD,
         group=COMPARED,
     )
     damping: float = define("relative damping of --normalize adafactor", 1e-2, role=CHANGES_NUMBERS, group=COMPARED)
@@ -116,13 +119,13 @@ class Config:
         "JSON of gradsim select; weight gradients are formed for those alone and the backward stops below the "
         "lowest (exact path, countsketch, trak; default: all)",
         None,
-        role=CHANGES_NUMBERS,
+        role=METHOD,
         group=COMPARED,
     )
     candidates: str = define(
         "bm25: own original + BM25 top-k others (the study's protocol); all: every original",
         "bm25",
-        role=QUERY_SIDE,
+        role=NAMED_QUERY_SIDE,
         group=COMPARED,
     )
     top_k: int = define("BM25 candidates besides the true original (4: chance 1/5)", 4, role=QUERY_SIDE, group=COMPARED)
@@ -211,14 +214,16 @@ class Config:
         "where results go (default: data/)", default_factory=lambda: str(default_output_dir()), group=RUN
     )
     use_random_projection: bool = define(
-        "project gradients (see --projection, --proj-dim)", False, role=PROJECTION_ONLY, const=True, group=PROJECTION
+        "project gradients (see --projection, --proj-dim)", False, role=NAMED_PROJECTION, const=True, group=PROJECTION
     )
-    projection: str = define(f"one of {', '.join(PROJECTIONS)}", "tensorsketch", role=PROJECTION_ONLY, group=PROJECTION)
+    projection: str = define(
+        f"one of {', '.join(PROJECTIONS)}", "tensorsketch", role=NAMED_PROJECTION, group=PROJECTION
+    )
     proj_dim: Optional[int] = define(  # None: DEFAULT_PROJ_DIM of the projection
         "projected dimensions in all, shared among the matrices by --allocation (tensorsketch, countsketch; "
         "default 65536); factorized and trak take --dims-per-matrix",
         None,
-        role=PROJECTION_ONLY,
+        role=NAMED_PROJECTION,
         group=PROJECTION,
     )
     # It changes only the projection, but the --normalize state's key has held it since it was added.
@@ -227,7 +232,7 @@ class Config:
         "share), norm-floor (the same, every matrix at least half the uniform share), sqrt (by the square root "
         "of its entries) or uniform; results.json states each matrix's predicted error (per_matrix_fidelity)",
         "norm",
-        role=Role(numbers=True, unkeyed_default=True),
+        role=Role(numbers=True, unkeyed_default=True, names_run=True),
         group=PROJECTION,
     )
     batch_size: int = define("samples per forward/backward where the method batches", 1, group=RUN)
@@ -438,12 +443,7 @@ RECORDED_WHEN_SET = tuple(f.name for f in dataclasses.fields(Config) if role_of(
 OPTIONS = options_of(Config)
 ENV_OPTIONS = tuple(o for o in options_of(Config, flagless=True) if o.env)
 RUN_TIME_ENV = tuple(o.field for o in ENV_OPTIONS if role_of(o.field).env_at_run)  # the budgets
-
-
-def default_of(name: str) -> Any:
-    """The default of Config field ``name``."""
-    f = Config.__dataclass_fields__[name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+DEFAULTS = defaults_of(Config)
 
 
 def default_dtype(device: str, use_gpu: bool = True) -> str:
@@ -475,8 +475,7 @@ def compat_differences(old: Optional[dict], new: Optional[dict], limit: int = 3)
     are ignored); else what differs, old value first: ``field dtype: float32 vs bfloat16, ...``."""
     old, new = old or {}, new or {}
     # A field added since a file was written reads as its default there (e.g. loss_on: the study's response).
-    default = {f.name: f.default for f in dataclasses.fields(Config)}
-    diff = [k for k in COMPAT_FIELDS if old.get(k, default.get(k)) != new.get(k, default.get(k))]
+    diff = [k for k in COMPAT_FIELDS if old.get(k, DEFAULTS.get(k)) != new.get(k, DEFAULTS.get(k))]
     listed = [f"field {k}: {_short(old.get(k))} vs {_short(new.get(k))}" for k in diff[:limit]]
     if len(diff) > limit:
         listed.append(f"{len(diff) - limit} more")

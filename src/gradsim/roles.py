@@ -30,6 +30,9 @@ class Role:
     unkeyed_default: bool = False
     # Its environment variable is read where the run runs (a Slurm task: on its node), not into the Config.
     env_at_run: bool = False
+    # Away from its default it names the run's folder (layout.run_dir: a method variant gets its own); a numbers
+    # field that names none (the model, the data, dtype, top_k, ...) is refused by a finished run's compat check.
+    names_run: bool = False
 
 
 def define(
@@ -55,6 +58,9 @@ def found(role: Role = Role(numbers=True)):
 CHANGES_NUMBERS = Role(numbers=True)
 QUERY_SIDE = Role(numbers=True, query_side=True)
 PROJECTION_ONLY = Role(numbers=True, projection_only=True)
+METHOD = Role(numbers=True, names_run=True)
+NAMED_QUERY_SIDE = Role(numbers=True, query_side=True, names_run=True)
+NAMED_PROJECTION = Role(numbers=True, projection_only=True, names_run=True)
 SIZE_IN_GB = "a size in GB: set it to e.g. 8, or unset it"
 # --help sections (in the order of their first field)
 COMPARED, MODEL, DATA, PROJECTION, RUN = "what is compared", "model", "data", "projection", "run"

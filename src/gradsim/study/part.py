@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from gradsim import __version__
-from gradsim.config import PACKAGE_DIR, Config, Provenance, default_of, role_of
+from gradsim.config import DEFAULTS, PACKAGE_DIR, Config, Provenance, role_of
 from gradsim.core.finite import FiniteCheck
 from gradsim.core.model import LoadedModel
 from gradsim.data.encode import Encoded, encode
@@ -243,7 +243,7 @@ def store_manifest(compat: dict) -> dict:
 
 def keyless(name: str, value) -> bool:
     role = role_of(name)
-    return role.query_side or (role.unkeyed_default and value == default_of(name))
+    return role.query_side or (role.unkeyed_default and value == DEFAULTS.get(name))
 
 
 def normalizer_manifest(compat: dict) -> dict:
