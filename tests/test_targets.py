@@ -241,6 +241,8 @@ def test_main_run_normalizers_equal_plain_torch(tiny, tmp_path, normalizer, proj
 
     common = dict(device="cpu", sample_size=4, output_dir=str(tmp_path), candidates="all", baselines=False)
     kw = dict(use_random_projection=True, projection=projection, proj_dim=2**19 if projection == "countsketch" else 512)
+    if projection == "trak":  # traker's CPU projector draws its matrices anew per call: a batch shares them
+        kw["batch_size"] = 4
     cfg = Config(normalize=normalizer, damping=0.05, **common, **(kw if projection else {}))
     result = run(cfg, lm=tiny)
     assert result["normalizer"]["normalizer"] == normalizer and result["normalizer"]["estimation_backward_passes"] == 4
