@@ -16,7 +16,7 @@ positional place or an environment variable read when the flag is not given::
 Every flag's argparse default is None ("not given"): :func:`from_args` takes the given values over a
 fallback (the environment, .env) over the dataclass's own defaults, and the help states the default
 from the dataclass, so the parser never holds a default of its own. ``Config``'s fields are defined the same
-way (``config.define``: an Option with the setting's Role); ``config.OPTIONS`` is their options.
+way (``roles.define``: an Option with the setting's Role); ``config.OPTIONS`` is their options.
 """
 
 from __future__ import annotations

@@ -296,7 +296,7 @@ def size_task(p: Plan, settings) -> None:
     w = 2 if cfg.dtype == "bfloat16-weights" else 4
     grad = shape.params * w
     on_gpu = str(cfg.device).startswith("cuda")
-    budget = budget_gb(cfg.memory_gb, "memory_gb", None)
+    budget = budget_gb(cfg, "memory_gb", None)
     if on_gpu:
         need = device_need_bytes(shape, tokens, cfg)
         have = resources.gpu_memory_gb * GB
@@ -306,7 +306,7 @@ def size_task(p: Plan, settings) -> None:
                 f"{need / GB:.1f} GB on the GPU, more than --gpu-memory-gb {resources.gpu_memory_gb:g}: ask for a "
                 "larger card (--gpus TYPE:1 and --gpu-memory-gb), --dtype bfloat16-weights or a shorter --max-length"
             )
-        host_cache = budget_gb(cfg.host_memory_gb, "host_memory_gb", 0.0) or 0.0
+        host_cache = budget_gb(cfg, "host_memory_gb", 0.0) or 0.0
         matrices = 9 * shape.layers + 3  # a decoder layer's 7 projections and 2 norms, embeddings, final norm
         results = 24 * p.num_queries * (cfg.top_k + 1) * matrices * len(p.runs)  # dots, cself, qself: float64
         host = host_bytes(shape, cfg.dtype, "cuda", host_cache, results)["total"]

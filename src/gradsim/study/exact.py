@@ -138,10 +138,10 @@ def make_cache(p: Part, grad_bytes: int, cost):
     from gradsim.study.stream import OriginalCache
 
     cfg, device = p.cfg, p.lm.device
-    host = budget_gb(cfg.host_memory_gb, "host_memory_gb", 0.0) if device.type == "cuda" else 0.0
+    host = budget_gb(cfg, "host_memory_gb", 0.0) if device.type == "cuda" else 0.0
     if host * 2**30 >= grad_bytes:
         return OriginalCache("host", int(host * 2**30), grad_bytes, None, cost)
-    scratch = budget_gb(cfg.scratch_gb, "scratch_gb", 0.0)
+    scratch = budget_gb(cfg, "scratch_gb", 0.0)
     if scratch * 2**30 >= grad_bytes:
         return OriginalCache("disk", int(scratch * 2**30), grad_bytes, p.paths.scratch, cost)
     return None

@@ -37,9 +37,10 @@ log = logging.getLogger("gradsim")
 GB = 2**30
 
 
-def budget_gb(value: Optional[float], name: str, default: Optional[float]) -> Optional[float]:
-    """A budget in GB of Config field ``name``: the flag, else its environment variable where the run runs
-    (GRADSIM_MEMORY_GB, ...), else ``default``."""
+def budget_gb(cfg: Config, name: str, default: Optional[float]) -> Optional[float]:
+    """The budget in GB of Config field ``name`` (memory_gb, ...): the flag, else its environment variable where
+    the run runs (GRADSIM_MEMORY_GB, ...), else ``default``."""
+    value = getattr(cfg, name)
     if value is not None:
         return float(value)
     from_env = env_setting(name)
@@ -211,7 +212,7 @@ def check_exact_fits(cfg: Config, device: torch.device) -> None:
     if shape is None:
         return
     grad = shape.params * (2 if cfg.dtype == "bfloat16-weights" else 4)
-    budget = budget_gb(cfg.memory_gb, "memory_gb", None)
+    budget = budget_gb(cfg, "memory_gb", None)
     if budget is not None and budget * GB < grad:
         raise GradsimError(
             f"--memory-gb {budget:g} holds no exact gradient of {cfg.model_name} "
@@ -238,7 +239,7 @@ def gradient_capacity(
     """How many exact gradients the budget holds: --memory-gb, else 90% of the free GPU memory on CUDA, or on
     the CPU 75% of the free host memory (within the cgroup's limit) up to CPU_DEFAULT_HELD_GB or two gradients,
     after the model, its gradient buffer and its activations."""
-    budget = budget_gb(cfg.memory_gb, "memory_gb", None)
+    budget = budget_gb(cfg, "memory_gb", None)
     if budget is None:
         _total, free = device_bytes(device)
         act = shape.activation_bytes(tokens, cfg.dtype) if shape is not None else 0

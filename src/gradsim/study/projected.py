@@ -20,7 +20,7 @@ def memory_budget_bytes(cfg: Config) -> int:
     """Memory for feature blocks of the projected path: --memory-gb / GRADSIM_MEMORY_GB, default 4 GB."""
     from gradsim.study.memory import GB, budget_gb
 
-    return int(budget_gb(cfg.memory_gb, "memory_gb", 4.0) * GB)
+    return int(budget_gb(cfg, "memory_gb", 4.0) * GB)
 
 
 def make_featurizer(p: Part):

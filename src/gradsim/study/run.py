@@ -72,7 +72,7 @@ def check_budgets(cfg: Config) -> None:
     from gradsim.study.memory import budget_gb
 
     for name in RUN_TIME_ENV:
-        budget_gb(getattr(cfg, name), name, None)
+        budget_gb(cfg, name, None)
 
 
 def prepare(cfg: Config, keep: Optional[Callable[[Config, Dataset], Dataset]] = None) -> list[Share]:
